@@ -1,0 +1,118 @@
+"""Transformer building blocks: parameters with logical axes, norms, RoPE, GQA attention with a KV cache.
+
+Shape letters: see `moe_jax.config`. Every parameter is an ``nnx.Param`` whose ``axes``
+metadata names its logical axes; `moe_jax.sharding` maps those to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.sharding import constrain
+
+F32 = jnp.float32
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, *, fan_in: int | None = None, init: str = "normal"):
+    """A parameter with logical `axes`: N(0, 1/fan_in) (``normal``) or ones (``ones``)."""
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, F32) * fan_in ** -0.5).astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class Norm(nnx.Module):
+    """RMSNorm or bias-free LayerNorm over the trailing axes of its weight, computed in f32."""
+
+    def __init__(self, shape, axes, cfg: ModelConfig):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.scale = param(None, shape, axes, cfg.dtype, init="ones")
+
+    def __call__(self, x):
+        reduce = tuple(range(x.ndim - self.scale.ndim, x.ndim))
+        xf = x.astype(F32)
+        if self.kind == "layer":
+            xf = xf - jnp.mean(xf, axis=reduce, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=reduce, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(F32)).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, half-split layout (as Hugging Face's rotate_half). x [B, S, N, Dh], positions [S]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=F32) / half)
+    angles = positions.astype(F32)[:, None] * inv_freq[None, :]            # [S, Dh/2]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    xf = x.astype(F32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend)."""
+    B, S, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
+    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(B, S, H, Dh)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with optional QK-norm and qkv clipping; reads and writes a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, K, Dh, dt = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+        self.cfg = cfg
+        self.wq_dhk = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dt, fan_in=D)
+        self.wk_dkk = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt, fan_in=D)
+        self.wv_dkk = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt, fan_in=D)
+        self.wo_hkd = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dt, fan_in=H * Dh)
+        if cfg.qk_norm == "head":
+            self.q_norm = Norm((Dh,), ("head_dim",), cfg)
+            self.k_norm = Norm((Dh,), ("head_dim",), cfg)
+        elif cfg.qk_norm == "full":
+            self.q_norm = Norm((H, Dh), ("heads", "head_dim"), cfg)
+            self.k_norm = Norm((K, Dh), ("kv_heads", "head_dim"), cfg)
+
+    def __call__(self, x, positions, cache=None, *, decode: bool = False):
+        """x [B, S, D], positions [S] (consecutive, start = positions[0]).
+
+        cache: None, or {"k", "v"} of [B, T, K, Dh]; this call writes its keys and values
+        at positions. decode=False attends to this call's own keys (prefill from 0, or
+        a full forward); decode=True attends to the whole cache (positions ≤ the query's).
+        Returns (y [B, S, D], updated cache or None).
+        """
+        cfg = self.cfg
+        q = jnp.einsum("bsd,dhk->bshk", x, self.wq_dhk[...])
+        k = jnp.einsum("bsd,dkh->bskh", x, self.wk_dkk[...])
+        v = jnp.einsum("bsd,dkh->bskh", x, self.wv_dkk[...])
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        if cfg.qk_norm != "none":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+        keys, values, key_pos = k, v, positions
+        if cache is not None:
+            start = positions[0]
+            cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
+            cache = {name: constrain(jax.lax.dynamic_update_slice(
+                         cache[name], new.astype(cache[name].dtype), (0, start, 0, 0)), cache_axes)
+                     for name, new in (("k", k), ("v", v))}
+            if decode:
+                keys, values = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+                key_pos = jnp.arange(keys.shape[1])
+        mask = key_pos[None, :] <= positions[:, None]                          # [S, T]
+        out = attend(q, keys, values, mask)                                    # [B, S, H, Dh]
+        y = jnp.einsum("bshk,hkd->bsd", out, self.wo_hkd[...])
+        return constrain(y, ("batch", "length", "embed")), cache

@@ -1,0 +1,123 @@
+"""The decoder: embedding, L stacked blocks (attention + MoE) run by `lax.scan`, final norm, output head.
+
+Three entry points share one body:
+- ``model(tokens)``: full forward over all positions, no cache (the reference);
+- ``model.prefill(tokens, cache)``: the prompt, writing the cache at positions [0, S);
+- ``model.decode(tokens, pos, cache)``: one new token per sequence at position `pos`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.model.layers import F32, Attention, Norm, param
+from moe_jax.model.moe import MoE
+from moe_jax.sharding import constrain
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+"""Logical axes of each KV cache array [L, B, T, K, Dh]."""
+
+
+class ModelOutput(NamedTuple):
+    """What a forward pass returns."""
+
+    logits: jax.Array
+    """[B, S, V] float32."""
+    cache: dict | None
+    """{"k", "v"}: [L, B, T, K, Dh] after this call's writes; None for a cacheless forward."""
+    dropped: jax.Array
+    """Token-expert assignments dropped by capacity dispatch, per token group, summed over layers
+    (int32 [G]; ``.sum()`` is the total). Kept per group so counting needs no collective."""
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` sequences of up to `max_len` positions."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {name: jnp.zeros(shape, dtype or cfg.dtype) for name in ("k", "v")}
+
+
+def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """`init_cache` as ShapeDtypeStructs (nothing allocated)."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or cfg.dtype)) for name in ("k", "v")}
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm attention and pre-norm MoE, each added to the residual."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm((cfg.d_model,), ("embed",), cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.moe_norm = Norm((cfg.d_model,), ("embed",), cfg)
+        self.moe = MoE(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, *, decode: bool = False):
+        with jax.named_scope("attention"):
+            h, cache = self.attn(self.attn_norm(x), positions, cache, decode=decode)
+        x = x + h
+        with jax.named_scope("moe"):
+            y, dropped = self.moe(self.moe_norm(x))
+        return constrain(x + y, ("batch", "length", "embed")), cache, dropped
+
+
+class Transformer(nnx.Module):
+    """The MoE decoder. Parameters of the L blocks are stacked on a leading ``layers`` axis."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.vocab_size
+        self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), cfg.dtype, fan_in=1)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
+        def make_blocks(rngs: nnx.Rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm((D,), ("embed",), cfg)
+        if not cfg.tie_embeddings:
+            self.head_dv = param(rngs, (D, V), ("embed", "vocab"), cfg.dtype, fan_in=D)
+
+    def _run(self, tokens, start, cache, decode: bool) -> ModelOutput:
+        cfg = self.cfg
+        B, S = tokens.shape
+        positions = start + jnp.arange(S, dtype=jnp.int32)
+        tokens = constrain(tokens, ("batch", "length"))
+        with jax.named_scope("embed"):
+            x = constrain(jnp.take(self.embed_vd[...], tokens, axis=0), ("batch", "length", "embed"))
+
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, per_layer):
+            params, layer_cache = per_layer
+            x, layer_cache, dropped = nnx.merge(graphdef, params)(x, positions, layer_cache, decode=decode)
+            return x, (layer_cache, dropped)
+
+        layer_caches = None if cache is None else dict(cache)
+        x, (new_cache, dropped) = jax.lax.scan(layer, x, (stacked, layer_caches))
+        if new_cache is not None:
+            new_cache = {name: constrain(c, CACHE_AXES) for name, c in new_cache.items()}
+
+        with jax.named_scope("head"):
+            x = self.final_norm(x)
+            head = self.embed_vd[...].T if cfg.tie_embeddings else self.head_dv[...]
+            logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=F32)
+            logits = constrain(logits, ("batch", "length", "vocab"))
+        return ModelOutput(logits, new_cache, jnp.sum(dropped, axis=0))
+
+    def __call__(self, tokens) -> ModelOutput:
+        """Full forward over tokens [B, S] from position 0, no cache."""
+        return self._run(tokens, jnp.int32(0), None, decode=False)
+
+    def prefill(self, tokens, cache) -> ModelOutput:
+        """Process the prompt tokens [B, S] and write their keys/values at cache positions [0, S)."""
+        return self._run(tokens, jnp.int32(0), cache, decode=False)
+
+    def decode(self, tokens, pos, cache) -> ModelOutput:
+        """One step: tokens [B, 1] at position `pos` (int32 scalar), attending to cache positions ≤ pos."""
+        return self._run(tokens, jnp.asarray(pos, jnp.int32), cache, decode=True)

@@ -1,0 +1,101 @@
+"""The sharded model: parameters placed on a (dp, pp, ep, tp) mesh and the jitted phase programs.
+
+`ShardedModel` holds what every later stage needs: the graph definition, the
+parameter shardings, the shardings of tokens and KV cache for a workload, and three
+jitted programs (forward, prefill, decode) whose inputs carry their shardings. The
+cost analyzer lowers the same programs from ShapeDtypeStructs; `run` executes them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.errors import StrategyError
+from moe_jax.mesh import Strategy, build_mesh, validate
+from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
+from moe_jax.sharding import Layout, use_layout
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract parameter state) of `cfg`'s Transformer; nothing is allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def require_no_pipeline(strategy: Strategy) -> None:
+    """Refuse pp > 1 until real pipeline parallelism lands (sharding a layer scan on pp is not PP)."""
+    if strategy.pp > 1:
+        raise StrategyError(
+            f"{strategy.name}: pipeline parallelism (pp={strategy.pp}) cannot be executed or compiled yet; "
+            "a scan over pp-sharded layers would all-gather every stage's weights. Use pp=1 "
+            f"(e.g. EP{strategy.ep}-TP{strategy.tp}-PP1-DP{strategy.dp * strategy.pp})")
+
+
+class ShardedModel:
+    """`cfg` split by `strategy` over `mesh` (default: a mesh over jax's devices)."""
+
+    def __init__(self, cfg: ModelConfig, strategy: Strategy, mesh=None):
+        validate(strategy, cfg)
+        require_no_pipeline(strategy)
+        self.cfg = cfg
+        self.strategy = strategy
+        self.mesh = mesh if mesh is not None else build_mesh(strategy)
+        self.layout = Layout.for_strategy(cfg, strategy, self.mesh)
+        self.graphdef, self.abstract_params = abstract_model(cfg)
+        self.param_shardings = self.layout.param_shardings(self.abstract_params)
+        self.forward = jax.jit(self._forward)
+        self.prefill = jax.jit(self._prefill)
+        self.decode = jax.jit(self._decode, donate_argnums=(3,))
+
+    # --- placement ----------------------------------------------------------------
+
+    def init_params(self, seed: int = 0):
+        """Random parameters created directly in their shards (no device holds the whole model)."""
+        def make():
+            return nnx.split(Transformer(self.cfg, rngs=nnx.Rngs(seed)))[1]
+
+        return jax.jit(make, out_shardings=self.param_shardings)()
+
+    def shard_params(self, params):
+        """Place an existing parameter state (e.g. from an unsharded model) on the mesh."""
+        return jax.device_put(params, self.param_shardings)
+
+    def token_sharding(self, batch: int, length: int):
+        """Sharding of a [B, S] token array."""
+        return self.layout.sharding(("batch", "length"), (batch, length), what="tokens", strict=False)
+
+    def cache_shardings(self, batch: int, max_len: int) -> dict:
+        """Shardings of the KV cache arrays for `batch` sequences of `max_len` positions."""
+        shape = cache_shape(self.cfg, batch, max_len)["k"].shape
+        sharding = self.layout.sharding(CACHE_AXES, shape, what="KV cache", strict=False)
+        return {"k": sharding, "v": sharding}
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """An empty KV cache, created in its shards."""
+        shapes = cache_shape(self.cfg, batch, max_len)
+        make = jax.jit(lambda: {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()},
+                       out_shardings=self.cache_shardings(batch, max_len))
+        return make()
+
+    def put_tokens(self, tokens):
+        """Place a [B, S] token array on the mesh."""
+        return jax.device_put(tokens, self.token_sharding(*tokens.shape))
+
+    # --- programs (traced under this model's layout) -----------------------------
+
+    def _model(self, params):
+        return nnx.merge(self.graphdef, params)
+
+    def _forward(self, params, tokens):
+        with use_layout(self.layout):
+            return self._model(params)(tokens)
+
+    def _prefill(self, params, tokens, cache):
+        with use_layout(self.layout):
+            return self._model(params).prefill(tokens, cache)
+
+    def _decode(self, params, tokens, pos, cache):
+        with use_layout(self.layout):
+            return self._model(params).decode(tokens, pos, cache)
