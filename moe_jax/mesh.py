@@ -97,10 +97,15 @@ class Strategy:
             raise StrategyError(f"cannot read strategy file {str(path)!r}: {e.strerror or e}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise StrategyError(f"strategy file {str(path)!r} is not valid TOML: {e}") from None
+        known = {"ep", "tp", "pp", "dp", "name", "description"}
+        if "strategy" in data:
+            extra = [k for k in data if k != "strategy"]
+            if extra:
+                raise StrategyError(f"strategy file {str(path)!r}: unknown top-level key {extra[0]!r}; "
+                                    "put ep, tp, pp, dp (and name, description) in the [strategy] table")
         table = data.get("strategy", data)
         if not isinstance(table, dict):
             raise StrategyError(f"strategy file {str(path)!r}: [strategy] must be a table")
-        known = {"ep", "tp", "pp", "dp", "name", "description"}
         for key in table:
             if key not in known:
                 raise StrategyError(f"strategy file {str(path)!r}: unknown key {key!r}"

@@ -128,14 +128,14 @@ class Layout:
 
     def param_specs(self, state):
         """PartitionSpec tree for an NNX parameter state (from each Variable's ``axes`` metadata)."""
-        return _map_params(state, lambda path, var: self.spec(
+        return map_params(state, lambda path, var: self.spec(
             _axes_of(path, var), var.shape, what=f"parameter {path}", strict=True))
 
     def param_shardings(self, state):
         """NamedSharding tree for an NNX parameter state."""
         from jax.sharding import NamedSharding
 
-        return _map_params(state, lambda path, var: NamedSharding(self.mesh, self.spec(
+        return map_params(state, lambda path, var: NamedSharding(self.mesh, self.spec(
             _axes_of(path, var), var.shape, what=f"parameter {path}", strict=True)))
 
 
@@ -154,7 +154,8 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def _map_params(state, fn):
+def map_params(state, fn):
+    """Apply fn(path, variable) to every nnx.Variable of `state`, keeping the tree structure."""
     import jax
     from flax import nnx
 

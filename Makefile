@@ -1,0 +1,27 @@
+# Two entry points that work on a fresh clone with only python3:
+#   make demo   set up .venv if needed, then run the seed scenario
+#   make test   set up .venv if needed, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+# Re-install when the declared dependencies change.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/moe-jax describe --model seed-30b --strategy meshes/ep64-tp8-pp2-dp1.toml \
+		--batch 128 --prompt-len 2048 --gen-len 256
+	$(BIN)/moe-jax verify --model tiny --strategy meshes/ep2-tp2-pp1-dp2.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,209 @@
+"""The ``moe-jax`` command line: parse arguments, call the library, print.
+
+Every error a user can cause exits with status 2 and one message naming the bad value;
+no traceback. jax is imported only inside commands that need it, after the fake CPU
+device count is set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from moe_jax.config import get_model, preset_names
+from moe_jax.errors import MoeJaxError
+from moe_jax.mesh import Strategy
+
+# Tables keep their columns when printed to a file or a pipe (rich would otherwise assume 80).
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.2f}B"
+
+
+def _positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise click.BadParameter(f"{value} must be at least 1")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moe-jax")
+def cli():
+    """moe-jax: find and prove the parallel strategy (ep, tp, pp, dp) for serving a MoE model."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def models(as_json):
+    """List the model presets with their parameter counts (computed from each config)."""
+    cfgs = [get_model(n) for n in preset_names()]
+    if as_json:
+        click.echo(json.dumps([c.summary() for c in cfgs], indent=2))
+        return
+    table = Table(title="Model presets (parameter counts computed from the configs)")
+    for col in ("name", "layers", "d_model", "heads q/kv (hd)", "experts / top-k", "expert FFN",
+                "total", "active", "weights (bf16)"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for c in cfgs:
+        table.add_row(c.name, str(c.num_layers), str(c.d_model),
+                      f"{c.num_heads}/{c.num_kv_heads} ({c.head_dim})", f"{c.num_experts} / {c.top_k}",
+                      str(c.expert_ffn), _b(c.params_total), _b(c.params_active), _gb(c.params_total * 2))
+    out.print(table)
+
+
+_model_opt = click.option("--model", "model_name", default="seed-30b", show_default=True,
+                          help=f"Model preset ({', '.join(preset_names())}).")
+_strategy_opt = click.option("--strategy", "strategy_spec", default="EP64-TP8-PP2-DP1", show_default=True,
+                             help="Strategy name like EP64-TP8-PP2-DP1, or a TOML file (see meshes/).")
+
+
+@cli.command()
+@_model_opt
+@_strategy_opt
+@click.option("--devices", type=int, callback=_positive, help="Device count the strategy must use.")
+@click.option("--batch", type=int, default=128, show_default=True, callback=_positive,
+              help="Sequences served together.")
+@click.option("--prompt-len", type=int, default=2048, show_default=True, callback=_positive,
+              help="Prompt tokens per sequence.")
+@click.option("--gen-len", type=int, default=256, show_default=True, callback=_positive,
+              help="Generated tokens per sequence (the KV cache holds prompt + generated).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def describe(model_name, strategy_spec, devices, batch, prompt_len, gen_len, as_json):
+    """Validate a strategy for a model and show exactly what each device holds."""
+    from moe_jax.mesh import validate
+    from moe_jax.placement import describe as describe_placement
+
+    cfg = get_model(model_name)
+    strategy = Strategy.load(strategy_spec)
+    validate(strategy, cfg, batch=batch, num_devices=devices)
+    placement = describe_placement(cfg, strategy, batch=batch, cache_len=prompt_len + gen_len)
+    if as_json:
+        data = placement.to_dict()
+        data["workload"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+        click.echo(json.dumps(data, indent=2))
+        return
+    _print_placement(placement, prompt_len, gen_len)
+
+
+def _print_placement(p, prompt_len: int, gen_len: int) -> None:
+    cfg, s, f = p.cfg, p.strategy, p.facts()
+    out.print(f"[bold]{cfg.name}[/bold]: {_b(cfg.params_total)} parameters ({cfg.params_total:,}), "
+              f"{_b(cfg.params_active)} active per token; {_gb(p.weight_bytes_total)} of {cfg.dtype} weights")
+    out.print(f"[bold]{s.name}[/bold] on {s.num_devices} devices, mesh (dp, pp, ep, tp) = "
+              f"({s.dp}, {s.pp}, {s.ep}, {s.tp}); validated: ep | {cfg.num_experts} experts, "
+              f"tp | {cfg.num_heads} heads, pp | {cfg.num_layers} layers, dp | batch {p.batch}")
+    out.print(f"Workload: batch {p.batch}, prompt {prompt_len} tokens, {gen_len} generated "
+              f"(KV cache of {prompt_len + gen_len} positions)\n")
+
+    shard = Table(title="What one device holds")
+    shard.add_column("item")
+    shard.add_column("per device", justify="right")
+    shard.add_column("how", justify="left")
+    kv_how = (f"all {cfg.num_kv_heads} (tp={s.tp} > {cfg.num_kv_heads} KV heads: replicated over tp)"
+              if f["kv_heads_replicated_over_tp"] else f"{cfg.num_kv_heads} / tp={s.tp}")
+    rows = [
+        ("layers", str(f["layers_per_stage"]), f"{cfg.num_layers} / pp={s.pp}"),
+        ("experts per layer", str(f["experts_per_device_per_layer"]), f"{cfg.num_experts} / ep={s.ep}"),
+        ("expert FFN columns", str(f["expert_ffn_columns_per_device"]), f"{cfg.expert_ffn} / tp={s.tp}"),
+        ("query heads", str(f["query_heads_per_device"]), f"{cfg.num_heads} / tp={s.tp}"),
+        ("KV heads", str(f["kv_heads_per_device"]), kv_how),
+        ("vocabulary rows", str(f["vocab_rows_per_device"]), f"{cfg.vocab_size} / tp={s.tp}"),
+        ("sequences per replica", str(f["sequences_per_replica"]), f"batch {p.batch} / dp={s.dp}"),
+        ("sequences in attention", str(f["sequences_per_device"]),
+         f"batch {p.batch} / {f['batch_split']} (dp x ep, as far as the batch divides)"),
+        ("weights", _mb(f["weight_bytes_per_device"]),
+         f"sum of the shards below (whole model / devices would be {_mb(p.weight_bytes_total / s.num_devices)}: "
+         "replicated attention, norms and router make it more)"),
+        ("KV cache", _mb(f["kv_cache_bytes_per_device"]),
+         "2 x " + " x ".join(map(str, f["kv_cache_shape_per_device"])) + f" x {cfg.dtype_bytes} B [L, B, T, K, Dh]"),
+    ]
+    for row in rows:
+        shard.add_row(*row)
+    out.print(shard)
+
+    params = Table(title="Parameter shards (stacked over layers; specs from the logical-axis rules)")
+    for col in ("parameter", "global shape", "logical axes", "mesh axes", "shard shape", "per device"):
+        params.add_column(col, justify="right" if col == "per device" else "left")
+    for r in p.params:
+        spec = ", ".join("-" if e is None else (e if isinstance(e, str) else "x".join(e)) for e in r.spec)
+        params.add_row(r.path, "x".join(map(str, r.shape)), ", ".join(r.axes), spec,
+                       "x".join(map(str, r.local_shape)), _mb(r.bytes_per_device))
+    out.print(params)
+
+
+@cli.command()
+@click.option("--model", "model_name", default="tiny", show_default=True, help="Model preset.")
+@click.option("--strategy", "strategy_spec", default="EP2-TP2-DP2", show_default=True,
+              help="Strategy name or TOML file; pp must be 1 for now.")
+@click.option("--batch", type=int, default=8, show_default=True, callback=_positive)
+@click.option("--prompt-len", type=int, default=16, show_default=True, callback=_positive)
+@click.option("--gen-len", type=int, default=4, show_default=True, callback=_positive)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, as_json):
+    """Run a model sharded on fake CPU devices and compare it with one device (f32, ample capacity)."""
+    from moe_jax.devices import request_cpu_devices
+    from moe_jax.mesh import validate
+    from moe_jax.programs import require_no_pipeline
+
+    cfg = get_model(model_name)
+    strategy = Strategy.load(strategy_spec)
+    validate(strategy, cfg, batch=batch)
+    require_no_pipeline(strategy)
+    request_cpu_devices(strategy.num_devices)
+    from moe_jax.verify import verify_sharding
+
+    # f32 for a tight comparison; capacity E/k gives every expert room for all tokens of a group,
+    # so the reference and the sharded program (whose token groups differ) drop nothing.
+    cfg = cfg.replace(dtype="float32", capacity_factor=cfg.num_experts / cfg.top_k)
+    v = verify_sharding(cfg, strategy, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
+    if as_json:
+        click.echo(json.dumps({**v.__dict__, "passed": v.passed}, indent=2))
+    else:
+        out.print(f"{cfg.name} {v.strategy}: batch {batch}, prompt {prompt_len}, {gen_len} decode steps, "
+                  f"max |logit| {v.logit_scale:.3g}")
+        out.print(f"  sharded forward vs 1 device: max |diff| {v.forward_max_abs:.2e}")
+        out.print(f"  sharded prefill vs 1 device: max |diff| {v.prefill_max_abs:.2e}")
+        out.print(f"  sharded decode  vs 1 device: max |diff| {v.decode_max_abs:.2e}")
+        out.print(("[green]PASS[/green]" if v.passed else "[red]FAIL[/red]") +
+                  f" (tolerance {v.tolerance:g} x max(1, max |logit|))")
+    if not v.passed:
+        sys.exit(1)
+
+
+def main(argv=None) -> None:
+    """Console-script entry point: user errors → message on stderr, exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="moe-jax", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except MoeJaxError as e:
+        click.echo(f"moe-jax: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

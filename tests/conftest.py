@@ -1,0 +1,23 @@
+"""Test set-up: 8 fake CPU devices, requested before anything imports jax."""
+
+import os
+import re
+
+os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                  os.environ.get("XLA_FLAGS", "")) +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from moe_jax.config import get_model  # noqa: E402
+
+assert jax.device_count() == 8, "tests need 8 fake CPU devices; XLA_FLAGS was set too late"
+
+
+@pytest.fixture(scope="session")
+def tiny32():
+    """The tiny preset in f32 with capacity for every token (capacity dispatch drops nothing)."""
+    cfg = get_model("tiny")
+    return cfg.replace(dtype="float32", capacity_factor=cfg.num_experts / cfg.top_k)

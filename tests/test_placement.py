@@ -1,0 +1,66 @@
+"""What each device holds: the seed scenario stated exactly (seed-errors #2, #6, #8)."""
+
+import pytest
+
+from moe_jax.config import get_model
+from moe_jax.errors import StrategyError
+from moe_jax.mesh import Strategy
+from moe_jax.placement import describe
+
+SEED = get_model("seed-30b")
+
+
+@pytest.fixture(scope="module")
+def seed_placement():
+    return describe(SEED, Strategy.parse("EP64-TP8-PP2-DP1"), batch=128, cache_len=2048 + 256)
+
+
+def test_seed_shard_is_a_slice_of_one_expert_not_one_expert(seed_placement):
+    f = seed_placement.facts()
+    assert f["experts_per_device_per_layer"] == 1
+    assert f["expert_ffn_columns_per_device"] == 288            # 2304 / tp8: 1/8 of one expert
+    assert f["layers_per_stage"] == 8
+    assert f["query_heads_per_device"] == 4 and f["kv_heads_per_device"] == 1
+    w = {p.path: p for p in seed_placement.params}["blocks/moe/w_gate_edf"]
+    assert w.local_shape == (8, 1, 4096, 288)
+
+
+def test_seed_sequences_per_replica_and_device(seed_placement):
+    f = seed_placement.facts()
+    assert f["sequences_per_replica"] == 128                    # DP1: the whole batch
+    assert f["sequences_per_device"] == 2                       # attention splits the batch over ep=64
+
+
+def test_seed_weights_per_device_exceed_the_naive_division(seed_placement):
+    naive = SEED.params_total * 2 / 1024                        # the seed's "0.07 GB"
+    per_device = seed_placement.weight_bytes_per_device
+    assert per_device > 3 * naive                               # replicated attention/router/embeddings
+    # recompute independently: attention + norms + router replicated over ep, split by tp, per stage
+    L = 8
+    attn = L * (4096 * 32 * 128 * 2 + 4096 * 8 * 128 * 2) // 8 * 2
+    router_norms = L * (4096 * 64 + 2 * 4096) * 2
+    experts = L * 3 * 4096 * 288 * 2
+    embed_head = 2 * 32000 * 4096 // 8 * 2 + 4096 * 2
+    assert per_device == attn + router_norms + experts + embed_head
+
+
+def test_seed_kv_cache_per_device(seed_placement):
+    # [L/pp, B/(dp*ep), T, K/tp, Dh] for k and v, bf16
+    assert seed_placement.kv_cache_shape_per_device == (8, 2, 2304, 1, 128)
+    assert seed_placement.kv_cache_bytes_per_device == 2 * 8 * 2 * 2304 * 128 * 2
+
+
+def test_single_device_holds_the_whole_model():
+    p = describe(get_model("tiny"), Strategy(), batch=4, cache_len=8)
+    assert p.weight_bytes_per_device == p.weight_bytes_total
+
+
+def test_replicated_kv_heads_are_stated():
+    p = describe(get_model("qwen3-30b-a3b"), Strategy(ep=16, tp=8), batch=64, cache_len=1024)
+    f = p.facts()
+    assert f["kv_heads_replicated_over_tp"] and f["kv_heads_per_device"] == 4
+
+
+def test_describe_validates(seed_placement):
+    with pytest.raises(StrategyError, match="dp=3 does not divide batch 128"):
+        describe(SEED, Strategy(ep=64, tp=8, dp=3), batch=128)
