@@ -30,6 +30,13 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def _b(n: int) -> str:
     return f"{n / 1e9:.2f}B"
 
@@ -90,7 +97,8 @@ def describe(model_name, strategy_spec, devices, batch, prompt_len, gen_len, as_
     cfg = get_model(model_name)
     strategy = Strategy.load(strategy_spec)
     validate(strategy, cfg, batch=batch, num_devices=devices)
-    placement = describe_placement(cfg, strategy, batch=batch, cache_len=prompt_len + gen_len)
+    placement = describe_placement(cfg, strategy, batch=batch, cache_len=prompt_len + gen_len,
+                                   prompt_len=prompt_len)
     if as_json:
         data = placement.to_dict()
         data["workload"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
@@ -121,7 +129,8 @@ def _print_placement(p, prompt_len: int, gen_len: int) -> None:
         ("expert FFN columns", str(f["expert_ffn_columns_per_device"]), f"{cfg.expert_ffn} / tp={s.tp}"),
         ("query heads", str(f["query_heads_per_device"]), f"{cfg.num_heads} / tp={s.tp}"),
         ("KV heads", str(f["kv_heads_per_device"]), kv_how),
-        ("vocabulary rows", str(f["vocab_rows_per_device"]), f"{cfg.vocab_size} / tp={s.tp}"),
+        ("vocabulary rows", str(f["vocab_rows_per_device"]),
+         f"{cfg.vocab_size} / {f['vocab_split']} (embedding and head split over pp x tp when it divides)"),
         ("sequences per replica", str(f["sequences_per_replica"]), f"batch {p.batch} / dp={s.dp}"),
         ("sequences in attention", str(f["sequences_per_device"]),
          f"batch {p.batch} / {f['batch_split']} (dp x ep, as far as the batch divides)"),
@@ -131,6 +140,12 @@ def _print_placement(p, prompt_len: int, gen_len: int) -> None:
         ("KV cache", _mb(f["kv_cache_bytes_per_device"]),
          "2 x " + " x ".join(map(str, f["kv_cache_shape_per_device"])) + f" x {cfg.dtype_bytes} B [L, B, T, K, Dh]"),
     ]
+    for phase in ("prefill", "decode"):
+        sched = f.get(f"pipeline_{phase}")
+        if sched:
+            rows.append((f"pipeline ({phase})", f"{sched['microbatches']} microbatches",
+                         f"{sched['ticks']} ticks, bubble (pp-1)/(M+pp-1) = {sched['bubble_fraction']:.0%}; "
+                         f"{_bytes(sched['handoff_bytes_per_tick'])} handed to the next stage per tick"))
     for row in rows:
         shard.add_row(*row)
     out.print(shard)
@@ -148,7 +163,7 @@ def _print_placement(p, prompt_len: int, gen_len: int) -> None:
 @cli.command()
 @click.option("--model", "model_name", default="tiny", show_default=True, help="Model preset.")
 @click.option("--strategy", "strategy_spec", default="EP2-TP2-DP2", show_default=True,
-              help="Strategy name or TOML file; pp must be 1 for now.")
+              help="Strategy name or TOML file.")
 @click.option("--batch", type=int, default=8, show_default=True, callback=_positive)
 @click.option("--prompt-len", type=int, default=16, show_default=True, callback=_positive)
 @click.option("--gen-len", type=int, default=4, show_default=True, callback=_positive)
@@ -158,12 +173,10 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, as_json)
     """Run a model sharded on fake CPU devices and compare it with one device (f32, ample capacity)."""
     from moe_jax.devices import request_cpu_devices
     from moe_jax.mesh import validate
-    from moe_jax.programs import require_no_pipeline
 
     cfg = get_model(model_name)
     strategy = Strategy.load(strategy_spec)
     validate(strategy, cfg, batch=batch)
-    require_no_pipeline(strategy)
     request_cpu_devices(strategy.num_devices)
     from moe_jax.verify import verify_sharding
 

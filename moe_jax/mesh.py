@@ -168,7 +168,10 @@ def validate(strategy: Strategy, cfg: ModelConfig, *, batch: int | None = None,
             why.append(f"{K} KV heads (neither divides the other)")
         problems.append(f"tp={strategy.tp} does not divide {' and '.join(why)}; valid tp: "
                         f"{', '.join(map(str, _valid_tp(cfg)))}")
-    if L % strategy.pp:
+    if strategy.pp > L:
+        problems.append(f"pp={strategy.pp} is more stages than the {L} layers; valid pp: "
+                        f"{', '.join(map(str, divisors(L)))}")
+    elif L % strategy.pp:
         problems.append(f"pp={strategy.pp} does not divide {L} layers; valid pp: "
                         f"{', '.join(map(str, divisors(L)))}")
     if batch is not None:

@@ -74,6 +74,7 @@ class Placement:
     params: list[ParamShard]
     batch: int | None
     cache_len: int | None
+    prompt_len: int | None = None
 
     @property
     def weight_bytes_per_device(self) -> int:
@@ -120,6 +121,7 @@ class Placement:
         """The exact shard, in words a person checks: layers, experts, expert slice, heads, vocabulary."""
         cfg, s = self.cfg, self.strategy
         K_local = cfg.num_kv_heads if kv_replicated(cfg, s) else cfg.num_kv_heads // s.tp
+        vocab_split = Layout.for_strategy(cfg, s).shards("vocab", cfg.vocab_size)
         facts = {
             "layers_per_stage": cfg.num_layers // s.pp,
             "experts_per_device_per_layer": cfg.num_experts // s.ep,
@@ -129,13 +131,19 @@ class Placement:
             "query_heads_per_device": cfg.num_heads // s.tp,
             "kv_heads_per_device": K_local,
             "kv_heads_replicated_over_tp": kv_replicated(cfg, s),
-            "vocab_rows_per_device": cfg.vocab_size // s.tp,
+            "vocab_rows_per_device": cfg.vocab_size // vocab_split,
+            "vocab_split": vocab_split,
             "weight_bytes_per_device": self.weight_bytes_per_device,
             "weight_bytes_total": self.weight_bytes_total,
         }
         if self.batch is not None:
             facts.update(batch=self.batch, sequences_per_replica=self.sequences_per_replica,
                          batch_split=self.batch_split, sequences_per_device=self.sequences_per_device)
+        if self.batch is not None and self.prompt_len is not None and s.pp > 1:
+            from moe_jax.model.pipeline import schedule
+
+            facts.update(pipeline_prefill=schedule(cfg, s, self.batch, self.prompt_len, decode=False).to_dict(),
+                         pipeline_decode=schedule(cfg, s, self.batch, 1, decode=True).to_dict())
         if self.kv_cache_bytes_per_device is not None:
             facts.update(cache_len=self.cache_len, kv_cache_shape_per_device=list(self.kv_cache_shape_per_device),
                          kv_cache_bytes_per_device=self.kv_cache_bytes_per_device)
@@ -159,7 +167,10 @@ class Placement:
 
 
 def describe(cfg: ModelConfig, strategy: Strategy, *, batch: int | None = None,
-             cache_len: int | None = None) -> Placement:
-    """Validate `strategy` for `cfg` (and `batch`) and describe what each device holds."""
+             cache_len: int | None = None, prompt_len: int | None = None) -> Placement:
+    """Validate `strategy` for `cfg` (and `batch`) and describe what each device holds.
+
+    cache_len: KV cache positions (prompt + generated); prompt_len: for the pipeline schedule.
+    """
     validate(strategy, cfg, batch=batch)
-    return Placement(cfg, strategy, param_shards(cfg, strategy), batch, cache_len)
+    return Placement(cfg, strategy, param_shards(cfg, strategy), batch, cache_len, prompt_len)

@@ -8,12 +8,13 @@ cost analyzer lowers the same programs from ShapeDtypeStructs; `run` executes th
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.errors import StrategyError
 from moe_jax.mesh import Strategy, build_mesh, validate
 from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
 from moe_jax.sharding import Layout, use_layout
@@ -24,25 +25,20 @@ def abstract_model(cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
-def require_no_pipeline(strategy: Strategy) -> None:
-    """Refuse pp > 1 until real pipeline parallelism lands (sharding a layer scan on pp is not PP)."""
-    if strategy.pp > 1:
-        raise StrategyError(
-            f"{strategy.name}: pipeline parallelism (pp={strategy.pp}) cannot be executed or compiled yet; "
-            "a scan over pp-sharded layers would all-gather every stage's weights. Use pp=1 "
-            f"(e.g. EP{strategy.ep}-TP{strategy.tp}-PP1-DP{strategy.dp * strategy.pp})")
-
-
 class ShardedModel:
     """`cfg` split by `strategy` over `mesh` (default: a mesh over jax's devices)."""
 
-    def __init__(self, cfg: ModelConfig, strategy: Strategy, mesh=None):
+    def __init__(self, cfg: ModelConfig, strategy: Strategy, mesh=None, *,
+                 prefill_microbatches: int | None = None, decode_microbatches: int | None = None):
+        """prefill/decode_microbatches: pipeline microbatches (pp > 1) per call; None for the defaults
+        of `moe_jax.model.pipeline` (derived from the batch and pp)."""
         validate(strategy, cfg)
-        require_no_pipeline(strategy)
         self.cfg = cfg
         self.strategy = strategy
         self.mesh = mesh if mesh is not None else build_mesh(strategy)
         self.layout = Layout.for_strategy(cfg, strategy, self.mesh)
+        self.prefill_layout = dataclasses.replace(self.layout, microbatches=prefill_microbatches)
+        self.decode_layout = dataclasses.replace(self.layout, microbatches=decode_microbatches)
         self.graphdef, self.abstract_params = abstract_model(cfg)
         self.param_shardings = self.layout.param_shardings(self.abstract_params)
         self.forward = jax.jit(self._forward)
@@ -89,13 +85,20 @@ class ShardedModel:
         return nnx.merge(self.graphdef, params)
 
     def _forward(self, params, tokens):
-        with use_layout(self.layout):
+        with use_layout(self.prefill_layout):
             return self._model(params)(tokens)
 
     def _prefill(self, params, tokens, cache):
-        with use_layout(self.layout):
+        with use_layout(self.prefill_layout):
             return self._model(params).prefill(tokens, cache)
 
     def _decode(self, params, tokens, pos, cache):
-        with use_layout(self.layout):
+        with use_layout(self.decode_layout):
             return self._model(params).decode(tokens, pos, cache)
+
+    def pipeline_schedule(self, batch: int, length: int, *, decode: bool):
+        """Microbatches, bubble and stage hand-off bytes of one prefill (or decode) call."""
+        from moe_jax.model.pipeline import schedule
+
+        layout = self.decode_layout if decode else self.prefill_layout
+        return schedule(self.cfg, self.strategy, batch, length, decode=decode, microbatches=layout.microbatches)

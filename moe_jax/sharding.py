@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,7 +29,7 @@ LOGICAL_AXIS_RULES = MappingProxyType({
     # parameters and activations
     "layers": ("pp",),          # L: stacked layers, one slice per pipeline stage
     "embed": (),                # D: replicated
-    "vocab": ("tp",),           # V
+    "vocab": ("pp", "tp"),      # V: embedding and head split over every stage too (see axis_rules)
     "heads": ("tp",),           # H
     "kv_heads": ("tp",),        # K (replicated instead when tp does not divide K: see axis_rules)
     "head_dim": (),             # Dh
@@ -50,13 +51,19 @@ LOGICAL_AXIS_RULES = MappingProxyType({
 def axis_rules(cfg: ModelConfig, strategy: Strategy) -> dict[str, tuple[str, ...]]:
     """`LOGICAL_AXIS_RULES` adjusted for one model and strategy.
 
-    The one adjustment: when tp exceeds the KV heads (K < tp, tp % K == 0), KV
-    projections and the KV cache are replicated over tp, so each tp rank holds all K
-    KV heads. `moe_jax.mesh.validate` admits only such tp values.
+    Two adjustments, both stated rules rather than silent fallbacks:
+    - when tp exceeds the KV heads (K < tp, tp % K == 0), KV projections and the KV
+      cache are replicated over tp, so each tp rank holds all K KV heads
+      (`moe_jax.mesh.validate` admits only such tp values);
+    - the vocabulary (embedding and output head) is split over pp × tp, so no stage
+      keeps an idle copy and the head's FLOPs are shared by every stage; when pp × tp
+      does not divide V it is split over tp only (replicated over the stages).
     """
     rules = dict(LOGICAL_AXIS_RULES)
     if kv_replicated(cfg, strategy):
         rules["kv_heads"] = ()
+    if cfg.vocab_size % (strategy.pp * strategy.tp):
+        rules["vocab"] = ("tp",)
     return rules
 
 
@@ -70,6 +77,23 @@ class Layout:
     """Logical axis name → mesh axes."""
     mesh: object = None
     """The `jax.sharding.Mesh` when arrays are really placed; None to only compute specs."""
+    microbatches: int | None = None
+    """Pipeline microbatches per program call (pp > 1); None for the default of `moe_jax.model.pipeline`."""
+
+    @property
+    def stage_axes(self) -> tuple[str, ...]:
+        """Mesh axes the stacked layers are split over (pipeline stages), those of size > 1."""
+        return tuple(a for a in self.rules.get("layers", ()) if self.axis_sizes.get(a, 1) > 1)
+
+    @property
+    def stages(self) -> int:
+        """Number of pipeline stages."""
+        return self.size(self.stage_axes)
+
+    def without_axes(self, axes) -> "Layout":
+        """This layout with `axes` removed from every rule: for code inside shard_map, manual over `axes`."""
+        rules = {name: tuple(a for a in mapped if a not in axes) for name, mapped in self.rules.items()}
+        return dataclasses.replace(self, rules=rules)
 
     @classmethod
     def for_strategy(cls, cfg: ModelConfig, strategy: Strategy, mesh=None) -> "Layout":
@@ -195,8 +219,14 @@ def constrain(x, names, what: str = "activation"):
             layout.spec(names, x.shape, what=what, strict=False)  # still check every name has a rule
         return x
     import jax
+    from jax.sharding import NamedSharding
 
-    return jax.lax.with_sharding_constraint(x, layout.sharding(names, x.shape, what=what, strict=False))
+    spec = layout.spec(names, x.shape, what=what, strict=False)
+    # Inside shard_map (manual over pipeline stages) the constraint must name the abstract
+    # mesh in force there, whose manual axes the layout's rules have already dropped.
+    abstract = jax.sharding.get_abstract_mesh()
+    mesh = abstract if not abstract.empty and abstract.manual_axes else layout.mesh
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_shards(batch: int) -> int:

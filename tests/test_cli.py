@@ -59,7 +59,7 @@ def test_describe_json(capsys):
     (["describe", "--batch", "0"], "0 must be at least 1"),
     (["describe", "--batch", "many"], "'many' is not a valid integer"),
     (["describe", "--strategy", "missing.toml"], "cannot read strategy file 'missing.toml'"),
-    (["verify", "--strategy", "EP2-TP2-PP2"], "pipeline parallelism (pp=2) cannot be executed"),
+    (["verify", "--strategy", "EP2-TP1-PP3"], "pp=3 does not divide 4 layers; valid pp: 1, 2, 4"),
     (["verify", "--strategy", "EP4-TP4"], "jax already started with 8 CPU devices; 16 are needed"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])

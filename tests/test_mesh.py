@@ -72,7 +72,7 @@ SEED = get_model("seed-30b")
     ("EP64-TP3", "tp=3 does not divide 32 query heads and vocabulary 32000; valid tp: 1, 2, 4, 8, 16"),
     ("EP64-TP64", "tp=64 does not divide 32 query heads; valid tp: 1, 2, 4, 8, 16"),
     ("EP64-PP3", "pp=3 does not divide 16 layers; valid pp: 1, 2, 4, 8, 16"),
-    ("EP64-PP32", "pp=32 does not divide 16 layers"),
+    ("EP64-PP32", "pp=32 is more stages than the 16 layers; valid pp: 1, 2, 4, 8, 16"),
 ])
 def test_validation_names_value_and_valid_choices(strategy, message):
     with pytest.raises(StrategyError, match=message):

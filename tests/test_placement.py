@@ -12,7 +12,7 @@ SEED = get_model("seed-30b")
 
 @pytest.fixture(scope="module")
 def seed_placement():
-    return describe(SEED, Strategy.parse("EP64-TP8-PP2-DP1"), batch=128, cache_len=2048 + 256)
+    return describe(SEED, Strategy.parse("EP64-TP8-PP2-DP1"), batch=128, cache_len=2048 + 256, prompt_len=2048)
 
 
 def test_seed_shard_is_a_slice_of_one_expert_not_one_expert(seed_placement):
@@ -21,6 +21,7 @@ def test_seed_shard_is_a_slice_of_one_expert_not_one_expert(seed_placement):
     assert f["expert_ffn_columns_per_device"] == 288            # 2304 / tp8: 1/8 of one expert
     assert f["layers_per_stage"] == 8
     assert f["query_heads_per_device"] == 4 and f["kv_heads_per_device"] == 1
+    assert f["vocab_rows_per_device"] == 2000                   # 32000 / (pp2 x tp8)
     w = {p.path: p for p in seed_placement.params}["blocks/moe/w_gate_edf"]
     assert w.local_shape == (8, 1, 4096, 288)
 
@@ -40,7 +41,7 @@ def test_seed_weights_per_device_exceed_the_naive_division(seed_placement):
     attn = L * (4096 * 32 * 128 * 2 + 4096 * 8 * 128 * 2) // 8 * 2
     router_norms = L * (4096 * 64 + 2 * 4096) * 2
     experts = L * 3 * 4096 * 288 * 2
-    embed_head = 2 * 32000 * 4096 // 8 * 2 + 4096 * 2
+    embed_head = 2 * 32000 * 4096 // 16 * 2 + 4096 * 2                # vocab split over pp x tp
     assert per_device == attn + router_norms + experts + embed_head
 
 
@@ -64,3 +65,11 @@ def test_replicated_kv_heads_are_stated():
 def test_describe_validates(seed_placement):
     with pytest.raises(StrategyError, match="dp=3 does not divide batch 128"):
         describe(SEED, Strategy(ep=64, tp=8, dp=3), batch=128)
+
+
+def test_seed_pipeline_schedule(seed_placement):
+    pre = seed_placement.facts()["pipeline_prefill"]
+    # 2 sequences per dp x ep shard: at most 2 microbatches keep them local
+    assert pre["microbatches"] == 2 and pre["ticks"] == 3
+    assert pre["bubble_fraction"] == pytest.approx(1 / 3)
+    assert pre["handoff_bytes_per_tick"] == 1 * 2048 * 4096 * 2     # one sequence's activations, bf16

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.errors import StrategyError
 from moe_jax.hlo import collective_axes, collectives
 from moe_jax.mesh import Strategy
 from moe_jax.model.transformer import Transformer
@@ -100,12 +99,6 @@ def test_no_ep_means_no_all_to_all(tiny32):
 
 def test_data_parallel_program_has_no_collectives(tiny32):
     assert _compiled_collectives(tiny32, Strategy(dp=8), "decode") == []
-
-
-def test_pipeline_is_refused_until_implemented(tiny32):
-    with pytest.raises(StrategyError, match=r"pipeline parallelism \(pp=2\) cannot be executed.*Use pp=1 "
-                                            r"\(e.g. EP2-TP2-PP1-DP2\)"):
-        ShardedModel(tiny32, Strategy(ep=2, tp=2, pp=2))
 
 
 def test_init_params_are_created_in_their_shards(tiny32):

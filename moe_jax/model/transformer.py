@@ -17,7 +17,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model.layers import F32, Attention, Norm, param
 from moe_jax.model.moe import MoE
-from moe_jax.sharding import constrain
+from moe_jax.sharding import constrain, current_layout
 
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 """Logical axes of each KV cache array [L, B, T, K, Dh]."""
@@ -45,6 +45,23 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """`init_cache` as ShapeDtypeStructs (nothing allocated)."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or cfg.dtype)) for name in ("k", "v")}
+
+
+def run_layers(blocks: "Block", x, positions, cache, decode: bool):
+    """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan`.
+
+    cache: None or {"k", "v"} of [L, B, T, K, Dh] for these layers.
+    Returns (x, updated cache or None, dropped per token group summed over the layers).
+    """
+    graphdef, stacked = nnx.split(blocks)
+
+    def layer(x, per_layer):
+        params, layer_cache = per_layer
+        x, layer_cache, dropped = nnx.merge(graphdef, params)(x, positions, layer_cache, decode=decode)
+        return x, (layer_cache, dropped)
+
+    x, (new_cache, dropped) = jax.lax.scan(layer, x, (stacked, None if cache is None else dict(cache)))
+    return x, new_cache, jnp.sum(dropped, axis=0)
 
 
 class Block(nnx.Module):
@@ -91,15 +108,13 @@ class Transformer(nnx.Module):
         with jax.named_scope("embed"):
             x = constrain(jnp.take(self.embed_vd[...], tokens, axis=0), ("batch", "length", "embed"))
 
-        graphdef, stacked = nnx.split(self.blocks)
+        layout = current_layout()
+        if layout is not None and layout.stages > 1:
+            from moe_jax.model.pipeline import run_pipeline
 
-        def layer(x, per_layer):
-            params, layer_cache = per_layer
-            x, layer_cache, dropped = nnx.merge(graphdef, params)(x, positions, layer_cache, decode=decode)
-            return x, (layer_cache, dropped)
-
-        layer_caches = None if cache is None else dict(cache)
-        x, (new_cache, dropped) = jax.lax.scan(layer, x, (stacked, layer_caches))
+            x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, layout)
+        else:
+            x, new_cache, dropped = run_layers(self.blocks, x, positions, cache, decode)
         if new_cache is not None:
             new_cache = {name: constrain(c, CACHE_AXES) for name, c in new_cache.items()}
 
@@ -108,7 +123,7 @@ class Transformer(nnx.Module):
             head = self.embed_vd[...].T if cfg.tie_embeddings else self.head_dv[...]
             logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=F32)
             logits = constrain(logits, ("batch", "length", "vocab"))
-        return ModelOutput(logits, new_cache, jnp.sum(dropped, axis=0))
+        return ModelOutput(logits, new_cache, dropped)
 
     def __call__(self, tokens) -> ModelOutput:
         """Full forward over tokens [B, S] from position 0, no cache."""

@@ -1,0 +1,167 @@
+"""Pipeline parallelism: each stage owns its layers; microbatches move between stages by collective-permute.
+
+Why not just shard the layer scan on ``pp``? XLA would then all-gather every layer's
+weights onto every device (DESIGN.md, "Known traps"). Instead the layer stack runs
+inside ``jax.shard_map`` that is manual over the stage axis only (``dp``, ``ep``,
+``tp`` stay with the partitioner): each stage sees its own ``L/pp`` layers and the KV
+cache of those layers, nothing else.
+
+Schedule (GPipe): the batch is cut into M microbatches. At tick t, stage s works on
+microbatch t − s (when 0 ≤ t − s < M), then hands its activations to stage s + 1 with
+one ``collective-permute``. After M + pp − 1 ticks the last stage holds every
+microbatch's output, which an all-reduce over the stages gives to all of them (the
+output head is split over pp × tp, so every stage computes its share of the logits).
+Bubble: (pp − 1) / (M + pp − 1) of the ticks a stage is idle.
+
+Microbatch m is the sequences b with b mod M = m. With the batch split over dp × ep in
+contiguous blocks, that choice keeps every microbatch's sequences on the devices that
+already hold them: taking a microbatch is a local slice, not a reshuffle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.errors import StrategyError
+from moe_jax.mesh import Strategy, divisors
+from moe_jax.sharding import Layout, use_layout
+
+PREFILL_MICROBATCHES_PER_STAGE = 4
+"""Default prefill microbatches: up to this many per stage (bubble ≤ 1/5 when the batch allows)."""
+DECODE_MICROBATCHES_PER_STAGE = 1
+"""Default decode microbatches: up to one per stage (each microbatch re-reads the stage's weights)."""
+
+
+def default_microbatches(batch: int, stages: int, batch_shards: int, *, decode: bool) -> int:
+    """M: the largest divisor of the sequences per batch shard up to `per_stage` × stages.
+
+    Dividing the per-shard count keeps microbatches local (see the module docstring).
+    """
+    per_shard = batch // batch_shards if batch % batch_shards == 0 else batch
+    cap = stages * (DECODE_MICROBATCHES_PER_STAGE if decode else PREFILL_MICROBATCHES_PER_STAGE)
+    return max(d for d in divisors(per_shard) if d <= cap)
+
+
+def check_microbatches(microbatches: int, batch: int) -> None:
+    """M must divide the batch; the error lists the valid values."""
+    if microbatches < 1 or batch % microbatches:
+        raise StrategyError(f"microbatches={microbatches} does not divide batch {batch}; valid: "
+                            f"{', '.join(map(str, divisors(batch)))}")
+
+
+@dataclass(frozen=True)
+class PipelineSchedule:
+    """The facts of one pipelined program call that the performance model needs."""
+
+    stages: int
+    """pp."""
+    microbatches: int
+    """M."""
+    ticks: int
+    """M + pp − 1 stage steps per call."""
+    bubble_fraction: float
+    """(pp − 1) / (M + pp − 1): share of ticks each stage is idle."""
+    microbatch_sequences: int
+    """B / M sequences per microbatch."""
+    handoff_bytes_per_tick: int
+    """Bytes one device sends to the next stage per tick (its shard of one microbatch's activations)."""
+    output_allreduce_bytes: int
+    """Bytes per device of the final all-reduce that gives every stage the last stage's output."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return dict(self.__dict__)
+
+
+def schedule(cfg: ModelConfig, strategy: Strategy, batch: int, length: int, *, decode: bool,
+             microbatches: int | None = None) -> PipelineSchedule:
+    """The pipeline schedule for `batch` sequences of `length` new tokens under `strategy`."""
+    layout = Layout.for_strategy(cfg, strategy)
+    shards = layout.shards("batch", batch)
+    M = microbatches or default_microbatches(batch, strategy.pp, shards, decode=decode)
+    check_microbatches(M, batch)
+    Bm = batch // M
+    local_mb = Bm // layout.shards("batch", Bm)
+    act = local_mb * length * cfg.d_model * cfg.dtype_bytes
+    pp = strategy.pp
+    return PipelineSchedule(stages=pp, microbatches=M, ticks=M + pp - 1,
+                            bubble_fraction=(pp - 1) / (M + pp - 1), microbatch_sequences=Bm,
+                            handoff_bytes_per_tick=act if pp > 1 else 0,
+                            output_allreduce_bytes=act * M if pp > 1 else 0)
+
+
+def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout):
+    """The layer stack of a `Transformer`, pipelined over `layout`'s stage axis.
+
+    Same contract as `moe_jax.model.transformer.run_layers`: x [B, S, D], cache None or
+    {"k", "v"} of [L, B, T, K, Dh] → (x, cache, dropped). Must run under `use_layout`.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from moe_jax.model.transformer import run_layers
+
+    (axis,) = layout.stage_axes
+    pp = layout.stages
+    B = x.shape[0]
+    M = layout.microbatches or default_microbatches(B, pp, layout.shards("batch", B), decode=decode)
+    check_microbatches(M, B)
+    Bm = B // M
+    inner = layout.without_axes(layout.stage_axes)
+    graphdef, stacked = nnx.split(blocks)
+
+    def stage_program(stacked, x, positions, cache):
+        with use_layout(inner):
+            stage = jax.lax.axis_index(axis)
+            blocks = nnx.merge(graphdef, stacked)                              # this stage's L/pp layers
+            xm = x.reshape(Bm, M, *x.shape[1:])                                # microbatch m = xm[:, m]
+            cm = None if cache is None else {
+                k: v.reshape(v.shape[0], Bm, M, *v.shape[2:]) for k, v in cache.items()}
+
+            def take(a, m, axis_):
+                return jax.lax.dynamic_index_in_dim(a, m, axis_, keepdims=False)
+
+            def put(a, value, m, axis_):
+                return jax.lax.dynamic_update_index_in_dim(a, value, m, axis_)
+
+            def run(inp, mb_cache):
+                return run_layers(blocks, inp, positions, mb_cache, decode)
+
+            first_cache = None if cm is None else {k: take(v, 0, 2) for k, v in cm.items()}
+            dropped_shape = jax.eval_shape(run, take(xm, 0, 1), first_cache)[2]
+
+            def tick(carry, t):
+                incoming, outputs, cm, dropped = carry
+                m = t - stage
+                valid = (m >= 0) & (m < M)
+                mc = jnp.clip(m, 0, M - 1)
+                inp = jnp.where(stage == 0, take(xm, mc, 1), incoming)
+                mb_cache = None if cm is None else {k: take(v, mc, 2) for k, v in cm.items()}
+                with jax.named_scope("stage"):
+                    out, new_cache, mb_dropped = run(inp, mb_cache)
+                if cm is not None:   # ticks in the bubble leave the cache as it was
+                    cm = {k: put(cm[k], jnp.where(valid, new_cache[k], mb_cache[k]), mc, 2) for k in cm}
+                keep = valid & (stage == pp - 1)
+                outputs = put(outputs, jnp.where(keep, out, take(outputs, mc, 1)), mc, 1)
+                dropped = dropped + jnp.where(valid, mb_dropped, 0)
+                with jax.named_scope("pipeline_handoff"):
+                    incoming = jax.lax.ppermute(out, axis, [(i, i + 1) for i in range(pp - 1)])
+                return (incoming, outputs, cm, dropped), None
+
+            carry = (jnp.zeros_like(xm[:, 0]), jnp.zeros_like(xm), cm,
+                     jnp.zeros(dropped_shape.shape, dropped_shape.dtype))
+            (_, outputs, cm, dropped), _ = jax.lax.scan(tick, carry, jnp.arange(M + pp - 1))
+            with jax.named_scope("pipeline_output"):
+                y = jax.lax.psum(jnp.where(stage == pp - 1, outputs, jnp.zeros_like(outputs)), axis)
+            new_cache = None if cm is None else {
+                k: v.reshape(v.shape[0], B, *v.shape[3:]) for k, v in cm.items()}
+            return y.reshape(x.shape), new_cache, dropped
+
+    staged = jax.shard_map(
+        stage_program, mesh=layout.mesh, axis_names={axis}, check_vma=False,
+        in_specs=(P(axis), P(), P(), P(axis)), out_specs=(P(), P(axis), P(axis)))
+    return staged(stacked, x, positions, cache)

@@ -1,0 +1,117 @@
+"""Pipeline parallelism: stages own their layers, activations move by collective-permute, results unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.errors import StrategyError
+from moe_jax.hlo import collective_axes, collectives
+from moe_jax.mesh import Strategy
+from moe_jax.model.pipeline import default_microbatches, schedule
+from moe_jax.model.transformer import Transformer
+from moe_jax.placement import describe
+from moe_jax.programs import ShardedModel
+
+# (ep, tp, pp, dp), as the issue lists them
+MESHES = [(1, 1, 2, 4), (2, 2, 2, 1), (1, 1, 8, 1), (4, 1, 2, 1), (1, 2, 4, 1)]
+BATCH, PROMPT, TOTAL = 8, 9, 12
+
+
+@pytest.fixture(scope="module")
+def cfg8(tiny32):
+    return tiny32.replace(num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def reference(cfg8):
+    model = Transformer(cfg8, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (BATCH, TOTAL), 0, cfg8.vocab_size)
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens)
+    return state, tokens, np.asarray(logits)
+
+
+def _prefill_then_decode(sm, params, tokens):
+    out = sm.prefill(params, sm.put_tokens(tokens[:, :PROMPT]), sm.init_cache(BATCH, TOTAL))
+    logits, cache = [np.asarray(out.logits)], out.cache
+    for pos in range(PROMPT, TOTAL):
+        step = sm.decode(params, sm.put_tokens(tokens[:, pos:pos + 1]), jnp.int32(pos), cache)
+        cache = step.cache
+        logits.append(np.asarray(step.logits))
+    return np.concatenate(logits, axis=1), cache
+
+
+@pytest.mark.parametrize("ep,tp,pp,dp", MESHES)
+def test_pipelined_prefill_and_decode_equal_single_device(cfg8, reference, ep, tp, pp, dp):
+    state, tokens, ref = reference
+    sm = ShardedModel(cfg8, Strategy(ep=ep, tp=tp, pp=pp, dp=dp))
+    params = sm.shard_params(state)
+    logits, cache = _prefill_then_decode(sm, params, tokens)
+    np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=1e-5)
+    # each stage holds the KV cache of its own layers only
+    assert cache["k"].addressable_shards[0].data.shape[0] == cfg8.num_layers // pp
+
+
+@pytest.mark.parametrize("prefill_m,decode_m", [(1, 1), (4, 2), (8, 8)])
+def test_any_microbatch_count_gives_the_same_logits(cfg8, reference, prefill_m, decode_m):
+    state, tokens, ref = reference
+    sm = ShardedModel(cfg8, Strategy(tp=2, pp=2, dp=2), prefill_microbatches=prefill_m,
+                      decode_microbatches=decode_m)
+    logits, _ = _prefill_then_decode(sm, sm.shard_params(state), tokens)
+    np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_microbatches_must_divide_the_batch(cfg8, reference):
+    state, tokens, _ = reference
+    sm = ShardedModel(cfg8, Strategy(pp=2, dp=4), prefill_microbatches=3)
+    with pytest.raises(StrategyError, match="microbatches=3 does not divide batch 8; valid: 1, 2, 4, 8"):
+        sm.forward(sm.shard_params(state), sm.put_tokens(tokens))
+
+
+def _abstract_args(sm, batch, length):
+    params = jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          sm.param_shardings, sm.abstract_params)
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sm.token_sharding(batch, length))
+    return params, tokens
+
+
+@pytest.mark.parametrize("strategy", ["EP2-TP2-PP2", "PP2-DP4", "TP2-PP4"])
+def test_compiled_pipeline_permutes_activations_and_never_gathers_weights(cfg8, strategy):
+    s = Strategy.parse(strategy)
+    sm = ShardedModel(cfg8, s)
+    compiled = sm.forward.lower(*_abstract_args(sm, BATCH, PROMPT)).compile()
+    found = collectives(compiled.as_text())
+    permutes = [c for c in found if c.kind == "collective-permute"]
+    assert permutes and all(collective_axes(c, s.mesh_shape) == ("pp",) for c in permutes)
+    assert all("pipeline_handoff" in c.op_name for c in permutes)
+    assert not [c for c in found if c.kind == "all-gather" and "pp" in collective_axes(c, s.mesh_shape)]
+
+    # per-device parameter bytes from the compiled program = the stage's share (placement)
+    tokens_bytes = BATCH * PROMPT * 4 // sm.layout.shards("batch", BATCH)
+    weights = compiled.memory_analysis().argument_size_in_bytes - tokens_bytes
+    expected = describe(cfg8, s).weight_bytes_per_device
+    assert weights == pytest.approx(expected, rel=0.02)
+    single_stage = describe(cfg8, Strategy(ep=s.ep, tp=s.tp, dp=s.dp * s.pp)).weight_bytes_per_device
+    assert weights < single_stage                      # a stage really holds fewer layers
+
+
+def test_invalid_pp_is_named(cfg8):
+    with pytest.raises(StrategyError, match="pp=3 does not divide 8 layers; valid pp: 1, 2, 4, 8"):
+        ShardedModel(cfg8, Strategy(pp=3))
+    with pytest.raises(StrategyError, match="pp=16 is more stages than the 8 layers"):
+        ShardedModel(cfg8, Strategy(pp=16))
+
+
+def test_schedule_facts(cfg8):
+    s = Strategy(tp=2, pp=4)
+    pre = schedule(cfg8, s, batch=16, length=32, decode=False)
+    assert pre.microbatches == 16 and pre.ticks == 19                # up to 4 per stage, divides 16
+    assert pre.bubble_fraction == pytest.approx(3 / 19)
+    assert pre.handoff_bytes_per_tick == 1 * 32 * cfg8.d_model * 4   # one sequence, f32
+    dec = schedule(cfg8, s, batch=16, length=1, decode=True)
+    assert dec.microbatches == 4 and dec.bubble_fraction == pytest.approx(3 / 7)
+    assert schedule(cfg8, Strategy(tp=2), batch=16, length=32, decode=False).bubble_fraction == 0
+    # microbatches never split a dp x ep shard's sequences
+    assert default_microbatches(batch=128, stages=2, batch_shards=64, decode=False) == 2
