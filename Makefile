@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/moe-jax describe --model seed-30b --strategy meshes/ep64-tp8-pp2-dp1.toml \
 		--batch 128 --prompt-len 2048 --gen-len 256
-	$(BIN)/moe-jax verify --model tiny --strategy meshes/ep2-tp2-pp1-dp2.toml
+	$(BIN)/moe-jax verify --model tiny --strategy meshes/ep2-tp2-pp2-dp1.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

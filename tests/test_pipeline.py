@@ -115,3 +115,19 @@ def test_schedule_facts(cfg8):
     assert schedule(cfg8, Strategy(tp=2), batch=16, length=32, decode=False).bubble_fraction == 0
     # microbatches never split a dp x ep shard's sequences
     assert default_microbatches(batch=128, stages=2, batch_shards=64, decode=False) == 2
+
+
+def test_bf16_pipeline_compiles_and_tracks_one_device(cfg8, reference):
+    """bf16 takes a different collective path out of the pipeline (see pipeline._from_last_stage)."""
+    state32, tokens, _ = reference
+    cfg = cfg8.replace(dtype="bfloat16")
+    state = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state32)
+    graphdef, _ = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    ref = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens))
+    sm = ShardedModel(cfg, Strategy(ep=2, tp=2, pp=2))
+    logits, cache = _prefill_then_decode(sm, sm.shard_params(state), tokens)
+    assert cache["k"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(logits, ref, atol=0.15)
+    # the hand-over is exact: forward logits agree to bf16 rounding of the matmuls only
+    fwd = np.asarray(sm.forward(sm.shard_params(state), sm.put_tokens(tokens)).logits)
+    assert np.corrcoef(fwd.ravel(), ref.ravel())[0, 1] > 0.999

@@ -95,6 +95,21 @@ def schedule(cfg: ModelConfig, strategy: Strategy, batch: int, length: int, *, d
                             output_allreduce_bytes=act * M if pp > 1 else 0)
 
 
+def _from_last_stage(x, axis: str, is_last):
+    """Every stage gets the last stage's `x`: an all-reduce over the stages to which only the last contributes.
+
+    16-bit floats travel as pairs of bits in uint32: exact (x + 0 = x in integers too),
+    the same bytes on the wire, and it avoids an XLA CPU crash on a bf16 psum inside a
+    partially manual shard_map ("Invalid binary instruction opcode copy", in
+    AllReducePromotion: jax puts a sharding constraint inside the reducer).
+    """
+    mine = jnp.where(is_last, x, jnp.zeros_like(x))
+    if x.dtype.itemsize != 2 or x.shape[-1] % 2:
+        return jax.lax.psum(mine, axis)
+    bits = jax.lax.bitcast_convert_type(mine.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint32)
+    return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype).reshape(x.shape)
+
+
 def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout):
     """The layer stack of a `Transformer`, pipelined over `layout`'s stage axis.
 
@@ -156,7 +171,7 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout):
                      jnp.zeros(dropped_shape.shape, dropped_shape.dtype))
             (_, outputs, cm, dropped), _ = jax.lax.scan(tick, carry, jnp.arange(M + pp - 1))
             with jax.named_scope("pipeline_output"):
-                y = jax.lax.psum(jnp.where(stage == pp - 1, outputs, jnp.zeros_like(outputs)), axis)
+                y = _from_last_stage(outputs, axis, stage == pp - 1)
             new_cache = None if cm is None else {
                 k: v.reshape(v.shape[0], B, *v.shape[3:]) for k, v in cm.items()}
             return y.reshape(x.shape), new_cache, dropped
