@@ -127,7 +127,29 @@ def test_bf16_pipeline_compiles_and_tracks_one_device(cfg8, reference):
     sm = ShardedModel(cfg, Strategy(ep=2, tp=2, pp=2))
     logits, cache = _prefill_then_decode(sm, sm.shard_params(state), tokens)
     assert cache["k"].dtype == jnp.bfloat16
-    np.testing.assert_allclose(logits, ref, atol=0.15)
-    # the hand-over is exact: forward logits agree to bf16 rounding of the matmuls only
-    fwd = np.asarray(sm.forward(sm.shard_params(state), sm.put_tokens(tokens)).logits)
-    assert np.corrcoef(fwd.ravel(), ref.ravel())[0, 1] > 0.999
+    # bf16 rounding differs with the reduction order and flips near-ties among the tiny model's
+    # flat logits; the pipelined program must be as close to the f32 truth as one bf16 device is.
+    _, _, ref32 = reference
+    assert np.median(np.abs(logits - ref)) < 0.02
+    single = np.mean(ref.argmax(-1) == ref32.argmax(-1))
+    assert np.mean(logits.argmax(-1) == ref32.argmax(-1)) >= single - 0.05
+
+
+def test_last_stage_hand_back_is_bit_exact_in_bf16():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from moe_jax.mesh import build_mesh
+    from moe_jax.model.pipeline import _from_last_stage
+
+    mesh = build_mesh(Strategy(pp=4, dp=2))
+    x = jax.random.normal(jax.random.key(0), (4, 6, 8), jnp.float32).astype(jnp.bfloat16)
+
+    def program(x):
+        stage = jax.lax.axis_index("pp")
+        mine = x * (stage + 1).astype(x.dtype)          # only stage 3's value should come back
+        return _from_last_stage(mine, "pp", stage == 3)
+
+    f = jax.shard_map(program, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"pp"}, check_vma=False)
+    got = jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("dp"))))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x * jnp.bfloat16(4)))
