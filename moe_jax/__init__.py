@@ -17,6 +17,10 @@ _LAZY = {
     "describe": "moe_jax.placement",
     "verify_sharding": "moe_jax.verify",
     "collectives": "moe_jax.hlo",
+    "Workload": "moe_jax.compile",
+    "compile_program": "moe_jax.compile",
+    "analyze_cost": "moe_jax.cost",
+    "CostReport": "moe_jax.cost",
 }
 
 __all__ = ["ModelConfig", "get_model", "preset_names", "request_cpu_devices", "MoeJaxError", "ConfigError",

@@ -1,4 +1,5 @@
-"""Reading optimized HLO text: the collectives a compiled program performs and the mesh axes they span.
+"""Reading optimized HLO text: its computations and instructions, loop trip counts, and the
+collectives a compiled program performs with the mesh axes they span.
 
 Replica groups print in three forms, all handled:
 - explicit: ``replica_groups={{0,1},{2,3}}``
@@ -12,7 +13,7 @@ Device numbers are partition ids: positions in the mesh's flattened device array
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -130,3 +131,193 @@ def collective_axes(c: Collective, mesh_shape: dict[str, int]) -> tuple[str, ...
     for g in c.groups:
         axes.update(group_axes(g, mesh_shape))
     return tuple(a for a in mesh_shape if a in axes)
+
+
+# --- the module: computations, instructions, shapes, loop multipliers ---------------
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64|c64|c128|f8\w*)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[^\s(]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?P<root>ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in a (possibly tuple) shape."""
+    return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape_text)]
+
+
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of every array in a shape (f8 types 1 byte)."""
+    total = 0.0
+    for dtype, dims in arrays(shape_text):
+        total += _DTYPE_BYTES.get(dtype, 1) * int(np.prod(dims, dtype=np.int64))
+    return int(total)
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+@dataclass
+class Instruction:
+    """One HLO instruction."""
+
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+    is_root: bool
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the result."""
+        return shape_bytes(self.shape)
+
+    @property
+    def elements(self) -> int:
+        """Elements of the result (all arrays of a tuple)."""
+        return int(sum(np.prod(dims, dtype=np.int64) for _, dims in arrays(self.shape)))
+
+    @property
+    def op_name(self) -> str:
+        """jax's op_name metadata ('' if none)."""
+        m = _OP_NAME.search(self.attrs)
+        return m[1] if m else ""
+
+
+@dataclass
+class Computation:
+    """One HLO computation: its instructions by name, in order."""
+
+    name: str
+    is_entry: bool
+    instructions: list[Instruction] = field(default_factory=list)
+    by_name: dict[str, Instruction] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Instruction:
+        """The ROOT instruction (the last one when none is marked)."""
+        return next((i for i in self.instructions if i.is_root), self.instructions[-1])
+
+    def parameter(self, index: int) -> Instruction | None:
+        """The parameter(index) instruction."""
+        return next((i for i in self.instructions if i.opcode == "parameter" and i.operands == [str(index)]), None)
+
+    def users(self, name: str) -> list[Instruction]:
+        """Instructions that take `name` as an operand."""
+        return [i for i in self.instructions if name in i.operands]
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    rest = m["rest"]
+    if rest.startswith("("):
+        end = _balanced(rest, 0)
+        shape, rest = rest[:end], rest[end:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    op = re.match(r"([\w\-]+)\(", rest)
+    if not op:
+        return None
+    end = _balanced(rest, op.end() - 1)
+    inner = rest[op.end():end - 1]
+    operands = [t.strip().lstrip("%") for t in re.sub(r"/\*.*?\*/", "", inner).split(",") if t.strip()]
+    return Instruction(m["name"], shape, op[1], operands, rest[end:], bool(m["root"]))
+
+
+@dataclass
+class Module:
+    """A parsed HLO module."""
+
+    computations: dict[str, Computation]
+    entry: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Module":
+        """Parse optimized HLO text (``compiled.as_text()``)."""
+        comps, current, entry = {}, None, ""
+        for line in text.splitlines():
+            header = _HEADER.match(line)
+            if header:
+                current = Computation(header["name"], bool(header["entry"]))
+                comps[current.name] = current
+                if current.is_entry:
+                    entry = current.name
+                continue
+            if current is None:
+                continue
+            if line.startswith("}"):
+                current = None
+                continue
+            instr = _parse_instruction(line)
+            if instr:
+                current.instructions.append(instr)
+                current.by_name[instr.name] = instr
+        if not entry:
+            raise ValueError("no ENTRY computation in HLO text")
+        return cls(comps, entry)
+
+    def calls(self, instr: Instruction) -> list[tuple[str, str]]:
+        """(role, callee) for each computation `instr` calls."""
+        found = [(role, name) for role, name in _CALLEE.findall(instr.attrs)]
+        for group in _BRANCHES.findall(instr.attrs):
+            found += [("branch", n.strip().lstrip("%")) for n in group.split(",") if n.strip()]
+        return [(role, name) for role, name in found if name in self.computations]
+
+    def multipliers(self) -> tuple[dict[str, int], dict[str, str], list[str]]:
+        """How often each computation runs per program execution, and how it is called.
+
+        Returns (runs, kind, unknown) with kind in {control, fused, reducer}: control
+        computations (entry, loop bodies, branches) touch HBM per instruction; fused ones
+        are inside a fusion; reducers are applied by reduce/all-reduce/sort. A while body
+        runs known_trip_count times (its condition once more); `unknown` lists loops
+        without a known trip count (counted once).
+        """
+        runs = {name: 0 for name in self.computations}
+        kind = {self.entry: "control"}
+        order, seen = [], set()
+
+        def visit(name):  # post-order over the call graph (a DAG)
+            if name in seen:
+                return
+            seen.add(name)
+            for instr in self.computations[name].instructions:
+                for _, callee in self.calls(instr):
+                    visit(callee)
+            order.append(name)
+
+        visit(self.entry)
+        runs[self.entry] = 1
+        unknown = []
+        for name in reversed(order):
+            for instr in self.computations[name].instructions:
+                trip = _TRIP.search(instr.attrs) if instr.opcode == "while" else None
+                if instr.opcode == "while" and not trip:
+                    unknown.append(instr.name)
+                n = int(trip[1]) if trip else 1
+                for role, callee in self.calls(instr):
+                    times = {"body": n, "condition": n + 1}.get(role, 1)
+                    runs[callee] += runs[name] * times
+                    if role == "calls" and instr.opcode == "fusion":
+                        kind.setdefault(callee, "fused")
+                    elif role == "to_apply" and instr.opcode != "call":
+                        kind.setdefault(callee, "reducer")
+                    else:
+                        kind.setdefault(callee, "fused" if kind.get(name) == "fused" else "control")
+        return runs, kind, unknown

@@ -1,0 +1,229 @@
+"""Ahead-of-time compilation of the prefill and decode programs from shapes alone.
+
+Nothing is allocated: parameters, KV cache and tokens are `jax.ShapeDtypeStruct`s
+carrying their shardings, so a 30B model on 1024 devices compiles on a laptop.
+
+Backends:
+- ``cpu``: fake CPU devices (the default). Up to 2048 devices in one process; beyond
+  that one data-parallel replica is compiled (dp adds no communication at inference)
+  and the result says so. The process must start with enough devices
+  (`moe_jax.devices.request_cpu_devices`, which the CLI calls before jax starts).
+- ``tpu``: a deviceless TPU topology through libtpu (``pip install 'moe-jax[tpu]'``),
+  e.g. ``v5p:8x8x16`` for 1024 v5p chips. A program that does not fit in HBM fails to
+  compile with RESOURCE_EXHAUSTED: reported as "does not fit", not raised.
+- ``gpu``: a deviceless CUDA target through jax's CUDA plugin (``moe-jax[gpu]``) and a
+  target description (``moe_jax/targets/<chip>.txtpb``).
+- ``real``: the devices jax sees.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_jax.config import ModelConfig
+from moe_jax.devices import MAX_CPU_DEVICES
+from moe_jax.errors import MoeJaxError
+from moe_jax.mesh import Strategy, validate
+
+BACKENDS = ("cpu", "tpu", "gpu", "real")
+PHASES = ("prefill", "decode")
+TARGETS = Path(__file__).resolve().parent / "targets"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is served: `batch` sequences of `prompt_len` prompt tokens, each generating `gen_len` tokens."""
+
+    batch: int = 128
+    prompt_len: int = 2048
+    gen_len: int = 256
+
+    def __post_init__(self):
+        for name in ("batch", "prompt_len", "gen_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MoeJaxError(f"workload {name}={value!r} must be a positive integer")
+
+    @property
+    def cache_len(self) -> int:
+        """KV cache positions: prompt + generated."""
+        return self.prompt_len + self.gen_len
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return {"batch": self.batch, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+                "cache_len": self.cache_len}
+
+
+class DoesNotFit(MoeJaxError):
+    """The compiler found that a program does not fit in device memory."""
+
+
+@dataclass
+class CompiledPhase:
+    """One compiled program and what its inputs hold, per device."""
+
+    phase: str
+    """``prefill`` or ``decode``."""
+    compiled: object | None
+    """`jax.stages.Compiled`, or None when it did not fit."""
+    hlo_text: str
+    """Optimized HLO ('' when it did not fit)."""
+    input_bytes: dict[str, int]
+    """Per-device bytes of the program's arguments by kind: weights, kv_cache, tokens."""
+    compile_seconds: float
+    fits: bool = True
+    error: str = ""
+    """The compiler's out-of-memory message when it did not fit."""
+
+
+@dataclass
+class CompiledProgram:
+    """Prefill and decode compiled for one model, strategy, workload and backend."""
+
+    cfg: ModelConfig
+    strategy: Strategy
+    """The strategy asked for."""
+    compiled_strategy: Strategy
+    """What was compiled: the same, or one data-parallel replica of it (see notes)."""
+    workload: Workload
+    backend: str
+    target: str
+    """Device kind compiled for (e.g. 'cpu', 'TPU v5', 'NVIDIA H200')."""
+    phases: dict[str, CompiledPhase] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _shard_bytes(struct) -> int:
+    shape = struct.sharding.shard_shape(struct.shape)
+    return math.prod(shape) * struct.dtype.itemsize
+
+
+def _tpu_devices(topology: str):
+    try:
+        from jax.experimental import topologies
+
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # libtpu missing or the name is not a topology
+        raise MoeJaxError(f"cannot make TPU topology {topology!r}: {str(e).splitlines()[0][:200]}. "
+                          "The tpu backend needs libtpu (pip install 'moe-jax[tpu]') and a topology "
+                          "like v5p:8x8x16, v5e:16x16, v4:4x4x4, v6e:8x8") from None
+
+
+def _gpu_devices(target: str, num_devices: int, gpus_per_host: int = 8):
+    import os
+
+    spec = TARGETS / f"{target}.txtpb"
+    if not spec.exists():
+        known = ", ".join(sorted(p.stem for p in TARGETS.glob("*.txtpb")))
+        raise MoeJaxError(f"no GPU target description for {target!r}; known: {known}")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    hosts = max(1, num_devices // gpus_per_host)
+    per_host = num_devices // hosts
+    try:
+        from jax.experimental import topologies
+
+        topo = topologies.get_topology_desc(platform="cuda", target_config=spec.read_text(),
+                                            topology=f"1x{hosts}x{per_host}")
+        return topo.devices
+    except Exception as e:
+        raise MoeJaxError(f"cannot make a deviceless CUDA topology for {num_devices} x {target}: "
+                          f"{str(e).splitlines()[0][:200]}. The gpu backend needs jax's CUDA plugin "
+                          "(pip install 'moe-jax[gpu]')") from None
+
+
+def _devices(backend: str, n: int, topology: str | None, gpu_target: str | None):
+    import jax
+
+    if backend == "cpu":
+        have = jax.devices("cpu")
+        if len(have) < n:
+            raise MoeJaxError(f"the cpu backend needs {n} fake CPU devices but this process has {len(have)}; "
+                              f"start it with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+                              "(the moe-jax CLI does this itself)")
+        return have[:n]
+    if backend == "real":
+        have = jax.devices()
+        if len(have) < n:
+            raise MoeJaxError(f"the real backend sees {len(have)} {have[0].platform} devices; {n} are needed")
+        return have[:n]
+    if backend == "tpu":
+        devices = _tpu_devices(topology or "")
+        if len(devices) != n:
+            raise MoeJaxError(f"TPU topology {topology} has {len(devices)} devices; the strategy needs {n}")
+        return devices
+    return _gpu_devices(gpu_target or "h200", n)
+
+
+def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, backend: str = "cpu",
+                    topology: str | None = None, gpu_target: str | None = None,
+                    phases=PHASES, prefill_microbatches: int | None = None,
+                    decode_microbatches: int | None = None) -> CompiledProgram:
+    """Lower and compile prefill (prompt → cache) and decode (one token, cache donated) ahead of time."""
+    import jax
+    import jax.numpy as jnp
+
+    from moe_jax.mesh import build_mesh
+    from moe_jax.model.transformer import cache_shape
+    from moe_jax.programs import ShardedModel
+
+    if backend not in BACKENDS:
+        raise MoeJaxError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise MoeJaxError(f"unknown phase {unknown[0]!r}; valid: {', '.join(PHASES)}")
+    validate(strategy, cfg, batch=workload.batch)
+    compiled_strategy, notes = strategy, []
+    if backend == "cpu" and strategy.num_devices > MAX_CPU_DEVICES:
+        replica = Strategy(ep=strategy.ep, tp=strategy.tp, pp=strategy.pp, dp=1)
+        if replica.num_devices > MAX_CPU_DEVICES:
+            raise MoeJaxError(f"{strategy.name}: one replica needs {replica.num_devices} devices, more than the "
+                              f"{MAX_CPU_DEVICES} the cpu backend compiles in one process; use the tpu backend")
+        compiled_strategy = replica
+        workload = Workload(workload.batch // strategy.dp, workload.prompt_len, workload.gen_len)
+        notes.append(f"{strategy.num_devices} devices exceed the cpu backend's {MAX_CPU_DEVICES}: compiled one "
+                     f"data-parallel replica ({replica.name}, batch {workload.batch}); replicas do not "
+                     "communicate at inference, so per-device figures are the same")
+    devices = _devices(backend, compiled_strategy.num_devices, topology, gpu_target)
+    mesh = build_mesh(compiled_strategy, devices)
+    sm = ShardedModel(cfg, compiled_strategy, mesh, prefill_microbatches=prefill_microbatches,
+                      decode_microbatches=decode_microbatches)
+    B, S, T = workload.batch, workload.prompt_len, workload.cache_len
+
+    def struct(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+    params = jax.tree.map(lambda s, a: struct(a.shape, a.dtype, s), sm.param_shardings, sm.abstract_params)
+    cache = {k: struct(v.shape, v.dtype, sm.cache_shardings(B, T)[k]) for k, v in cache_shape(cfg, B, T).items()}
+    weights_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
+    cache_bytes = sum(_shard_bytes(x) for x in cache.values())
+
+    program = CompiledProgram(cfg, strategy, compiled_strategy, workload, backend,
+                              devices[0].device_kind if hasattr(devices[0], "device_kind") else backend,
+                              notes=notes)
+    for phase in phases:
+        if phase == "prefill":
+            tokens = struct((B, S), jnp.int32, sm.token_sharding(B, S))
+            fn, args = sm.prefill, (params, tokens, cache)
+        else:
+            tokens = struct((B, 1), jnp.int32, sm.token_sharding(B, 1))
+            pos = struct((), jnp.int32, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            fn, args = sm.decode, (params, tokens, pos, cache)
+        inputs = {"weights": weights_bytes, "kv_cache": cache_bytes,
+                  "tokens": sum(_shard_bytes(a) for a in args if a is not params and a is not cache)}
+        start = time.perf_counter()
+        try:
+            compiled = fn.lower(*args).compile()
+        except Exception as e:  # the XLA error type is not public; only out-of-memory is a result
+            text = str(e)
+            if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+                raise
+            program.phases[phase] = CompiledPhase(phase, None, "", inputs, time.perf_counter() - start,
+                                                  fits=False, error=text.strip().splitlines()[0][:500])
+            continue
+        program.phases[phase] = CompiledPhase(phase, compiled, compiled.as_text(), inputs,
+                                              time.perf_counter() - start)
+    return program
