@@ -15,13 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,tpu]'
 	@touch $(STAMP)
 
+# The seed scenario: what each device holds, then the compiled analysis (report in reports/),
+# then proof on 8 fake devices that the sharded program equals one device.
 demo: $(STAMP)
 	$(BIN)/moe-jax describe --model seed-30b --strategy meshes/ep64-tp8-pp2-dp1.toml \
 		--batch 128 --prompt-len 2048 --gen-len 256
+	@mkdir -p reports
+	$(BIN)/moe-jax analyze --model seed-30b --mesh meshes/ep64-tp8-pp2-dp1.toml --hardware seed-gpu \
+		--batch 128 --prompt-len 2048 --gen-len 256 --json reports/seed.json --markdown reports/seed.md
 	$(BIN)/moe-jax verify --model tiny --strategy meshes/ep2-tp2-pp2-dp1.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache reports

@@ -23,7 +23,7 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.2f} GB"
+    return "n/a" if n is None else f"{n / 1e9:,.2f} GB"
 
 
 def _mb(n: float) -> str:
@@ -167,7 +167,7 @@ def _print_placement(p, prompt_len: int, gen_len: int) -> None:
 @click.option("--batch", type=int, default=8, show_default=True, callback=_positive)
 @click.option("--prompt-len", type=int, default=16, show_default=True, callback=_positive)
 @click.option("--gen-len", type=int, default=4, show_default=True, callback=_positive)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, as_json):
     """Run a model sharded on fake CPU devices and compare it with one device (f32, ample capacity)."""
@@ -196,6 +196,159 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, as_json)
                   f" (tolerance {v.tolerance:g} x max(1, max |logit|))")
     if not v.passed:
         sys.exit(1)
+
+
+@cli.command("hardware")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def hardware_cmd(as_json):
+    """List the hardware presets with their figures and sources."""
+    from moe_jax.hardware import get_hardware, hardware_names
+
+    hws = [get_hardware(n) for n in hardware_names()]
+    if as_json:
+        click.echo(json.dumps([h.to_dict() for h in hws], indent=2))
+        return
+    table = Table(title="Hardware presets (dense bf16; link bandwidth per device, one direction)")
+    for col in ("name", "HBM", "TFLOP/s", "HBM TB/s", "achievable", "node", "in-node link", "across nodes",
+                "source"):
+        table.add_column(col)
+    for h in hws:
+        table.add_row(h.name, _gb(h.memory_bytes), f"{h.peak_flops / 1e12:,.0f}", f"{h.hbm_bandwidth / 1e12:.2f}",
+                      f"{h.flops_efficiency:.0%} / {h.hbm_efficiency:.0%}", str(h.devices_per_node),
+                      f"{h.node_link.name} {h.node_link.bandwidth / 1e9:.0f} GB/s",
+                      f"{h.network_link.name} {h.network_link.bandwidth / 1e9:.0f} GB/s",
+                      h.source + (f" [assumed: {h.assumptions}]" if h.assumptions else ""))
+    out.print(table)
+
+
+def _output_path(value: str | None, what: str):
+    """A writable output file path: its directory must exist (nothing is created silently)."""
+    from pathlib import Path
+
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        raise MoeJaxError(f"{what} {value!r} is a directory; give a file name")
+    if not path.parent.exists():
+        raise MoeJaxError(f"{what} {value!r}: directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def _write_atomic(path, text: str) -> None:
+    """Write via a temporary file and rename, so an interrupted run never leaves half a file."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@cli.command()
+@_model_opt
+@click.option("--mesh", "--strategy", "strategy_spec", default="EP64-TP8-PP2-DP1", show_default=True,
+              help="Strategy name like EP64-TP8-PP2-DP1, or a TOML file (see meshes/).")
+@click.option("--hardware", "hardware_spec", default="seed-gpu", show_default=True,
+              help="Hardware preset (see `moe-jax hardware`) or a TOML file.")
+@click.option("--batch", type=int, default=128, show_default=True, callback=_positive)
+@click.option("--prompt-len", type=int, default=2048, show_default=True, callback=_positive)
+@click.option("--gen-len", type=int, default=256, show_default=True, callback=_positive)
+@click.option("--backend", type=click.Choice(["cpu", "tpu", "gpu", "real"]), default="cpu", show_default=True,
+              help="Where to compile: fake CPU devices, a deviceless TPU or GPU target, or real devices.")
+@click.option("--topology", help="TPU topology for --backend tpu (default: from the hardware and device count).")
+@click.option("--json", "json_path", help="Write the analysis as JSON to this file ('-' for stdout).")
+@click.option("--markdown", "md_path", help="Write the Markdown report here (and the memory chart beside it).")
+@click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
+def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
+            md_path, dump_dir):
+    """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
+    from moe_jax.compile import Workload
+    from moe_jax.devices import MAX_CPU_DEVICES, request_cpu_devices
+    from moe_jax.hardware import get_hardware
+    from moe_jax.mesh import validate
+
+    cfg = get_model(model_name)
+    strategy = Strategy.load(strategy_spec)
+    hw = get_hardware(hardware_spec)
+    workload = Workload(batch, prompt_len, gen_len)
+    validate(strategy, cfg, batch=batch)
+    json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
+    md_file = _output_path(md_path, "--markdown")
+    if backend == "cpu":
+        n = strategy.num_devices
+        request_cpu_devices(n if n <= MAX_CPU_DEVICES else n // strategy.dp)
+    from moe_jax.analysis import analyze as run_analysis
+    from moe_jax.report import markdown, memory_chart
+
+    kw = {"topology": topology} if topology else {}
+    with out.status(f"compiling prefill and decode of {cfg.name} {strategy.name} on {backend}..."):
+        a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
+    data = a.to_dict()
+    if json_path == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _print_analysis(a)
+    if json_file:
+        _write_atomic(json_file, json.dumps(data, indent=2))
+    if md_file:
+        chart = md_file.with_name(md_file.stem + ".memory.png")
+        made = memory_chart(a, chart)
+        _write_atomic(md_file, markdown(a, chart.name if made else None))
+    if dump_dir:
+        _dump_hlo(a, dump_dir)
+    sys.exit(0 if a.fits else 3)
+
+
+def _dump_hlo(a, directory: str) -> None:
+    from pathlib import Path
+
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoeJaxError(f"--dump-hlo {directory!r}: cannot create it: {e.strerror or e}") from None
+    for name, phase in a.cost.phases.items():
+        if phase.hlo_text:
+            _write_atomic(d / f"{name}.hlo.txt", phase.hlo_text)
+        stats = {"memory": None if phase.memory is None else phase.memory.__dict__,
+                 "xla_cost_analysis": phase.xla_cost, "walk": {"flops": phase.flops, "hbm_bytes": phase.hbm_bytes,
+                                                               "transcendentals": phase.transcendentals},
+                 "compile_seconds": phase.compile_seconds, "error": phase.error}
+        _write_atomic(d / f"{name}.stats.json", json.dumps(stats, indent=2))
+
+
+def _print_analysis(a) -> None:
+    from moe_jax.report import _ms
+
+    cfg, s, hw, w, mem, p = a.cfg, a.strategy, a.hardware, a.workload, a.memory, a.prediction
+    out.print(f"[bold]{cfg.name}[/bold] {s.name} on {s.num_devices} x {hw.name} ({a.cost.backend} compile, "
+              f"{a.cost.target}); batch {w.batch}, prompt {w.prompt_len}, generate {w.gen_len}")
+    for note in a.cost.notes:
+        out.print(f"note: {note}")
+    if mem["total"] is not None:
+        out.print(f"memory per device: weights {_gb(mem['weights'])} + KV {_gb(mem['kv_cache'])} + activations "
+                  f"{_gb(mem['activations'])} -> peak {_gb(mem['total'])} of {_gb(hw.memory_bytes)} "
+                  f"({mem['utilization']:.1%})")
+    if p is not None:
+        out.print(f"TTFT {_ms(p.ttft_s)}   TPOT {_ms(p.tpot_s)}   throughput {p.throughput_tok_s:,.0f} tok/s   "
+                  f"request {_ms(p.request_latency_s)}   MFU {p.mfu:.1%}   MBU {p.mbu:.1%}")
+    table = Table(title="checks")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("numbers")
+    for c in a.checks:
+        table.add_row(c.name, "[green]PASS[/green]" if c.passed else "[red]FAIL[/red]", c.detail)
+    out.print(table)
+    for i, r in enumerate(a.recommendations, 1):
+        out.print(f"{i}. {r}")
+    out.print("[green]fits[/green]" if a.fits else "[red]does not fit[/red]")
 
 
 def main(argv=None) -> None:

@@ -103,6 +103,10 @@ def _shard_bytes(struct) -> int:
 
 
 def _tpu_devices(topology: str):
+    import os
+
+    # libtpu takes a host-wide lock file; a deviceless compile needs no exclusive TPU access
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
@@ -121,6 +125,9 @@ def _gpu_devices(target: str, num_devices: int, gpus_per_host: int = 8):
         known = ", ".join(sorted(p.stem for p in TARGETS.glob("*.txtpb")))
         raise MoeJaxError(f"no GPU target description for {target!r}; known: {known}")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if num_devices > gpus_per_host and num_devices % gpus_per_host:
+        raise MoeJaxError(f"{num_devices} GPUs: a multi-node GPU topology needs a multiple of {gpus_per_host} "
+                          "GPUs per node")
     hosts = max(1, num_devices // gpus_per_host)
     per_host = num_devices // hosts
     try:

@@ -64,13 +64,50 @@ def _dot_flops(instr: Instruction, comp) -> int:
     return 2 * instr.elements * contracting
 
 
+def _valid_taps(out: int, size: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int,
+                size_in: int) -> int:
+    """(output position, kernel tap) pairs of one spatial dimension that land on a real input element."""
+    count = 0
+    for o in range(out):
+        for k in range(size):
+            pos = o * stride + k * rhs_dilate - pad_lo
+            if 0 <= pos <= (size_in - 1) * lhs_dilate and pos % lhs_dilate == 0:
+                count += 1
+    return count
+
+
 def _conv_flops(instr: Instruction, comp) -> int:
+    """2 × batch × output features × input features per group × valid taps over the spatial dims.
+
+    TPU lowers every matmul to a convolution (``bf_io->bf``) and batched matmuls to
+    convolutions whose window runs over a batch dimension with padding; counting only the
+    taps that hit real input (as XLA's cost analysis does) gives the matmul's FLOPs.
+    """
+    lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
     rhs = comp.by_name.get(instr.operands[1]) if len(instr.operands) > 1 else None
-    if rhs is None:
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
+    if lhs is None or rhs is None or not labels or not arrays(lhs.shape) or not arrays(instr.shape):
         return 0
-    kernel = math.prod(arrays(rhs.shape)[0][1])
-    out_features = arrays(instr.shape)[0][1][-1] if arrays(instr.shape)[0][1] else 1
-    return 2 * instr.elements * max(1, kernel // max(1, out_features))
+    lhs_dims, out_dims = arrays(lhs.shape)[0][1], arrays(instr.shape)[0][1]
+    lhs_l, _, out_l = labels.groups()
+    window = re.search(r"window=\{([^}]*)\}", instr.attrs)
+    attrs = dict(kv.split("=", 1) for kv in window[1].split()) if window else {}
+    spatial = [c for c in lhs_l if c.isdigit()]
+
+    def per_dim(key, default):
+        return [int(x) for x in attrs[key].split("x")] if key in attrs else [default] * len(spatial)
+
+    size, stride = per_dim("size", 1), per_dim("stride", 1)
+    lhs_dilate, rhs_dilate = per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+    pads = ([tuple(int(v) for v in p.split("_")) for p in attrs["pad"].split("x")] if "pad" in attrs
+            else [(0, 0)] * len(spatial))
+    taps = 1
+    for i, ch in enumerate(spatial):
+        taps *= _valid_taps(out_dims[out_l.index(ch)], size[i], stride[i], pads[i][0], lhs_dilate[i],
+                            rhs_dilate[i], lhs_dims[lhs_l.index(ch)])
+    groups = re.search(r"feature_group_count=(\d+)", instr.attrs)
+    in_features = lhs_dims[lhs_l.index("f")] // (int(groups[1]) if groups else 1)
+    return 2 * out_dims[out_l.index("b")] * out_dims[out_l.index("f")] * in_features * taps
 
 
 def _operand_bytes(instr: Instruction, comp, module: Module) -> int:
@@ -91,17 +128,53 @@ def _operand_bytes(instr: Instruction, comp, module: Module) -> int:
             full = 0                                        # updated in place
         elif fused is not None:
             param = fused.parameter(index)
-            users = fused.users(param.name) if param else []
-            if users and all(u.opcode in _SLICING and u.operands[0] == param.name for u in users):
-                full = min(full, sum(u.bytes for u in users))
-            elif users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in users):
-                full = 0
+            read = _read_bytes(fused, param.name, module) if param else None
+            if read is not None:
+                full = min(full, read)
         total += full
     return total
 
 
+def _read_bytes(comp, name: str, module: Module, depth: int = 0) -> int | None:
+    """Bytes a fused computation reads of value `name` when it only slices it or updates it in place.
+
+    Follows bitcasts and nested fusions (TPU nests the slice one fusion deeper). None
+    when some use reads the whole value.
+    """
+    users = comp.users(name)
+    if not users or depth > 8:
+        return None
+    total = 0
+    for u in users:
+        if u.opcode in _SLICING and u.operands[0] == name:
+            total += u.bytes
+        elif u.opcode == "dynamic-update-slice" and u.operands[0] == name:
+            continue                                        # written in place, not read
+        elif u.opcode in ("bitcast", "reshape"):
+            inner = _read_bytes(comp, u.name, module, depth + 1)
+            if inner is None:
+                return None
+            total += inner
+        elif u.opcode == "fusion":
+            callee = [c for role, c in module.calls(u) if role == "calls"]
+            nested = module.computations[callee[0]] if callee else None
+            param = nested.parameter(u.operands.index(name)) if nested else None
+            inner = _read_bytes(nested, param.name, module, depth + 1) if param else None
+            if inner is None:
+                return None
+            total += inner
+        else:
+            return None
+    return total
+
+
 def _result_bytes(instr: Instruction, comp, module: Module) -> int:
-    """HBM bytes written by a top-level op (an in-place update writes its update only)."""
+    """HBM bytes written by a top-level op (an in-place update writes its update only).
+
+    An async ``*-start`` returns (input, output, context...): only the output is written.
+    """
+    if instr.opcode.endswith("-start") and instr.shape.startswith("("):
+        return max(shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(instr.shape))
     root = instr
     inner = comp
     if instr.opcode == "fusion":
@@ -124,12 +197,10 @@ def _result_bytes(instr: Instruction, comp, module: Module) -> int:
 def _collective_payload(instr: Instruction, comp, kind: str) -> int:
     """Bytes of the data a collective moves per device per call (before any algorithm factor)."""
     parts = [shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(instr.shape)]
-    if instr.opcode.endswith("-start"):
-        if kind == "all-gather":
-            return max(parts)
-        if kind in ("collective-permute", "all-to-all"):
-            return parts[0]
-        return sum(parts)
+    if kind == "reduce-scatter":
+        return sum(comp.by_name[n].bytes for n in instr.operands if n in comp.by_name)
+    if instr.opcode.endswith("-start") and instr.shape.startswith("("):
+        return max(parts)                                   # (input, output[, context]): the data moved
     if kind == "reduce-scatter":
         return sum(comp.by_name[n].bytes for n in instr.operands if n in comp.by_name)
     return sum(parts)
@@ -150,6 +221,8 @@ class CollectiveCost:
     phase: str
     """Model scope it came from."""
     name: str
+    group: list[int] = field(default_factory=list)
+    """One replica group (partition ids = positions in the mesh); for a permute, one (source, target) pair."""
 
     @property
     def total_bytes(self) -> int:
@@ -202,12 +275,16 @@ class PhaseCost:
     flops_by_scope: dict[str, int] = field(default_factory=dict)
     bytes_by_scope: dict[str, int] = field(default_factory=dict)
     collectives: list[CollectiveCost] = field(default_factory=list)
+    ops: list[OpCost] = field(default_factory=list, repr=False)
+    """Top-level ops with their FLOPs and bytes (for the per-op roofline); not serialised."""
     xla_cost: dict[str, float] | None = None
     """cost_analysis() as XLA reports it (loop bodies counted once); None when unavailable."""
     walk_uncorrected: dict[str, int] = field(default_factory=dict)
     """Our walk with every loop counted once: comparable with xla_cost."""
     unknown_trip_loops: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
+    hlo_text: str = field(default="", repr=False)
+    """The optimized HLO (for --dump-hlo); not serialised."""
 
     def collective_summary(self) -> list[dict]:
         """Collectives grouped by (kind, axes, phase): calls and bytes."""
@@ -221,61 +298,120 @@ class PhaseCost:
         return sorted(groups.values(), key=lambda g: -g["bytes"])
 
 
+@dataclass
+class OpCost:
+    """One top-level op of a compiled program (a fusion counts its fused computation's FLOPs)."""
+
+    name: str
+    opcode: str
+    scope: str
+    flops: int
+    """Per execution."""
+    matmul_flops: int
+    transcendentals: int
+    bytes: int
+    """HBM bytes read + written per execution."""
+    count: int
+    """Executions per program run (loop trip counts included)."""
+    collective: bool = False
+
+
+def _instr_flops(instr: Instruction, comp) -> tuple[int, int, int]:
+    """(flops, matmul flops, transcendentals) of one instruction, not looking into called computations."""
+    op = instr.opcode
+    if op == "dot":
+        f = _dot_flops(instr, comp)
+        return f, f, 0
+    if op == "convolution":
+        f = _conv_flops(instr, comp)
+        return f, f, 0
+    if op in _ELEMENTWISE:
+        return instr.elements, 0, 0
+    if op in ("reduce", "reduce-window"):
+        src = comp.by_name.get(instr.operands[0]) if instr.operands else None
+        return (src.elements if src else 0), 0, 0
+    if op in _TRANSCENDENTAL:
+        return 0, 0, instr.elements
+    return 0, 0, 0
+
+
 def walk(hlo_text: str, mesh_shape: dict[str, int]) -> dict:
     """FLOPs, transcendentals, HBM bytes and collectives of optimized HLO, loop-corrected.
 
     Returns a dict with flops, matmul_flops, transcendentals, hbm_bytes, by-scope
-    splits, collectives, the same totals uncorrected (each loop once), and loops whose
-    trip count is unknown.
+    splits, the top-level ops (`OpCost`), collectives (`CollectiveCost`), the same
+    totals uncorrected (each loop once), and loops whose trip count is unknown.
     """
     module = Module.parse(hlo_text)
     runs, kind, unknown = module.multipliers()
-    out = {"flops": 0, "matmul_flops": 0, "transcendentals": 0, "hbm_bytes": 0,
-           "flops_by_scope": defaultdict(int), "bytes_by_scope": defaultdict(int), "collectives": [],
-           "uncorrected": {"flops": 0, "hbm_bytes": 0, "transcendentals": 0}, "unknown": unknown}
+    fused_cache: dict[str, tuple] = {}
+
+    def fused(name: str):
+        """(flops, matmul, transcendentals, flops by scope) of one execution of a fused computation."""
+        if name in fused_cache:
+            return fused_cache[name]
+        comp = module.computations[name]
+        total, by_scope = [0, 0, 0], defaultdict(int)
+        for instr in comp.instructions:
+            parts = _instr_flops(instr, comp)
+            by_scope[model_phase(instr.op_name)] += parts[0]
+            if instr.opcode == "fusion":
+                for role, callee in module.calls(instr):
+                    if role == "calls":
+                        inner = fused(callee)
+                        parts = tuple(a + b for a, b in zip(parts, inner[:3]))
+                        for k, v in inner[3].items():
+                            by_scope[k] += v
+            total = [a + b for a, b in zip(total, parts)]
+        fused_cache[name] = (*total, dict(by_scope))
+        return fused_cache[name]
+
+    ops, collectives = [], []
+    flops_by_scope, bytes_by_scope = defaultdict(int), defaultdict(int)
     for name, comp in module.computations.items():
-        n, role = runs.get(name, 0), kind.get(name)
-        if n == 0 or role == "reducer":
+        n = runs.get(name, 0)
+        if n == 0 or kind.get(name) != "control":
             continue
         for instr in comp.instructions:
             op = instr.opcode
-            flops = matmul = trans = 0
-            if op == "dot":
-                flops = matmul = _dot_flops(instr, comp)
-            elif op == "convolution":
-                flops = matmul = _conv_flops(instr, comp)
-            elif op in _ELEMENTWISE:
-                flops = instr.elements
-            elif op in ("reduce", "reduce-window"):
-                src = comp.by_name.get(instr.operands[0]) if instr.operands else None
-                flops = src.elements if src else 0
-            elif op in _TRANSCENDENTAL:
-                trans = instr.elements
-            scope = model_phase(instr.op_name)
-            out["flops"] += n * flops
-            out["matmul_flops"] += n * matmul
-            out["transcendentals"] += n * trans
-            out["flops_by_scope"][scope] += n * flops
-            out["uncorrected"]["flops"] += flops
-            out["uncorrected"]["transcendentals"] += trans
-            if role != "control" or op in _NO_TRAFFIC or op.endswith("-done"):
+            flops, matmul, trans = _instr_flops(instr, comp)
+            scopes = {model_phase(instr.op_name): flops}
+            if op == "fusion":
+                for role, callee in module.calls(instr):
+                    if role == "calls":
+                        flops, matmul, trans, scopes = fused(callee)
+            moved = 0
+            if op not in _NO_TRAFFIC and not op.endswith("-done"):
+                moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
+            if not (flops or trans or moved):
                 continue
-            moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
-            out["hbm_bytes"] += n * moved
-            out["bytes_by_scope"][scope] += n * moved
-            out["uncorrected"]["hbm_bytes"] += moved
+            scope = model_phase(instr.op_name)
+            if scope == "other" and any(v for k, v in scopes.items() if k != "other"):
+                scope = max((k for k in scopes if k != "other"), key=lambda k: scopes[k])
+            for k, v in scopes.items():
+                flops_by_scope[k] += n * v
+            bytes_by_scope[scope] += n * moved
             base = op[:-len("-start")] if op.endswith("-start") else op
-            if base in _COLLECTIVE_KINDS:
+            is_collective = base in _COLLECTIVE_KINDS
+            ops.append(OpCost(instr.name, op, scope, flops, matmul, trans, moved, n, is_collective))
+            if is_collective:
                 groups = parse_replica_groups(instr.opcode + " " + instr.attrs)
                 c = Collective(base, instr.name, instr.shape, tuple(tuple(g) for g in groups), instr.op_name)
                 size = 2 if base == "collective-permute" else (len(groups[0]) if groups else
                                                                math.prod(mesh_shape.values()))
-                out["collectives"].append(CollectiveCost(
+                collectives.append(CollectiveCost(
                     base, list(collective_axes(c, mesh_shape)), size, _collective_payload(instr, comp, base),
-                    n, model_phase(instr.op_name), instr.name))
-    out["flops_by_scope"] = dict(out["flops_by_scope"])
-    out["bytes_by_scope"] = dict(out["bytes_by_scope"])
-    return out
+                    n, scope, instr.name, list(groups[0]) if groups else []))
+    return {
+        "flops": sum(o.flops * o.count for o in ops),
+        "matmul_flops": sum(o.matmul_flops * o.count for o in ops),
+        "transcendentals": sum(o.transcendentals * o.count for o in ops),
+        "hbm_bytes": sum(o.bytes * o.count for o in ops),
+        "flops_by_scope": dict(flops_by_scope), "bytes_by_scope": dict(bytes_by_scope),
+        "ops": ops, "collectives": collectives, "unknown": unknown,
+        "uncorrected": {"flops": sum(o.flops for o in ops), "hbm_bytes": sum(o.bytes for o in ops),
+                        "transcendentals": sum(o.transcendentals for o in ops)},
+    }
 
 
 def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int]) -> PhaseCost:
@@ -299,8 +435,9 @@ def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int]) -
     return PhaseCost(
         phase.phase, backend, True, memory=memory, flops=w["flops"], matmul_flops=w["matmul_flops"],
         transcendentals=w["transcendentals"], hbm_bytes=w["hbm_bytes"], flops_by_scope=w["flops_by_scope"],
-        bytes_by_scope=w["bytes_by_scope"], collectives=w["collectives"], xla_cost=xla,
-        walk_uncorrected=w["uncorrected"], unknown_trip_loops=w["unknown"], compile_seconds=phase.compile_seconds)
+        bytes_by_scope=w["bytes_by_scope"], collectives=w["collectives"], ops=w["ops"], xla_cost=xla,
+        walk_uncorrected=w["uncorrected"], unknown_trip_loops=w["unknown"], compile_seconds=phase.compile_seconds,
+        hlo_text=phase.hlo_text)
 
 
 @dataclass
@@ -323,6 +460,8 @@ class CostReport:
         """JSON-ready (memory peaks and collective summaries included)."""
         data = asdict(self)
         for name, phase in self.phases.items():
+            data["phases"][name].pop("ops", None)
+            data["phases"][name].pop("hlo_text", None)
             if phase.memory:
                 data["phases"][name]["memory"]["peak"] = phase.memory.peak
             data["phases"][name]["collective_summary"] = phase.collective_summary()
@@ -333,13 +472,15 @@ class CostReport:
         return json.dumps(self.to_dict(), **kw)
 
 
-def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shards: int = 1) -> dict:
+def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shards: int = 1,
+                   microbatches: int = 1) -> dict:
     """FLOPs over all devices from the config: useful matmuls, attention, and capacity-dispatch overhead.
 
     useful: 2 × (matmul parameters one token uses, head included, embedding lookup excluded) × tokens.
     attention: QKᵀ and PV as computed (prefill: full S×S, masked; decode: all T cache positions).
     capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
-    the token groups capacity dispatch forms when the batch is split `batch_shards` ways.
+    the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
+    is split `batch_shards` ways.
     """
     from moe_jax.model.moe import group_size
 
@@ -354,8 +495,9 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     attention = L * 4 * B * H * S * T * Dh
     capacity = 0
     if cfg.dispatch == "capacity":
-        Sg = group_size(tokens, batch_shards, cfg.moe_group_size)
-        G, C = tokens // Sg, cfg.capacity(Sg)
+        mb_tokens = tokens // microbatches
+        Sg = group_size(mb_tokens, batch_shards, cfg.moe_group_size)
+        G, C = microbatches * (mb_tokens // Sg), cfg.capacity(Sg)
         slots = cfg.num_experts * G * C
         padded = max(0, slots - cfg.top_k * tokens) * 2 * cfg.expert_params * L
         dispatch_combine = 2 * (2 * G * Sg * cfg.num_experts * C * D) * L
@@ -376,9 +518,17 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
     placement = describe(cfg, program.compiled_strategy)
     analytic = {"weights_per_device_placement": placement.weight_bytes_per_device}
     devices = program.compiled_strategy.num_devices
-    shards = Layout.for_strategy(cfg, program.compiled_strategy).shards("batch", program.workload.batch)
+    layout = Layout.for_strategy(cfg, program.compiled_strategy)
     for name, cost in phases.items():
-        expected = analytic_flops(cfg, program.workload, name, shards)
+        B = program.workload.batch
+        M = 1
+        if program.compiled_strategy.pp > 1:
+            from moe_jax.model.pipeline import schedule
+
+            length = program.workload.prompt_len if name == "prefill" else 1
+            M = schedule(cfg, program.compiled_strategy, B, length, decode=name == "decode",
+                         microbatches=compile_kw.get(f"{name}_microbatches")).microbatches
+        expected = analytic_flops(cfg, program.workload, name, layout.shards("batch", B // M), M)
         # matmul FLOPs on both sides; elementwise work is reported separately (cost.flops)
         compiled = cost.matmul_flops * devices if cost.fits else None
         analytic[name] = {**expected, "compiled_matmul_total": compiled,

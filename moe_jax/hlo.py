@@ -280,6 +280,39 @@ class Module:
             found += [("branch", n.strip().lstrip("%")) for n in group.split(",") if n.strip()]
         return [(role, name) for role, name in found if name in self.computations]
 
+    def trip_count(self, loop: Instruction) -> int | None:
+        """Iterations of a while loop: XLA's known_trip_count, else a `counter < constant` condition.
+
+        The fallback (TPU prints no known_trip_count) assumes the counter starts at 0 and
+        steps by 1, as jax's scan and fori_loop lower.
+        """
+        trip = _TRIP.search(loop.attrs)
+        if trip:
+            return int(trip[1])
+        cond = next((self.computations[c] for role, c in self.calls(loop) if role == "condition"), None)
+        if cond is None or cond.root.opcode != "compare" or "direction=LT" not in cond.root.attrs:
+            return None
+        bound = cond.by_name.get(cond.root.operands[1]) if len(cond.root.operands) > 1 else None
+        if bound is None or bound.opcode != "constant":
+            return None
+        if not self._counter_starts_at_zero(loop, cond):
+            return None
+        value = re.fullmatch(r"-?\d+", bound.operands[0].strip()) if bound.operands else None
+        return int(value[0]) if value else None
+
+    def _counter_starts_at_zero(self, loop: Instruction, cond: Computation) -> bool:
+        """The loop counter's initial value, where it is a visible constant, is 0."""
+        counter = cond.by_name.get(cond.root.operands[0])
+        index = re.search(r"index=(\d+)", counter.attrs) if counter and counter.opcode == "get-tuple-element" else None
+        caller = next((c for c in self.computations.values() if loop.name in c.by_name), None)
+        init = caller.by_name.get(loop.operands[0]) if caller and loop.operands else None
+        if index is None or init is None or init.opcode != "tuple":
+            return True                                     # not visible: jax's loops start at 0
+        start = caller.by_name.get(init.operands[int(index[1])])
+        if start is None or start.opcode != "constant":
+            return True
+        return start.operands[:1] == ["0"]
+
     def multipliers(self) -> tuple[dict[str, int], dict[str, str], list[str]]:
         """How often each computation runs per program execution, and how it is called.
 
@@ -307,10 +340,12 @@ class Module:
         unknown = []
         for name in reversed(order):
             for instr in self.computations[name].instructions:
-                trip = _TRIP.search(instr.attrs) if instr.opcode == "while" else None
-                if instr.opcode == "while" and not trip:
+                n = self.trip_count(instr) if instr.opcode == "while" else 1
+                if n is None:
                     unknown.append(instr.name)
-                n = int(trip[1]) if trip else 1
+                    n = 1
+                if instr.opcode == "conditional":
+                    unknown.append(f"{instr.name} (conditional: every branch counted as taken)")
                 for role, callee in self.calls(instr):
                     times = {"body": n, "condition": n + 1}.get(role, 1)
                     runs[callee] += runs[name] * times

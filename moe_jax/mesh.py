@@ -124,7 +124,11 @@ class Strategy:
         if isinstance(spec, Strategy):
             return spec
         text = str(spec)
-        if text.endswith(".toml") or Path(text).is_file():
+        try:
+            is_file = Path(text).is_file()
+        except (OSError, ValueError):                        # e.g. a name too long for the file system
+            is_file = False
+        if text.endswith(".toml") or is_file:
             return cls.from_toml(text)
         return cls.parse(text)
 

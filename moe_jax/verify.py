@@ -14,6 +14,10 @@ from moe_jax.config import ModelConfig
 from moe_jax.mesh import Strategy
 
 
+MAX_REFERENCE_BYTES = 4e9
+"""Largest model `verify_sharding` builds as a single-device reference."""
+
+
 @dataclass(frozen=True)
 class Verification:
     """Largest differences between the sharded program and the single-device reference."""
@@ -56,14 +60,21 @@ def verify_sharding(cfg: ModelConfig, strategy: Strategy, *, batch: int = 8, pro
     from moe_jax.model.transformer import Transformer
     from moe_jax.programs import ShardedModel
 
+    from moe_jax.errors import MoeJaxError
+
     validate(strategy, cfg, batch=batch, num_devices=jax.device_count() if strategy.num_devices > 1 else None)
+    if cfg.params_total * cfg.dtype_bytes > MAX_REFERENCE_BYTES:
+        raise MoeJaxError(f"verify runs the whole {cfg.name} ({cfg.params_total * cfg.dtype_bytes / 1e9:.1f} GB in "
+                          f"{cfg.dtype}) on one CPU device as the reference; the limit is "
+                          f"{MAX_REFERENCE_BYTES / 1e9:.0f} GB. Use a small model (e.g. tiny)")
     reference = Transformer(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(reference)
     total = prompt_len + gen_len
     tokens = jax.random.randint(jax.random.key(seed + 1), (batch, total), 0, cfg.vocab_size)
-    ref_logits = np.asarray(jax.jit(lambda t: reference(t).logits)(tokens))
+    ref_logits = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens))
 
     sharded = ShardedModel(cfg, strategy)
-    params = sharded.shard_params(nnx.state(reference))
+    params = sharded.shard_params(state)
     forward = np.asarray(sharded.forward(params, sharded.put_tokens(tokens)).logits)
     out = sharded.prefill(params, sharded.put_tokens(tokens[:, :prompt_len]), sharded.init_cache(batch, total))
     prefill = np.asarray(out.logits)

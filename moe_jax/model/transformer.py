@@ -134,5 +134,9 @@ class Transformer(nnx.Module):
         return self._run(tokens, jnp.int32(0), cache, decode=False)
 
     def decode(self, tokens, pos, cache) -> ModelOutput:
-        """One step: tokens [B, 1] at position `pos` (int32 scalar), attending to cache positions ≤ pos."""
+        """One step: tokens [B, 1] at position `pos` (int32 scalar), attending to cache positions ≤ pos.
+
+        pos must be below the cache length T: XLA clamps an out-of-range write to the
+        last slot without an error, so callers check it (it is traced here).
+        """
         return self._run(tokens, jnp.asarray(pos, jnp.int32), cache, decode=True)

@@ -1,0 +1,197 @@
+"""Accelerator presets: memory, peak FLOP/s, HBM bandwidth, achievable fractions, and link tiers.
+
+Figures and sources are those of ``../shared/reference/hardware.md``. Peaks are dense
+bf16 (no 2:4 sparsity); link bandwidths are one direction, per device. Achievable
+fractions turn peaks into predictions (measured on one H200: bf16 matmul at 80% of
+peak, device copy at 90% of HBM bandwidth); MFU and MBU are quoted against the peaks.
+
+Two link tiers: ``node`` (NVLink/Infinity Fabric inside a GPU server; ICI inside a TPU
+slice) and ``network`` (InfiniBand/RoCE between servers; DCN between TPU slices). A
+collective whose group stays inside one node uses the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_jax.errors import MoeJaxError, nearest
+
+GB = 1e9
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class LinkTier:
+    """One level of the interconnect, as a device sees it."""
+
+    name: str
+    """e.g. NVLink4, InfiniBand NDR, ICI, DCN."""
+    bandwidth: float
+    """Bytes/s one device can send into a collective (one direction)."""
+    latency_s: float
+    """Seconds per hop (per ring step)."""
+    call_overhead_s: float = 0.0
+    """Fixed seconds per collective call (launch, synchronisation)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator and the system it sits in."""
+
+    name: str
+    memory_bytes: float
+    """HBM per device."""
+    peak_flops: float
+    """Dense bf16 FLOP/s per device (datasheet)."""
+    hbm_bandwidth: float
+    """HBM bytes/s per device (datasheet)."""
+    devices_per_node: int
+    """Devices that share the fast tier (a GPU server; a TPU slice of up to this many chips)."""
+    node_link: LinkTier
+    network_link: LinkTier
+    flops_efficiency: float = 0.8
+    """Achievable fraction of peak FLOP/s for large matmuls."""
+    hbm_efficiency: float = 0.9
+    """Achievable fraction of HBM bandwidth for streaming reads and writes."""
+    kind: str = "gpu"
+    """gpu or tpu (selects the deviceless compile target)."""
+    compile_target: str = ""
+    """TPU generation for a topology name (v5p, ...) or GPU target description (h200, ...)."""
+    source: str = ""
+    """Where the figures come from."""
+    assumptions: str = ""
+    """What the preset assumes where its source says nothing."""
+
+    @property
+    def achievable_flops(self) -> float:
+        return self.peak_flops * self.flops_efficiency
+
+    @property
+    def achievable_hbm(self) -> float:
+        return self.hbm_bandwidth * self.hbm_efficiency
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+
+def _nvlink(bw, name="NVLink"):
+    return LinkTier(name, bw, 1e-6, 5e-6)
+
+
+def _ib(bw=50 * GB, name="InfiniBand NDR 400 Gb/s"):
+    return LinkTier(name, bw, 5e-6, 10e-6)
+
+
+def _ici(per_link, links_per_axis=2):
+    # a torus axis is a bidirectional ring: two links per device carry a ring collective
+    return LinkTier(f"ICI ({links_per_axis} x {per_link / GB:.0f} GB/s per axis)", links_per_axis * per_link, 1e-6, 1e-6)
+
+
+def _dcn(bw=25 * GB):
+    return LinkTier("DCN", bw, 10e-6, 10e-6)
+
+
+_PRESETS = {h.name: h for h in [
+    Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink(450 * GB, "assumed NVLink-class"), _ib(),
+             source="the seed report (64 GB, 400 TFLOP/s, 1.8 TB/s)",
+             assumptions="links not given: assumed 8 GPUs per node on a 450 GB/s NVLink-class fabric and "
+                         "50 GB/s per GPU between nodes (H100-class); achievable 80% of peak FLOP/s and 90% of "
+                         "HBM bandwidth, as measured on an H200", compile_target="h100"),
+    Hardware("a100-80g", 80 * GB, 312 * TB, 2.039 * TB, 8, _nvlink(300 * GB, "NVLink3"), _ib(25 * GB, "HDR IB"),
+             source="NVIDIA A100 datasheet; jax-ml/scaling-book gpus.md", compile_target="a100"),
+    Hardware("h100", 80 * GB, 989 * TB, 3.35 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+             source="jax-ml/scaling-book gpus.md", compile_target="h100"),
+    Hardware("h200", 141 * GB, 989 * TB, 4.8 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+             source="scaling-book; MLCommons H200 system description; achievable fractions measured on one "
+                    "H200 (bf16 matmul 788 TFLOP/s, copy 4.3 TB/s)", compile_target="h200"),
+    Hardware("b200", 180 * GB, 2250 * TB, 8 * TB, 8, _nvlink(900 * GB, "NVLink5"), _ib(),
+             source="jax-ml/scaling-book gpus.md", compile_target="b200"),
+    Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _nvlink(448 * GB, "Infinity Fabric"), _ib(),
+             source="secondary sources (AMD MI300X figures)", compile_target="mi300"),
+    Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu",
+             source="Cloud TPU docs; scaling-book tpus.md (3D torus, 6 links of 45 GB/s per direction)",
+             compile_target="v4"),
+    Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB), _dcn(), kind="tpu",
+             source="Cloud TPU docs (2D torus, 4 links of 45 GB/s per direction)", compile_target="v5e"),
+    Hardware("tpu-v5p", 95 * GB, 459 * TB, 2.77 * TB, 8960, _ici(90 * GB), _dcn(), kind="tpu",
+             source="Cloud TPU docs; scaling-book (3D torus, 6 links of 90 GB/s per direction)",
+             compile_target="v5p"),
+    Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB), _dcn(), kind="tpu",
+             source="Cloud TPU docs (2D torus, 4 links of 90 GB/s per direction)", compile_target="v6e"),
+]}
+
+
+def hardware_names() -> list[str]:
+    """Preset names."""
+    return list(_PRESETS)
+
+
+_TOML_KEYS = {f.name for f in dataclasses.fields(Hardware)} - {"node_link", "network_link"}
+_LINK_KEYS = {f.name for f in dataclasses.fields(LinkTier)}
+
+
+def _from_toml(path: Path) -> Hardware:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise MoeJaxError(f"cannot read hardware file {str(path)!r}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MoeJaxError(f"hardware file {str(path)!r} is not valid TOML: {e}") from None
+    table = dict(data.get("hardware", data))
+    links = {}
+    for tier in ("node_link", "network_link"):
+        link = table.pop(tier, None)
+        if not isinstance(link, dict):
+            raise MoeJaxError(f"hardware file {str(path)!r}: missing [{tier}] table with "
+                              f"{', '.join(sorted(_LINK_KEYS))}")
+        bad = [k for k in link if k not in _LINK_KEYS]
+        if bad:
+            raise MoeJaxError(f"hardware file {str(path)!r}: unknown key {bad[0]!r} in [{tier}]"
+                              f"{nearest(bad[0], _LINK_KEYS)}")
+        try:
+            links[tier] = LinkTier(**{"name": tier, **link})
+        except TypeError as e:
+            raise MoeJaxError(f"hardware file {str(path)!r}: [{tier}]: {e}") from None
+    bad = [k for k in table if k not in _TOML_KEYS]
+    if bad:
+        raise MoeJaxError(f"hardware file {str(path)!r}: unknown key {bad[0]!r}{nearest(bad[0], _TOML_KEYS)}; "
+                          f"valid: {', '.join(sorted(_TOML_KEYS))}")
+    required = ("name", "memory_bytes", "peak_flops", "hbm_bandwidth", "devices_per_node")
+    missing = [k for k in required if k not in table]
+    if missing:
+        raise MoeJaxError(f"hardware file {str(path)!r}: missing {', '.join(missing)}")
+    for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "devices_per_node", "flops_efficiency",
+                "hbm_efficiency"):
+        if key in table and (not isinstance(table[key], (int, float)) or isinstance(table[key], bool)
+                             or table[key] <= 0):
+            raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r} must be a positive number")
+    for tier, link in links.items():
+        if not isinstance(link.bandwidth, (int, float)) or link.bandwidth <= 0:
+            raise MoeJaxError(f"hardware file {str(path)!r}: [{tier}] bandwidth must be a positive number")
+    table.setdefault("source", f"user file {path}")
+    try:
+        return Hardware(**table, **links)
+    except TypeError as e:
+        raise MoeJaxError(f"hardware file {str(path)!r}: {e}") from None
+
+
+def get_hardware(spec: "str | Path | Hardware") -> Hardware:
+    """A preset by name, or a TOML file describing one (see README)."""
+    if isinstance(spec, Hardware):
+        return spec
+    text = str(spec)
+    try:
+        is_file = Path(text).is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if text.endswith(".toml") or is_file:
+        return _from_toml(Path(text))
+    try:
+        return _PRESETS[text.strip().lower()]
+    except KeyError:
+        raise MoeJaxError(f"unknown hardware {text!r}{nearest(text, _PRESETS)}; presets: "
+                          f"{', '.join(_PRESETS)}; or a TOML file") from None

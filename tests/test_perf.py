@@ -1,0 +1,88 @@
+"""The time model against hand calculations, on hand-made costs."""
+
+import pytest
+
+from moe_jax.cost import CollectiveCost, OpCost, PhaseCost
+from moe_jax.errors import MoeJaxError
+from moe_jax.hardware import get_hardware, hardware_names
+from moe_jax.perf import collective_time, link_for, op_time, phase_time
+
+H200 = get_hardware("h200")
+
+
+def test_presets_have_the_reference_figures():
+    assert set(hardware_names()) >= {"seed-gpu", "a100-80g", "h100", "h200", "b200", "mi300x", "tpu-v4",
+                                     "tpu-v5e", "tpu-v5p", "tpu-v6e"}
+    seed = get_hardware("seed-gpu")
+    assert (seed.memory_bytes, seed.peak_flops, seed.hbm_bandwidth) == (64e9, 400e12, 1.8e12)
+    assert "assumed" in seed.assumptions and seed.source
+    assert (H200.memory_bytes, H200.peak_flops, H200.hbm_bandwidth) == (141e9, 989e12, 4.8e12)
+    assert H200.node_link.bandwidth == 450e9 and H200.network_link.bandwidth == 50e9
+
+
+def test_pure_compute_op():
+    flops = 2 * 8192 ** 3                                   # an 8192^3 matmul, bytes negligible
+    seconds, bound = op_time(flops, 3 * 8192 * 8192 * 2, H200)
+    assert bound == "compute"
+    assert seconds == pytest.approx(flops / (989e12 * 0.8))
+
+
+def test_pure_memory_op():
+    seconds, bound = op_time(1e6, 4.3e9, H200)             # a 4.3 GB copy
+    assert bound == "memory"
+    assert seconds == pytest.approx(4.3e9 / (4.8e12 * 0.9))
+
+
+def test_all_reduce_inside_a_node_and_across_nodes():
+    nbytes, n = 64e6, 8
+    inside = link_for(list(range(8)), H200)                 # devices 0..7: one node
+    across = link_for([0, 8, 16, 24, 32, 40, 48, 56], H200)  # one device per node
+    assert inside is H200.node_link and across is H200.network_link
+    t_in = collective_time("all-reduce", nbytes, n, inside)
+    t_out = collective_time("all-reduce", nbytes, n, across)
+    assert t_in == pytest.approx(5e-6 + 14 * 1e-6 + nbytes * 2 * 7 / 8 / 450e9)
+    assert t_out == pytest.approx(10e-6 + 14 * 5e-6 + nbytes * 2 * 7 / 8 / 50e9)
+    assert t_out > 8 * t_in
+
+
+def test_other_collective_factors():
+    link = H200.node_link
+    base = link.call_overhead_s
+    assert collective_time("all-gather", 8e6, 4, link) == pytest.approx(base + 3e-6 + 8e6 * 3 / 4 / 450e9)
+    assert collective_time("all-to-all", 8e6, 4, link) == pytest.approx(base + 3e-6 + 8e6 * 3 / 4 / 450e9)
+    assert collective_time("collective-permute", 8e6, 2, link) == pytest.approx(base + 1e-6 + 8e6 / 450e9)
+    assert collective_time("all-reduce", 8e6, 1, link) == 0.0
+
+
+def test_phase_time_sums_ops_and_collectives_with_counts():
+    ops = [OpCost("dot", "fusion", "experts", 2e12, 2e12, 0, 1e6, 10),      # compute-bound, 10 times
+           OpCost("copy", "copy", "other", 0, 0, 0, 1e9, 3)]                 # memory-bound, 3 times
+    coll = [CollectiveCost("all-reduce", ["tp"], 8, 1e6, 5, "attention", "ar", list(range(8)))]
+    cost = PhaseCost("decode", "cpu", True, ops=ops, collectives=coll)
+    t = phase_time(cost, H200, floor_s=1.0, floor_detail="test")
+    assert t.compute_s == pytest.approx(10 * 2e12 / (989e12 * 0.8))
+    assert t.memory_s == pytest.approx(3 * 1e9 / (4.8e12 * 0.9))
+    assert t.comm_s == pytest.approx(5 * collective_time("all-reduce", 1e6, 8, H200.node_link))
+    assert t.no_overlap_s == pytest.approx(t.compute_s + t.memory_s + t.comm_s)
+    assert t.full_overlap_s == pytest.approx(max(t.compute_s + t.memory_s, t.comm_s))
+    assert t.total_s == 1.0                                  # the floor wins: never below it
+    assert t.comm_breakdown[0]["kind"] == "all-reduce" and t.comm_breakdown[0]["calls"] == 5
+
+
+def test_hardware_toml(tmp_path):
+    good = tmp_path / "gpu.toml"
+    good.write_text('name = "my-gpu"\nmemory_bytes = 40e9\npeak_flops = 100e12\nhbm_bandwidth = 1e12\n'
+                    'devices_per_node = 4\n[node_link]\nbandwidth = 100e9\nlatency_s = 1e-6\n'
+                    '[network_link]\nbandwidth = 10e9\nlatency_s = 5e-6\n')
+    hw = get_hardware(str(good))
+    assert hw.name == "my-gpu" and hw.devices_per_node == 4 and hw.network_link.bandwidth == 10e9
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("peak_flops", "peak_flop"))
+    with pytest.raises(MoeJaxError, match="unknown key 'peak_flop'.*did you mean 'peak_flops'"):
+        get_hardware(str(bad))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = \n")
+    with pytest.raises(MoeJaxError, match="not valid TOML"):
+        get_hardware(str(broken))
+    with pytest.raises(MoeJaxError, match="unknown hardware 'h300'.*presets: seed-gpu"):
+        get_hardware("h300")
