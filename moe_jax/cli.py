@@ -306,6 +306,151 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
     sys.exit(0 if a.fits else 3)
 
 
+@cli.command()
+@_model_opt
+@click.option("--devices", type=int, required=True, callback=_positive, help="Devices to split the model over.")
+@click.option("--hardware", "hardware_spec", default="seed-gpu", show_default=True,
+              help="Hardware preset or TOML file.")
+@click.option("--batch", type=int, default=128, show_default=True, callback=_positive)
+@click.option("--prompt-len", type=int, default=2048, show_default=True, callback=_positive)
+@click.option("--gen-len", type=int, default=256, show_default=True, callback=_positive)
+@click.option("--objective", type=click.Choice(["throughput", "ttft", "tpot", "cost"]), default="throughput",
+              show_default=True, help="cost: the fewest devices (up to --devices) that fit and meet the SLOs.")
+@click.option("--slo-ttft", type=float, help="Largest acceptable TTFT in seconds.")
+@click.option("--slo-tpot", type=float, help="Largest acceptable TPOT in seconds.")
+@click.option("--baseline", "baseline_spec", help="A strategy to compare with the best (name or TOML file).")
+@click.option("--top", type=click.IntRange(1, 64), default=8, show_default=True, help="Candidates to compile.")
+@click.option("--backend", type=click.Choice(["cpu", "tpu", "gpu", "real"]), default="cpu", show_default=True)
+@click.option("--topology", help="TPU topology for --backend tpu.")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Compile worker processes.")
+@click.option("--cache", "cache_dir", default=".moe-jax-cache", show_default=True,
+              help="Directory of cached compiled results ('' to disable).")
+@click.option("--json", "json_path", help="Write the plan as JSON here ('-' for stdout).")
+@click.option("--markdown", "md_path",
+              help="Write the best strategy's report here (baseline and plots beside it).")
+def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objective, slo_ttft, slo_tpot,
+         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path):
+    """Search every (ep, tp, pp, dp) for a device count, compile the best, and recommend one."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moe_jax.compile import Workload
+    from moe_jax.hardware import get_hardware
+    from moe_jax.plan import pareto_plot
+    from moe_jax.plan import plan as run_plan
+    from moe_jax.report import memory_chart_from
+
+    cfg = get_model(model_name)
+    hw = get_hardware(hardware_spec)
+    workload = Workload(batch, prompt_len, gen_len)
+    baseline = Strategy.load(baseline_spec) if baseline_spec else None
+    if baseline is not None:
+        from moe_jax.mesh import validate
+
+        validate(baseline, cfg, batch=batch)
+    for name, value in (("--slo-ttft", slo_ttft), ("--slo-tpot", slo_tpot)):
+        if value is not None and not value > 0:
+            raise MoeJaxError(f"{name} {value} must be a positive number of seconds")
+    json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
+    md_file = _output_path(md_path, "--markdown")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+        tasks = {}
+
+        def progress(kind, text, done, total):
+            if kind not in tasks:
+                tasks[kind] = bar.add_task(kind, total=total)
+            bar.update(tasks[kind], description=f"{kind}: {text}", completed=done, total=total)
+
+        result = run_plan(cfg, devices, hw, workload, objective=objective, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+                          baseline=baseline, top=top, backend=backend, topology=topology,
+                          cache_dir=Path(cache_dir) if cache_dir else None, workers=workers, progress=progress)
+    data = result.to_dict()
+    if json_path == "-":
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        _print_plan(result, hw)
+    if json_file:
+        _write_atomic(json_file, json.dumps(data, indent=2, default=str))
+    if md_file:
+        stem = md_file.stem
+        if result.best:
+            chart = md_file.with_name(f"{stem}.memory.png")
+            made = memory_chart_from(result.compiled[result.best]["analysis"], chart)
+            _write_atomic(md_file, result.compiled[result.best]["markdown"].replace(
+                "memory.png", chart.name if made else "memory.png") + _comparison_md(result))
+        if result.baseline:
+            chart = md_file.with_name(f"{stem}.baseline.memory.png")
+            made = memory_chart_from(result.compiled[result.baseline]["analysis"], chart)
+            _write_atomic(md_file.with_name(f"{stem}.baseline.md"), result.compiled[result.baseline]["markdown"]
+                          .replace("memory.png", chart.name if made else "memory.png"))
+        pareto_plot(result, md_file.with_name(f"{stem}.pareto.png"))
+    sys.exit(0 if result.best else 3)
+
+
+def _comparison_rows(result) -> list[tuple[str, str, str, str]]:
+    """(metric, best, baseline, baseline relative to best) with both numbers."""
+    if not (result.best and result.baseline):
+        return []
+    b = result.compiled[result.best]["analysis"]
+    base = result.compiled[result.baseline]["analysis"]
+    rows = []
+    for label, key, fmt, per_device in (("throughput per device (tok/s)", "throughput_tok_s", "{:,.1f}", True),
+                                        ("TPOT (ms)", "tpot_s", "{:,.3f}", False),
+                                        ("TTFT (ms)", "ttft_s", "{:,.1f}", False)):
+        x, y = b[key], base[key]
+        if x is None or y is None:
+            continue
+        if per_device:
+            x, y = x / b["strategy"]["devices"], y / base["strategy"]["devices"]
+        scale = 1 if per_device else 1e3
+        rows.append((label, fmt.format(x * scale), fmt.format(y * scale), f"{y / x:.2f}x the best"))
+    mb, mbase = b["memory"]["total"], base["memory"]["total"]
+    if mb and mbase:
+        rows.append(("memory per device (GB)", f"{mb / 1e9:.2f}", f"{mbase / 1e9:.2f}", f"{mbase / mb:.2f}x the best"))
+    return rows
+
+
+def _comparison_md(result) -> str:
+    rows = _comparison_rows(result)
+    if not rows:
+        return ""
+    lines = ["", f"## Compared with the baseline {result.baseline}", "",
+             f"| metric | best ({result.best}) | baseline ({result.baseline}) | baseline / best |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {m} | {x} | {y} | {r} |" for m, x, y, r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _print_plan(result, hw) -> None:
+    table = Table(title=f"{result.to_dict()['searched']} strategies searched, {result.to_dict()['compiled']} "
+                        f"compiled, objective {result.objective} ({result.seconds:.1f} s)")
+    for col in ("rank", "strategy", "devices", "fits", "TTFT", "TPOT", "tok/s", "tok/s/device", "memory/device",
+                "source", "estimate vs compiled (TPOT)"):
+        table.add_column(col)
+    for i, r in enumerate(result.candidates[:20], 1):
+        diff = r.get("estimate_vs_compiled", {}).get("tpot_s")
+        table.add_row(str(i), r["strategy"] + (" (baseline)" if r["strategy"] == result.baseline else ""),
+                      str(r["devices"]), "yes" if r["fits"] else "no",
+                      f"{r['ttft_s'] * 1e3:,.1f} ms", f"{r['tpot_s'] * 1e3:,.2f} ms",
+                      f"{r['throughput_tok_s']:,.0f}", f"{r['throughput_per_device']:,.1f}",
+                      _gb(r.get("memory_bytes")), "compiled" + (" (cached)" if r.get("cached") else "")
+                      if r["compiled"] else "estimate", "" if diff is None else f"{diff:+.0%}")
+    out.print(table)
+    if result.estimate_bias is not None:
+        out.print(f"Compiled rows rank on compiled numbers; estimate rows were not compiled. On this backend the "
+                  f"estimates ran {result.estimate_bias:+.0%} (median) against the compiled TPOT, so read "
+                  "estimate rows with that bias in mind.")
+    if result.best:
+        out.print(f"best: [bold]{result.best}[/bold]")
+    else:
+        out.print(f"[red]{result.message}[/red]")
+    for m, x, y, r in _comparison_rows(result):
+        out.print(f"  {m}: best {x}, baseline {y} ({r})")
+
+
 def _dump_hlo(a, directory: str) -> None:
     from pathlib import Path
 

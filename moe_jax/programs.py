@@ -9,6 +9,7 @@ cost analyzer lowers the same programs from ShapeDtypeStructs; `run` executes th
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,13 @@ from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
 from moe_jax.sharding import Layout, use_layout
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract parameter state) of `cfg`'s Transformer; nothing is allocated."""
+    """(graphdef, abstract parameter state) of `cfg`'s Transformer; nothing is allocated.
+
+    Cached per config (the planner describes many strategies of one model); treat the
+    result as read-only.
+    """
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 

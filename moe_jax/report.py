@@ -148,7 +148,12 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
 
 def memory_chart(a: Analysis, path: str | Path) -> Path | None:
     """Stacked bar of per-device memory (weights, KV cache, activations, I/O) against capacity."""
-    mem = a.memory
+    return memory_chart_from(a.to_dict(), path)
+
+
+def memory_chart_from(data: dict, path: str | Path) -> Path | None:
+    """`memory_chart` from an analysis in its JSON form (the planner keeps only that)."""
+    mem = data["memory"]
     if mem["total"] is None:
         return None
     import matplotlib
@@ -163,11 +168,12 @@ def memory_chart(a: Analysis, path: str | Path) -> Path | None:
     for (label, value), color in zip(parts, ("#4c72b0", "#dd8452", "#55a868", "#8172b3")):
         ax.barh([0], [value / 1e9], left=[left / 1e9], color=color, label=f"{label} {value / 1e9:.2f} GB")
         left += value
-    ax.axvline(a.hardware.memory_bytes / 1e9, color="black", linestyle="--",
-               label=f"capacity {a.hardware.memory_bytes / 1e9:.0f} GB")
+    capacity = data["hardware"]["memory_bytes"]
+    ax.axvline(capacity / 1e9, color="black", linestyle="--", label=f"capacity {capacity / 1e9:.0f} GB")
     ax.set_yticks([])
     ax.set_xlabel("GB per device")
-    ax.set_title(f"{a.cfg.name}, {a.strategy.name} on {a.hardware.name} ({a.cost.backend} compile)", fontsize=9)
+    ax.set_title(f"{data['model']['name']}, {data['strategy']['name']} on {data['hardware']['name']} "
+                 f"({data['backend']} compile)", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
     fig.tight_layout()
     path = Path(path)
