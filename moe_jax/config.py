@@ -243,11 +243,24 @@ def preset_names() -> list[str]:
 
 
 def get_model(name: str) -> ModelConfig:
-    """The preset called `name`; a clear error listing the presets when there is none."""
+    """The preset called `name`, or a Hugging Face checkpoint directory / config.json.
+
+    An unknown name is a clear error listing the presets.
+    """
     if isinstance(name, ModelConfig):
         return name
+    from pathlib import Path
+
+    try:
+        is_path = Path(name).is_dir() or name.endswith(".json")
+    except (OSError, ValueError):
+        is_path = False
+    if is_path:
+        from moe_jax.hf import from_hf
+
+        return from_hf(name)
     try:
         return _PRESETS[name.strip().lower()]
     except KeyError:
         raise ConfigError(f"unknown model {name!r}{nearest(name, _PRESETS)}; "
-                          f"known presets: {', '.join(_PRESETS)}") from None
+                          f"known presets: {', '.join(_PRESETS)}; or a Hugging Face checkpoint directory") from None

@@ -271,7 +271,10 @@ class PhaseCost:
     """dot + convolution FLOPs only."""
     transcendentals: int = 0
     hbm_bytes: int = 0
-    """Bytes read and written by top-level ops, loop-corrected (our HLO walk)."""
+    """Bytes read and written by top-level ops, loop-corrected (our HLO walk; on the cpu backend
+    normalised to the model's dtype, see `walk`)."""
+    raw_hbm_bytes: int = 0
+    """The same as the compiled program itself moves them (before any cpu normalisation)."""
     flops_by_scope: dict[str, int] = field(default_factory=dict)
     bytes_by_scope: dict[str, int] = field(default_factory=dict)
     collectives: list[CollectiveCost] = field(default_factory=list)
@@ -335,14 +338,45 @@ def _instr_flops(instr: Instruction, comp) -> tuple[int, int, int]:
     return 0, 0, 0
 
 
-def walk(hlo_text: str, mesh_shape: dict[str, int]) -> dict:
+_CONVERSION_ONLY = {"parameter", "constant", "bitcast", "convert", "copy", "reshape", "slice", "dynamic-slice",
+                    "dynamic-update-slice", "tuple", "get-tuple-element"}
+
+
+def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None = None) -> dict:
     """FLOPs, transcendentals, HBM bytes and collectives of optimized HLO, loop-corrected.
 
     Returns a dict with flops, matmul_flops, transcendentals, hbm_bytes, by-scope
     splits, the top-level ops (`OpCost`), collectives (`CollectiveCost`), the same
     totals uncorrected (each loop once), and loops whose trip count is unknown.
+
+    cpu_native_dtype (e.g. "bf16"): the program came from XLA's CPU compiler, which
+    computes 16-bit floats in f32. Bytes are then counted as a GPU or TPU program of that
+    dtype would move them: f32 arrays at the native width, and fusions that only convert
+    between the two precisions (with slicing/copies around the convert) dropped.
+    `raw_hbm_bytes` keeps the CPU program's own figure; the uncorrected totals stay raw
+    (they cross-check XLA's own count of the same CPU program).
     """
-    module = Module.parse(hlo_text)
+    raw = _walk(Module.parse(hlo_text), mesh_shape, skip_conversions=False)
+    if not cpu_native_dtype:
+        raw["raw_hbm_bytes"] = raw["hbm_bytes"]
+        return raw
+    native = _walk(Module.parse(hlo_text.replace("f32[", f"{cpu_native_dtype}[")), mesh_shape, skip_conversions=True)
+    native["uncorrected"] = raw["uncorrected"]
+    native["raw_hbm_bytes"] = raw["hbm_bytes"]
+    return native
+
+
+def _conversion_only(instr: Instruction, module: Module) -> bool:
+    if instr.opcode == "convert":
+        return True
+    if instr.opcode != "fusion":
+        return False
+    callee = [c for role, c in module.calls(instr) if role == "calls"]
+    ops = {i.opcode for i in module.computations[callee[0]].instructions} if callee else set()
+    return "convert" in ops and ops <= _CONVERSION_ONLY
+
+
+def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool) -> dict:
     runs, kind, unknown = module.multipliers()
     fused_cache: dict[str, tuple] = {}
 
@@ -374,6 +408,8 @@ def walk(hlo_text: str, mesh_shape: dict[str, int]) -> dict:
             continue
         for instr in comp.instructions:
             op = instr.opcode
+            if skip_conversions and _conversion_only(instr, module):
+                continue
             flops, matmul, trans = _instr_flops(instr, comp)
             scopes = {model_phase(instr.op_name): flops}
             if op == "fusion":
@@ -414,8 +450,9 @@ def walk(hlo_text: str, mesh_shape: dict[str, int]) -> dict:
     }
 
 
-def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int]) -> PhaseCost:
-    """Read one compiled program: memory, FLOPs, bytes, collectives."""
+def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
+               cpu_native_dtype: str | None = None) -> PhaseCost:
+    """Read one compiled program: memory, FLOPs, bytes, collectives (see `walk` for cpu_native_dtype)."""
     if not phase.fits:
         return PhaseCost(phase.phase, backend, False, phase.error, compile_seconds=phase.compile_seconds)
     ma = phase.compiled.memory_analysis()
@@ -431,10 +468,11 @@ def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int]) -
     if isinstance(raw, list):
         raw = raw[0] if raw else None
     xla = None if not raw else {k: float(raw[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in raw}
-    w = walk(phase.hlo_text, mesh_shape)
+    w = walk(phase.hlo_text, mesh_shape, cpu_native_dtype if backend == "cpu" else None)
     return PhaseCost(
         phase.phase, backend, True, memory=memory, flops=w["flops"], matmul_flops=w["matmul_flops"],
-        transcendentals=w["transcendentals"], hbm_bytes=w["hbm_bytes"], flops_by_scope=w["flops_by_scope"],
+        transcendentals=w["transcendentals"], hbm_bytes=w["hbm_bytes"], raw_hbm_bytes=w["raw_hbm_bytes"],
+        flops_by_scope=w["flops_by_scope"],
         bytes_by_scope=w["bytes_by_scope"], collectives=w["collectives"], ops=w["ops"], xla_cost=xla,
         walk_uncorrected=w["uncorrected"], unknown_trip_loops=w["unknown"], compile_seconds=phase.compile_seconds,
         hlo_text=phase.hlo_text)
@@ -514,7 +552,12 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
 
     program: CompiledProgram = compile_program(cfg, strategy, workload, backend=backend, **compile_kw)
     mesh_shape = program.compiled_strategy.mesh_shape
-    phases = {name: phase_cost(p, backend, mesh_shape) for name, p in program.phases.items()}
+    native = {"bfloat16": "bf16", "float16": "f16"}.get(cfg.dtype)
+    phases = {name: phase_cost(p, backend, mesh_shape, native) for name, p in program.phases.items()}
+    if backend == "cpu" and native:
+        program.notes.append(f"cpu backend: XLA's CPU compiler computes {cfg.dtype} in f32; HBM bytes and collective "
+                             f"payloads are counted at {cfg.dtype} width and precision-conversion fusions are "
+                             "dropped, as a GPU or TPU program would move them (raw_hbm_bytes keeps the CPU figure)")
     placement = describe(cfg, program.compiled_strategy)
     analytic = {"weights_per_device_placement": placement.weight_bytes_per_device}
     devices = program.compiled_strategy.num_devices

@@ -84,36 +84,43 @@ def estimate(cfg: ModelConfig, strategy: Strategy, hw: Hardware, workload: Workl
 def rank_estimates(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *,
                    objective: str = "throughput", slo_ttft: float | None = None, slo_tpot: float | None = None,
                    progress=None) -> list[dict]:
-    """Every strategy estimated and ranked (feasible first, then by the objective).
-
-    objective "cost" walks device counts 1, 2, ... up to `devices` and stops at the first
-    count with a feasible strategy.
-    """
-    counts = list(range(1, devices + 1)) if objective == "cost" else [devices]
+    """Every strategy for `devices` estimated and ranked (feasible first, then by the objective)."""
     rows = []
-    for n in counts:
-        for s in enumerate_strategies(cfg, n, workload.batch):
-            e = estimate(cfg, s, hw, workload)
-            e.meets_slo = ((slo_ttft is None or e.ttft_s <= slo_ttft) and (slo_tpot is None or e.tpot_s <= slo_tpot))
-            rows.append({"strategy": s.name, "devices": n, "fits": e.fits, "feasible": e.feasible,
-                         "memory_bytes": e.memory_total, "ttft_s": e.ttft_s, "tpot_s": e.tpot_s,
-                         "throughput_tok_s": e.throughput_tok_s,
-                         "throughput_per_device": e.throughput_tok_s / n, "compiled": False,
-                         "estimate": {"fits": e.fits, "ttft_s": e.ttft_s, "tpot_s": e.tpot_s,
-                                      "throughput_tok_s": e.throughput_tok_s, "memory_bytes": e.memory_total}})
-        if progress:
-            progress("estimate", f"estimated {len(rows)} strategies up to {n} devices", n, counts[-1])
-        if objective == "cost" and any(r["feasible"] for r in rows if r["devices"] == n):
-            break
+    for s in enumerate_strategies(cfg, devices, workload.batch):
+        e = estimate(cfg, s, hw, workload)
+        e.meets_slo = ((slo_ttft is None or e.ttft_s <= slo_ttft) and (slo_tpot is None or e.tpot_s <= slo_tpot))
+        rows.append({"strategy": s.name, "devices": devices, "fits": e.fits, "feasible": e.feasible,
+                     "memory_bytes": e.memory_total, "ttft_s": e.ttft_s, "tpot_s": e.tpot_s,
+                     "throughput_tok_s": e.throughput_tok_s,
+                     "throughput_per_device": e.throughput_tok_s / devices, "compiled": False,
+                     "estimate": {"fits": e.fits, "ttft_s": e.ttft_s, "tpot_s": e.tpot_s,
+                                  "throughput_tok_s": e.throughput_tok_s, "memory_bytes": e.memory_total}})
+    if progress:
+        progress("estimate", f"estimated {len(rows)} strategies on {devices} devices", 1, 1)
     return sorted(rows, key=_rank_key(objective))
+
+
+def fewest_devices(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *, start: int = 1,
+                   slo_ttft: float | None = None, slo_tpot: float | None = None) -> tuple[int | None, list[dict]]:
+    """The smallest device count from `start` up to `devices` with an estimated-feasible strategy.
+
+    Returns (count or None, the ranked estimates of every count tried).
+    """
+    tried = []
+    for n in range(start, devices + 1):
+        rows = rank_estimates(cfg, n, hw, workload, objective="cost", slo_ttft=slo_ttft, slo_tpot=slo_tpot)
+        tried += rows
+        if any(r["feasible"] for r in rows):
+            return n, tried
+    return None, tried
 
 
 def _rank_key(objective: str):
     def key(x):
         feasible = x["feasible"]
-        metric = {"throughput": -x["throughput_tok_s"], "ttft": x["ttft_s"], "tpot": x["tpot_s"],
-                  "cost": -x["throughput_tok_s"]}[objective]
-        return (not feasible, metric)
+        metric = {"throughput": (-x["throughput_tok_s"],), "ttft": (x["ttft_s"],), "tpot": (x["tpot_s"],),
+                  "cost": (x["devices"], -x["throughput_tok_s"])}[objective]
+        return (not feasible, *metric)
     return key
 
 
@@ -212,19 +219,53 @@ def plan(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *, ob
         raise MoeJaxError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if devices < 1:
         raise MoeJaxError(f"--devices {devices} must be at least 1")
+    if objective == "cost":
+        return _plan_fewest(cfg, devices, hw, workload, slo_ttft=slo_ttft, slo_tpot=slo_tpot, baseline=baseline,
+                            top=top, backend=backend, topology=topology, cache_dir=cache_dir, workers=workers,
+                            progress=progress, start=start)
     rows = rank_estimates(cfg, devices, hw, workload, objective=objective, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                           progress=progress)
+    return _compile_and_rank(rows, rows, cfg, devices, hw, workload, objective, slo_ttft, slo_tpot, baseline, top,
+                             backend, topology, cache_dir, workers, progress, start)
+
+
+MAX_COST_ESCALATIONS = 4
+"""--objective cost: device counts whose top candidates are compiled before giving up."""
+
+
+def _plan_fewest(cfg, devices, hw, workload, *, slo_ttft, slo_tpot, baseline, top, backend, topology, cache_dir,
+                 workers, progress, start) -> PlanResult:
+    """Smallest estimated-feasible device count first; if none of its compiled candidates is feasible
+    (estimates are optimistic), the next count, up to MAX_COST_ESCALATIONS counts."""
+    rows, n, result = [], 0, None
+    for _ in range(MAX_COST_ESCALATIONS):
+        n, tried = fewest_devices(cfg, devices, hw, workload, start=n + 1, slo_ttft=slo_ttft, slo_tpot=slo_tpot)
+        rows += tried
+        if progress:
+            progress("estimate", f"estimated {len(rows)} strategies up to {n or devices} devices", 1, 1)
+        if n is None:
+            break
+        pool = [r for r in rows if r["devices"] == n]
+        result = _compile_and_rank(rows, pool, cfg, devices, hw, workload, "cost", slo_ttft, slo_tpot, baseline,
+                                   top, backend, topology, cache_dir, workers, progress, start)
+        if result.best:
+            return result
+    if not rows:
+        raise MoeJaxError(f"no valid strategy for {cfg.name} on up to {devices} devices with batch {workload.batch}")
+    if result is None:
+        result = _compile_and_rank(rows, [], cfg, devices, hw, workload, "cost", slo_ttft, slo_tpot, baseline, top,
+                                   backend, topology, cache_dir, workers, progress, start)
+    return result
+
+
+def _compile_and_rank(rows, pool, cfg, devices, hw, workload, objective, slo_ttft, slo_tpot, baseline, top,
+                      backend, topology, cache_dir, workers, progress, start) -> PlanResult:
     if not rows:
         raise MoeJaxError(f"no valid strategy for {cfg.name} on {devices} devices with batch {workload.batch}: "
                           "check that the device count has divisors matching experts, heads, layers and batch")
     searched_counts = sorted({r["devices"] for r in rows})
-    if objective == "cost":
-        smallest = min((r["devices"] for r in rows if r["feasible"]), default=None)
-        pool = [r for r in rows if r["devices"] == smallest] if smallest else rows
-    else:
-        pool = rows
     pool = sorted(pool, key=_rank_key(objective))
-    chosen = [r["strategy"] for r in pool[:top]]
+    chosen = [r["strategy"] for r in pool[:top] if r["feasible"]] or [r["strategy"] for r in pool[:top]]
     names = list(dict.fromkeys(chosen + ([baseline.name] if baseline else [])))
     by_name = {r["strategy"]: r for r in rows}
     if baseline and baseline.name not in by_name:

@@ -102,6 +102,23 @@ class ShardedModel:
         with use_layout(self.decode_layout):
             return self._model(params).decode(tokens, pos, cache)
 
+    def generate(self, params, prompt, steps: int):
+        """Greedy decoding: prefill `prompt` [B, S], then `steps` tokens. Returns int32 [B, steps]."""
+        import numpy as np
+
+        B, S = prompt.shape
+        out = self.prefill(params, self.put_tokens(prompt), self.init_cache(B, S + steps))
+        cache, tokens = out.cache, []
+        token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        for pos in range(S, S + steps):
+            tokens.append(np.asarray(token))
+            if pos == S + steps - 1:
+                break
+            step = self.decode(params, self.put_tokens(token), jnp.int32(pos), cache)
+            cache = step.cache
+            token = jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        return np.concatenate(tokens, axis=1)
+
     def pipeline_schedule(self, batch: int, length: int, *, decode: bool):
         """Microbatches, bubble and stage hand-off bytes of one prefill (or decode) call."""
         from moe_jax.model.pipeline import schedule

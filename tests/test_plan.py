@@ -10,7 +10,7 @@ from moe_jax.compile import Workload
 from moe_jax.config import get_model
 from moe_jax.hardware import get_hardware
 from moe_jax.mesh import Strategy
-from moe_jax.plan import cache_key, enumerate_strategies, plan, rank_estimates
+from moe_jax.plan import cache_key, enumerate_strategies, fewest_devices, plan, rank_estimates
 
 
 def _brute_force(cfg, n, batch):
@@ -61,13 +61,15 @@ def test_slo_filters():
     assert not any(r["feasible"] for r in none)
 
 
-def test_cost_objective_stops_at_the_fewest_devices():
-    rows = rank_estimates(SEED, 64, SEED_GPU, WORK, objective="cost")
+def test_fewest_devices_stops_at_the_first_feasible_count():
+    n, rows = fewest_devices(SEED, 64, SEED_GPU, WORK)
     counts = sorted({r["devices"] for r in rows})
-    assert counts == [n for n in range(1, counts[-1] + 1) if enumerate_strategies(SEED, n, WORK.batch)]
-    assert any(r["feasible"] for r in rows if r["devices"] == counts[-1])
-    assert not any(r["feasible"] for r in rows if r["devices"] < counts[-1])
-    assert counts[-1] >= 2                                           # 79 GB of weights + KV exceed 64 GB
+    assert counts == [c for c in range(1, n + 1) if enumerate_strategies(SEED, c, WORK.batch)]
+    assert any(r["feasible"] for r in rows if r["devices"] == n)
+    assert not any(r["feasible"] for r in rows if r["devices"] < n)
+    assert n >= 2                                                   # 79 GB of weights + KV exceed 64 GB
+    again, _ = fewest_devices(SEED, 64, SEED_GPU, WORK, start=n + 1)  # escalation continues past n
+    assert again is None or again > n
 
 
 def test_nothing_fits_names_the_smallest_shortfall(tmp_path):
