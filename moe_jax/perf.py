@@ -178,8 +178,9 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, devices:
     if hw.assumptions:
         assumptions.append(hw.assumptions)
     if report.backend == "cpu":
-        assumptions.append("cpu backend: XLA's CPU compiler computes bf16 in f32, so its byte counts and "
-                           "temporaries overstate a GPU's; collectives may differ from a GPU or TPU compile")
+        assumptions.append("cpu backend: XLA's CPU compiler computes bf16 in f32; bytes are counted at the model's "
+                           "width, but its temporaries overstate a GPU's activations, and its collectives may "
+                           "differ from a GPU or TPU compile")
     return Prediction(
         prefill=prefill, decode=decode, ttft_s=ttft, tpot_s=tpot, throughput_tok_s=batch / tpot,
         request_latency_s=ttft + gen_len * tpot,
