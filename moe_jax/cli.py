@@ -451,6 +451,79 @@ def _print_plan(result, hw) -> None:
         out.print(f"  {m}: best {x}, baseline {y} ({r})")
 
 
+@cli.command("run")
+@click.option("--model", "model_name", help="Model preset or Hugging Face checkpoint directory "
+                                               "(default: the --weights checkpoint, else tiny).")
+@click.option("--mesh", "--strategy", "strategy_spec", default="EP2-TP2-DP2", show_default=True,
+              help="Strategy name or TOML file.")
+@click.option("--batch", type=int, default=8, show_default=True, callback=_positive)
+@click.option("--prompt-len", type=int, default=32, show_default=True, callback=_positive)
+@click.option("--gen-len", type=int, default=8, show_default=True, callback=_positive)
+@click.option("--weights", "weights_dir", help="Load a safetensors checkpoint (default: random weights).")
+@click.option("--prompt-file", help='JSON {"prompt": [[ids...], ...]}; batch and prompt length come from it.')
+@click.option("--dtype", type=click.Choice(["bf16", "f32"]), help="Override the weights' dtype.")
+@click.option("--hardware", "hardware_spec", help="Predict for this hardware and report the error.")
+@click.option("--backend", type=click.Choice(["cpu", "real"]), default="cpu", show_default=True,
+              help="cpu: emulated CPU devices (functional check); real: the devices jax sees.")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Timed prefill runs.")
+@click.option("--json", "json_path", help="Write the result as JSON here ('-' for stdout).")
+def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, hardware_spec,
+            backend, seed, repeats, json_path):
+    """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction."""
+    from pathlib import Path
+
+    from moe_jax.compile import Workload
+    from moe_jax.devices import request_cpu_devices
+    from moe_jax.hardware import get_hardware
+    from moe_jax.mesh import validate
+    from moe_jax.run import read_prompt_file
+
+    if weights_dir and not Path(weights_dir).is_dir():
+        raise MoeJaxError(f"--weights {weights_dir!r} is not a directory")
+    cfg = get_model(model_name or weights_dir or "tiny")
+    if dtype:
+        cfg = cfg.replace(dtype={"bf16": "bfloat16", "f32": "float32"}[dtype])
+    strategy = Strategy.load(strategy_spec)
+    prompt = read_prompt_file(prompt_file) if prompt_file else None
+    if prompt is not None:
+        batch, prompt_len = len(prompt), len(prompt[0])
+        bad = [t for row in prompt for t in row if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise MoeJaxError(f"prompt token {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    workload = Workload(batch, prompt_len, gen_len)
+    validate(strategy, cfg, batch=batch)
+    hw = get_hardware(hardware_spec) if hardware_spec else None
+    json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
+    if backend == "cpu":
+        request_cpu_devices(strategy.num_devices)
+    from moe_jax.run import run
+
+    result = run(cfg, strategy, workload, weights=weights_dir, prompt=prompt, seed=seed, hardware=hw,
+                 backend=backend, repeats=repeats)
+    data = result.to_dict()
+    if json_path == "-":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from moe_jax.report import _ms
+
+        out.print(f"{cfg.name} {strategy.name} on {result.device_kind}: batch {batch}, prompt {prompt_len}, "
+                  f"generated {gen_len}")
+        m, p, err = result.measured, result.predicted, result.error
+        for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
+            timing = result.ttft if key == "ttft_s" else result.tpot
+            line = (f"  {label}: measured {_ms(m[key])} (median of {len(timing.samples)}, spread "
+                    f"{_ms(timing.spread[0])} to {_ms(timing.spread[1])})")
+            if p:
+                line += f", predicted {_ms(p[key])} on {p['hardware']} ({err[key]:+.0%})"
+            out.print(line)
+        out.print(f"  first tokens: {result.tokens[0][:8]}")
+        for note in result.notes:
+            out.print(f"note: {note}")
+    if json_file:
+        _write_atomic(json_file, json.dumps(data, indent=2))
+
+
 def _dump_hlo(a, directory: str) -> None:
     from pathlib import Path
 

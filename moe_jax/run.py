@@ -1,0 +1,177 @@
+"""Run the sharded model for real, measure TTFT and TPOT, and hold the prediction against them.
+
+Timing: every program is compiled and run once before it is timed (warm-up), each run
+ends with `block_until_ready`, prefill is timed over `repeats` runs on fresh caches and
+decode over every generated step after the first; medians are reported with the
+spread (min, max). On emulated CPU devices the devices share the host's cores: the
+run is a functional check, not a timing claim, and the result says so.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_jax.compile import Workload
+from moe_jax.config import ModelConfig
+from moe_jax.errors import MoeJaxError
+from moe_jax.mesh import Strategy
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of repeated runs."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.samples), max(self.samples)
+
+    def to_dict(self) -> dict:
+        return {"median_s": self.median, "min_s": self.spread[0], "max_s": self.spread[1], "runs": len(self.samples)}
+
+
+def time_call(fn, *args, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Time `fn(*args)` (blocking on its result): `warmup` untimed calls, then `repeats` timed ones."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return Timing(samples)
+
+
+def read_prompt_file(path: str | Path) -> list[list[int]]:
+    """Token ids from JSON ``{"prompt": [[ids...], ...]}``; all rows the same length."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as e:
+        raise MoeJaxError(f"cannot read prompt file {str(p)!r}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MoeJaxError(f"prompt file {str(p)!r} is not valid JSON: {e}") from None
+    rows = data.get("prompt") if isinstance(data, dict) else None
+    if (not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r)):
+        raise MoeJaxError(f"prompt file {str(p)!r}: expected {{\"prompt\": [[token ids...], ...]}} with non-empty "
+                          "rows of integers")
+    if len({len(r) for r in rows}) != 1:
+        raise MoeJaxError(f"prompt file {str(p)!r}: rows have lengths {sorted({len(r) for r in rows})}; "
+                          "all must be equal")
+    return rows
+
+
+@dataclass
+class RunResult:
+    """A measured run and the prediction for the same program."""
+
+    model: str
+    strategy: str
+    backend: str
+    device_kind: str
+    workload: dict
+    ttft: Timing
+    tpot: Timing
+    tokens: list[list[int]]
+    predicted: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def measured(self) -> dict:
+        return {"ttft_s": self.ttft.median, "tpot_s": self.tpot.median,
+                "throughput_tok_s": self.workload["batch"] / self.tpot.median}
+
+    @property
+    def error(self) -> dict:
+        """(predicted − measured) / measured, per metric."""
+        if not self.predicted:
+            return {}
+        return {k: (self.predicted[k] - v) / v for k, v in self.measured.items() if self.predicted.get(k)}
+
+    def to_dict(self) -> dict:
+        return {"schema": "moe-jax.run/1", "model": self.model, "strategy": self.strategy, "backend": self.backend,
+                "device_kind": self.device_kind, "workload": self.workload, "measured": self.measured,
+                "timing": {"ttft": self.ttft.to_dict(), "tpot": self.tpot.to_dict()}, "predicted": self.predicted,
+                "error": self.error, "tokens": self.tokens, "notes": self.notes}
+
+
+def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
+        prompt: list[list[int]] | None = None, seed: int = 0, hardware=None, backend: str = "cpu",
+        repeats: int = 3, predict: bool = True, max_steps: int | None = None) -> RunResult:
+    """Initialise (or load) the sharded model, prefill, decode greedily, time both, and predict.
+
+    prompt: token ids [B][S] (default: random from `seed`, the same on every mesh).
+    max_steps: decode at most this many tokens (the cache still holds prompt + gen_len), to
+    measure TPOT without a whole generation.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moe_jax.mesh import validate
+    from moe_jax.programs import ShardedModel
+
+    B, S, G = workload.batch, workload.prompt_len, workload.gen_len
+    validate(strategy, cfg, batch=B, num_devices=None)
+    if G < 2:
+        raise MoeJaxError(f"--gen-len {G}: at least 2 generated tokens are needed to time a decode step")
+    have = jax.devices()
+    if len(have) < strategy.num_devices:
+        raise MoeJaxError(f"{strategy.name} needs {strategy.num_devices} devices; jax sees {len(have)} "
+                          f"{have[0].platform} device(s)")
+    from moe_jax.mesh import build_mesh
+
+    sm = ShardedModel(cfg, strategy, build_mesh(strategy, have[:strategy.num_devices]))
+    if weights is not None:
+        from moe_jax.weights import load_params
+
+        params = load_params(weights, cfg, sm.param_shardings, sm.abstract_params)
+    else:
+        params = sm.init_params(seed)                       # created in their shards, never whole on one device
+    if prompt is None:
+        prompt = np.asarray(jax.random.randint(jax.random.key(seed + 1), (B, S), 0, cfg.vocab_size))
+    tokens = sm.put_tokens(jnp.asarray(prompt, jnp.int32))
+
+    ttft = time_call(lambda: sm.prefill(params, tokens, sm.init_cache(B, S + G)), repeats=repeats)
+    out = sm.prefill(params, tokens, sm.init_cache(B, S + G))
+    cache = out.cache
+    token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+    generated, steps = [np.asarray(token)], []
+    last = S + G - 1 if max_steps is None else min(S + G - 1, S + max_steps)
+    for pos in range(S, last):
+        start = time.perf_counter()
+        step = sm.decode(params, sm.put_tokens(token), jnp.int32(pos), cache)
+        token = jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        jax.block_until_ready(token)
+        steps.append(time.perf_counter() - start)
+        cache = step.cache
+        generated.append(np.asarray(token))
+    decode = Timing(steps[1:] if len(steps) > 1 else steps)   # the first step compiles: warm-up
+    device = jax.devices()[0]
+    result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
+                       workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist())
+    if device.platform == "cpu":
+        result.notes.append("emulated CPU devices share the host's cores: a functional check, not a timing claim")
+    if predict and hardware is not None:
+        from moe_jax.analysis import analyze
+
+        a = analyze(cfg, strategy, hardware, workload, backend=backend)
+        if a.prediction is not None:
+            result.predicted = {"ttft_s": a.prediction.ttft_s, "tpot_s": a.prediction.tpot_s,
+                                "throughput_tok_s": a.prediction.throughput_tok_s,
+                                "hardware": hardware.name, "backend": backend,
+                                "decode_time": a.prediction.decode.to_dict(),
+                                "prefill_time": a.prediction.prefill.to_dict()}
+    return result
