@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 STRATEGIES = {8: "EP8", 64: "EP64", 256: "EP64-TP4", 1024: "EP64-TP8-PP2", 2048: "EP64-TP8-PP2-DP2"}
 
@@ -63,14 +60,9 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if not args.no_append:
-        import jax
+        from results import append
 
-        entry = (f"\n## compile_scaling: seed-30b, batch 128, prompt 2048, gen 256, cpu backend\n\n"
-                 f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n"
-                 f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-                 f"jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}\n")
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
-            f.write(entry)
+        append("compile_scaling: seed-30b, batch 128, prompt 2048, gen 256, cpu backend", text)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,15 +51,10 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if not args.no_append:
-        import jax
+        from results import append
 
-        entry = (f"\n## plan_speed: seed-30b on 1024 seed-gpu, top {args.top}, {args.workers} workers, cpu backend\n\n"
-                 f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n"
-                 f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-                 f"jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
-                 f"- goal: cold search under 60 s on 2 cores\n\n{text}\n")
-        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
-            f.write(entry)
+        append(f"plan_speed: seed-30b on 1024 seed-gpu, top {args.top}, {args.workers} workers, cpu backend", text,
+               ("goal: cold search under 60 s on 2 cores",))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ collective whose group stays inside one node uses the first.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,12 +134,9 @@ _LINK_KEYS = {f.name for f in dataclasses.fields(LinkTier)}
 
 
 def _from_toml(path: Path) -> Hardware:
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise MoeJaxError(f"cannot read hardware file {str(path)!r}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MoeJaxError(f"hardware file {str(path)!r} is not valid TOML: {e}") from None
+    from moe_jax.files import read_toml
+
+    data = read_toml(path, "hardware file")
     table = dict(data.get("hardware", data))
     links = {}
     for tier in ("node_link", "network_link"):

@@ -7,7 +7,6 @@ between MoE layers, MLA, ...) is an error naming the field, never an approximati
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moe_jax.config import ModelConfig
@@ -87,13 +86,10 @@ def from_hf_dict(data: dict, name: str = "hf-model") -> ModelConfig:
 
 def from_hf(path: str | Path) -> ModelConfig:
     """`ModelConfig` from a checkpoint directory or its config.json."""
+    from moe_jax.files import read_json
+
     p = config_path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{str(p)!r} is not valid JSON: {e}") from None
+    data = read_json(p, "model config", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{str(p)!r}: expected a JSON object")
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +89,10 @@ class Strategy:
     @classmethod
     def from_toml(cls, path: str | Path) -> "Strategy":
         """Read a strategy file: a ``[strategy]`` table (or top-level keys) with ep, tp, pp, dp."""
+        from moe_jax.files import read_toml
+
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise StrategyError(f"cannot read strategy file {str(path)!r}: {e.strerror or e}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise StrategyError(f"strategy file {str(path)!r} is not valid TOML: {e}") from None
+        data = read_toml(path, "strategy file", StrategyError)
         known = {"ep", "tp", "pp", "dp", "name", "description"}
         if "strategy" in data:
             extra = [k for k in data if k != "strategy"]

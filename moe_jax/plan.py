@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -152,12 +150,11 @@ def cache_load(directory: Path, key: str) -> dict | None:
 
 def cache_store(directory: Path, key: str, payload: dict) -> None:
     """Write atomically (temporary file, then rename): an interrupted search leaves no partial entry."""
+    from moe_jax.files import write_atomic
+
     directory.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key, "sha256": digest, "payload": payload}, f)
-    os.replace(tmp, directory / f"{key}.json")
+    write_atomic(directory / f"{key}.json", json.dumps({"key": key, "sha256": digest, "payload": payload}))
 
 
 # --- compiling in worker processes ------------------------------------------------------

@@ -9,7 +9,6 @@ run is a functional check, not a timing claim, and the result says so.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,13 +54,10 @@ def time_call(fn, *args, repeats: int = 5, warmup: int = 1) -> Timing:
 
 def read_prompt_file(path: str | Path) -> list[list[int]]:
     """Token ids from JSON ``{"prompt": [[ids...], ...]}``; all rows the same length."""
+    from moe_jax.files import read_json
+
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as e:
-        raise MoeJaxError(f"cannot read prompt file {str(p)!r}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MoeJaxError(f"prompt file {str(p)!r} is not valid JSON: {e}") from None
+    data = read_json(p, "prompt file")
     rows = data.get("prompt") if isinstance(data, dict) else None
     if (not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows)
             or not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r)):

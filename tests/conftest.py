@@ -16,6 +16,19 @@ from moe_jax.config import get_model  # noqa: E402
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; XLA_FLAGS was set too late"
 
 
+def single_device_reference(cfg, batch: int, length: int, seed: int = 0):
+    """(parameter state, tokens [B, T], full-forward logits) of `cfg` on one device: the reference."""
+    import numpy as np
+    from flax import nnx
+
+    from moe_jax.model.transformer import Transformer
+
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
+    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens)
+    return state, tokens, np.asarray(logits)
+
+
 @pytest.fixture(scope="session")
 def tiny32():
     """The tiny preset in f32 with capacity for every token (capacity dispatch drops nothing)."""

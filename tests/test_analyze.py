@@ -57,7 +57,7 @@ def test_schema(seed):
 
 
 def test_1_memory_check_is_per_device_and_passes_on_its_numbers(seed):
-    data, md = seed[0], seed[1]
+    data = seed[0]
     c = _check(data, "memory_fits")
     per_device, capacity = data["memory"]["total"], data["memory"]["capacity"]
     assert capacity == 64e9 and per_device < 5e9              # per device, not the whole model's 76 GB

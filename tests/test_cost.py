@@ -100,7 +100,6 @@ def test_collectives_carry_axes_phase_and_trip_counts(tiny_reports):
     report = tiny_reports["EP2-TP2-PP2"]
     prefill = {(c["kind"], tuple(c["axes"]), c["phase"]): c for c in report.phases["prefill"].collective_summary()}
     L, pp = get_model("tiny").num_layers, 2
-    ticks = report.phases["prefill"].collectives  # noqa: F841 (kept for debugging)
     dispatch = prefill[("all-to-all", ("ep",), "dispatch")]
     combine = prefill[("all-to-all", ("ep",), "combine")]
     assert dispatch["group_size"] == 2 and dispatch["calls"] == combine["calls"]

@@ -14,6 +14,8 @@ from moe_jax.model.transformer import Transformer
 from moe_jax.placement import describe
 from moe_jax.programs import ShardedModel
 
+from conftest import single_device_reference  # noqa: E402
+
 # (ep, tp, pp, dp), as the issue lists them
 MESHES = [(1, 1, 2, 4), (2, 2, 2, 1), (1, 1, 8, 1), (4, 1, 2, 1), (1, 2, 4, 1)]
 BATCH, PROMPT, TOTAL = 8, 9, 12
@@ -26,11 +28,7 @@ def cfg8(tiny32):
 
 @pytest.fixture(scope="module")
 def reference(cfg8):
-    model = Transformer(cfg8, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (BATCH, TOTAL), 0, cfg8.vocab_size)
-    graphdef, state = nnx.split(model)
-    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens)
-    return state, tokens, np.asarray(logits)
+    return single_device_reference(cfg8, BATCH, TOTAL)
 
 
 def _prefill_then_decode(sm, params, tokens):

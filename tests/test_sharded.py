@@ -11,6 +11,8 @@ from moe_jax.mesh import Strategy
 from moe_jax.model.transformer import Transformer
 from moe_jax.programs import ShardedModel
 
+from conftest import single_device_reference  # noqa: E402
+
 # (ep, tp, pp, dp), as the issue lists them
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (4, 2, 1, 1), (1, 1, 1, 8), (2, 1, 1, 4)]
 BATCH, PROMPT, TOTAL = 8, 10, 13
@@ -18,11 +20,7 @@ BATCH, PROMPT, TOTAL = 8, 10, 13
 
 @pytest.fixture(scope="module")
 def reference(tiny32):
-    model = Transformer(tiny32, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (BATCH, TOTAL), 0, tiny32.vocab_size)
-    graphdef, state = nnx.split(model)
-    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens)
-    return state, tokens, np.asarray(logits)
+    return single_device_reference(tiny32, BATCH, TOTAL)
 
 
 @pytest.mark.parametrize("ep,tp,pp,dp", MESHES)

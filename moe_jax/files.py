@@ -1,0 +1,47 @@
+"""Reading the user's files with clear errors, and writing ours atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+
+from moe_jax.errors import MoeJaxError
+
+
+def read_toml(path: str | Path, what: str, error=MoeJaxError) -> dict:
+    """Parse a TOML file; an unreadable or malformed file raises `error` naming it as `what`."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except OSError as e:
+        raise error(f"cannot read {what} {str(p)!r}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {str(p)!r} is not valid TOML: {e}") from None
+
+
+def read_json(path: str | Path, what: str, error=MoeJaxError):
+    """Parse a JSON file; an unreadable or malformed file raises `error` naming it as `what`."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except OSError as e:
+        raise error(f"cannot read {what} {str(p)!r}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{what} {str(p)!r} is not valid JSON: {e}") from None
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: never half a file, even if interrupted."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
