@@ -33,6 +33,12 @@ PHASES = ("prefill", "decode")
 TARGETS = Path(__file__).resolve().parent / "targets"
 
 
+MAX_BATCH = 1 << 20
+"""Largest batch a workload may name."""
+MAX_LENGTH = 1 << 22
+"""Longest prompt or generation a workload may name (4M tokens)."""
+
+
 @dataclass(frozen=True)
 class Workload:
     """What is served: `batch` sequences of `prompt_len` prompt tokens, each generating `gen_len` tokens."""
@@ -42,10 +48,12 @@ class Workload:
     gen_len: int = 256
 
     def __post_init__(self):
-        for name in ("batch", "prompt_len", "gen_len"):
+        for name, limit in (("batch", MAX_BATCH), ("prompt_len", MAX_LENGTH), ("gen_len", MAX_LENGTH)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MoeJaxError(f"workload {name}={value!r} must be a positive integer")
+            if value > limit:
+                raise MoeJaxError(f"workload {name}={value:,} exceeds the supported {limit:,}")
 
     @property
     def cache_len(self) -> int:

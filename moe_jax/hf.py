@@ -33,6 +33,8 @@ def _unsupported(data: dict, field: str, allowed, why: str) -> None:
 def _rope_theta(data: dict) -> float:
     params = data.get("rope_parameters") or {}
     scaling = data.get("rope_scaling")
+    if not isinstance(params, dict) or not isinstance(scaling or {}, dict):
+        raise ConfigError(f"{data.get('model_type')}: rope_parameters and rope_scaling must be JSON objects")
     kind = (params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default")
     if kind != "default":
         raise ConfigError(f"{data.get('model_type')}: rope type {kind!r} (rope_scaling/rope_parameters) is not "
@@ -96,8 +98,8 @@ def from_hf(path: str | Path) -> ModelConfig:
         return from_hf_dict(data, name=p.parent.name if p.name == "config.json" else p.stem)
     except KeyError as e:
         raise ConfigError(f"{str(p)!r}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{str(p)!r}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # wrongly typed or zero fields
+        raise ConfigError(f"{str(p)!r}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
 
 
 def to_hf_dict(cfg: ModelConfig) -> dict:

@@ -17,12 +17,23 @@ from moe_jax.errors import StrategyError, nearest
 MESH_AXES = ("dp", "pp", "ep", "tp")
 """Mesh axis names, outermost first."""
 
+MAX_STRATEGY_DEVICES = 1 << 24
+"""Largest device count a strategy may name (16M: beyond any cluster, small enough to stay exact)."""
+
 _TOKEN = re.compile(r"^(ep|tp|pp|dp)(\d+)$")
 
 
 def divisors(n: int) -> list[int]:
-    """All positive divisors of n, ascending."""
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """All positive divisors of n, ascending (O(√n), so absurd sizes do not hang)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class Strategy:
             value = getattr(self, axis)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StrategyError(f"{axis}={value!r} must be a positive integer")
+        if self.num_devices > MAX_STRATEGY_DEVICES:
+            raise StrategyError(f"{self.name} uses {self.num_devices:,} devices; at most "
+                                f"{MAX_STRATEGY_DEVICES:,} are supported")
 
     @property
     def num_devices(self) -> int:

@@ -27,6 +27,8 @@ from moe_jax.hardware import Hardware
 from moe_jax.mesh import Strategy, divisors, validate
 
 OBJECTIVES = ("throughput", "ttft", "tpot", "cost")
+MAX_DEVICES = 1 << 20
+"""Largest device count the planner searches (a million accelerators)."""
 
 
 def enumerate_strategies(cfg: ModelConfig, devices: int, batch: int) -> list[Strategy]:
@@ -214,8 +216,8 @@ def plan(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *, ob
     start = time.perf_counter()
     if objective not in OBJECTIVES:
         raise MoeJaxError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if devices < 1:
-        raise MoeJaxError(f"--devices {devices} must be at least 1")
+    if devices < 1 or devices > MAX_DEVICES:
+        raise MoeJaxError(f"--devices {devices} must be between 1 and {MAX_DEVICES:,}")
     if objective == "cost":
         return _plan_fewest(cfg, devices, hw, workload, slo_ttft=slo_ttft, slo_tpot=slo_tpot, baseline=baseline,
                             top=top, backend=backend, topology=topology, cache_dir=cache_dir, workers=workers,

@@ -140,8 +140,11 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         prompt = np.asarray(jax.random.randint(jax.random.key(seed + 1), (B, S), 0, cfg.vocab_size))
     tokens = sm.put_tokens(jnp.asarray(prompt, jnp.int32))
 
-    ttft = time_call(lambda: sm.prefill(params, tokens, sm.init_cache(B, S + G)), repeats=repeats)
     out = sm.prefill(params, tokens, sm.init_cache(B, S + G))
+    from moe_jax.health import check_logits
+
+    check_logits(out.logits, sm.graphdef, params, tokens, f"prefill of {cfg.name}")
+    ttft = time_call(lambda: sm.prefill(params, tokens, sm.init_cache(B, S + G)), repeats=repeats)
     cache = out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
     generated, steps = [np.asarray(token)], []

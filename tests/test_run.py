@@ -93,3 +93,26 @@ def test_gpu_validate_dry_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     assert "| tiny |" in text and "predicted" in text and "dry run" in text
+
+
+def test_nan_in_a_checkpoint_is_reported_with_its_layer(tmp_path, capsys):
+    from flax import nnx
+
+    from moe_jax.health import locate_nonfinite
+    from moe_jax.model.transformer import Transformer
+    from moe_jax.weights import save_params
+
+    cfg = get_model("tiny").replace(family="mixtral", qk_norm="none", dtype="float32")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    assert locate_nonfinite(graphdef, state, tokens) is None
+    w = state["blocks"]["moe"]["w_up_edf"]
+    w.set_value(w.get_value().at[2].set(jnp.nan))              # every expert of layer 2
+    assert locate_nonfinite(graphdef, state, tokens) == "layer 2 (moe)"
+    save_params(state, cfg, tmp_path / "broken")
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--weights", str(tmp_path / "broken"), "--mesh", "EP2-TP2", "--batch", "2", "--prompt-len", "4",
+              "--gen-len", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "first non-finite values in layer 2 (moe)" in err
