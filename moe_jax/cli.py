@@ -271,6 +271,10 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
     validate(strategy, cfg, batch=batch)
     json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
     md_file = _output_path(md_path, "--markdown")
+    if md_file:
+        from moe_jax.files import check_derived
+
+        check_derived([md_file.with_name(md_file.stem + ".memory.png")])
     if backend == "cpu":
         n = strategy.num_devices
         request_cpu_devices(n if n <= MAX_CPU_DEVICES else n // strategy.dp)
@@ -345,6 +349,11 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
             raise MoeJaxError(f"{name} {value} must be a positive number of seconds")
     json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
     md_file = _output_path(md_path, "--markdown")
+    if md_file:
+        from moe_jax.files import check_derived
+
+        check_derived([md_file.with_name(f"{md_file.stem}{suffix}") for suffix in
+                       (".memory.png", ".baseline.md", ".baseline.memory.png", ".pareto.png")])
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
         tasks = {}

@@ -33,6 +33,24 @@ def read_json(path: str | Path, what: str, error=MoeJaxError):
         raise error(f"{what} {str(p)!r} is not valid JSON: {e}") from None
 
 
+MARK = "moe-jax"
+"""Written into every file moe-jax derives from a name the user gave (chart metadata, report header)."""
+
+
+def check_derived(paths) -> None:
+    """Refuse to overwrite a derived output (a chart or report next to the user's --markdown) that moe-jax
+    did not write: it may be the user's own file."""
+    for p in map(Path, paths):
+        if p.exists():
+            try:
+                head = p.read_bytes()[:4096]
+            except OSError as e:
+                raise MoeJaxError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
+            if MARK.encode() not in head:
+                raise MoeJaxError(f"{str(p)!r} exists and was not written by moe-jax; it would be overwritten. "
+                                  "Move it or choose another --markdown name")
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write via a temporary file in the same directory and rename: never half a file, even if interrupted."""
     path = Path(path)

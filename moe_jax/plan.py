@@ -391,6 +391,6 @@ def pareto_plot(result: PlanResult, path: str | Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": "moe-jax"})
     plt.close(fig)
     return path

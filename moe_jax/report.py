@@ -31,7 +31,7 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     d = a.to_dict()
     cfg, s, hw, w, f = a.cfg, a.strategy, a.hardware, a.workload, a.placement.facts()
     p, mem = a.prediction, a.memory
-    out = [f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
+    out = ["<!-- written by moe-jax -->", f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
     verdict = "fits" if a.fits else "does NOT fit"
     out += [f"**Verdict:** {verdict} in device memory; {sum(c.passed for c in a.checks)} of {len(a.checks)} "
             "checks pass. This report analyses one given strategy; it is not compared with a search.", ""]
@@ -177,6 +177,6 @@ def memory_chart_from(data: dict, path: str | Path) -> Path | None:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": "moe-jax"})
     plt.close(fig)
     return path

@@ -208,3 +208,25 @@ def test_absurd_sizes_are_refused_quickly(capsys, argv, message):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_derived_outputs_never_overwrite_a_users_file(tmp_path, capsys):
+    from moe_jax.cli import main
+
+    mine = tmp_path / "report.memory.png"
+    mine.write_bytes(b"my own picture")
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", "tiny", "--mesh", "EP8", "--markdown", str(tmp_path / "report.md")])
+    assert e.value.code == 2 and "was not written by moe-jax" in capsys.readouterr().err
+    assert mine.read_bytes() == b"my own picture" and not (tmp_path / "report.md").exists()
+    mine.unlink()
+    with pytest.raises(SystemExit) as e:                     # moe-jax's own outputs may be rewritten
+        for _ in range(2):
+            try:
+                main(["analyze", "--model", "tiny", "--mesh", "EP8", "--batch", "8", "--prompt-len", "8",
+                      "--gen-len", "4", "--markdown", str(tmp_path / "report.md")])
+            except SystemExit as done:
+                assert done.code == 0
+        raise SystemExit(0)
+    assert e.value.code == 0 and (tmp_path / "report.md").read_text().startswith("<!-- written by moe-jax -->")
+    assert list(tmp_path.glob(".*tmp")) == []                # no temporary file left behind
