@@ -54,10 +54,17 @@ def check_derived(paths) -> None:
 def write_atomic(path: str | Path, text: str) -> None:
     """Write via a temporary file in the same directory and rename: never half a file, even if interrupted."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o7777                      # keep an existing file's permissions
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask                                    # a new file gets the usual ones
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ collective whose group stays inside one node uses the first.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,14 +161,27 @@ def _from_toml(path: Path) -> Hardware:
     missing = [k for k in required if k not in table]
     if missing:
         raise MoeJaxError(f"hardware file {str(path)!r}: missing {', '.join(missing)}")
-    for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "devices_per_node", "flops_efficiency",
-                "hbm_efficiency"):
-        if key in table and (not isinstance(table[key], (int, float)) or isinstance(table[key], bool)
-                             or table[key] <= 0):
-            raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r} must be a positive number")
+    def number(value, where: str, low: float, high: float = math.inf, low_open: bool = True) -> None:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > low if low_open else value >= low) and value <= high)
+        if not ok:
+            bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+            raise MoeJaxError(f"hardware file {str(path)!r}: {where}={value!r} must be a finite number {bound}")
+
+    for key in ("memory_bytes", "peak_flops", "hbm_bandwidth"):
+        if key in table:
+            number(table[key], key, 0)
+    for key in ("flops_efficiency", "hbm_efficiency"):
+        if key in table:
+            number(table[key], key, 0, 1)
+    if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \
+            or table["devices_per_node"] < 1:
+        raise MoeJaxError(f"hardware file {str(path)!r}: devices_per_node={table['devices_per_node']!r} must be a "
+                          "positive integer")
     for tier, link in links.items():
-        if not isinstance(link.bandwidth, (int, float)) or link.bandwidth <= 0:
-            raise MoeJaxError(f"hardware file {str(path)!r}: [{tier}] bandwidth must be a positive number")
+        number(link.bandwidth, f"[{tier}] bandwidth", 0)
+        number(link.latency_s, f"[{tier}] latency_s", 0, low_open=False)
+        number(link.call_overhead_s, f"[{tier}] call_overhead_s", 0, low_open=False)
     table.setdefault("source", f"user file {path}")
     try:
         return Hardware(**table, **links)

@@ -121,8 +121,9 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
 
     B, S, G = workload.batch, workload.prompt_len, workload.gen_len
     validate(strategy, cfg, batch=B, num_devices=None)
-    if G < 2:
-        raise MoeJaxError(f"--gen-len {G}: at least 2 generated tokens are needed to time a decode step")
+    if G < 3:
+        raise MoeJaxError(f"--gen-len {G}: at least 3 generated tokens are needed (one decode step compiles "
+                          "the program, the next is timed)")
     have = jax.devices()
     if len(have) < strategy.num_devices:
         raise MoeJaxError(f"{strategy.name} needs {strategy.num_devices} devices; jax sees {len(have)} "
@@ -140,11 +141,17 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         prompt = np.asarray(jax.random.randint(jax.random.key(seed + 1), (B, S), 0, cfg.vocab_size))
     tokens = sm.put_tokens(jnp.asarray(prompt, jnp.int32))
 
-    out = sm.prefill(params, tokens, sm.init_cache(B, S + G))
+    def prefill_once():
+        cache = jax.block_until_ready(sm.init_cache(B, S + G))   # allocation is not part of TTFT
+        start = time.perf_counter()
+        result = jax.block_until_ready(sm.prefill(params, tokens, cache))
+        return time.perf_counter() - start, result
+
+    _, out = prefill_once()                                      # warm-up: compiles prefill
     from moe_jax.health import check_logits
 
     check_logits(out.logits, sm.graphdef, params, tokens, f"prefill of {cfg.name}")
-    ttft = time_call(lambda: sm.prefill(params, tokens, sm.init_cache(B, S + G)), repeats=repeats)
+    ttft = Timing([prefill_once()[0] for _ in range(repeats)])
     cache = out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
     generated, steps = [np.asarray(token)], []
@@ -157,7 +164,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         steps.append(time.perf_counter() - start)
         cache = step.cache
         generated.append(np.asarray(token))
-    decode = Timing(steps[1:] if len(steps) > 1 else steps)   # the first step compiles: warm-up
+    decode = Timing(steps[1:])                                   # the first step compiles: warm-up
     device = jax.devices()[0]
     result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
                        workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist())

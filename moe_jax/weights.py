@@ -90,11 +90,13 @@ class Checkpoint:
         try:
             if index.exists():
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map must map tensor names to file names")
             elif (d / "model.safetensors").exists():
                 weight_map = None
             else:
                 raise MoeJaxError(f"no model.safetensors or model.safetensors.index.json in {str(d)!r}")
-        except (ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise MoeJaxError(f"{str(index)!r} is not a valid safetensors index: {e}") from None
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self._handles, self.location = {}, {}

@@ -86,3 +86,39 @@ def test_hardware_toml(tmp_path):
         get_hardware(str(broken))
     with pytest.raises(MoeJaxError, match="unknown hardware 'h300'.*presets: seed-gpu"):
         get_hardware("h300")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("peak_flops = 100e12", "peak_flops = nan"), "peak_flops=nan must be a finite number > 0"),
+    (("bandwidth = 100e9", "bandwidth = inf"), "[node_link] bandwidth=inf must be a finite number > 0"),
+    (("latency_s = 1e-6", "latency_s = \"1us\""), "[node_link] latency_s='1us' must be a finite number >= 0"),
+    (("latency_s = 1e-6", "latency_s = -1.0"), "[node_link] latency_s=-1.0 must be a finite number >= 0"),
+    (("devices_per_node = 4", "devices_per_node = 0.5"), "devices_per_node=0.5 must be a positive integer"),
+    (("peak_flops = 100e12", "peak_flops = 100e12\nflops_efficiency = 80"),
+     "flops_efficiency=80 must be a finite number > 0 and <= 1"),
+])
+def test_hardware_toml_values_are_checked(tmp_path, edit, message):
+    text = ('name = "my-gpu"\nmemory_bytes = 40e9\npeak_flops = 100e12\nhbm_bandwidth = 1e12\n'
+            'devices_per_node = 4\n[node_link]\nbandwidth = 100e9\nlatency_s = 1e-6\n'
+            '[network_link]\nbandwidth = 10e9\nlatency_s = 5e-6\n')
+    f = tmp_path / "hw.toml"
+    f.write_text(text.replace(*edit, 1))
+    with pytest.raises(MoeJaxError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        get_hardware(str(f))
+
+
+def test_reports_keep_normal_file_permissions(tmp_path):
+    import os
+
+    from moe_jax.files import write_atomic
+
+    new = tmp_path / "new.json"
+    write_atomic(new, "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
+    mine = tmp_path / "mine.md"
+    mine.write_text("old")
+    mine.chmod(0o640)
+    write_atomic(mine, "new")
+    assert mine.stat().st_mode & 0o777 == 0o640 and mine.read_text() == "new"

@@ -230,3 +230,12 @@ def test_derived_outputs_never_overwrite_a_users_file(tmp_path, capsys):
         raise SystemExit(0)
     assert e.value.code == 0 and (tmp_path / "report.md").read_text().startswith("<!-- written by moe-jax -->")
     assert list(tmp_path.glob(".*tmp")) == []                # no temporary file left behind
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["a", "b"]}', '{"weight_map": {"x": 3}}', '{"nope": {}}', '[1'])
+def test_malformed_checkpoint_index_is_a_clear_error(tmp_path, index):
+    from moe_jax.weights import Checkpoint
+
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(MoeJaxError, match="is not a valid safetensors index"):
+        Checkpoint(tmp_path)

@@ -113,6 +113,12 @@ def test_nan_in_a_checkpoint_is_reported_with_its_layer(tmp_path, capsys):
     save_params(state, cfg, tmp_path / "broken")
     with pytest.raises(SystemExit) as e:
         main(["run", "--weights", str(tmp_path / "broken"), "--mesh", "EP2-TP2", "--batch", "2", "--prompt-len", "4",
-              "--gen-len", "2"])
+              "--gen-len", "3"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "first non-finite values in layer 2 (moe)" in err
+
+
+def test_too_few_generated_tokens_to_time_decode(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--mesh", "EP2", "--batch", "2", "--prompt-len", "4", "--gen-len", "2"])
+    assert e.value.code == 2 and "at least 3 generated tokens" in capsys.readouterr().err
