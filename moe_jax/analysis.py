@@ -17,6 +17,7 @@ from moe_jax.hardware import Hardware
 from moe_jax.mesh import Strategy, kv_replicated
 from moe_jax.perf import Prediction, predict
 from moe_jax.placement import Placement, describe
+from moe_jax.units import gb as _gb
 
 WELL_USED = 0.25
 """Below this share of device memory a strategy is flagged as over-provisioned."""
@@ -100,10 +101,6 @@ class Analysis:
             "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks],
             "recommendations": self.recommendations,
         }
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 def _memory(cost: CostReport, hw: Hardware) -> dict:
@@ -217,7 +214,7 @@ def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: 
     memory = _memory(cost, hardware)
     compiled_all = all(p.fits for p in cost.phases.values())
     fits = compiled_all and memory["total"] is not None and memory["total"] <= hardware.memory_bytes
-    prediction = (predict(cost, hardware, workload.batch, workload.gen_len, strategy.num_devices)
+    prediction = (predict(cost, hardware, workload.batch, workload.gen_len)
                   if compiled_all else None)
     a = Analysis(cfg, strategy, hardware, workload, cost, placement, prediction, fits, memory)
     a.checks = _checks(a)

@@ -17,24 +17,12 @@ from rich.table import Table
 from moe_jax.config import get_model, preset_names
 from moe_jax.errors import MoeJaxError
 from moe_jax.mesh import Strategy
+from moe_jax.units import gb as _gb
+from moe_jax.units import human_bytes as _bytes
+from moe_jax.units import mb as _mb
 
 # Tables keep their columns when printed to a file or a pipe (rich would otherwise assume 80).
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-
-
-def _gb(n: float) -> str:
-    return "n/a" if n is None else f"{n / 1e9:,.2f} GB"
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def _b(n: int) -> str:
@@ -504,7 +492,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
     if json_path == "-":
         click.echo(json.dumps(data, indent=2))
     else:
-        from moe_jax.report import _ms
+        from moe_jax.units import ms as _ms
 
         out.print(f"{cfg.name} {strategy.name} on {result.device_kind}: batch {batch}, prompt {prompt_len}, "
                   f"generated {gen_len}")
@@ -542,7 +530,7 @@ def _dump_hlo(a, directory: str) -> None:
 
 
 def _print_analysis(a) -> None:
-    from moe_jax.report import _ms
+    from moe_jax.units import ms as _ms
 
     cfg, s, hw, w, mem, p = a.cfg, a.strategy, a.hardware, a.workload, a.memory, a.prediction
     out.print(f"[bold]{cfg.name}[/bold] {s.name} on {s.num_devices} x {hw.name} ({a.cost.backend} compile, "

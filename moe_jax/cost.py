@@ -201,8 +201,6 @@ def _collective_payload(instr: Instruction, comp, kind: str) -> int:
         return sum(comp.by_name[n].bytes for n in instr.operands if n in comp.by_name)
     if instr.opcode.endswith("-start") and instr.shape.startswith("("):
         return max(parts)                                   # (input, output[, context]): the data moved
-    if kind == "reduce-scatter":
-        return sum(comp.by_name[n].bytes for n in instr.operands if n in comp.by_name)
     return sum(parts)
 
 

@@ -151,10 +151,11 @@ class Prediction:
         return d
 
 
-def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, devices: int) -> Prediction:
+def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Prediction:
     """Time the compiled prefill and decode of `report` on `hw`.
 
-    batch: sequences over all replicas; devices: all devices of the strategy (replicas included).
+    batch: sequences over all replicas (when the cpu backend compiled one replica, the report's
+    per-device figures stand for every replica).
     """
     pre, dec = report.phases["prefill"], report.phases["decode"]
     n = report.devices                                  # devices of the compiled program

@@ -76,7 +76,7 @@ def estimate(cfg: ModelConfig, strategy: Strategy, hw: Hardware, workload: Workl
     analytic = {ph: analytic_flops(cfg, workload, ph) for ph in phases}
     report = CostReport(cfg.name, strategy.name, strategy.name, workload.to_dict(), "analytic", "estimate",
                         strategy.num_devices, phases, [], analytic)
-    pred = predict(report, hw, workload.batch, workload.gen_len, strategy.num_devices)
+    pred = predict(report, hw, workload.batch, workload.gen_len)
     total = max(ph.memory.peak for ph in phases.values())
     return Estimate(strategy, total <= hw.memory_bytes, total, pred.ttft_s, pred.tpot_s, pred.throughput_tok_s)
 

@@ -9,21 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_jax.analysis import Analysis
-
-
-def _gb(n) -> str:
-    return "n/a" if n is None else f"{n / 1e9:,.2f} GB"
-
-
-def _ms(s) -> str:
-    return "n/a" if s is None else (f"{s * 1e3:,.3f} ms" if s < 10 else f"{s:,.2f} s")
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n:,.0f} B"
+from moe_jax.units import gb as _gb
+from moe_jax.units import human_bytes as _bytes
+from moe_jax.units import ms as _ms
 
 
 def markdown(a: Analysis, chart: str | None = "memory.png") -> str:

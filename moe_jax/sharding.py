@@ -157,10 +157,11 @@ class Layout:
 
     def param_shardings(self, state):
         """NamedSharding tree for an NNX parameter state."""
-        from jax.sharding import NamedSharding
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
 
-        return map_params(state, lambda path, var: NamedSharding(self.mesh, self.spec(
-            _axes_of(path, var), var.shape, what=f"parameter {path}", strict=True)))
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self.param_specs(state),
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def _axes_of(path: str, var) -> tuple:

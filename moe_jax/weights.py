@@ -38,6 +38,12 @@ class Source:
     per_layer: bool = True
     per_expert: bool = False
 
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """Shape of the Hugging Face tensor (split dims of each group multiplied back)."""
+        starts = np.cumsum((0,) + self.groups[:-1])
+        return tuple(math.prod(self.split[k:k + c]) for k, c in zip(starts, self.groups))
+
 
 def sources(cfg: ModelConfig) -> list[Source]:
     """The name and layout mapping of `cfg`'s family."""
@@ -148,11 +154,9 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
     for src in sources(cfg):
         layers = range(cfg.num_layers) if src.per_layer else [None]
         experts = range(cfg.num_experts) if src.per_expert else [None]
-        hf_shape = tuple(math.prod(src.split[k:k + c]) for k, c in
-                         zip(np.cumsum((0,) + src.groups[:-1]), src.groups))
         for layer in layers:
             for e in experts:
-                expected[src.name.format(l=layer, e=e)] = hf_shape
+                expected[src.name.format(l=layer, e=e)] = src.hf_shape
     missing = [n for n in expected if n not in ckpt.location]
     if missing:
         raise MoeJaxError(f"checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
@@ -229,9 +233,7 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
             for e in experts:
                 block = per_layer[e] if e is not None else per_layer
                 hf = np.transpose(block, np.argsort(src.perm))
-                hf_shape = tuple(math.prod(src.split[k:k + c]) for k, c in
-                                 zip(np.cumsum((0,) + src.groups[:-1]), src.groups))
-                tensors[src.name.format(l=layer, e=e)] = np.ascontiguousarray(hf.reshape(hf_shape))
+                tensors[src.name.format(l=layer, e=e)] = np.ascontiguousarray(hf.reshape(src.hf_shape))
     if np.dtype(next(iter(tensors.values())).dtype).name == "bfloat16":
         tensors = {k: v.astype(np.float32) for k, v in tensors.items()}   # numpy safetensors has no bf16
     save_file(tensors, str(d / "model.safetensors"))

@@ -98,7 +98,7 @@ def test_property_every_prediction_is_at_or_above_its_floor(case, hw_name, batch
               for ph in ("prefill", "decode")}
     report = CostReport(cfg.name, strategy.name, strategy.name, work.to_dict(), "analytic", "estimate",
                         strategy.num_devices, phases, [], {ph: analytic_flops(cfg, work, ph) for ph in phases})
-    pred = predict(report, hw, work.batch, work.gen_len, strategy.num_devices)
+    pred = predict(report, hw, work.batch, work.gen_len)
     floor = (p.weight_bytes_per_device + p.kv_cache_bytes_per_device) / hw.hbm_bandwidth
     assert pred.tpot_s >= floor * (1 - 1e-12) and pred.tpot_s >= pred.decode.floor_s
     assert pred.ttft_s >= pred.prefill.floor_s > 0
