@@ -20,7 +20,7 @@ from moe_jax.errors import ConfigError, nearest
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _QK_NORMS = ("none", "head", "full")
 _NORMS = ("rms", "layer")
-_DISPATCHES = ("capacity", "dense")
+_DISPATCHES = ("capacity", "dropless", "dense")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     """Parameter, activation and KV cache dtype; router, softmax and norms compute in f32 regardless."""
     dispatch: str = "capacity"
-    """Expert path: ``capacity`` (GShard dispatch/combine, drops overflow) or ``dense`` (all experts, reference)."""
+    """Expert path: ``capacity`` (GShard dispatch/combine, drops overflow), ``dropless`` (sort by expert,
+    grouped matmul, ragged all-to-all; nothing dropped) or ``dense`` (all experts on all tokens, reference)."""
     capacity_factor: float = 1.25
     """Capacity dispatch: C = ceil(capacity_factor · Sg · k / E) slots per expert per group, clipped to [1, Sg]."""
     moe_group_size: int = 256

@@ -8,6 +8,17 @@ most C tokens; first choices are placed before second choices, and overflow is d
 is the reverse. Because groups are bounded, the dispatch tensors ``[G, Sg, E, C]`` grow
 linearly with the number of tokens.
 
+Dropless dispatch (as in MegaBlocks, MaxText and DeepSeek serving): every token-expert
+assignment is kept. Assignments are sorted by expert and each expert multiplies exactly
+its rows with one grouped matmul (`jax.lax.ragged_dot`). With ``ep > 1`` the block runs
+inside `jax.shard_map`, manual over the mesh axes the tokens, experts and expert width
+are split over: each shard sorts its tokens' assignments, the per-expert counts are
+all-gathered (a few integers), rows travel to the shard owning their expert with
+`jax.lax.ragged_all_to_all`, are re-sorted by local expert, multiplied, and travel back.
+The receive buffer is sized for the worst case (every token of every shard routed to
+this shard), so nothing is ever dropped; the expected traffic is far below it (the cost
+report states both).
+
 The dense reference applies every expert to every token and gates the result: no
 drops, E times the FLOPs; for tests.
 """
@@ -20,7 +31,7 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.model.layers import F32, param
-from moe_jax.sharding import batch_shards, constrain
+from moe_jax.sharding import batch_shards, constrain, current_layout
 
 
 def route(x, router_de, top_k: int, norm_topk: bool):
@@ -115,6 +126,182 @@ def capacity_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     return y.reshape(B, S, D), dropped
 
 
+def _exclusive_cumsum(x, axis: int = -1):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _grouped_swiglu(x_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd):
+    """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
+
+    Rows past sum(sizes) (padding) belong to no expert; callers mask them.
+    """
+    with jax.named_scope("experts"):
+        gate = jax.lax.ragged_dot(x_md, w_gate_edf, sizes_e)
+        up = jax.lax.ragged_dot(x_md, w_up_edf, sizes_e)
+        return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_efd, sizes_e)
+
+
+def _sort_assignments(experts_tk, num_experts: int):
+    """Order of the T·k assignments sorted by expert (stable) and rows per expert.
+
+    experts [T, k] int32, where id == num_experts marks a padding token (sorted last,
+    counted nowhere) → (order [T·k], sorted expert ids [T·k], sizes [E] int32).
+    """
+    flat = experts_tk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    bounds = jnp.searchsorted(sorted_ids, jnp.arange(num_experts + 1, dtype=flat.dtype), side="left")
+    return order, sorted_ids, jnp.diff(bounds).astype(jnp.int32)
+
+
+def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: ModelConfig,
+                    real_tokens: int, token_axes: tuple, ep_axis: str | None, ep: int, tp_axes: tuple,
+                    ragged: bool = True):
+    """One shard's dropless MoE (inside shard_map, or the whole problem without a mesh).
+
+    x [T, D] this shard's tokens (rows at global index >= real_tokens are padding);
+    expert weights are this shard's E/ep experts (width F/tp). Returns y [T, D].
+    """
+    T, D = x_td.shape
+    E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_edf.shape[0]
+    first = 0
+    if token_axes:
+        first = jax.lax.axis_index(token_axes) * T
+    real = (first + jnp.arange(T)) < real_tokens                               # [T]
+    with jax.named_scope("route"):
+        weights, experts = route(x_td, router_de, k, cfg.router_norm_topk)        # [T, k]
+        experts = jnp.where(real[:, None], experts, E)
+        order, sorted_ids, sizes = _sort_assignments(experts, E)               # [T·k], [T·k], [E]
+    with jax.named_scope("dispatch"):
+        xs = x_td[order // k]                                                  # [T·k, D] by expert
+    if ep == 1:
+        ys = _grouped_swiglu(xs, sizes, w_gate_edf, w_up_edf, w_down_efd)
+        ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
+    else:
+        ys = _exchange_and_compute(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, ep_axis=ep_axis, ep=ep,
+                                   E_loc=E_loc, worst_rows=T * min(k, E_loc), ragged=ragged)
+    with jax.named_scope("combine"):
+        y_tkd = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, D)           # back to token order
+        y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
+        if tp_axes:   # each tp rank multiplied a slice of F: the down projections are partial sums
+            # (in f32 on CPU: XLA:CPU crashes on a 16-bit all-reduce inside a partially manual
+            # shard_map, in AllReducePromotion)
+            y = jax.lax.psum(y if not ragged else y.astype(x_td.dtype), tp_axes)
+    return y.astype(x_td.dtype)
+
+
+def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, ep_axis: str, ep: int,
+                          E_loc: int, worst_rows: int, ragged: bool):
+    """Send rows sorted by (global) expert to the shards owning the experts, compute, send back.
+
+    xs [N, D] this shard's assignments sorted by expert; sizes [E] rows per expert.
+    worst_rows: the most rows one source can send to one shard (T · min(k, E/ep)).
+    ragged: exchange with `ragged_all_to_all` (TPU, GPU); otherwise with a dense
+    all-to-all of worst-case blocks (XLA:CPU cannot compile the ragged one), the same
+    values moved in a fixed-size buffer.
+    Returns [N, D]: each row's expert output, in the same order as xs (0 for padding).
+    """
+    N, D = xs_md.shape
+    me = jax.lax.axis_index(ep_axis)
+    with jax.named_scope("dispatch"):
+        counts = jax.lax.all_gather(sizes_e, ep_axis)                           # [ep, E]: source × expert
+        per_dest = counts.reshape(ep, ep, E_loc)                               # [src, dst, local expert]
+        sent = per_dest.sum(-1)                                                # [src, dst] rows
+        mine_in = jax.lax.dynamic_index_in_dim(per_dest, me, 1, keepdims=False)  # [src, E_loc] rows I receive
+        recv_sizes, send_sizes = sent[:, me], sent[me]                         # [src], [dst]
+        recv_offsets, send_offsets = _exclusive_cumsum(recv_sizes), _exclusive_cumsum(send_sizes)
+        if ragged:
+            # My rows land in each receiver's buffer after the rows of the sources before me.
+            land_offsets = _exclusive_cumsum(sent, axis=0)[me]                # [dst]
+            recv = jax.lax.ragged_all_to_all(xs_md, jnp.zeros((ep * worst_rows, D), xs_md.dtype), send_offsets,
+                                             send_sizes, land_offsets, recv_sizes, axis_name=ep_axis)
+            # Packed by source, then by local expert.
+            segment = jnp.searchsorted(jnp.cumsum(mine_in.reshape(-1)), jnp.arange(ep * worst_rows),
+                                       side="right")
+            local_ids = jnp.where(segment < ep * E_loc, segment % E_loc, E_loc)
+        else:
+            with jax.named_scope("ragged_as_dense"):
+                recv = jax.lax.all_to_all(_blocks(xs_md, send_offsets, send_sizes, worst_rows), ep_axis, 0, 0,
+                                          tiled=True).reshape(ep * worst_rows, D)
+            # Block s holds source s's rows by local expert, then padding.
+            r = jnp.arange(worst_rows)
+            ids = jax.vmap(lambda c: jnp.searchsorted(jnp.cumsum(c), r, side="right"))(mine_in)  # [src, worst]
+            local_ids = jnp.where(r[None, :] < recv_sizes[:, None], ids, E_loc).reshape(-1)
+        order = jnp.argsort(local_ids, stable=True)
+        xr = recv[order]
+    yr = _grouped_swiglu(xr, mine_in.sum(0).astype(jnp.int32), w_gate_edf, w_up_edf, w_down_efd)
+    with jax.named_scope("combine"):
+        yr = jnp.where((local_ids[order] < E_loc)[:, None], yr, 0)
+        y_recv = jnp.zeros_like(yr).at[order].set(yr)                          # back to by-source order
+        # The reverse exchange: rows received from source s go back to s, to where s sent them from.
+        if ragged:
+            back_land = _exclusive_cumsum(sent, axis=1)[:, me]                 # [src]
+            return jax.lax.ragged_all_to_all(y_recv, jnp.zeros((N, D), yr.dtype), recv_offsets, recv_sizes,
+                                             back_land, send_sizes, axis_name=ep_axis)
+        with jax.named_scope("ragged_as_dense"):
+            back = jax.lax.all_to_all(y_recv.reshape(ep, worst_rows, D), ep_axis, 0, 0, tiled=True)
+        # Row n of my sorted rows went to shard j = the block holding n, at n - send_offsets[j].
+        n = jnp.arange(N)
+        dest = jnp.searchsorted(jnp.cumsum(send_sizes), n, side="right")
+        inside = dest < ep
+        dest = jnp.minimum(dest, ep - 1)
+        row = jnp.clip(n - send_offsets[dest], 0, worst_rows - 1)
+        return jnp.where(inside[:, None], back[dest, row], 0)
+
+
+def _blocks(xs_md, offsets, sizes, rows: int):
+    """[ep, rows, D]: block j = xs[offsets[j] : offsets[j] + sizes[j]], zero-padded to `rows`."""
+    r = jnp.arange(rows)
+    idx = offsets[:, None] + r[None, :]                                        # [ep, rows]
+    valid = r[None, :] < sizes[:, None]
+    return jnp.where(valid[..., None], xs_md[jnp.clip(idx, 0, xs_md.shape[0] - 1)], 0)
+
+
+def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
+    """Routed experts, dropless. x [B, S, D] → (y [B, S, D], dropped [1] = 0).
+
+    Without a mesh (or one of size 1) it is one sort and three grouped matmuls; with a
+    mesh it runs in `jax.shard_map`, manual over the token axes (``batch``: dp × ep),
+    the expert axis (ep) and the width axis (tp); see the module docstring.
+    """
+    B, S, D = x_bsd.shape
+    T = B * S
+    x = x_bsd.reshape(T, D)
+    layout = current_layout()
+    kw = dict(cfg=cfg, real_tokens=T)
+    if layout is None or layout.mesh is None or layout.size(layout.axis_sizes) == 1:
+        y = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None, ep=1,
+                            tp_axes=(), **kw)
+        return y.reshape(B, S, D), jnp.zeros((1,), jnp.int32)
+    import functools
+
+    from jax.sharding import PartitionSpec as P
+
+    def present(name):
+        return tuple(a for a in layout.rules[name] if layout.axis_sizes.get(a, 1) > 1)
+
+    token_axes, ep_axes, tp_axes = present("batch"), present("expert"), present("mlp")
+    shards = layout.size(token_axes)
+    padded = -(-T // shards) * shards
+    x = jnp.pad(x, ((0, padded - T), (0, 0)))
+    abstract = jax.sharding.get_abstract_mesh()
+    inside_manual = not abstract.empty and bool(abstract.manual_axes)
+    mesh = abstract if inside_manual else layout.mesh
+    manual = set(token_axes) | set(ep_axes) | set(tp_axes)
+    (ep_axis,) = ep_axes or (None,)
+    w_spec = layout.spec(("expert", "embed", "mlp"), w_gate_edf.shape, what="expert weights")
+    down_spec = layout.spec(("expert", "mlp", "embed"), w_down_efd.shape, what="expert weights")
+    # XLA:CPU has no ragged all-to-all; the CPU program moves the same rows in fixed blocks.
+    ragged = layout.mesh.devices.flat[0].platform != "cpu"
+    body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
+                             ep=layout.size(ep_axes), tp_axes=tp_axes, ragged=ragged, **kw)
+    tok = P(token_axes or None, None)
+    y = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
+                      in_specs=(tok, P(), w_spec, w_spec, down_spec), out_specs=tok)(
+        x, router_de, w_gate_edf, w_up_edf, w_down_efd)
+    return y[:T].reshape(B, S, D), jnp.zeros((1,), jnp.int32)
+
+
 def dense_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
     """Reference: every expert on every token, gated by the router's top-k weights (nothing dropped)."""
     weights, experts = route(x_bsd, router_de, cfg.top_k, cfg.router_norm_topk)
@@ -144,7 +331,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x_bsd):
         """x [B, S, D] → (y [B, S, D], dropped token-expert assignments per token group [G])."""
-        impl = {"capacity": capacity_moe, "dense": dense_moe}[self.cfg.dispatch]
+        impl = {"capacity": capacity_moe, "dropless": dropless_moe, "dense": dense_moe}[self.cfg.dispatch]
         y, dropped = impl(x_bsd, self.router_de[...], self.w_gate_edf[...], self.w_up_edf[...],
                           self.w_down_efd[...], self.cfg)
         if self.cfg.num_shared_experts:
