@@ -65,7 +65,8 @@ class Analysis:
                     "temporaries": phase.memory.temporaries, "peak": phase.memory.peak,
                     "source": phase.memory.source},
                 "collectives": [{"kind": c["kind"], "axes": c["axes"], "group_size": c["group_size"],
-                                 "bytes": c["bytes"], "count": c["calls"], "phase": c["phase"]}
+                                 "bytes": c["bytes"], "count": c["calls"], "phase": c["phase"],
+                                 **({"worst_bytes": c["worst_bytes"]} if "worst_bytes" in c else {})}
                                 for c in phase.collective_summary()],
                 "flops_by_scope": phase.flops_by_scope,
                 "xla_cost_analysis": phase.xla_cost,
@@ -194,6 +195,18 @@ def _recommendations(a: Analysis) -> list[str]:
         recs.append(f"Capacity dispatch adds {pre['capacity_overhead'] / pre['useful']:.0%} to the useful prefill "
                     f"FLOPs (padded expert slots and one-hot dispatch/combine; capacity factor "
                     f"{a.cfg.capacity_factor}).")
+    routing = a.cost.analytic.get("dropless")
+    if routing:
+        recs.append(f"Dropless: under {routing['assumption']}, the busiest of the ep={s.ep} expert shards receives "
+                    f"{routing['imbalance']['prefill']:.2f}x the mean rows in prefill and "
+                    f"{routing['imbalance']['decode']:.2f}x in decode (expert time on that shard scales with it); "
+                    f"each shard's receive buffer is sized for the worst case, {1 / routing['row_fraction']:.1f}x "
+                    "the expected rows. A decode step touches "
+                    f"{a.cost.analytic['decode_weights_read'].get('touched_fraction', 1):.0%} of the local experts "
+                    "on average.")
+    elif a.cfg.dispatch == "capacity" and s.ep > 1:
+        recs.append("Dropless dispatch (`--dispatch dropless`) computes only the routed rows and never drops a "
+                    "token; `moe-jax plan --dispatch both` compares the two.")
     ratio = pre.get("compiled_over_analytic")
     if ratio and ratio > 1.2:
         recs.append(f"The compiled prefill does {ratio:.2f}x the model's matmul FLOPs: work repeated on every tp "

@@ -35,6 +35,20 @@ def _positive(ctx, param, value):
     return value
 
 
+def _dispatch_option(both: bool = False):
+    """--dispatch: the expert path (the model's own setting when not given)."""
+    choices = ["capacity", "dropless"] + (["both"] if both else [])
+    return click.option("--dispatch", type=click.Choice(choices),
+                        help="Expert dispatch: capacity (GShard slots, overflow dropped) or dropless (sorted "
+                             "tokens, grouped matmul, ragged all-to-all)" +
+                             ("; both: search with the model's, then compile the best strategy with each" if both
+                              else "") + ". Default: the model's (capacity for presets).")
+
+
+def _with_dispatch(cfg, dispatch):
+    return cfg if dispatch in (None, "both") else cfg.replace(dispatch=dispatch)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="moe-jax")
 def cli():
@@ -156,13 +170,14 @@ def _print_placement(p, prompt_len: int, gen_len: int) -> None:
 @click.option("--prompt-len", type=int, default=16, show_default=True, callback=_positive)
 @click.option("--gen-len", type=int, default=4, show_default=True, callback=_positive)
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
+@_dispatch_option()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, as_json):
+def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch, as_json):
     """Run a model sharded on fake CPU devices and compare it with one device (f32, ample capacity)."""
     from moe_jax.devices import request_cpu_devices
     from moe_jax.mesh import validate
 
-    cfg = get_model(model_name)
+    cfg = _with_dispatch(get_model(model_name), dispatch)
     strategy = Strategy.load(strategy_spec)
     validate(strategy, cfg, batch=batch)
     request_cpu_devices(strategy.num_devices)
@@ -244,15 +259,16 @@ def _write_atomic(path, text: str) -> None:
 @click.option("--json", "json_path", help="Write the analysis as JSON to this file ('-' for stdout).")
 @click.option("--markdown", "md_path", help="Write the Markdown report here (and the memory chart beside it).")
 @click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
+@_dispatch_option()
 def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
-            md_path, dump_dir):
+            md_path, dump_dir, dispatch):
     """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
     from moe_jax.compile import Workload
     from moe_jax.devices import MAX_CPU_DEVICES, request_cpu_devices
     from moe_jax.hardware import get_hardware
     from moe_jax.mesh import validate
 
-    cfg = get_model(model_name)
+    cfg = _with_dispatch(get_model(model_name), dispatch)
     strategy = Strategy.load(strategy_spec)
     hw = get_hardware(hardware_spec)
     workload = Workload(batch, prompt_len, gen_len)
@@ -311,8 +327,9 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
 @click.option("--json", "json_path", help="Write the plan as JSON here ('-' for stdout).")
 @click.option("--markdown", "md_path",
               help="Write the best strategy's report here (baseline and plots beside it).")
+@_dispatch_option(both=True)
 def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objective, slo_ttft, slo_tpot,
-         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path):
+         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path, dispatch):
     """Search every (ep, tp, pp, dp) for a device count, compile the best, and recommend one."""
     from pathlib import Path
 
@@ -324,7 +341,7 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
     from moe_jax.plan import plan as run_plan
     from moe_jax.report import memory_chart_from
 
-    cfg = get_model(model_name)
+    cfg = _with_dispatch(get_model(model_name), dispatch)
     hw = get_hardware(hardware_spec)
     workload = Workload(batch, prompt_len, gen_len)
     baseline = Strategy.load(baseline_spec) if baseline_spec else None
@@ -354,6 +371,11 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
         result = run_plan(cfg, devices, hw, workload, objective=objective, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
                           baseline=baseline, top=top, backend=backend, topology=topology,
                           cache_dir=Path(cache_dir) if cache_dir else None, workers=workers, progress=progress)
+        if dispatch == "both":
+            from moe_jax.plan import compare_dispatch
+
+            compare_dispatch(result, cfg, hw, workload, backend=backend, topology=topology,
+                             cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
     data = result.to_dict()
     if json_path == "-":
         click.echo(json.dumps(data, indent=2, default=str))
@@ -367,7 +389,7 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
             chart = md_file.with_name(f"{stem}.memory.png")
             made = memory_chart_from(result.compiled[result.best]["analysis"], chart)
             _write_atomic(md_file, result.compiled[result.best]["markdown"].replace(
-                "memory.png", chart.name if made else "memory.png") + _comparison_md(result))
+                "memory.png", chart.name if made else "memory.png") + _comparison_md(result) + _dispatch_md(result))
         if result.baseline:
             chart = md_file.with_name(f"{stem}.baseline.memory.png")
             made = memory_chart_from(result.compiled[result.baseline]["analysis"], chart)
@@ -436,6 +458,41 @@ def _print_plan(result, hw) -> None:
         out.print(f"[red]{result.message}[/red]")
     for m, x, y, r in _comparison_rows(result):
         out.print(f"  {m}: best {x}, baseline {y} ({r})")
+    if result.dispatch_comparison:
+        c = result.dispatch_comparison
+        out.print(f"{c['strategy']} with each dispatch method (compiled):")
+        for line in _dispatch_lines(c):
+            out.print("  " + line)
+
+
+def _dispatch_lines(c: dict) -> list[str]:
+    lines = []
+    for method, m in c["methods"].items():
+        if not m["fits"]:
+            lines.append(f"{method}: does not fit")
+            continue
+        lines.append(f"{method}: TTFT {m['ttft_s'] * 1e3:,.1f} ms, TPOT {m['tpot_s'] * 1e3:,.3f} ms, "
+                     f"{m['throughput_tok_s']:,.0f} tok/s, {_gb(m['memory_bytes'])} per device, prefill matmul "
+                     f"{m['prefill_matmul_flops']:.3e} FLOPs per device")
+    return lines
+
+
+def _dispatch_md(result) -> str:
+    c = result.dispatch_comparison
+    if not c:
+        return ""
+    rows = ["", f"## Dispatch methods on {c['strategy']}", "",
+            f"The search ran with {c['searched_with']} dispatch; the same strategy compiled with each method:", "",
+            "| dispatch | TTFT (ms) | TPOT (ms) | tok/s | memory per device (GB) | prefill matmul FLOPs per device |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for method, m in c["methods"].items():
+        if m["fits"]:
+            rows.append(f"| {method} | {m['ttft_s'] * 1e3:,.1f} | {m['tpot_s'] * 1e3:,.3f} | "
+                        f"{m['throughput_tok_s']:,.0f} | {m['memory_bytes'] / 1e9:.2f} | "
+                        f"{m['prefill_matmul_flops']:.3e} |")
+        else:
+            rows.append(f"| {method} | does not fit | | | | |")
+    return "\n".join(rows) + "\n"
 
 
 @cli.command("run")
@@ -455,8 +512,9 @@ def _print_plan(result, hw) -> None:
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Timed prefill runs.")
 @click.option("--json", "json_path", help="Write the result as JSON here ('-' for stdout).")
+@_dispatch_option()
 def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, hardware_spec,
-            backend, seed, repeats, json_path):
+            backend, seed, repeats, json_path, dispatch):
     """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction."""
     from pathlib import Path
 
@@ -468,7 +526,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
 
     if weights_dir and not Path(weights_dir).is_dir():
         raise MoeJaxError(f"--weights {weights_dir!r} is not a directory")
-    cfg = get_model(model_name or weights_dir or "tiny")
+    cfg = _with_dispatch(get_model(model_name or weights_dir or "tiny"), dispatch)
     if dtype:
         cfg = cfg.replace(dtype={"bf16": "bfloat16", "f32": "float32"}[dtype])
     strategy = Strategy.load(strategy_spec)

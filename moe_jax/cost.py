@@ -55,6 +55,36 @@ def _dims(attrs: str, key: str) -> list[int]:
     return [int(x) for x in m[1].split(",") if x] if m else []
 
 
+@dataclass(frozen=True)
+class RaggedHints:
+    """What the walk needs to read a dropless program (``dispatch="dropless"``), from the config and mesh.
+
+    groups: local experts, when the backend lowered each grouped matmul (`ragged_dot`) to a
+    dense dot over all groups (XLA:CPU does: it masks the rows per group and contracts over
+    groups × D, so its dot counts groups × the real FLOPs); the walk divides those dots by
+    it. 1 where the backend has a real grouped matmul.
+    row_fraction: with ep > 1, each shard receives rows into a buffer sized for the worst
+    case (every token of every shard routed here: ep · T · min(k, E/ep) rows); under
+    uniform routing it holds T · k of them, k / (ep · min(k, E/ep)) of the buffer. Grouped
+    matmuls over that buffer count that fraction of their FLOPs (a grouped-matmul kernel
+    stops at the last row of the last group), and on a backend without ragged all-to-all
+    (XLA:CPU: rows move in dense worst-case blocks) the blocks count that fraction as the
+    expected payload, the whole block as the worst case.
+    """
+
+    groups: int = 1
+    row_fraction: float = 1.0
+
+    @classmethod
+    def for_program(cls, cfg: ModelConfig, strategy: Strategy, backend: str) -> "RaggedHints | None":
+        """The hints for `cfg` compiled under `strategy` on `backend`; None unless dispatch is dropless."""
+        if cfg.dispatch != "dropless":
+            return None
+        local = cfg.num_experts // strategy.ep
+        rows = cfg.top_k / (strategy.ep * min(cfg.top_k, local)) if strategy.ep > 1 else 1.0
+        return cls(groups=local if backend == "cpu" else 1, row_fraction=rows)
+
+
 def _dot_flops(instr: Instruction, comp) -> int:
     lhs = comp.by_name.get(instr.operands[0])
     if lhs is None:
@@ -194,6 +224,19 @@ def _result_bytes(instr: Instruction, comp, module: Module) -> int:
     return total if instr.opcode == "fusion" or instr.opcode == "dynamic-update-slice" else instr.bytes
 
 
+def _ragged_bytes(instr: Instruction, comp, result: int) -> tuple[int, int]:
+    """(worst-case, expected) bytes of a ragged all-to-all (operand 0: the rows to send; result: the buffer).
+
+    Dropless exchanges rows between this shard's T·k assignments and a receive buffer sized
+    for the worst case, in both directions: the smaller of the two is what moves when
+    routing is uniform (every shard receives as many rows as it sends), the larger is the
+    most that can move (one shard receives every row).
+    """
+    src = comp.by_name.get(instr.operands[0]) if instr.operands else None
+    sent = src.bytes if src is not None else result
+    return max(sent, result), min(sent, result)
+
+
 def _collective_payload(instr: Instruction, comp, kind: str) -> int:
     """Bytes of the data a collective moves per device per call (before any algorithm factor)."""
     parts = [shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(instr.shape)]
@@ -221,6 +264,9 @@ class CollectiveCost:
     name: str
     group: list[int] = field(default_factory=list)
     """One replica group (partition ids = positions in the mesh); for a permute, one (source, target) pair."""
+    worst_bytes_per_call: int | None = None
+    """Ragged all-to-all (dropless): the receive buffer, sized for every row of every shard landing on
+    one shard. bytes_per_call is then the expected payload (rows sent, uniform routing)."""
 
     @property
     def total_bytes(self) -> int:
@@ -296,6 +342,8 @@ class PhaseCost:
                                         "group_size": c.group_size, "calls": 0, "bytes": 0})
             g["calls"] += c.calls
             g["bytes"] += c.total_bytes
+            if c.worst_bytes_per_call is not None:      # ragged: the most it can move (one shard takes all)
+                g["worst_bytes"] = g.get("worst_bytes", 0) + c.worst_bytes_per_call * c.calls
         return sorted(groups.values(), key=lambda g: -g["bytes"])
 
 
@@ -317,11 +365,31 @@ class OpCost:
     collective: bool = False
 
 
-def _instr_flops(instr: Instruction, comp) -> tuple[int, int, int]:
+def _grouped_matmul_flops(instr: Instruction, comp) -> int:
+    """A backend's own grouped matmul (TPU custom call, ``ragged-dot``): 2 · M · N · K.
+
+    Result [M, N]; K from the lhs [M, K] (operand 0 of ``ragged-dot``) or, for a custom
+    call whose operands include metadata, from the rank-3 weights [G, K, N].
+    """
+    shapes = [arrays(comp.by_name[n].shape) for n in instr.operands if n in comp.by_name]
+    dims = [d for parts in shapes for _, d in parts[:1]]
+    if instr.opcode == "ragged-dot" and dims:
+        return 2 * instr.elements * dims[0][-1]
+    weights = [d for d in dims if len(d) == 3]
+    return 2 * instr.elements * weights[0][1] if weights else 0
+
+
+def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None) -> tuple[int, int, int]:
     """(flops, matmul flops, transcendentals) of one instruction, not looking into called computations."""
     op = instr.opcode
+    grouped = hints is not None and "/grouped_matmul/" in instr.op_name
     if op == "dot":
         f = _dot_flops(instr, comp)
+        if grouped:
+            f = int(f / hints.groups * hints.row_fraction)
+        return f, f, 0
+    if op == "ragged-dot" or (op == "custom-call" and (grouped or instr.name.startswith("ragged-dot"))):
+        f = int(_grouped_matmul_flops(instr, comp) * (hints.row_fraction if hints else 1.0))
         return f, f, 0
     if op == "convolution":
         f = _conv_flops(instr, comp)
@@ -340,7 +408,8 @@ _CONVERSION_ONLY = {"parameter", "constant", "bitcast", "convert", "copy", "resh
                     "dynamic-update-slice", "tuple", "get-tuple-element"}
 
 
-def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None = None) -> dict:
+def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None = None,
+         hints: RaggedHints | None = None) -> dict:
     """FLOPs, transcendentals, HBM bytes and collectives of optimized HLO, loop-corrected.
 
     Returns a dict with flops, matmul_flops, transcendentals, hbm_bytes, by-scope
@@ -353,12 +422,16 @@ def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None
     between the two precisions (with slicing/copies around the convert) dropped.
     `raw_hbm_bytes` keeps the CPU program's own figure; the uncorrected totals stay raw
     (they cross-check XLA's own count of the same CPU program).
+
+    hints: for a dropless program (see `RaggedHints`); ragged all-to-alls then carry their
+    worst-case bytes beside the expected ones.
     """
-    raw = _walk(Module.parse(hlo_text), mesh_shape, skip_conversions=False)
+    raw = _walk(Module.parse(hlo_text), mesh_shape, skip_conversions=False, hints=hints)
     if not cpu_native_dtype:
         raw["raw_hbm_bytes"] = raw["hbm_bytes"]
         return raw
-    native = _walk(Module.parse(hlo_text.replace("f32[", f"{cpu_native_dtype}[")), mesh_shape, skip_conversions=True)
+    native = _walk(Module.parse(hlo_text.replace("f32[", f"{cpu_native_dtype}[")), mesh_shape, skip_conversions=True,
+                   hints=hints)
     native["uncorrected"] = raw["uncorrected"]
     native["raw_hbm_bytes"] = raw["hbm_bytes"]
     return native
@@ -374,7 +447,7 @@ def _conversion_only(instr: Instruction, module: Module) -> bool:
     return "convert" in ops and ops <= _CONVERSION_ONLY
 
 
-def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool) -> dict:
+def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hints: RaggedHints | None = None) -> dict:
     runs, kind, unknown = module.multipliers()
     fused_cache: dict[str, tuple] = {}
 
@@ -385,7 +458,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool) ->
         comp = module.computations[name]
         total, by_scope = [0, 0, 0], defaultdict(int)
         for instr in comp.instructions:
-            parts = _instr_flops(instr, comp)
+            parts = _instr_flops(instr, comp, hints)
             by_scope[model_phase(instr.op_name)] += parts[0]
             if instr.opcode == "fusion":
                 for role, callee in module.calls(instr):
@@ -408,7 +481,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool) ->
             op = instr.opcode
             if skip_conversions and _conversion_only(instr, module):
                 continue
-            flops, matmul, trans = _instr_flops(instr, comp)
+            flops, matmul, trans = _instr_flops(instr, comp, hints)
             scopes = {model_phase(instr.op_name): flops}
             if op == "fusion":
                 for role, callee in module.calls(instr):
@@ -433,9 +506,15 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool) ->
                 c = Collective(base, instr.name, instr.shape, tuple(tuple(g) for g in groups), instr.op_name)
                 size = 2 if base == "collective-permute" else (len(groups[0]) if groups else
                                                                math.prod(mesh_shape.values()))
+                payload, worst = _collective_payload(instr, comp, base), None
+                if base == "ragged-all-to-all":
+                    worst, payload = _ragged_bytes(instr, comp, payload)
+                elif hints is not None and "/ragged_as_dense/" in instr.op_name:
+                    base, worst = "ragged-all-to-all", payload
+                    payload = int(payload * hints.row_fraction)
                 collectives.append(CollectiveCost(
-                    base, list(collective_axes(c, mesh_shape)), size, _collective_payload(instr, comp, base),
-                    n, scope, instr.name, list(groups[0]) if groups else []))
+                    base, list(collective_axes(c, mesh_shape)), size, payload,
+                    n, scope, instr.name, list(groups[0]) if groups else [], worst))
     return {
         "flops": sum(o.flops * o.count for o in ops),
         "matmul_flops": sum(o.matmul_flops * o.count for o in ops),
@@ -449,8 +528,8 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool) ->
 
 
 def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
-               cpu_native_dtype: str | None = None) -> PhaseCost:
-    """Read one compiled program: memory, FLOPs, bytes, collectives (see `walk` for cpu_native_dtype)."""
+               cpu_native_dtype: str | None = None, hints: RaggedHints | None = None) -> PhaseCost:
+    """Read one compiled program: memory, FLOPs, bytes, collectives (see `walk` for cpu_native_dtype, hints)."""
     if not phase.fits:
         return PhaseCost(phase.phase, backend, False, phase.error, compile_seconds=phase.compile_seconds)
     ma = phase.compiled.memory_analysis()
@@ -466,7 +545,7 @@ def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
     if isinstance(raw, list):
         raw = raw[0] if raw else None
     xla = None if not raw else {k: float(raw[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in raw}
-    w = walk(phase.hlo_text, mesh_shape, cpu_native_dtype if backend == "cpu" else None)
+    w = walk(phase.hlo_text, mesh_shape, cpu_native_dtype if backend == "cpu" else None, hints)
     return PhaseCost(
         phase.phase, backend, True, memory=memory, flops=w["flops"], matmul_flops=w["matmul_flops"],
         transcendentals=w["transcendentals"], hbm_bytes=w["hbm_bytes"], raw_hbm_bytes=w["raw_hbm_bytes"],
@@ -546,18 +625,43 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
                  **compile_kw) -> CostReport:
     """Compile prefill and decode ahead of time and read their cost (the Python API)."""
     from moe_jax.placement import describe
+    from moe_jax.routing import decode_floor_weights
     from moe_jax.sharding import Layout
 
     program: CompiledProgram = compile_program(cfg, strategy, workload, backend=backend, **compile_kw)
     mesh_shape = program.compiled_strategy.mesh_shape
     native = {"bfloat16": "bf16", "float16": "f16"}.get(cfg.dtype)
-    phases = {name: phase_cost(p, backend, mesh_shape, native) for name, p in program.phases.items()}
+    hints = RaggedHints.for_program(cfg, program.compiled_strategy, backend)
+    phases = {name: phase_cost(p, backend, mesh_shape, native, hints) for name, p in program.phases.items()}
+    if hints is not None:
+        program.notes.append(
+            f"dropless: each shard's receive buffer is sized for the worst case; grouped-matmul FLOPs count the "
+            f"{hints.row_fraction:.3g} of its rows uniform routing fills, and every local expert's weights are read "
+            "(kernels that skip experts with no rows read fewer; the decode floor counts only the experts a batch is "
+            "expected to touch)")
+    if hints is not None and backend == "cpu":
+        program.notes.append(
+            f"dropless on the cpu backend: XLA:CPU lowers each grouped matmul to a dense dot over the {hints.groups} "
+            f"local experts (its FLOPs are divided by {hints.groups} here; its bytes and temporaries are not) and has "
+            "no ragged all-to-all, so rows move in dense worst-case blocks: counted as ragged all-to-alls with the "
+            f"block as the worst case and {hints.row_fraction:.3g} of it (uniform routing) as the expected bytes")
     if backend == "cpu" and native:
         program.notes.append(f"cpu backend: XLA's CPU compiler computes {cfg.dtype} in f32; HBM bytes and collective "
                              f"payloads are counted at {cfg.dtype} width and precision-conversion fusions are "
                              "dropped, as a GPU or TPU program would move them (raw_hbm_bytes keeps the CPU figure)")
     placement = describe(cfg, program.compiled_strategy)
-    analytic = {"weights_per_device_placement": placement.weight_bytes_per_device}
+    analytic = {"weights_per_device_placement": placement.weight_bytes_per_device,
+                "decode_weights_read": decode_floor_weights(cfg, program.compiled_strategy,
+                                                            placement.weight_bytes_per_device,
+                                                            program.workload.batch)}
+    if hints is not None:
+        from moe_jax.routing import UNIFORM, shard_imbalance
+
+        seqs = max(program.workload.batch // program.compiled_strategy.dp, 1)   # routed within one ep group
+        per_replica = {"prefill": seqs * program.workload.prompt_len, "decode": seqs}
+        analytic["dropless"] = {"assumption": UNIFORM, "row_fraction": hints.row_fraction,
+                                "imbalance": {ph: shard_imbalance(cfg, program.compiled_strategy, n)
+                                              for ph, n in per_replica.items()}}
     devices = program.compiled_strategy.num_devices
     layout = Layout.for_strategy(cfg, program.compiled_strategy)
     for name, cost in phases.items():

@@ -3,9 +3,10 @@
 It mirrors what the sharded program does, per device: the pipeline's M + pp − 1 ticks,
 each running L/pp layers on one microbatch; per layer the attention projections and
 scores, the router, capacity dispatch and combine (repeated on every tp rank, as the
-compiled program does), the experts' share, and the collectives the layout implies
-(attention and expert all-reduce over tp, dispatch and combine all-to-all over ep, the
-stage hand-off over pp). Weights and KV cache per device are exact (the placement);
+compiled program does) or dropless sorting, the experts' share, and the collectives the
+layout implies (attention and expert all-reduce over tp, dispatch and combine all-to-all
+over ep, ragged for dropless, the stage hand-off over pp). Dropless figures assume
+uniform routing (`moe_jax.routing`): expected rows, with the worst-case buffer beside. Weights and KV cache per device are exact (the placement);
 activations are estimated. The result is a `PhaseCost` the time model (`moe_jax.perf`)
 reads exactly as it reads a compiled one, so analytic and compiled figures compare
 like for like.
@@ -64,10 +65,26 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         ("scores", 4 * seqs * Hl * S * T * Dh,
          2 * seqs * T * Kl * Dh * b + seqs * Hl * S * T * F32 * 2),
         ("router", 2 * tok * D * E, D * E * b + tok * (D * b + E * F32)),
-        ("dispatch_combine", 2 * 2 * G * Sg * E * C * D, 2 * (G * Sg * E * C * F32 + E * G * C * D * b)),
-        ("experts", 2 * 3 * El * (G * s.ep) * C * D * Fl,
-         3 * El * D * Fl * b + El * G * s.ep * C * (2 * D + 3 * Fl) * b),
     ]
+    k = cfg.top_k
+    if cfg.dispatch == "dropless":
+        # Each device routes its tok tokens (its token shard: padded up when dp·ep does not split the
+        # microbatch), sorts the tok·k assignments, and under uniform routing receives tok·k rows
+        # for its E/ep experts; the receive buffer holds ep·tok·min(k, E/ep) rows (the worst case).
+        tok_shard = -(-Bm * S // layout.size(("dp", "ep")))
+        rows = tok_shard * k
+        buffer = rows if s.ep == 1 else s.ep * tok_shard * min(k, El)
+        layer_ops += [
+            ("sort_gather", 0, 2 * rows * D * b + rows * 4 * 2),
+            ("experts", 2 * 3 * rows * D * Fl, 3 * El * D * Fl * b + rows * (2 * D + 3 * Fl) * b),
+            ("combine", 2 * rows * D, rows * D * (b + F32) + tok_shard * D * b),
+        ]
+    else:
+        layer_ops += [
+            ("dispatch_combine", 2 * 2 * G * Sg * E * C * D, 2 * (G * Sg * E * C * F32 + E * G * C * D * b)),
+            ("experts", 2 * 3 * El * (G * s.ep) * C * D * Fl,
+             3 * El * D * Fl * b + El * G * s.ep * C * (2 * D + 3 * Fl) * b),
+        ]
     if cfg.num_shared_experts:
         Fs = cfg.num_shared_experts * F // s.tp
         layer_ops.append(("shared_experts", 2 * 3 * tok * D * Fs, 3 * D * Fs * b + tok * (2 * D + 3 * Fs) * b))
@@ -88,15 +105,25 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
             colls.append(CollectiveCost(kind, list(axes), size, int(nbytes), calls, scope, scope, group))
 
     coll("all-reduce", ("tp",), tok * D * b, runs, "attention")
-    coll("all-to-all", ("ep",), E * G * C * D * b, runs, "dispatch")
-    coll("all-to-all", ("ep",), E * G * C * D * b, runs, "combine")
-    coll("all-reduce", ("tp",), El * G * s.ep * C * D * b, runs, "experts")
+    if cfg.dispatch == "dropless":
+        for scope in ("dispatch", "combine"):
+            coll("ragged-all-to-all", ("ep",), rows * D * b, runs, scope)
+            if colls and colls[-1].kind == "ragged-all-to-all":
+                colls[-1].worst_bytes_per_call = buffer * D * b
+        coll("all-reduce", ("tp",), tok_shard * D * b, runs, "combine")
+    else:
+        coll("all-to-all", ("ep",), E * G * C * D * b, runs, "dispatch")
+        coll("all-to-all", ("ep",), E * G * C * D * b, runs, "combine")
+        coll("all-reduce", ("tp",), El * G * s.ep * C * D * b, runs, "experts")
     coll("collective-permute", ("pp",), tok * D * b, ticks, "pipeline")
     coll("all-reduce", ("pp",), total_tok * D * b, 1, "pipeline")
     vocab_axes = tuple(a for a in layout.rules["vocab"] if s.mesh_shape[a] > 1)
     coll("all-reduce", vocab_axes, total_tok * D * b, 1, "embed")
-    activations = max(2 * E * G * C * D * b + 2 * G * Sg * E * C * F32, 4 * tok * D * F32) + \
-        (seqs * Hl * S * T * F32 if phase == "prefill" else 0)
+    if cfg.dispatch == "dropless":
+        moe_act = 2 * buffer * (D + 3 * Fl) * b + 2 * rows * D * F32
+    else:
+        moe_act = 2 * E * G * C * D * b + 2 * G * Sg * E * C * F32
+    activations = max(moe_act, 4 * tok * D * F32) + (seqs * Hl * S * T * F32 if phase == "prefill" else 0)
     outputs = total_tok * V_local * F32 + kv_bytes
     memory = MemoryBreakdown(weights_bytes, kv_bytes, total_tok * 4, weights_bytes + kv_bytes + total_tok * 4,
                              outputs, kv_bytes if phase == "decode" else 0, int(activations), 0, "analytic estimate")

@@ -140,7 +140,8 @@ class Prediction:
     mfu: float
     """Prefill: useful model FLOPs / (devices × peak FLOP/s × TTFT)."""
     mbu: float
-    """Decode: (local weights + local KV cache) / (peak HBM bandwidth × TPOT)."""
+    """Decode: (weights a step must read + local KV cache) / (peak HBM bandwidth × TPOT); dropless reads only the
+    experts a batch is expected to route to."""
     decode_mfu: float
     assumptions: list[str]
 
@@ -162,12 +163,14 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Predi
     useful_pre = report.analytic["prefill"]["useful"] + report.analytic["prefill"]["attention"]
     useful_dec = report.analytic["decode"]["useful"] + report.analytic["decode"]["attention"]
     pre_floor = useful_pre / n / hw.peak_flops
-    stream = dec.memory.weights + dec.memory.kv_cache
+    read = report.analytic.get("decode_weights_read", {"bytes": dec.memory.weights, "detail": "local weights"})
+    stream = read["bytes"] + dec.memory.kv_cache
     dec_floor = stream / hw.hbm_bandwidth
     prefill = phase_time(pre, hw, pre_floor, f"useful FLOPs per device {useful_pre / n:.3e} / peak "
                                              f"{hw.peak_flops:.3e} FLOP/s")
-    decode = phase_time(dec, hw, dec_floor, f"(local weights {dec.memory.weights:,} B + local KV cache "
-                                            f"{dec.memory.kv_cache:,} B) / peak HBM {hw.hbm_bandwidth:.3e} B/s")
+    decode = phase_time(dec, hw, dec_floor, f"(weights read {read['bytes']:,} B: {read['detail']}; + local KV "
+                                            f"cache {dec.memory.kv_cache:,} B) / peak HBM "
+                                            f"{hw.hbm_bandwidth:.3e} B/s")
     ttft, tpot = prefill.total_s, decode.total_s
     assumptions = [
         f"achievable {hw.flops_efficiency:.0%} of peak FLOP/s and {hw.hbm_efficiency:.0%} of HBM bandwidth",

@@ -69,11 +69,13 @@ def estimate(cfg: ModelConfig, strategy: Strategy, hw: Hardware, workload: Workl
     from moe_jax.estimate import estimate_phase
     from moe_jax.perf import predict
     from moe_jax.placement import describe
+    from moe_jax.routing import decode_floor_weights
 
     p = describe(cfg, strategy, batch=workload.batch, cache_len=workload.cache_len)
     weights, kv = p.weight_bytes_per_device, p.kv_cache_bytes_per_device
     phases = {ph: estimate_phase(cfg, strategy, workload, ph, weights, kv) for ph in ("prefill", "decode")}
     analytic = {ph: analytic_flops(cfg, workload, ph) for ph in phases}
+    analytic["decode_weights_read"] = decode_floor_weights(cfg, strategy, weights, workload.batch)
     report = CostReport(cfg.name, strategy.name, strategy.name, workload.to_dict(), "analytic", "estimate",
                         strategy.num_devices, phases, [], analytic)
     pred = predict(report, hw, workload.batch, workload.gen_len)
@@ -159,6 +161,35 @@ def cache_store(directory: Path, key: str, payload: dict) -> None:
     write_atomic(directory / f"{key}.json", json.dumps({"key": key, "sha256": digest, "payload": payload}))
 
 
+DISPATCH_METHODS = ("capacity", "dropless")
+
+
+def compare_dispatch(result: PlanResult, cfg: ModelConfig, hw: Hardware, workload: Workload, *,
+                     backend: str = "cpu", topology: str | None = None, cache_dir: Path | None = None,
+                     progress=None) -> dict | None:
+    """Compile the best strategy of `result` with every dispatch method; sets and returns the comparison.
+
+    The search itself ran with `cfg.dispatch`; this answers "what would the other method do
+    on the same strategy", from compiled programs on both sides.
+    """
+    if not result.best:
+        return None
+    methods = {}
+    for method in DISPATCH_METHODS:
+        if method == cfg.dispatch:
+            a = result.compiled[result.best]["analysis"]
+        else:
+            holder = PlanResult(result.objective, result.devices, [])
+            _compile_all(holder, [result.best], {result.best: {}}, cfg.replace(dispatch=method), hw, workload,
+                         backend, topology, cache_dir, 1, progress)
+            a = holder.compiled[result.best]["analysis"]
+        methods[method] = {"fits": a["fits"], "ttft_s": a["ttft_s"], "tpot_s": a["tpot_s"],
+                           "throughput_tok_s": a["throughput_tok_s"], "memory_bytes": a["memory"]["total"],
+                           "prefill_matmul_flops": a["phases"].get("prefill", {}).get("matmul_flops")}
+    result.dispatch_comparison = {"strategy": result.best, "searched_with": cfg.dispatch, "methods": methods}
+    return result.dispatch_comparison
+
+
 # --- compiling in worker processes ------------------------------------------------------
 
 def _init_worker(devices: int) -> None:
@@ -194,6 +225,8 @@ class PlanResult:
     estimate_bias: float | None = None
     """Median (estimated TPOT / compiled TPOT − 1) over the compiled candidates: how far the
     uncompiled rows' estimates are likely off on this backend."""
+    dispatch_comparison: dict | None = None
+    """The best strategy compiled with each expert dispatch method (`compare_dispatch`)."""
 
     def to_dict(self) -> dict:
         """The plan JSON: best and baseline in the analyze schema, candidates, counts, seconds."""
@@ -205,6 +238,7 @@ class PlanResult:
             "compiled": sum(1 for c in self.candidates if c["compiled"]),
             "searched_device_counts": self.searched_device_counts, "seconds": self.seconds,
             "message": self.message, "estimate_bias_tpot": self.estimate_bias,
+            "dispatch_comparison": self.dispatch_comparison,
         }
 
 

@@ -29,7 +29,8 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
             f"{s.dp} x {s.pp} x {s.ep} x {s.tp})",
             f"- Model: {cfg.name}: {cfg.params_total / 1e9:.2f}B parameters ({cfg.params_active / 1e9:.2f}B active "
             f"per token), {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, {cfg.dtype}, "
-            f"{cfg.dispatch} dispatch (capacity factor {cfg.capacity_factor})",
+            f"{cfg.dispatch} dispatch" + (f" (capacity factor {cfg.capacity_factor})"
+                                          if cfg.dispatch == "capacity" else ""),
             f"- Workload: batch {w.batch} sequences, prompt {w.prompt_len} tokens, {w.gen_len} generated "
             f"(KV cache of {w.cache_len} positions)",
             f"- Compiled on the **{a.cost.backend}** backend ({a.cost.target}); every memory, FLOP, byte and "
@@ -106,8 +107,8 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
                 f"| request latency | {_ms(p.request_latency_s)} | TTFT + {w.gen_len} x TPOT |",
                 f"| MFU (prefill) | {p.mfu:.1%} | useful FLOPs / ({s.num_devices} devices x "
                 f"{hw.peak_flops / 1e12:,.0f} TFLOP/s peak x TTFT) |",
-                f"| MBU (decode) | {p.mbu:.1%} | (local weights + local KV cache) / ({hw.hbm_bandwidth / 1e12:.2f} "
-                "TB/s peak x TPOT) |",
+                f"| MBU (decode) | {p.mbu:.1%} | (weights a step reads + local KV cache) / "
+                f"({hw.hbm_bandwidth / 1e12:.2f} TB/s peak x TPOT) |",
                 f"| full-overlap bound | TTFT {_ms(p.prefill.full_overlap_s)}, TPOT {_ms(p.decode.full_overlap_s)} | "
                 "max(compute + HBM, communication) |", ""]
         for name, t in (("Prefill", p.prefill), ("Decode", p.decode)):
@@ -117,6 +118,11 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
                         "|---|---|---|---:|---:|---:|---:|"]
                 out += [f"| {c['kind']} | {'x'.join(c['axes']) or 'all'} | {c['link']} | {c['calls']} | "
                         f"{_bytes(c['bytes'])} | {_ms(c['seconds'])} | {c['share']:.1%} |" for c in t.comm_breakdown]
+                ragged = [c for c in a.cost.phases[name.lower()].collective_summary() if "worst_bytes" in c]
+                if ragged:
+                    out += ["", "Ragged all-to-alls (dropless) are timed at their expected bytes (uniform routing); "
+                            "the most they can move, when one shard receives every row, is " + ", ".join(
+                                f"{_bytes(c['worst_bytes'])} ({c['phase']})" for c in ragged) + " per device."]
                 out.append("")
         out += ["Assumptions: " + "; ".join(p.assumptions) + ".", ""]
         pre = d["analytic"]["prefill"]
