@@ -153,3 +153,148 @@ def test_greedy_tokens_equal_across_meshes(dropless32):
         generated.append(sm.generate(sm.shard_params(state), tokens, 4))
     for g in generated[1:]:
         np.testing.assert_array_equal(g, generated[0])
+
+
+# --- the cost analyzer, estimate and planner -------------------------------------------------
+
+def _analyze(cfg, spec, workload, **kw):
+    from moe_jax.cost import analyze_cost
+
+    return analyze_cost(cfg, Strategy.parse(spec), workload, **kw)
+
+
+def test_cpu_compile_counts_grouped_matmuls_and_ragged_exchange(tiny32):
+    """XLA:CPU's dense lowering of ragged_dot is corrected: compiled matmul FLOPs track the model's."""
+    from moe_jax.compile import Workload
+
+    cfg = tiny32.replace(dispatch="dropless", dtype="bfloat16")
+    workload = Workload(8, 64, 4)
+    report = _analyze(cfg, "EP4-TP2-PP1-DP1", workload)
+    for name, phase in report.phases.items():
+        ratio = report.analytic[name]["compiled_over_analytic"]
+        assert 0.9 < ratio < 1.15, (name, ratio)            # capacity's padding and one-hot einsums are gone
+        ragged = [c for c in phase.collectives if c.kind == "ragged-all-to-all"]
+        assert {c.phase for c in ragged} == {"dispatch", "combine"} and all(c.axes == ["ep"] for c in ragged)
+        # expected = k / (ep · min(k, E/ep)) of the worst-case block
+        for c in ragged:
+            assert c.bytes_per_call == int(c.worst_bytes_per_call * 2 / (4 * 2))
+    assert any("dropless on the cpu backend" in n for n in report.notes)
+    assert report.analytic["dropless"]["row_fraction"] == 0.25
+    capacity = _analyze(tiny32.replace(dtype="bfloat16"), "EP4-TP2-PP1-DP1", workload)
+    assert report.phases["prefill"].matmul_flops < capacity.phases["prefill"].matmul_flops
+
+
+def test_decode_floor_counts_only_touched_experts(tiny32):
+    from moe_jax.compile import Workload
+    from moe_jax.hardware import get_hardware
+    from moe_jax.perf import predict
+    from moe_jax.routing import routed_expert_bytes, touched_fraction
+
+    cfg = tiny32.replace(dispatch="dropless")
+    strategy = Strategy.parse("EP2-TP1-PP1-DP4")
+    report = _analyze(cfg, strategy.name, Workload(4, 16, 4))
+    read = report.analytic["decode_weights_read"]
+    weights = report.phases["decode"].memory.weights
+    experts = routed_expert_bytes(cfg, strategy)
+    frac = touched_fraction(cfg, 1)                          # 4 sequences over dp=4: one token per replica
+    assert frac == pytest.approx(cfg.top_k / cfg.num_experts)
+    assert read["bytes"] == weights - experts + int(experts * frac)
+    p = predict(report, get_hardware("h200"), 4, 4)
+    assert p.decode.floor_s == pytest.approx((read["bytes"] + report.phases["decode"].memory.kv_cache)
+                                             / get_hardware("h200").hbm_bandwidth)
+    assert p.tpot_s >= p.decode.floor_s
+
+
+def test_estimate_for_dropless_has_no_capacity_overhead_and_ragged_collectives():
+    from moe_jax.compile import Workload
+    from moe_jax.config import get_model
+    from moe_jax.estimate import estimate_phase
+    from moe_jax.placement import describe
+
+    cfg = get_model("qwen3-30b-a3b")
+    s = Strategy.parse("EP8-TP1-PP1-DP1")
+    p = describe(cfg, s)
+    costs = {}
+    for d in ("capacity", "dropless"):
+        c = cfg.replace(dispatch=d)
+        costs[d] = estimate_phase(c, s, Workload(64, 2048, 128), "prefill", p.weight_bytes_per_device, 0)
+    assert costs["dropless"].matmul_flops < costs["capacity"].matmul_flops
+    ragged = [c for c in costs["dropless"].collectives if c.kind == "ragged-all-to-all"]
+    assert len(ragged) == 2 and all(c.worst_bytes_per_call > c.bytes_per_call for c in ragged)
+    assert not [c for c in costs["capacity"].collectives if c.kind == "ragged-all-to-all"]
+
+
+def test_shard_imbalance_under_uniform_routing():
+    from moe_jax.config import get_model
+    from moe_jax.routing import shard_imbalance
+
+    cfg = get_model("qwen3-30b-a3b")
+    assert shard_imbalance(cfg, Strategy(ep=1), 64) == 1.0
+    few, many = shard_imbalance(cfg, Strategy(ep=8), 1), shard_imbalance(cfg, Strategy(ep=8), 4096)
+    assert 1.0 < many < 1.1 < few <= 8.0
+
+
+def test_plan_compares_dispatch_methods_on_the_best_strategy(tmp_path, capsys):
+    from moe_jax.cli import main
+
+    md = tmp_path / "plan.md"
+    try:
+        main(["plan", "--model", "tiny", "--devices", "8", "--batch", "8", "--prompt-len", "32", "--gen-len", "4",
+              "--hardware", "h200", "--dispatch", "both", "--top", "1", "--workers", "1", "--cache", "",
+              "--json", str(tmp_path / "plan.json"), "--markdown", str(md)])
+    except SystemExit as e:
+        assert e.code == 0
+    import json
+
+    data = json.loads((tmp_path / "plan.json").read_text())
+    comparison = data["dispatch_comparison"]
+    assert comparison["strategy"] == data["best"]["strategy"]["name"]
+    assert set(comparison["methods"]) == {"capacity", "dropless"}
+    assert all(m["fits"] and m["tpot_s"] > 0 for m in comparison["methods"].values())
+    assert "## Dispatch methods on" in md.read_text()
+
+
+def test_unknown_dispatch_is_a_clear_error(capsys):
+    from moe_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", "tiny", "--dispatch", "megablocks"])
+    assert e.value.code == 2
+    assert "'megablocks' is not one of 'capacity', 'dropless'" in capsys.readouterr().err
+
+
+TPU_SCRIPT = """
+import json
+from moe_jax.compile import Workload
+from moe_jax.config import get_model
+from moe_jax.cost import analyze_cost
+from moe_jax.mesh import Strategy
+r = analyze_cost(get_model("tiny").replace(dispatch="dropless"), Strategy.parse("EP4-TP2-PP1-DP1"),
+                 Workload(8, 64, 4), backend="tpu", topology="v5p:2x2x2")
+print(json.dumps({n: {"hlo": "ragged-all-to-all(" in p.hlo_text,
+                      "ragged": [[c.kind, c.axes, c.bytes_per_call, c.worst_bytes_per_call] for c in p.collectives
+                                 if c.kind == "ragged-all-to-all"],
+                      "ratio": r.analytic[n]["compiled_over_analytic"]} for n, p in r.phases.items()}))
+"""
+
+
+def test_tpu_program_contains_the_ragged_all_to_all():
+    import json
+    import subprocess
+    import sys
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        pytest.skip("libtpu is not installed (pip install 'moe-jax[tpu]')")
+    from test_cost import _clean_env
+
+    done = subprocess.run([sys.executable, "-c", TPU_SCRIPT], capture_output=True, text=True, timeout=900,
+                          env=_clean_env(TPU_SKIP_MDS_QUERY="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    for phase in data.values():
+        assert phase["hlo"] and len(phase["ragged"]) == 2
+        for kind, axes, expected, worst in phase["ragged"]:
+            assert axes == ["ep"] and worst > expected > 0
+        assert 0.9 < phase["ratio"] < 1.15                  # the TPU grouped-matmul custom call is counted
