@@ -5,7 +5,8 @@ random bf16 weights) at batch 1, 8 and 64, prompt 2048, 128 generated tokens: me
 TTFT and a few decode steps (TPOT), derive MFU (prefill) and MBU (decode), and predict
 the same program with `analyze` on the `real` backend and on the deviceless `gpu`
 target. Writes bench/RESULTS-gpu.md (predicted, measured, error per case). Goal: TPOT
-error under 10%, TTFT under 15%.
+error under 10%, TTFT under 15%. Then qwen3-30b-a3b at batch 8 and 64 again with dropless
+dispatch: capacity against dropless, measured side by side.
 
     python bench/gpu_validate.py            # on the GPU machine (installs moe-jax without touching jax)
     python bench/gpu_validate.py --dry-run  # tiny model on CPU, same code path (CI runs this)
@@ -23,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("seed-30b", "qwen3-30b-a3b", "mixtral-8x7b")
 BATCHES = (1, 8, 64)
+DISPATCH_CASES = (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 64))
+"""Measured a second time with dropless dispatch (the first pass uses each model's capacity dispatch)."""
 
 
 def ensure_installed() -> None:
@@ -46,7 +49,7 @@ def case(cfg, hw, batch, prompt_len, gen_len, steps, backends):
 
     workload = Workload(batch, prompt_len, gen_len)
     needed = cfg.params_total * cfg.dtype_bytes + batch * workload.cache_len * cfg.kv_bytes_per_token
-    row = {"model": cfg.name, "batch": batch}
+    row = {"model": cfg.name, "batch": batch, "dispatch": cfg.dispatch}
     if needed > hw.memory_bytes:
         row["skip"] = f"needs {needed / 1e9:.0f} GB of weights + KV > {hw.memory_bytes / 1e9:.0f} GB"
         return row
@@ -93,6 +96,7 @@ def main() -> None:
     if args.dry_run:
         cfg_list, hw, backends = [get_model("tiny")], get_hardware("h200"), ("cpu",)
         batches, prompt_len, gen_len = (1, 8), 64, 16
+        dispatch_cases = (("tiny", 8),)
     else:
         if device.platform != "gpu":
             sys.exit(f"no GPU: jax sees {device.platform}; use --dry-run")
@@ -101,6 +105,7 @@ def main() -> None:
                           else "a100-80g")
         cfg_list, backends = [get_model(m) for m in MODELS], ("real", "gpu")
         batches, prompt_len, gen_len = BATCHES, 2048, 128
+        dispatch_cases = DISPATCH_CASES
     start = time.perf_counter()
     rows = []
     for cfg in cfg_list:
@@ -108,32 +113,55 @@ def main() -> None:
             row = case(cfg, hw, b, prompt_len, gen_len, args.steps, backends)
             rows.append(row)
             print(row, flush=True)
+    for name, b in dispatch_cases:
+        row = case(get_model(name).replace(dispatch="dropless"), hw, b, prompt_len, gen_len, args.steps, backends)
+        rows.append(row)
+        print(row, flush=True)
     lines = [f"# GPU validation: predicted against measured ({'dry run: tiny model on CPU' if args.dry_run else ''})",
              "", f"- device: {getattr(device, 'device_kind', device.platform)}; hardware preset {hw.name}; "
              f"jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
              f"{time.perf_counter() - start:.0f} s",
              f"- command: `python bench/gpu_validate.py{' --dry-run' if args.dry_run else ''}`",
              f"- workload: prompt {prompt_len}, {gen_len} generated ({args.steps} decode steps timed); one device",
-             "", "| model | batch | backend | TTFT measured | TTFT predicted | error | TPOT measured | TPOT predicted | "
-             "error | MFU | MBU | decode terms (compute/memory/comm ms) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"
-             "---:|---:|---|"]
+             "", "| model | dispatch | batch | backend | TTFT measured | TTFT predicted | error | TPOT measured | "
+             "TPOT predicted | error | MFU | MBU | decode terms (compute/memory/comm ms) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         if "skip" in row:
-            lines.append(f"| {row['model']} | {row['batch']} | - | {row['skip']} | | | | | | | | |")
+            lines.append(f"| {row['model']} | {row['dispatch']} | {row['batch']} | - | {row['skip']} | | | | | | | | |")
             continue
         for backend in backends:
             p = row.get(backend)
             if not isinstance(p, dict):
-                lines.append(f"| {row['model']} | {row['batch']} | {backend} | {row['ttft'] * 1e3:.2f} ms | {p} | | "
+                lines.append(f"| {row['model']} | {row['dispatch']} | {row['batch']} | {backend} | "
+                             f"{row['ttft'] * 1e3:.2f} ms | {p} | | "
                              f"{row['tpot'] * 1e3:.3f} ms | | | | | |")
                 continue
             terms = "/".join(f"{t * 1e3:.2f}" for t in p["terms"]["decode"])
             lines.append(
-                f"| {row['model']} | {row['batch']} | {backend} | {row['ttft'] * 1e3:.2f} ms | {p['ttft'] * 1e3:.2f} ms | "
+                f"| {row['model']} | {row['dispatch']} | {row['batch']} | {backend} | {row['ttft'] * 1e3:.2f} ms | "
+                f"{p['ttft'] * 1e3:.2f} ms | "
                 f"{(p['ttft'] - row['ttft']) / row['ttft']:+.0%} | {row['tpot'] * 1e3:.3f} ms | {p['tpot'] * 1e3:.3f} ms | "
                 f"{(p['tpot'] - row['tpot']) / row['tpot']:+.0%} | {row['mfu']:.1%} | {row['mbu']:.1%} | {terms} |")
+    lines += _dispatch_table(rows)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _dispatch_table(rows) -> list[str]:
+    """Capacity against dropless, measured in the same run, for every (model, batch) measured both ways."""
+    by = {(r["model"], r["batch"], r["dispatch"]): r for r in rows if "skip" not in r}
+    pairs = [(m, b) for m, b, d in by if d == "dropless" and (m, b, "capacity") in by]
+    if not pairs:
+        return []
+    out = ["", "## Capacity against dropless dispatch (measured)", "",
+           "| model | batch | TTFT capacity | TTFT dropless | dropless / capacity | TPOT capacity | TPOT dropless | "
+           "dropless / capacity |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, b in pairs:
+        c, d = by[(m, b, "capacity")], by[(m, b, "dropless")]
+        out.append(f"| {m} | {b} | {c['ttft'] * 1e3:.2f} ms | {d['ttft'] * 1e3:.2f} ms | {d['ttft'] / c['ttft']:.2f} | "
+                   f"{c['tpot'] * 1e3:.3f} ms | {d['tpot'] * 1e3:.3f} ms | {d['tpot'] / c['tpot']:.2f} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def test_gpu_validate_dry_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     assert "| tiny |" in text and "predicted" in text and "dry run" in text
+    assert "## Capacity against dropless dispatch (measured)" in text and "| tiny | dropless | 8 |" in text
 
 
 def test_nan_in_a_checkpoint_is_reported_with_its_layer(tmp_path, capsys):
