@@ -59,10 +59,10 @@ def _dims(attrs: str, key: str) -> list[int]:
 class RaggedHints:
     """What the walk needs to read a dropless program (``dispatch="dropless"``), from the config and mesh.
 
-    groups: local experts, when the backend lowered each grouped matmul (`ragged_dot`) to a
-    dense dot over all groups (XLA:CPU does: it masks the rows per group and contracts over
-    groups × D, so its dot counts groups × the real FLOPs); the walk divides those dots by
-    it. 1 where the backend has a real grouped matmul.
+    groups: local experts, when each grouped matmul is a loop of dense matmuls over all rows,
+    one per local expert (the CPU program: `moe_jax.model.moe._grouped_matmul`), so its dots
+    count groups × the real FLOPs; the walk divides those dots by it. 1 where the backend
+    has a real grouped matmul.
     row_fraction: with ep > 1, each shard receives rows into a buffer sized for the worst
     case (every token of every shard routed here: ep · T · min(k, E/ep) rows); under
     uniform routing it holds T · k of them, k / (ep · min(k, E/ep)) of the buffer. Grouped
@@ -437,6 +437,36 @@ def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None
     return native
 
 
+def _in_grouped_matmul(instr: Instruction, module: Module) -> bool:
+    """Whether an op belongs to a grouped matmul (its own op_name, or for a fusion without one, its body's)."""
+    if instr.op_name:
+        return "/grouped_matmul/" in instr.op_name
+    callee = [c for role, c in module.calls(instr) if role == "calls"]
+    return bool(callee) and any("/grouped_matmul/" in i.op_name for i in module.computations[callee[0]].instructions)
+
+
+def _looped_group_bytes(instr: Instruction, comp, module: Module, moved: int, hints: RaggedHints) -> int:
+    """HBM bytes of one op of a grouped matmul written as a loop over the groups (the CPU program).
+
+    Each of the `groups` iterations touches every row; a grouped-matmul kernel touches each
+    filled row once and each group's weights once. So the matmul of one iteration counts its
+    weights [K, N] in full and its rows (lhs [M, K], result [M, N]) at row_fraction / groups;
+    the loop's other ops (masking, accumulating) count row_fraction / groups of their bytes.
+    """
+    dot = instr if instr.opcode == "dot" else None
+    inner = comp
+    if dot is None and instr.opcode == "fusion":
+        for role, callee in module.calls(instr):
+            if role == "calls":
+                inner = module.computations[callee]
+                dot = next((i for i in inner.instructions if i.opcode == "dot"), None)
+    rows = hints.row_fraction / hints.groups
+    if dot is None or len(dot.operands) < 2 or dot.operands[1] not in inner.by_name:
+        return int(moved * rows)
+    lhs, rhs = inner.by_name.get(dot.operands[0]), inner.by_name[dot.operands[1]]
+    return int(((lhs.bytes if lhs else 0) + dot.bytes) * rows) + rhs.bytes
+
+
 def _conversion_only(instr: Instruction, module: Module) -> bool:
     if instr.opcode == "convert":
         return True
@@ -490,6 +520,8 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
             moved = 0
             if op not in _NO_TRAFFIC and not op.endswith("-done"):
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
+                if hints is not None and hints.groups > 1 and _in_grouped_matmul(instr, module):
+                    moved = _looped_group_bytes(instr, comp, module, moved, hints)
             if not (flops or trans or moved):
                 continue
             scope = model_phase(instr.op_name)
@@ -641,8 +673,8 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
             "expected to touch)")
     if hints is not None and backend == "cpu":
         program.notes.append(
-            f"dropless on the cpu backend: XLA:CPU lowers each grouped matmul to a dense dot over the {hints.groups} "
-            f"local experts (its FLOPs are divided by {hints.groups} here; its bytes and temporaries are not) and has "
+            f"dropless on the cpu backend: XLA:CPU has no grouped matmul; the program loops over the {hints.groups} "
+            f"local experts with a dense matmul each (FLOPs divided by {hints.groups} here; bytes are not) and has "
             "no ragged all-to-all, so rows move in dense worst-case blocks: counted as ragged all-to-alls with the "
             f"block as the worst case and {hints.row_fraction:.3g} of it (uniform routing) as the expected bytes")
     if backend == "cpu" and native:

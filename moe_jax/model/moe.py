@@ -130,19 +130,38 @@ def _exclusive_cumsum(x, axis: int = -1):
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _grouped_swiglu(x_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd):
+def _grouped_matmul(x_md, w_edf, sizes_e, native: bool):
+    """Rows of group e times w[e]: x [M, D] sorted by group, sizes [E] → [M, F]; rows past sum(sizes) are
+    left to the caller to mask.
+
+    native: `jax.lax.ragged_dot` (a grouped-matmul kernel on TPU and GPU). Otherwise (XLA:CPU)
+    a loop over the groups, each a dense matmul of all rows kept only on the group's rows:
+    jax's own CPU lowering of ragged_dot masks a [E, M, D] copy of x, E times the memory.
+    """
+    # The scope lets the cost walk find grouped matmuls however they are lowered.
+    with jax.named_scope("grouped_matmul"):
+        if native:
+            return jax.lax.ragged_dot(x_md, w_edf, sizes_e)
+        ends = jnp.cumsum(sizes_e)
+        rows = jnp.arange(x_md.shape[0])
+
+        def one_group(acc, e):
+            mine = (rows >= ends[e] - sizes_e[e]) & (rows < ends[e])
+            return acc + jnp.where(mine[:, None], x_md @ w_edf[e], 0).astype(acc.dtype), None
+
+        acc = jnp.zeros((x_md.shape[0], w_edf.shape[-1]), jnp.result_type(x_md, w_edf))
+        return jax.lax.scan(one_group, acc, jnp.arange(w_edf.shape[0]))[0]
+
+
+def _grouped_swiglu(x_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, native: bool = True):
     """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
 
     Rows past sum(sizes) (padding) belong to no expert; callers mask them.
     """
-    def grouped(x, w):
-        # The scope lets the cost walk find grouped matmuls however the backend lowers them.
-        with jax.named_scope("grouped_matmul"):
-            return jax.lax.ragged_dot(x, w, sizes_e)
-
     with jax.named_scope("experts"):
-        h = jax.nn.silu(grouped(x_md, w_gate_edf)) * grouped(x_md, w_up_edf)
-        return grouped(h, w_down_efd)
+        h = jax.nn.silu(_grouped_matmul(x_md, w_gate_edf, sizes_e, native)) * \
+            _grouped_matmul(x_md, w_up_edf, sizes_e, native)
+        return _grouped_matmul(h, w_down_efd, sizes_e, native)
 
 
 def _sort_assignments(experts_tk, num_experts: int):
@@ -179,7 +198,7 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
     with jax.named_scope("dispatch"):
         xs = x_td[order // k]                                                  # [T·k, D] by expert
     if ep == 1:
-        ys = _grouped_swiglu(xs, sizes, w_gate_edf, w_up_edf, w_down_efd)
+        ys = _grouped_swiglu(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, native=ragged)
         ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
     else:
         ys = _exchange_and_compute(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, ep_axis=ep_axis, ep=ep,
@@ -202,7 +221,7 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, e
     worst_rows: the most rows one source can send to one shard (T · min(k, E/ep)).
     ragged: exchange with `ragged_all_to_all` (TPU, GPU); otherwise with a dense
     all-to-all of worst-case blocks (XLA:CPU cannot compile the ragged one), the same
-    values moved in a fixed-size buffer.
+    values moved in a fixed-size buffer, and grouped matmuls as a loop (`_grouped_matmul`).
     Returns [N, D]: each row's expert output, in the same order as xs (0 for padding).
     """
     N, D = xs_md.shape
@@ -233,7 +252,7 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, e
             local_ids = jnp.where(r[None, :] < recv_sizes[:, None], ids, E_loc).reshape(-1)
         order = jnp.argsort(local_ids, stable=True)
         xr = recv[order]
-    yr = _grouped_swiglu(xr, mine_in.sum(0).astype(jnp.int32), w_gate_edf, w_up_edf, w_down_efd)
+    yr = _grouped_swiglu(xr, mine_in.sum(0).astype(jnp.int32), w_gate_edf, w_up_edf, w_down_efd, native=ragged)
     with jax.named_scope("combine"):
         yr = jnp.where((local_ids[order] < E_loc)[:, None], yr, 0)
         y_recv = jnp.zeros_like(yr).at[order].set(yr)                          # back to by-source order
@@ -275,7 +294,7 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     kw = dict(cfg=cfg, real_tokens=T)
     if layout is None or layout.mesh is None or layout.size(layout.axis_sizes) == 1:
         y = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None, ep=1,
-                            tp_axes=(), **kw)
+                            tp_axes=(), ragged=jax.default_backend() != "cpu", **kw)
         return y.reshape(B, S, D), jnp.zeros((1,), jnp.int32)
     import functools
 
@@ -295,7 +314,8 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     (ep_axis,) = ep_axes or (None,)
     w_spec = layout.spec(("expert", "embed", "mlp"), w_gate_edf.shape, what="expert weights")
     down_spec = layout.spec(("expert", "mlp", "embed"), w_down_efd.shape, what="expert weights")
-    # XLA:CPU has no ragged all-to-all; the CPU program moves the same rows in fixed blocks.
+    # XLA:CPU has no ragged all-to-all or grouped matmul: the CPU program moves the same rows in
+    # fixed blocks and loops over the local experts.
     ragged = layout.mesh.devices.flat[0].platform != "cpu"
     body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
                              ep=layout.size(ep_axes), tp_axes=tp_axes, ragged=ragged, **kw)
