@@ -437,6 +437,14 @@ def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None
     return native
 
 
+def _grouped_matmul_bytes(instr: Instruction, comp, moved: int, hints: RaggedHints) -> int:
+    """HBM bytes of a backend's grouped matmul over the worst-case buffer: the weights (rank 3) in full,
+    the rows (lhs and result) at row_fraction: the kernel stops after the last group's last row."""
+    weights = sum(comp.by_name[n].bytes for n in instr.operands
+                  if n in comp.by_name and len(arrays(comp.by_name[n].shape)[0][1]) == 3)
+    return weights + int((moved - weights) * hints.row_fraction)
+
+
 def _in_grouped_matmul(instr: Instruction, module: Module) -> bool:
     """Whether an op belongs to a grouped matmul (its own op_name, or for a fusion without one, its body's)."""
     if instr.op_name:
@@ -522,6 +530,11 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
                 if hints is not None and hints.groups > 1 and _in_grouped_matmul(instr, module):
                     moved = _looped_group_bytes(instr, comp, module, moved, hints)
+                elif hints is not None and (op == "ragged-dot" or (op == "custom-call" and (
+                        "/grouped_matmul/" in instr.op_name or instr.name.startswith("ragged-dot")))):
+                    moved = _grouped_matmul_bytes(instr, comp, moved, hints)
+                elif op == "ragged-all-to-all":   # reads the rows it sends, writes them at the receiver
+                    moved = 2 * _ragged_bytes(instr, comp, _result_bytes(instr, comp, module))[1]
             if not (flops or trans or moved):
                 continue
             scope = model_phase(instr.op_name)

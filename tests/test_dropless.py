@@ -298,3 +298,52 @@ def test_tpu_program_contains_the_ragged_all_to_all():
         for kind, axes, expected, worst in phase["ragged"]:
             assert axes == ["ep"] and worst > expected > 0
         assert 0.9 < phase["ratio"] < 1.15                  # the TPU grouped-matmul custom call is counted
+
+
+def test_dense_ragged_all_to_all_has_the_native_semantics():
+    """`_ragged_all_to_all_dense` (the CPU stand-in) against the documented semantics, computed in numpy."""
+    from jax.sharding import PartitionSpec as P
+
+    from moe_jax.mesh import build_mesh
+    from moe_jax.model.moe import _ragged_all_to_all_dense
+
+    ep, chunks, rows, out_rows, D = 8, 2, 40, 64, 3
+    rng = np.random.default_rng(0)
+    operand = rng.normal(size=(ep, rows, D)).astype(np.float32)
+    sizes = rng.integers(0, 3, size=(ep, ep * chunks))                 # [src, chunk]; chunk i goes to i // chunks
+    in_off = np.zeros_like(sizes)
+    out_off = np.zeros_like(sizes)
+    expected = np.full((ep, out_rows, D), -1.0, np.float32)
+    fill = np.zeros(ep, int)
+    for s in range(ep):
+        in_off[s] = np.concatenate([[0], np.cumsum(sizes[s])[:-1]]) + s % 2          # a gap at the front
+    for i in range(ep * chunks):                                       # receivers lay chunks out by source
+        for s in range(ep):
+            dst = i // chunks
+            out_off[s, i] = fill[dst] + 1                                # gaps between chunks
+            fill[dst] += sizes[s, i] + 1
+            expected[dst, out_off[s, i]:out_off[s, i] + sizes[s, i]] = operand[s, in_off[s, i]:in_off[s, i] + sizes[s, i]]
+    recv = np.stack([np.concatenate([sizes[s, d * chunks:(d + 1) * chunks] for s in range(ep)]) for d in range(ep)])
+    mesh = build_mesh(Strategy(ep=8))
+
+    def body(x, o, a, b, c, d):
+        return _ragged_all_to_all_dense(x[0], o[0], a[0], b[0], c[0], d[0], axis_name="ep",
+                                        block_rows=2 * chunks)[None]      # at most 2 rows per chunk
+
+    got = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 6, out_specs=P("ep")))(
+        operand, np.full((ep, out_rows, D), -1.0, np.float32), *(a.astype(np.int32) for a in (in_off, sizes, out_off, recv)))
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_grouped_matmul_loop_equals_ragged_dot():
+    """The CPU loop over experts and jax.lax.ragged_dot agree, rows past the groups included (zero)."""
+    from moe_jax.model.moe import _grouped_matmul
+
+    x = jax.random.normal(jax.random.key(0), (20, 6))
+    w = jax.random.normal(jax.random.key(1), (4, 6, 5))
+    sizes = jnp.array([3, 0, 9, 5], jnp.int32)                        # 17 rows in groups, 3 past them
+    loop = _grouped_matmul(x, w, sizes, native=False)
+    ragged = _grouped_matmul(x, w, sizes, native=True)
+    np.testing.assert_allclose(loop[:17], ragged[:17], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(loop[3:12], x[3:12] @ w[2], atol=1e-5, rtol=1e-5)
+    assert not np.any(np.asarray(loop[17:]))

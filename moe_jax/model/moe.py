@@ -25,6 +25,8 @@ drops, E times the FLOPs; for tests.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -219,65 +221,70 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, e
 
     xs [N, D] this shard's assignments sorted by expert; sizes [E] rows per expert.
     worst_rows: the most rows one source can send to one shard (T · min(k, E/ep)).
-    ragged: exchange with `ragged_all_to_all` (TPU, GPU); otherwise with a dense
-    all-to-all of worst-case blocks (XLA:CPU cannot compile the ragged one), the same
-    values moved in a fixed-size buffer, and grouped matmuls as a loop (`_grouped_matmul`).
-    Returns [N, D]: each row's expert output, in the same order as xs (0 for padding).
+    Every (destination, local expert) run of rows is one chunk of the ragged all-to-all,
+    and lands where the receiver's buffer is already grouped by local expert (expert e's
+    rows from source 0, then source 1, ...), so the grouped matmul reads the buffer as it
+    arrives and the results go back chunk by chunk to where they came from.
+    ragged: the native `ragged_all_to_all` (TPU, GPU); otherwise `_ragged_all_to_all_dense`.
+    Returns [N, D]: each row's expert output, in the order of xs (0 for padding rows).
     """
     N, D = xs_md.shape
     me = jax.lax.axis_index(ep_axis)
+    exchange = jax.lax.ragged_all_to_all if ragged else functools.partial(_ragged_all_to_all_dense,
+                                                                          block_rows=worst_rows)
     with jax.named_scope("dispatch"):
-        counts = jax.lax.all_gather(sizes_e, ep_axis)                           # [ep, E]: source × expert
-        per_dest = counts.reshape(ep, ep, E_loc)                               # [src, dst, local expert]
-        sent = per_dest.sum(-1)                                                # [src, dst] rows
-        mine_in = jax.lax.dynamic_index_in_dim(per_dest, me, 1, keepdims=False)  # [src, E_loc] rows I receive
-        recv_sizes, send_sizes = sent[:, me], sent[me]                         # [src], [dst]
-        recv_offsets, send_offsets = _exclusive_cumsum(recv_sizes), _exclusive_cumsum(send_sizes)
-        if ragged:
-            # My rows land in each receiver's buffer after the rows of the sources before me.
-            land_offsets = _exclusive_cumsum(sent, axis=0)[me]                # [dst]
-            recv = jax.lax.ragged_all_to_all(xs_md, jnp.zeros((ep * worst_rows, D), xs_md.dtype), send_offsets,
-                                             send_sizes, land_offsets, recv_sizes, axis_name=ep_axis)
-            # Packed by source, then by local expert.
-            segment = jnp.searchsorted(jnp.cumsum(mine_in.reshape(-1)), jnp.arange(ep * worst_rows),
-                                       side="right")
-            local_ids = jnp.where(segment < ep * E_loc, segment % E_loc, E_loc)
-        else:
-            with jax.named_scope("ragged_as_dense"):
-                recv = jax.lax.all_to_all(_blocks(xs_md, send_offsets, send_sizes, worst_rows), ep_axis, 0, 0,
-                                          tiled=True).reshape(ep * worst_rows, D)
-            # Block s holds source s's rows by local expert, then padding.
-            r = jnp.arange(worst_rows)
-            ids = jax.vmap(lambda c: jnp.searchsorted(jnp.cumsum(c), r, side="right"))(mine_in)  # [src, worst]
-            local_ids = jnp.where(r[None, :] < recv_sizes[:, None], ids, E_loc).reshape(-1)
-        order = jnp.argsort(local_ids, stable=True)
-        xr = recv[order]
-    yr = _grouped_swiglu(xr, mine_in.sum(0).astype(jnp.int32), w_gate_edf, w_up_edf, w_down_efd, native=ragged)
+        counts = jax.lax.all_gather(sizes_e, ep_axis).reshape(ep, ep, E_loc)   # [src, dst, local expert] rows
+        to_expert = counts.sum(0)                                              # [dst, e]: rows per expert
+        expert_start = _exclusive_cumsum(to_expert, axis=1)                   # [dst, e]: expert e's first row
+        before = _exclusive_cumsum(counts, axis=0)                            # [src, dst, e]: earlier sources' rows
+        sent_from = _exclusive_cumsum(counts.reshape(ep, ep * E_loc), axis=1)  # [src, chunk]: offsets in xs
+        # my chunk (dst, e) lands at the receiver's expert start plus the rows of the sources before me
+        land = (expert_start + jax.lax.dynamic_index_in_dim(before, me, 0, keepdims=False)).reshape(-1)
+        mine = jax.lax.dynamic_index_in_dim(counts, me, 1, keepdims=False)     # [src, e] rows I receive
+        buffer = jnp.zeros((ep * worst_rows, D), xs_md.dtype)
+        recv = exchange(xs_md, buffer, sent_from[me], sizes_e, land, mine.reshape(-1), axis_name=ep_axis)
+    group_sizes = jax.lax.dynamic_index_in_dim(to_expert, me, 0, keepdims=False)  # [e]
+    yr = _grouped_swiglu(recv, group_sizes, w_gate_edf, w_up_edf, w_down_efd, native=ragged)
     with jax.named_scope("combine"):
-        yr = jnp.where((local_ids[order] < E_loc)[:, None], yr, 0)
-        y_recv = jnp.zeros_like(yr).at[order].set(yr)                          # back to by-source order
-        # The reverse exchange: rows received from source s go back to s, to where s sent them from.
-        if ragged:
-            back_land = _exclusive_cumsum(sent, axis=1)[:, me]                 # [src]
-            return jax.lax.ragged_all_to_all(y_recv, jnp.zeros((N, D), yr.dtype), recv_offsets, recv_sizes,
-                                             back_land, send_sizes, axis_name=ep_axis)
-        with jax.named_scope("ragged_as_dense"):
-            back = jax.lax.all_to_all(y_recv.reshape(ep, worst_rows, D), ep_axis, 0, 0, tiled=True)
-        # Row n of my sorted rows went to shard j = the block holding n, at n - send_offsets[j].
-        n = jnp.arange(N)
-        dest = jnp.searchsorted(jnp.cumsum(send_sizes), n, side="right")
-        inside = dest < ep
-        dest = jnp.minimum(dest, ep - 1)
-        row = jnp.clip(n - send_offsets[dest], 0, worst_rows - 1)
-        return jnp.where(inside[:, None], back[dest, row], 0)
+        # Back: the chunk of source s for my expert e sits at my expert start + rows of sources before s,
+        # and lands where s sent it from.
+        my_start = jax.lax.dynamic_index_in_dim(expert_start, me, 0, keepdims=False)          # [e]
+        from_src = (my_start[None, :] + jax.lax.dynamic_index_in_dim(before, me, 1, keepdims=False)).reshape(-1)
+        back_land = jax.lax.dynamic_index_in_dim(sent_from.reshape(ep, ep, E_loc), me, 1,
+                                                 keepdims=False).reshape(-1)                  # [src·e]
+        return exchange(yr.astype(xs_md.dtype), jnp.zeros((N, D), xs_md.dtype), from_src, mine.reshape(-1),
+                        back_land, sizes_e, axis_name=ep_axis)
 
 
-def _blocks(xs_md, offsets, sizes, rows: int):
-    """[ep, rows, D]: block j = xs[offsets[j] : offsets[j] + sizes[j]], zero-padded to `rows`."""
-    r = jnp.arange(rows)
-    idx = offsets[:, None] + r[None, :]                                        # [ep, rows]
-    valid = r[None, :] < sizes[:, None]
-    return jnp.where(valid[..., None], xs_md[jnp.clip(idx, 0, xs_md.shape[0] - 1)], 0)
+def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                             axis_name: str, block_rows: int):
+    """`jax.lax.ragged_all_to_all`'s semantics with a dense all-to-all (for XLA:CPU, which has no ragged one).
+
+    The chunks for each destination are packed into one block of `block_rows` rows (the
+    most one source sends one destination), blocks and chunk offsets travel with
+    `all_to_all`, and each receiver scatters the rows to their output offsets. Same result
+    as the native collective; the block is the worst-case payload.
+    """
+    ep = jax.lax.axis_size(axis_name)
+    chunks = input_offsets.shape[0] // ep
+    sizes = send_sizes.reshape(ep, chunks)
+    packed_at = _exclusive_cumsum(sizes, axis=1)                               # [dst, chunk]: position in block
+    q = jnp.arange(block_rows)
+    chunk = jax.vmap(lambda p: jnp.searchsorted(p, q, side="right") - 1)(packed_at)       # [dst, row]
+    in_block = q[None, :] < sizes.sum(1, keepdims=True)
+    start = jnp.take_along_axis(input_offsets.reshape(ep, chunks), chunk, 1)
+    src_row = start + q[None, :] - jnp.take_along_axis(packed_at, chunk, 1)
+    block = jnp.where(in_block[..., None], operand[jnp.clip(src_row, 0, operand.shape[0] - 1)], 0)
+    with jax.named_scope("ragged_as_dense"):
+        block = jax.lax.all_to_all(block, axis_name, 0, 0, tiled=True)        # [src, rows, D]
+    meta = jnp.stack([packed_at, output_offsets.reshape(ep, chunks)], -1)
+    meta = jax.lax.all_to_all(meta, axis_name, 0, 0, tiled=True)               # [src, chunk, 2]
+    got = recv_sizes.reshape(ep, chunks)
+    chunk = jax.vmap(lambda p: jnp.searchsorted(p, q, side="right") - 1)(meta[..., 0])    # [src, row]
+    valid = q[None, :] < got.sum(1, keepdims=True)
+    dest = jnp.take_along_axis(meta[..., 1], chunk, 1) + q[None, :] - jnp.take_along_axis(meta[..., 0], chunk, 1)
+    dest = jnp.where(valid, dest, output.shape[0])                             # out of range: dropped
+    return output.at[dest.reshape(-1)].set(block.reshape(-1, operand.shape[1]), mode="drop")
 
 
 def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
@@ -296,8 +303,6 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
         y = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None, ep=1,
                             tp_axes=(), ragged=jax.default_backend() != "cpu", **kw)
         return y.reshape(B, S, D), jnp.zeros((1,), jnp.int32)
-    import functools
-
     from jax.sharding import PartitionSpec as P
 
     def present(name):
