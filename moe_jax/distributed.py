@@ -211,6 +211,11 @@ class Watchdog:
             self._deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             self._cond.notify()
 
+    @property
+    def what(self) -> str:
+        """The step now running."""
+        return self._what
+
     def stop(self) -> None:
         """Stop watching (the run is over)."""
         with self._cond:
@@ -282,7 +287,7 @@ class Cluster:
 
     @property
     def process_index(self) -> int:
-        if self.spec is None and "jax" in sys.modules:
+        if self.spec is None and _backend_started():     # never starts a backend just to ask
             import jax
 
             return jax.process_index()
@@ -290,7 +295,7 @@ class Cluster:
 
     @property
     def process_count(self) -> int:
-        if self.spec is None and "jax" in sys.modules:
+        if self.spec is None and _backend_started():     # never starts a backend just to ask
             import jax
 
             return jax.process_count()
@@ -323,8 +328,7 @@ class Cluster:
         if backend_started():
             raise MoeJaxError("jax's backend is already running in this process: join the cluster (--coordinator) "
                               "in a fresh process, before anything uses jax")
-        if self.cpu_devices is not None:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU devices across processes
         _native_stdout_to_stderr()
         where = spec.coordinator if not spec.auto else f"the coordinator {spec.source} names"
         label = (f"process {spec.process_id} of {spec.num_processes}" if not spec.auto else "this process")
@@ -388,12 +392,23 @@ class Cluster:
             print(f"moe-jax: {self.who}: {what}", file=sys.stderr, flush=True)
 
     def fail(self, error: BaseException) -> None:
-        """End a multi-process run on `error` at once (peers may be gone): message, exit status, no barrier."""
+        """End a multi-process run on `error` at once (peers may be gone): message, exit status, no barrier.
+
+        A user error exits 2, a failed collective or runtime call 4 (a peer died), anything
+        else (a bug) 1 with its traceback.
+        """
         if isinstance(error, MoeJaxError):
             _die(f"{self.who}: {error}", getattr(error, "exit_status", 2))
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        _die(f"{self.who}: {self.watchdog._what if self.watchdog else 'the run'} failed: {first}; a peer "
-             "process probably died or stopped responding", CLUSTER_EXIT_STATUS)
+        step = self.watchdog.what if self.watchdog else "the run"
+        if type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            _die(f"{self.who}: {step} failed: {first}; a peer process probably died or stopped responding",
+                 CLUSTER_EXIT_STATUS)
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+        sys.stderr.flush()
+        _die(f"{self.who}: {step} failed with the internal error above", 1)
 
     def finish(self) -> None:
         """Leave the cluster: wait (bounded by the timeout) until every process is done."""
@@ -402,7 +417,10 @@ class Cluster:
         import jax
 
         self.beat("waiting for the other processes to finish")
-        jax.distributed.shutdown()
+        try:
+            jax.distributed.shutdown()
+        except Exception as e:  # noqa: BLE001  (a peer that died before the shutdown barrier)
+            self.fail(e)
         self.watchdog.stop()
 
     def __enter__(self) -> "Cluster":
@@ -417,6 +435,12 @@ class Cluster:
         if self.watchdog is not None:
             self.watchdog.stop()
         return False
+
+
+def _backend_started() -> bool:
+    from moe_jax.devices import backend_started
+
+    return backend_started()
 
 
 def to_host(x):
