@@ -147,6 +147,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
                           + (" (a multi-process run uses all of them)" if jax.process_count() > 1 else ""))
     step_done("building the sharded model")
     sm = ShardedModel(cfg, strategy, build_mesh(strategy, have[:strategy.num_devices]))
+    step_done("loading the weights" if weights is not None else "initialising the weights")
     if weights is not None:
         from moe_jax.weights import load_params
 
@@ -155,6 +156,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         params = sm.init_params(seed)                       # created in their shards, never whole on one device
     if prompt is None:
         prompt = np.asarray(jax.random.randint(jax.random.key(seed + 1), (B, S), 0, cfg.vocab_size))
+    step_done("placing the prompt")
     tokens = sm.put_tokens(np.asarray(prompt, np.int32))      # a host array: every process cuts its shards
 
     def prefill_once():
