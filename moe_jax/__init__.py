@@ -21,6 +21,8 @@ _LAZY = {
     "compile_program": "moe_jax.compile",
     "analyze_cost": "moe_jax.cost",
     "CostReport": "moe_jax.cost",
+    "ClusterSpec": "moe_jax.distributed",
+    "Cluster": "moe_jax.distributed",
 }
 
 __all__ = ["ModelConfig", "get_model", "preset_names", "request_cpu_devices", "MoeJaxError", "ConfigError",

@@ -80,6 +80,30 @@ _strategy_opt = click.option("--strategy", "strategy_spec", default="EP64-TP8-PP
                              help="Strategy name like EP64-TP8-PP2-DP1, or a TOML file (see meshes/).")
 
 
+def _cluster_opts(fn):
+    """--coordinator, --num-processes, --process-id, --timeout: one mesh over several processes."""
+    for option in reversed([
+        click.option("--coordinator", help="HOST:PORT of process 0 in a multi-process run (jax.distributed), or "
+                                           "'auto' to let jax read SLURM / Open MPI / TPU pod settings "
+                                           "[env MOE_JAX_COORDINATOR]."),
+        click.option("--num-processes", help="Processes in the run; their devices form one mesh "
+                                             "[env MOE_JAX_NUM_PROCESSES]."),
+        click.option("--process-id", help="This process, 0 to N-1; process 0 reports [env MOE_JAX_PROCESS_ID]."),
+        click.option("--timeout", help="Seconds to wait for peers (joining, each step, shutting down) before "
+                                       "exiting with status 4 [env MOE_JAX_TIMEOUT; default 300]."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _cluster(coordinator, num_processes, process_id, timeout, *, cpu_devices=None, progress=False):
+    """The `Cluster` this process belongs to (one process when no cluster is named)."""
+    from moe_jax.distributed import Cluster, resolve
+
+    return Cluster(resolve(coordinator, num_processes, process_id, timeout), cpu_devices=cpu_devices,
+                   progress=progress)
+
+
 @cli.command()
 @_model_opt
 @_strategy_opt
@@ -260,8 +284,9 @@ def _write_atomic(path, text: str) -> None:
 @click.option("--markdown", "md_path", help="Write the Markdown report here (and the memory chart beside it).")
 @click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
 @_dispatch_option()
+@_cluster_opts
 def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
-            md_path, dump_dir, dispatch):
+            md_path, dump_dir, dispatch, coordinator, num_processes, process_id, timeout):
     """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
     from moe_jax.compile import Workload
     from moe_jax.devices import MAX_CPU_DEVICES, request_cpu_devices
@@ -279,6 +304,10 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
         from moe_jax.files import check_derived
 
         check_derived([md_file.with_name(md_file.stem + ".memory.png")])
+    cluster = _cluster(coordinator, num_processes, process_id, timeout)
+    if cluster.spec is not None and backend != "real":
+        raise MoeJaxError(f"--backend {backend} compiles in one process; a multi-process analyze "
+                          "(--coordinator) needs --backend real")
     if backend == "cpu":
         n = strategy.num_devices
         request_cpu_devices(n if n <= MAX_CPU_DEVICES else n // strategy.dp)
@@ -286,8 +315,16 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
     from moe_jax.report import markdown, memory_chart
 
     kw = {"topology": topology} if topology else {}
-    with out.status(f"compiling prefill and decode of {cfg.name} {strategy.name} on {backend}..."):
-        a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
+    with cluster:
+        cluster.check_devices(strategy.num_devices)
+        cluster.beat("compiling prefill and decode")
+        if cluster.is_leader:
+            with out.status(f"compiling prefill and decode of {cfg.name} {strategy.name} on {backend}..."):
+                a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
+        else:
+            a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
+    if not cluster.is_leader:
+        return                                   # process 0 reports; the others stay quiet
     data = a.to_dict()
     if json_path == "-":
         click.echo(json.dumps(data, indent=2))
@@ -512,14 +549,22 @@ def _dispatch_md(result) -> str:
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Timed prefill runs.")
 @click.option("--json", "json_path", help="Write the result as JSON here ('-' for stdout).")
+@click.option("--save-logits", "logits_path", help="Write the prefill logits [B, S, V] here (.npy, float32).")
+@click.option("--progress", "show_progress", is_flag=True, help="Print each step to stderr (every process).")
 @_dispatch_option()
+@_cluster_opts
 def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, hardware_spec,
-            backend, seed, repeats, json_path, dispatch):
-    """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction."""
+            backend, seed, repeats, json_path, logits_path, show_progress, dispatch, coordinator, num_processes,
+            process_id, timeout):
+    """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction.
+
+    With --coordinator, --num-processes and --process-id (or their MOE_JAX_* variables, or a
+    SLURM / Open MPI launcher) every process runs this command; their devices form one mesh
+    and process 0 reports. With --backend cpu each process emulates its share of the mesh.
+    """
     from pathlib import Path
 
     from moe_jax.compile import Workload
-    from moe_jax.devices import request_cpu_devices
     from moe_jax.hardware import get_hardware
     from moe_jax.mesh import validate
     from moe_jax.run import read_prompt_file
@@ -540,19 +585,27 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
     validate(strategy, cfg, batch=batch)
     hw = get_hardware(hardware_spec) if hardware_spec else None
     json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
-    if backend == "cpu":
-        request_cpu_devices(strategy.num_devices)
-    from moe_jax.run import run
+    logits_file = _output_path(logits_path, "--save-logits")
+    cluster = _cluster(coordinator, num_processes, process_id, timeout,
+                       cpu_devices=strategy.num_devices if backend == "cpu" else None, progress=show_progress)
+    with cluster:
+        cluster.check_devices(strategy.num_devices)
+        from moe_jax.run import run
 
-    result = run(cfg, strategy, workload, weights=weights_dir, prompt=prompt, seed=seed, hardware=hw,
-                 backend=backend, repeats=repeats)
+        result = run(cfg, strategy, workload, weights=weights_dir, prompt=prompt, seed=seed, hardware=hw,
+                     backend=backend, repeats=repeats, keep_logits=logits_file is not None, progress=cluster.beat)
+    if not cluster.is_leader:
+        return                                   # process 0 reports; the others stay quiet
+    if logits_file is not None:
+        _write_npy(logits_file, result.prefill_logits)
     data = result.to_dict()
     if json_path == "-":
         click.echo(json.dumps(data, indent=2))
     else:
         from moe_jax.units import ms as _ms
 
-        out.print(f"{cfg.name} {strategy.name} on {result.device_kind}: batch {batch}, prompt {prompt_len}, "
+        procs = f" in {result.processes} processes" if result.processes > 1 else ""
+        out.print(f"{cfg.name} {strategy.name} on {result.device_kind}{procs}: batch {batch}, prompt {prompt_len}, "
                   f"generated {gen_len}")
         m, p, err = result.measured, result.predicted, result.error
         for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT")):
@@ -567,6 +620,19 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
             out.print(f"note: {note}")
     if json_file:
         _write_atomic(json_file, json.dumps(data, indent=2))
+
+
+def _write_npy(path, array) -> None:
+    """`array` as float32 .npy, written atomically."""
+    import io
+
+    import numpy as np
+
+    from moe_jax.files import write_atomic
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, np.float32))
+    write_atomic(path, buf.getvalue())
 
 
 def _dump_hlo(a, directory: str) -> None:
@@ -628,7 +694,7 @@ def main(argv=None) -> None:
         sys.exit(130)
     except MoeJaxError as e:
         click.echo(f"moe-jax: error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_status", 2))
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

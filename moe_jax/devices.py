@@ -24,7 +24,7 @@ def request_cpu_devices(n: int) -> None:
     if n < 1 or n > MAX_CPU_DEVICES:
         raise MoeJaxError(f"{n} fake CPU devices requested; the CPU backend supports 1 to {MAX_CPU_DEVICES} "
                           "in one process")
-    if _backend_started():
+    if backend_started():
         import jax
 
         have = jax.device_count()
@@ -35,9 +35,15 @@ def request_cpu_devices(n: int) -> None:
     flags = re.sub(rf"{_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "jax" in sys.modules:                 # imported (e.g. to join a cluster) but not started: jax read
+        import jax                           # JAX_PLATFORMS at import, so set its config instead
+
+        if not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+    """True once jax has started a backend (its device count is then fixed for this process)."""
     if "jax" not in sys.modules:
         return False
     try:

@@ -51,8 +51,10 @@ def check_derived(paths) -> None:
                                   "Move it or choose another --markdown name")
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename: never half a file, even if interrupted."""
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write via a temporary file in the same directory and rename: never half a file, even if interrupted.
+
+    `text` may be bytes (written as they are)."""
     path = Path(path)
     try:
         mode = path.stat().st_mode & 0o7777                      # keep an existing file's permissions
@@ -62,7 +64,7 @@ def write_atomic(path: str | Path, text: str) -> None:
         mode = 0o666 & ~umask                                    # a new file gets the usual ones
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, path)

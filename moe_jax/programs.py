@@ -82,8 +82,19 @@ class ShardedModel:
         return make()
 
     def put_tokens(self, tokens):
-        """Place a [B, S] token array on the mesh."""
-        return jax.device_put(tokens, self.token_sharding(*tokens.shape))
+        """Place a [B, S] token array on the mesh.
+
+        A host (numpy) array is cut into the shards this process holds, so it works when
+        the mesh spans processes (each process must pass the same array); a jax array is
+        resharded.
+        """
+        sharding = self.token_sharding(*tokens.shape)
+        if isinstance(tokens, jax.Array):
+            return jax.device_put(tokens, sharding)
+        import numpy as np
+
+        host = np.asarray(tokens)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     # --- programs (traced under this model's layout) -----------------------------
 

@@ -83,6 +83,10 @@ class RunResult:
     tokens: list[list[int]]
     predicted: dict | None = None
     notes: list[str] = field(default_factory=list)
+    processes: int = 1
+    """Processes that ran the program together (jax.distributed), each on its share of the mesh."""
+    prefill_logits: object | None = None
+    """Prefill logits [B, S, V] as a numpy array when asked for (`keep_logits`); not in the JSON."""
 
     @property
     def measured(self) -> dict:
@@ -98,19 +102,27 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return {"schema": "moe-jax.run/1", "model": self.model, "strategy": self.strategy, "backend": self.backend,
-                "device_kind": self.device_kind, "workload": self.workload, "measured": self.measured,
+                "device_kind": self.device_kind, "processes": self.processes, "workload": self.workload,
+                "measured": self.measured,
                 "timing": {"ttft": self.ttft.to_dict(), "tpot": self.tpot.to_dict()}, "predicted": self.predicted,
                 "error": self.error, "tokens": self.tokens, "notes": self.notes}
 
 
 def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
         prompt: list[list[int]] | None = None, seed: int = 0, hardware=None, backend: str = "cpu",
-        repeats: int = 3, predict: bool = True, max_steps: int | None = None) -> RunResult:
+        repeats: int = 3, predict: bool = True, max_steps: int | None = None, keep_logits: bool = False,
+        progress=None) -> RunResult:
     """Initialise (or load) the sharded model, prefill, decode greedily, time both, and predict.
 
     prompt: token ids [B][S] (default: random from `seed`, the same on every mesh).
     max_steps: decode at most this many tokens (the cache still holds prompt + gen_len), to
     measure TPOT without a whole generation.
+    keep_logits: also return the prefill logits on the host (`RunResult.prefill_logits`).
+    progress: called with the name of each step as it starts (a multi-process run's watchdog).
+
+    Several processes (`jax.distributed`) run this together: the mesh spans all their
+    devices, every process passes the same prompt and seed (inputs are built as global
+    arrays from them), and each gets the whole result (tokens and logits gathered).
     """
     import jax
     import jax.numpy as jnp
@@ -124,13 +136,18 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     if G < 3:
         raise MoeJaxError(f"--gen-len {G}: at least 3 generated tokens are needed (one decode step compiles "
                           "the program, the next is timed)")
-    have = jax.devices()
-    if len(have) < strategy.num_devices:
-        raise MoeJaxError(f"{strategy.name} needs {strategy.num_devices} devices; jax sees {len(have)} "
-                          f"{have[0].platform} device(s)")
+    from moe_jax.distributed import to_host
     from moe_jax.mesh import build_mesh
 
+    step_done = progress or (lambda what: None)
+    have = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))   # process by process: tp stays local
+    if len(have) < strategy.num_devices or (jax.process_count() > 1 and len(have) != strategy.num_devices):
+        raise MoeJaxError(f"{strategy.name} needs {strategy.num_devices} devices; jax sees {len(have)} "
+                          f"{have[0].platform} device(s) in {jax.process_count()} process(es)"
+                          + (" (a multi-process run uses all of them)" if jax.process_count() > 1 else ""))
+    step_done("building the sharded model")
     sm = ShardedModel(cfg, strategy, build_mesh(strategy, have[:strategy.num_devices]))
+    step_done("loading the weights" if weights is not None else "initialising the weights")
     if weights is not None:
         from moe_jax.weights import load_params
 
@@ -139,7 +156,8 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         params = sm.init_params(seed)                       # created in their shards, never whole on one device
     if prompt is None:
         prompt = np.asarray(jax.random.randint(jax.random.key(seed + 1), (B, S), 0, cfg.vocab_size))
-    tokens = sm.put_tokens(jnp.asarray(prompt, jnp.int32))
+    step_done("placing the prompt")
+    tokens = sm.put_tokens(np.asarray(prompt, np.int32))      # a host array: every process cuts its shards
 
     def prefill_once():
         cache = jax.block_until_ready(sm.init_cache(B, S + G))   # allocation is not part of TTFT
@@ -147,32 +165,41 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         result = jax.block_until_ready(sm.prefill(params, tokens, cache))
         return time.perf_counter() - start, result
 
+    step_done("prefill (compiling)")
     _, out = prefill_once()                                      # warm-up: compiles prefill
     from moe_jax.health import check_logits
 
     check_logits(out.logits, sm.graphdef, params, tokens, f"prefill of {cfg.name}")
-    ttft = Timing([prefill_once()[0] for _ in range(repeats)])
+    logits = to_host(out.logits) if keep_logits else None
+    samples = []
+    for i in range(repeats):
+        step_done(f"timed prefill {i + 1} of {repeats}")
+        samples.append(prefill_once()[0])
+    ttft = Timing(samples)
     cache = out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-    generated, steps = [np.asarray(token)], []
+    generated, steps = [to_host(token)], []
     last = S + G - 1 if max_steps is None else min(S + G - 1, S + max_steps)
     for pos in range(S, last):
+        step_done(f"decode step {pos - S + 1} of {last - S}" + (" (compiling)" if pos == S else ""))
         start = time.perf_counter()
         step = sm.decode(params, sm.put_tokens(token), jnp.int32(pos), cache)
         token = jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
         jax.block_until_ready(token)
         steps.append(time.perf_counter() - start)
         cache = step.cache
-        generated.append(np.asarray(token))
+        generated.append(to_host(token))
     decode = Timing(steps[1:])                                   # the first step compiles: warm-up
     device = jax.devices()[0]
     result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
-                       workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist())
+                       workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist(),
+                       processes=jax.process_count(), prefill_logits=logits)
     if device.platform == "cpu":
         result.notes.append("emulated CPU devices share the host's cores: a functional check, not a timing claim")
     if predict and hardware is not None:
         from moe_jax.analysis import analyze
 
+        step_done("predicting (compiling the program ahead of time)")
         a = analyze(cfg, strategy, hardware, workload, backend=backend)
         if a.prediction is not None:
             result.predicted = {"ttft_s": a.prediction.ttft_s, "tpot_s": a.prediction.tpot_s,
