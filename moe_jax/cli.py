@@ -45,8 +45,19 @@ def _dispatch_option(both: bool = False):
                               else "") + ". Default: the model's (capacity for presets).")
 
 
-def _with_dispatch(cfg, dispatch):
-    return cfg if dispatch in (None, "both") else cfg.replace(dispatch=dispatch)
+_buffer_option = click.option(
+    "--dropless-buffer", type=float, help="Dropless with ep > 1: bound each shard's receive buffer to this many "
+    "times the expected rows (rows past it are dropped and counted). Default: the worst case, nothing dropped.")
+
+
+def _with_dispatch(cfg, dispatch, buffer: float | None = None):
+    if dispatch not in (None, "both"):
+        cfg = cfg.replace(dispatch=dispatch)
+    if buffer is not None:
+        if cfg.dispatch != "dropless" and dispatch != "both":
+            raise MoeJaxError(f"--dropless-buffer {buffer:g} applies to dropless dispatch; add --dispatch dropless")
+        cfg = cfg.replace(dropless_buffer=buffer)
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -284,16 +295,17 @@ def _write_atomic(path, text: str) -> None:
 @click.option("--markdown", "md_path", help="Write the Markdown report here (and the memory chart beside it).")
 @click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
 @_dispatch_option()
+@_buffer_option
 @_cluster_opts
 def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
-            md_path, dump_dir, dispatch, coordinator, num_processes, process_id, timeout):
+            md_path, dump_dir, dispatch, dropless_buffer, coordinator, num_processes, process_id, timeout):
     """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
     from moe_jax.compile import Workload
     from moe_jax.devices import MAX_CPU_DEVICES, request_cpu_devices
     from moe_jax.hardware import get_hardware
     from moe_jax.mesh import validate
 
-    cfg = _with_dispatch(get_model(model_name), dispatch)
+    cfg = _with_dispatch(get_model(model_name), dispatch, dropless_buffer)
     strategy = Strategy.load(strategy_spec)
     hw = get_hardware(hardware_spec)
     workload = Workload(batch, prompt_len, gen_len)
@@ -365,8 +377,9 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
 @click.option("--markdown", "md_path",
               help="Write the best strategy's report here (baseline and plots beside it).")
 @_dispatch_option(both=True)
+@_buffer_option
 def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objective, slo_ttft, slo_tpot,
-         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path, dispatch):
+         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path, dispatch, dropless_buffer):
     """Search every (ep, tp, pp, dp) for a device count, compile the best, and recommend one."""
     from pathlib import Path
 
@@ -378,7 +391,7 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
     from moe_jax.plan import plan as run_plan
     from moe_jax.report import memory_chart_from
 
-    cfg = _with_dispatch(get_model(model_name), dispatch)
+    cfg = _with_dispatch(get_model(model_name), dispatch, dropless_buffer)
     hw = get_hardware(hardware_spec)
     workload = Workload(batch, prompt_len, gen_len)
     baseline = Strategy.load(baseline_spec) if baseline_spec else None
@@ -552,10 +565,11 @@ def _dispatch_md(result) -> str:
 @click.option("--save-logits", "logits_path", help="Write the prefill logits [B, S, V] here (.npy, float32).")
 @click.option("--progress", "show_progress", is_flag=True, help="Print each step to stderr (every process).")
 @_dispatch_option()
+@_buffer_option
 @_cluster_opts
 def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, hardware_spec,
-            backend, seed, repeats, json_path, logits_path, show_progress, dispatch, coordinator, num_processes,
-            process_id, timeout):
+            backend, seed, repeats, json_path, logits_path, show_progress, dispatch, dropless_buffer, coordinator,
+            num_processes, process_id, timeout):
     """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction.
 
     With --coordinator, --num-processes and --process-id (or their MOE_JAX_* variables, or a
@@ -571,7 +585,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
 
     if weights_dir and not Path(weights_dir).is_dir():
         raise MoeJaxError(f"--weights {weights_dir!r} is not a directory")
-    cfg = _with_dispatch(get_model(model_name or weights_dir or "tiny"), dispatch)
+    cfg = _with_dispatch(get_model(model_name or weights_dir or "tiny"), dispatch, dropless_buffer)
     if dtype:
         cfg = cfg.replace(dtype={"bf16": "bfloat16", "f32": "float32"}[dtype])
     strategy = Strategy.load(strategy_spec)

@@ -70,6 +70,11 @@ class ModelConfig:
     dispatch: str = "capacity"
     """Expert path: ``capacity`` (GShard dispatch/combine, drops overflow), ``dropless`` (sort by expert,
     grouped matmul, ragged all-to-all; nothing dropped) or ``dense`` (all experts on all tokens, reference)."""
+    dropless_buffer: float | None = None
+    """Dropless with ep > 1: each shard's receive buffer in multiples of the rows uniform routing sends
+    it (T·k for T tokens per shard). None: sized for the worst case (every row of the ep group on one
+    shard), so nothing is ever dropped. A bound (e.g. 2.0) saves memory and buffer traffic; rows past
+    it are dropped and counted, as capacity dispatch does."""
     capacity_factor: float = 1.25
     """Capacity dispatch: C = ceil(capacity_factor · Sg · k / E) slots per expert per group, clipped to [1, Sg]."""
     moe_group_size: int = 256
@@ -94,6 +99,10 @@ class ModelConfig:
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"model {self.name!r}: {field}={getattr(self, field)!r}; "
                                   f"valid: {', '.join(allowed)}")
+        if self.dropless_buffer is not None and not (isinstance(self.dropless_buffer, (int, float))
+                                                     and 0 < self.dropless_buffer < float("inf")):
+            raise ConfigError(f"model {self.name!r}: dropless_buffer={self.dropless_buffer!r} must be a positive "
+                              "number (multiples of the expected rows) or None (worst case, nothing dropped)")
         if not self.capacity_factor > 0:
             raise ConfigError(f"model {self.name!r}: capacity_factor={self.capacity_factor} must be > 0")
 

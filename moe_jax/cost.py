@@ -63,17 +63,20 @@ class RaggedHints:
     one per local expert (the CPU program: `moe_jax.model.moe._grouped_matmul`), so its dots
     count groups × the real FLOPs; the walk divides those dots by it. 1 where the backend
     has a real grouped matmul.
-    row_fraction: with ep > 1, each shard receives rows into a buffer sized for the worst
-    case (every token of every shard routed here: ep · T · min(k, E/ep) rows); under
-    uniform routing it holds T · k of them, k / (ep · min(k, E/ep)) of the buffer. Grouped
-    matmuls over that buffer count that fraction of their FLOPs (a grouped-matmul kernel
-    stops at the last row of the last group), and on a backend without ragged all-to-all
-    (XLA:CPU: rows move in dense worst-case blocks) the blocks count that fraction as the
-    expected payload, the whole block as the worst case.
+    row_fraction: with ep > 1, each shard receives rows into a buffer of R rows
+    (`moe_jax.model.moe.receive_rows`: the worst case, ep · T · min(k, E/ep), or the
+    ``dropless_buffer`` bound); under uniform routing it holds T · k of them. Grouped
+    matmuls over the buffer count that fraction of their FLOPs and row bytes (a
+    grouped-matmul kernel stops at the last row of the last group).
+    block_fraction: on a backend without ragged all-to-all (XLA:CPU), rows move in dense
+    blocks of P rows per source and destination; a shard sends T · k rows in ep blocks,
+    T · k / (ep · P) of them. The blocks count that fraction as the expected payload, the
+    whole block as the worst case.
     """
 
     groups: int = 1
     row_fraction: float = 1.0
+    block_fraction: float = 1.0
 
     @classmethod
     def for_program(cls, cfg: ModelConfig, strategy: Strategy, backend: str) -> "RaggedHints | None":
@@ -81,8 +84,13 @@ class RaggedHints:
         if cfg.dispatch != "dropless":
             return None
         local = cfg.num_experts // strategy.ep
-        rows = cfg.top_k / (strategy.ep * min(cfg.top_k, local)) if strategy.ep > 1 else 1.0
-        return cls(groups=local if backend == "cpu" else 1, row_fraction=rows)
+        if strategy.ep == 1:
+            return cls(groups=local if backend == "cpu" else 1)
+        strict = cfg.top_k / (strategy.ep * min(cfg.top_k, local))          # T·k over the worst-case rows
+        bound = cfg.dropless_buffer
+        rows = strict if bound is None else min(1.0, max(strict, 1 / bound))
+        block = strict if bound is None else min(1.0, max(strict, 1 / (strategy.ep * bound)))
+        return cls(groups=local if backend == "cpu" else 1, row_fraction=rows, block_fraction=block)
 
 
 def _dot_flops(instr: Instruction, comp) -> int:
@@ -556,7 +564,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
                     worst, payload = _ragged_bytes(instr, comp, payload)
                 elif hints is not None and "/ragged_as_dense/" in instr.op_name:
                     base, worst = "ragged-all-to-all", payload
-                    payload = int(payload * hints.row_fraction)
+                    payload = int(payload * hints.block_fraction)
                 collectives.append(CollectiveCost(
                     base, list(collective_axes(c, mesh_shape)), size, payload,
                     n, scope, instr.name, list(groups[0]) if groups else [], worst))
@@ -680,7 +688,9 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
     phases = {name: phase_cost(p, backend, mesh_shape, native, hints) for name, p in program.phases.items()}
     if hints is not None:
         program.notes.append(
-            f"dropless: each shard's receive buffer is sized for the worst case; grouped-matmul FLOPs count the "
+            f"dropless: each shard's receive buffer is sized for "
+            f"{'the worst case' if cfg.dropless_buffer is None else f'{cfg.dropless_buffer:g}x the expected rows'}"
+            "; grouped-matmul FLOPs count the "
             f"{hints.row_fraction:.3g} of its rows uniform routing fills, and every local expert's weights are read "
             "(kernels that skip experts with no rows read fewer; the decode floor counts only the experts a batch is "
             "expected to touch)")
@@ -689,7 +699,7 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
             f"dropless on the cpu backend: XLA:CPU has no grouped matmul; the program loops over the {hints.groups} "
             f"local experts with a dense matmul each (FLOPs divided by {hints.groups} here; bytes are not) and has "
             "no ragged all-to-all, so rows move in dense worst-case blocks: counted as ragged all-to-alls with the "
-            f"block as the worst case and {hints.row_fraction:.3g} of it (uniform routing) as the expected bytes")
+            f"block as the worst case and {hints.block_fraction:.3g} of it (uniform routing) as the expected bytes")
     if backend == "cpu" and native:
         program.notes.append(f"cpu backend: XLA's CPU compiler computes {cfg.dtype} in f32; HBM bytes and collective "
                              f"payloads are counted at {cfg.dtype} width and precision-conversion fusions are "
@@ -705,6 +715,7 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
         seqs = max(program.workload.batch // program.compiled_strategy.dp, 1)   # routed within one ep group
         per_replica = {"prefill": seqs * program.workload.prompt_len, "decode": seqs}
         analytic["dropless"] = {"assumption": UNIFORM, "row_fraction": hints.row_fraction,
+                                "buffer": cfg.dropless_buffer,
                                 "imbalance": {ph: shard_imbalance(cfg, program.compiled_strategy, n)
                                               for ph, n in per_replica.items()}}
     devices = program.compiled_strategy.num_devices

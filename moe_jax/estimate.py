@@ -22,7 +22,7 @@ from moe_jax.compile import Workload
 from moe_jax.config import ModelConfig
 from moe_jax.cost import CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
 from moe_jax.mesh import MESH_AXES, Strategy, kv_replicated
-from moe_jax.model.moe import group_size
+from moe_jax.model.moe import group_size, receive_rows
 from moe_jax.model.pipeline import schedule
 from moe_jax.sharding import Layout
 
@@ -70,10 +70,11 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     if cfg.dispatch == "dropless":
         # Each device routes its tok tokens (its token shard: padded up when dp·ep does not split the
         # microbatch), sorts the tok·k assignments, and under uniform routing receives tok·k rows
-        # for its E/ep experts; the receive buffer holds ep·tok·min(k, E/ep) rows (the worst case).
+        # for its E/ep experts; the receive buffer holds ep·tok·min(k, E/ep) rows (the worst case), or
+        # the dropless_buffer bound.
         tok_shard = -(-Bm * S // layout.size(("dp", "ep")))
         rows = tok_shard * k
-        buffer = rows if s.ep == 1 else s.ep * tok_shard * min(k, El)
+        buffer = rows if s.ep == 1 else receive_rows(cfg, tok_shard, s.ep)[0]
         layer_ops += [
             ("sort_gather", 0, 2 * rows * D * b + rows * 4 * 2),
             # static shapes: the zero-fill, layout copies and the elementwise SwiGLU product touch the

@@ -186,7 +186,8 @@ def compare_dispatch(result: PlanResult, cfg: ModelConfig, hw: Hardware, workloa
         methods[method] = {"fits": a["fits"], "ttft_s": a["ttft_s"], "tpot_s": a["tpot_s"],
                            "throughput_tok_s": a["throughput_tok_s"], "memory_bytes": a["memory"]["total"],
                            "prefill_matmul_flops": a["phases"].get("prefill", {}).get("matmul_flops")}
-    result.dispatch_comparison = {"strategy": result.best, "searched_with": cfg.dispatch, "methods": methods}
+    result.dispatch_comparison = {"strategy": result.best, "searched_with": cfg.dispatch, "methods": methods,
+                                  "dropless_buffer": cfg.dropless_buffer}
     return result.dispatch_comparison
 
 

@@ -347,3 +347,63 @@ def test_grouped_matmul_loop_equals_ragged_dot():
     np.testing.assert_allclose(loop[:17], ragged[:17], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(loop[3:12], x[3:12] @ w[2], atol=1e-5, rtol=1e-5)
     assert not np.any(np.asarray(loop[17:]))
+
+
+def test_bounded_buffer_drops_exactly_the_rows_past_it(dropless32):
+    """dropless_buffer=2: every token on experts 0 and 1 (both on shard 0 of EP4) overflows shard 0's buffer.
+
+    4 shards x 12 tokens x k=2 = 96 rows for shard 0; R = ceil(2 x 12 x 2) = 48 rows: expert 0's 48
+    rows fit, expert 1's 48 are dropped, so the output is the dense reference without expert 1.
+    """
+    from moe_jax.model.moe import receive_rows
+
+    cfg = dropless32.replace(dropless_buffer=2.0)
+    assert receive_rows(cfg, 12, 4) == (48, 24)
+    w = _moe_weights(cfg)
+    w["router_de"] = jnp.zeros_like(w["router_de"])
+    x = jax.random.normal(jax.random.key(3), (8, 6, cfg.d_model))
+    y, dropped = _block_under_mesh(cfg, Strategy(ep=4, tp=2), dropless_moe, x, *w.values())
+    assert int(np.asarray(dropped).sum()) == 48
+    without_1 = dict(w, **{k: w[k].at[1].set(0) for k in ("w_gate_edf", "w_up_edf", "w_down_efd")})
+    ref, _ = dense_moe(x, *without_1.values(), cfg)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    # an ample bound drops nothing and equals the strict buffer
+    y2, dropped2 = _block_under_mesh(dropless32.replace(dropless_buffer=8.0), Strategy(ep=4, tp=2), dropless_moe,
+                                     x, *w.values())
+    full, _ = dense_moe(x, *w.values(), cfg)
+    assert int(np.asarray(dropped2).sum()) == 0
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(full), atol=1e-5, rtol=1e-5)
+
+
+def test_bounded_buffer_is_validated(dropless32):
+    from moe_jax.errors import ConfigError
+
+    for bad in (0, -1.0, float("inf"), "2"):
+        with pytest.raises(ConfigError, match="dropless_buffer"):
+            dropless32.replace(dropless_buffer=bad)
+
+
+def test_bounded_buffer_in_the_cost_walk_and_cli(capsys, tiny32):
+    """--dropless-buffer reaches the program: a smaller buffer, the same expected bytes."""
+    import json
+
+    from moe_jax.cli import main
+
+    sizes = {}
+    for extra in ([], ["--dropless-buffer", "2"]):
+        try:
+            main(["analyze", "--model", "tiny", "--mesh", "EP4-TP2", "--batch", "8", "--prompt-len", "32",
+                  "--gen-len", "4", "--hardware", "h200", "--dispatch", "dropless", "--json", "-", *extra])
+        except SystemExit as e:
+            assert e.code == 0
+        data = json.loads(capsys.readouterr().out)
+        ragged = [c for c in data["phases"]["prefill"]["collectives"] if c["kind"] == "ragged-all-to-all"]
+        sizes[bool(extra)] = (sum(c["bytes"] for c in ragged), data["memory"]["total"],
+                              data["analytic"]["dropless"]["row_fraction"])
+        assert data["analytic"]["dropless"]["buffer"] == (2.0 if extra else None)
+    assert sizes[True][0] == pytest.approx(sizes[False][0], rel=0.01)   # the same rows move
+    assert sizes[True][1] < sizes[False][1]                              # in a smaller buffer
+    assert (sizes[False][2], sizes[True][2]) == (0.25, 0.5)              # tiny: worst case 4x, bound 2x
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", "tiny", "--dropless-buffer", "2"])
+    assert e.value.code == 2 and "add --dispatch dropless" in capsys.readouterr().err

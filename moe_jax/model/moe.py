@@ -26,6 +26,7 @@ drops, E times the FLOPs; for tests.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,20 @@ def capacity_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     return y.reshape(B, S, D), dropped
 
 
+def receive_rows(cfg: ModelConfig, tokens: int, ep: int) -> tuple[int, int]:
+    """(R, P): rows of one shard's receive buffer, and the most rows one source sends one shard.
+
+    tokens: T per shard. The worst case: every token of the ep group routed to this shard,
+    at most min(k, E/ep) of a token's k choices each, R = ep · T · min(k, E/ep). With
+    ``cfg.dropless_buffer`` = f, R = min(worst, ceil(f · T · k)).
+    """
+    pair = tokens * min(cfg.top_k, cfg.num_experts // ep)
+    rows = ep * pair
+    if cfg.dropless_buffer is not None:
+        rows = max(1, min(rows, math.ceil(cfg.dropless_buffer * tokens * cfg.top_k)))
+    return rows, min(pair, rows)
+
+
 def _exclusive_cumsum(x, axis: int = -1):
     return jnp.cumsum(x, axis=axis) - x
 
@@ -185,7 +200,8 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
     """One shard's dropless MoE (inside shard_map, or the whole problem without a mesh).
 
     x [T, D] this shard's tokens (rows at global index >= real_tokens are padding);
-    expert weights are this shard's E/ep experts (width F/tp). Returns y [T, D].
+    expert weights are this shard's E/ep experts (width F/tp). Returns (y [T, D], rows dropped [1]:
+    0 unless ``cfg.dropless_buffer`` bounds the receive buffer).
     """
     T, D = x_td.shape
     E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_edf.shape[0]
@@ -199,12 +215,15 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
         order, sorted_ids, sizes = _sort_assignments(experts, E)               # [T·k], [T·k], [E]
     with jax.named_scope("dispatch"):
         xs = x_td[order // k]                                                  # [T·k, D] by expert
+    dropped = jnp.zeros((1,), jnp.int32)
     if ep == 1:
         ys = _grouped_swiglu(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, native=ragged)
         ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
     else:
-        ys = _exchange_and_compute(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, ep_axis=ep_axis, ep=ep,
-                                   E_loc=E_loc, worst_rows=T * min(k, E_loc), ragged=ragged)
+        buffer_rows, block_rows = receive_rows(cfg, T, ep)
+        ys, dropped = _exchange_and_compute(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, ep_axis=ep_axis, ep=ep,
+                                            E_loc=E_loc, buffer_rows=buffer_rows, block_rows=block_rows,
+                                            ragged=ragged)
     with jax.named_scope("combine"):
         y_tkd = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, D)           # back to token order
         y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
@@ -212,26 +231,28 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
             # (in f32 on CPU: XLA:CPU crashes on a 16-bit all-reduce inside a partially manual
             # shard_map, in AllReducePromotion)
             y = jax.lax.psum(y if not ragged else y.astype(x_td.dtype), tp_axes)
-    return y.astype(x_td.dtype)
+    return y.astype(x_td.dtype), dropped
 
 
 def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, ep_axis: str, ep: int,
-                          E_loc: int, worst_rows: int, ragged: bool):
+                          E_loc: int, buffer_rows: int, block_rows: int, ragged: bool):
     """Send rows sorted by (global) expert to the shards owning the experts, compute, send back.
 
     xs [N, D] this shard's assignments sorted by expert; sizes [E] rows per expert.
-    worst_rows: the most rows one source can send to one shard (T · min(k, E/ep)).
+    buffer_rows, block_rows: `receive_rows`.
     Every (destination, local expert) run of rows is one chunk of the ragged all-to-all,
     and lands where the receiver's buffer is already grouped by local expert (expert e's
     rows from source 0, then source 1, ...), so the grouped matmul reads the buffer as it
-    arrives and the results go back chunk by chunk to where they came from.
+    arrives and the results go back chunk by chunk to where they came from. Rows that
+    would land past the buffer (only with a bounded buffer) are not sent: dropped.
     ragged: the native `ragged_all_to_all` (TPU, GPU); otherwise `_ragged_all_to_all_dense`.
-    Returns [N, D]: each row's expert output, in the order of xs (0 for padding rows).
+    Returns ([N, D]: each row's expert output in the order of xs, 0 for padding and dropped
+    rows; rows dropped [1]).
     """
     N, D = xs_md.shape
     me = jax.lax.axis_index(ep_axis)
     exchange = jax.lax.ragged_all_to_all if ragged else functools.partial(_ragged_all_to_all_dense,
-                                                                          block_rows=worst_rows)
+                                                                          block_rows=block_rows)
     with jax.named_scope("dispatch"):
         counts = jax.lax.all_gather(sizes_e, ep_axis).reshape(ep, ep, E_loc)   # [src, dst, local expert] rows
         to_expert = counts.sum(0)                                              # [dst, e]: rows per expert
@@ -240,20 +261,20 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, e
         sent_from = _exclusive_cumsum(counts.reshape(ep, ep * E_loc), axis=1)  # [src, chunk]: offsets in xs
         # my chunk (dst, e) lands at the receiver's expert start plus the rows of the sources before me
         land = (expert_start + jax.lax.dynamic_index_in_dim(before, me, 0, keepdims=False)).reshape(-1)
-        mine = jax.lax.dynamic_index_in_dim(counts, me, 1, keepdims=False)     # [src, e] rows I receive
-        buffer = jnp.zeros((ep * worst_rows, D), xs_md.dtype)
-        recv = exchange(xs_md, buffer, sent_from[me], sizes_e, land, mine.reshape(-1), axis_name=ep_axis)
-    group_sizes = jax.lax.dynamic_index_in_dim(to_expert, me, 0, keepdims=False)  # [e]
-    yr = _grouped_swiglu(recv, group_sizes, w_gate_edf, w_up_edf, w_down_efd, native=ragged)
-    with jax.named_scope("combine"):
-        # Back: the chunk of source s for my expert e sits at my expert start + rows of sources before s,
-        # and lands where s sent it from.
+        send = jnp.clip(buffer_rows - land, 0, sizes_e)                        # what fits; the rest is dropped
         my_start = jax.lax.dynamic_index_in_dim(expert_start, me, 0, keepdims=False)          # [e]
-        from_src = (my_start[None, :] + jax.lax.dynamic_index_in_dim(before, me, 1, keepdims=False)).reshape(-1)
+        at = my_start[None, :] + jax.lax.dynamic_index_in_dim(before, me, 1, keepdims=False)  # [src, e]
+        mine = jnp.clip(buffer_rows - at, 0, jax.lax.dynamic_index_in_dim(counts, me, 1, keepdims=False))
+        buffer = jnp.zeros((buffer_rows, D), xs_md.dtype)
+        recv = exchange(xs_md, buffer, sent_from[me], send, land, mine.reshape(-1), axis_name=ep_axis)
+    yr = _grouped_swiglu(recv, mine.sum(0), w_gate_edf, w_up_edf, w_down_efd, native=ragged)
+    with jax.named_scope("combine"):
+        # Back: the chunk of source s for my expert e sits at `at`, and lands where s sent it from.
         back_land = jax.lax.dynamic_index_in_dim(sent_from.reshape(ep, ep, E_loc), me, 1,
                                                  keepdims=False).reshape(-1)                  # [src·e]
-        return exchange(yr.astype(xs_md.dtype), jnp.zeros((N, D), xs_md.dtype), from_src, mine.reshape(-1),
-                        back_land, sizes_e, axis_name=ep_axis)
+        y = exchange(yr.astype(xs_md.dtype), jnp.zeros((N, D), xs_md.dtype), at.reshape(-1), mine.reshape(-1),
+                     back_land, send, axis_name=ep_axis)
+    return y, jnp.sum(sizes_e - send, dtype=jnp.int32)[None]
 
 
 def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
@@ -288,7 +309,8 @@ def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_
 
 
 def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
-    """Routed experts, dropless. x [B, S, D] → (y [B, S, D], dropped [1] = 0).
+    """Routed experts, dropless. x [B, S, D] → (y [B, S, D], rows dropped per token shard: 0 unless
+    ``cfg.dropless_buffer`` bounds the receive buffer).
 
     Without a mesh (or one of size 1) it is one sort and three grouped matmuls; with a
     mesh it runs in `jax.shard_map`, manual over the token axes (``batch``: dp × ep),
@@ -300,9 +322,9 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     layout = current_layout()
     kw = dict(cfg=cfg, real_tokens=T)
     if layout is None or layout.mesh is None or layout.size(layout.axis_sizes) == 1:
-        y = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None, ep=1,
-                            tp_axes=(), ragged=jax.default_backend() != "cpu", **kw)
-        return y.reshape(B, S, D), jnp.zeros((1,), jnp.int32)
+        y, dropped = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None,
+                                     ep=1, tp_axes=(), ragged=jax.default_backend() != "cpu", **kw)
+        return y.reshape(B, S, D), dropped
     from jax.sharding import PartitionSpec as P
 
     def present(name):
@@ -325,10 +347,10 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
                              ep=layout.size(ep_axes), tp_axes=tp_axes, ragged=ragged, **kw)
     tok = P(token_axes or None, None)
-    y = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
-                      in_specs=(tok, P(), w_spec, w_spec, down_spec), out_specs=tok)(
+    y, dropped = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
+                               in_specs=(tok, P(), w_spec, w_spec, down_spec), out_specs=(tok, P(token_axes or None)))(
         x, router_de, w_gate_edf, w_up_edf, w_down_efd)
-    return y[:T].reshape(B, S, D), jnp.zeros((1,), jnp.int32)
+    return y[:T].reshape(B, S, D), dropped
 
 
 def dense_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
