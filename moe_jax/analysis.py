@@ -200,7 +200,8 @@ def _recommendations(a: Analysis) -> list[str]:
         recs.append(f"Dropless: under {routing['assumption']}, the busiest of the ep={s.ep} expert shards receives "
                     f"{routing['imbalance']['prefill']:.2f}x the mean rows in prefill and "
                     f"{routing['imbalance']['decode']:.2f}x in decode (expert time on that shard scales with it); "
-                    + (f"each shard's receive buffer is sized for the worst case, {1 / routing['row_fraction']:.1f}x "
+                    + ("no tokens leave the shard (ep=1)" if s.ep == 1 else
+                       f"each shard's receive buffer is sized for the worst case, {1 / routing['row_fraction']:.1f}x "
                        "the expected rows (`--dropless-buffer 2` would bound it, dropping and counting overflow)"
                        if routing.get("buffer") is None else
                        f"the receive buffer holds {1 / routing['row_fraction']:.1f}x the expected rows "

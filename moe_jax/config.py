@@ -100,9 +100,9 @@ class ModelConfig:
                 raise ConfigError(f"model {self.name!r}: {field}={getattr(self, field)!r}; "
                                   f"valid: {', '.join(allowed)}")
         if self.dropless_buffer is not None and not (isinstance(self.dropless_buffer, (int, float))
-                                                     and 0 < self.dropless_buffer < float("inf")):
-            raise ConfigError(f"model {self.name!r}: dropless_buffer={self.dropless_buffer!r} must be a positive "
-                              "number (multiples of the expected rows) or None (worst case, nothing dropped)")
+                                                     and 1 <= self.dropless_buffer < float("inf")):
+            raise ConfigError(f"model {self.name!r}: dropless_buffer={self.dropless_buffer!r} must be a number >= 1 "
+                              "(multiples of the expected rows) or None (worst case, nothing dropped)")
         if not self.capacity_factor > 0:
             raise ConfigError(f"model {self.name!r}: capacity_factor={self.capacity_factor} must be > 0")
 

@@ -77,20 +77,24 @@ class RaggedHints:
     groups: int = 1
     row_fraction: float = 1.0
     block_fraction: float = 1.0
+    looped: bool = False
+    """The program is the CPU one: grouped matmuls are loops of `groups` dense matmuls."""
 
     @classmethod
-    def for_program(cls, cfg: ModelConfig, strategy: Strategy, backend: str) -> "RaggedHints | None":
-        """The hints for `cfg` compiled under `strategy` on `backend`; None unless dispatch is dropless."""
+    def for_program(cls, cfg: ModelConfig, strategy: Strategy, platform: str) -> "RaggedHints | None":
+        """The hints for `cfg` compiled under `strategy` for devices of `platform` (cpu, tpu, gpu);
+        None unless dispatch is dropless."""
         if cfg.dispatch != "dropless":
             return None
         local = cfg.num_experts // strategy.ep
+        cpu = platform == "cpu"
         if strategy.ep == 1:
-            return cls(groups=local if backend == "cpu" else 1)
+            return cls(groups=local if cpu else 1, looped=cpu)
         strict = cfg.top_k / (strategy.ep * min(cfg.top_k, local))          # T·k over the worst-case rows
         bound = cfg.dropless_buffer
         rows = strict if bound is None else min(1.0, max(strict, 1 / bound))
         block = strict if bound is None else min(1.0, max(strict, 1 / (strategy.ep * bound)))
-        return cls(groups=local if backend == "cpu" else 1, row_fraction=rows, block_fraction=block)
+        return cls(groups=local if cpu else 1, row_fraction=rows, block_fraction=block, looped=cpu)
 
 
 def _dot_flops(instr: Instruction, comp) -> int:
@@ -449,7 +453,7 @@ def _grouped_matmul_bytes(instr: Instruction, comp, moved: int, hints: RaggedHin
     """HBM bytes of a backend's grouped matmul over the worst-case buffer: the weights (rank 3) in full,
     the rows (lhs and result) at row_fraction: the kernel stops after the last group's last row."""
     weights = sum(comp.by_name[n].bytes for n in instr.operands
-                  if n in comp.by_name and len(arrays(comp.by_name[n].shape)[0][1]) == 3)
+                  if n in comp.by_name and any(len(dims) == 3 for _, dims in arrays(comp.by_name[n].shape)))
     return weights + int((moved - weights) * hints.row_fraction)
 
 
@@ -536,7 +540,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
             moved = 0
             if op not in _NO_TRAFFIC and not op.endswith("-done"):
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
-                if hints is not None and hints.groups > 1 and _in_grouped_matmul(instr, module):
+                if hints is not None and hints.looped and _in_grouped_matmul(instr, module):
                     moved = _looped_group_bytes(instr, comp, module, moved, hints)
                 elif hints is not None and (op == "ragged-dot" or (op == "custom-call" and (
                         "/grouped_matmul/" in instr.op_name or instr.name.startswith("ragged-dot")))):
@@ -684,7 +688,10 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
     program: CompiledProgram = compile_program(cfg, strategy, workload, backend=backend, **compile_kw)
     mesh_shape = program.compiled_strategy.mesh_shape
     native = {"bfloat16": "bf16", "float16": "f16"}.get(cfg.dtype)
-    hints = RaggedHints.for_program(cfg, program.compiled_strategy, backend)
+    import jax
+
+    platform = jax.default_backend() if backend == "real" else backend
+    hints = RaggedHints.for_program(cfg, program.compiled_strategy, platform)
     phases = {name: phase_cost(p, backend, mesh_shape, native, hints) for name, p in program.phases.items()}
     if hints is not None:
         program.notes.append(
@@ -694,10 +701,11 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
             f"{hints.row_fraction:.3g} of its rows uniform routing fills, and every local expert's weights are read "
             "(kernels that skip experts with no rows read fewer; the decode floor counts only the experts a batch is "
             "expected to touch)")
-    if hints is not None and backend == "cpu":
+    if hints is not None and hints.looped:
         program.notes.append(
             f"dropless on the cpu backend: XLA:CPU has no grouped matmul; the program loops over the {hints.groups} "
-            f"local experts with a dense matmul each (FLOPs divided by {hints.groups} here; bytes are not) and has "
+            f"local experts with a dense matmul each (counted here as one grouped matmul: FLOPs divided by "
+            f"{hints.groups}, weights once per expert, rows once) and has "
             "no ragged all-to-all, so rows move in dense worst-case blocks: counted as ragged all-to-alls with the "
             f"block as the worst case and {hints.block_fraction:.3g} of it (uniform routing) as the expected bytes")
     if backend == "cpu" and native:

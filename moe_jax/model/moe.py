@@ -262,9 +262,11 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, e
         # my chunk (dst, e) lands at the receiver's expert start plus the rows of the sources before me
         land = (expert_start + jax.lax.dynamic_index_in_dim(before, me, 0, keepdims=False)).reshape(-1)
         send = jnp.clip(buffer_rows - land, 0, sizes_e)                        # what fits; the rest is dropped
+        land = jnp.minimum(land, buffer_rows)                                  # empty chunks past a bounded buffer
         my_start = jax.lax.dynamic_index_in_dim(expert_start, me, 0, keepdims=False)          # [e]
         at = my_start[None, :] + jax.lax.dynamic_index_in_dim(before, me, 1, keepdims=False)  # [src, e]
         mine = jnp.clip(buffer_rows - at, 0, jax.lax.dynamic_index_in_dim(counts, me, 1, keepdims=False))
+        at = jnp.minimum(at, buffer_rows)
         buffer = jnp.zeros((buffer_rows, D), xs_md.dtype)
         recv = exchange(xs_md, buffer, sent_from[me], send, land, mine.reshape(-1), axis_name=ep_axis)
     yr = _grouped_swiglu(recv, mine.sum(0), w_gate_edf, w_up_edf, w_down_efd, native=ragged)
@@ -321,29 +323,34 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     x = x_bsd.reshape(T, D)
     layout = current_layout()
     kw = dict(cfg=cfg, real_tokens=T)
-    if layout is None or layout.mesh is None or layout.size(layout.axis_sizes) == 1:
-        y, dropped = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None,
-                                     ep=1, tp_axes=(), ragged=jax.default_backend() != "cpu", **kw)
-        return y.reshape(B, S, D), dropped
-    from jax.sharding import PartitionSpec as P
+    # XLA:CPU has no ragged all-to-all or grouped matmul: the CPU program moves the same rows in
+    # fixed blocks and loops over the local experts. The platform is the mesh's (a deviceless TPU
+    # or GPU compile runs in a CPU process), else jax's default.
+    platform = jax.default_backend() if layout is None or layout.mesh is None else \
+        layout.mesh.devices.flat[0].platform
+    ragged = platform != "cpu"
 
     def present(name):
         return tuple(a for a in layout.rules[name] if layout.axis_sizes.get(a, 1) > 1)
 
-    token_axes, ep_axes, tp_axes = present("batch"), present("expert"), present("mlp")
+    token_axes, ep_axes, tp_axes = (present("batch"), present("expert"), present("mlp")) \
+        if layout is not None and layout.mesh is not None else ((), (), ())
+    manual = set(token_axes) | set(ep_axes) | set(tp_axes)
+    if not manual:       # nothing to split here (one device, or only pipeline stages, already manual)
+        y, dropped = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None,
+                                     ep=1, tp_axes=(), ragged=ragged, **kw)
+        return y.reshape(B, S, D), dropped
+    from jax.sharding import PartitionSpec as P
+
     shards = layout.size(token_axes)
     padded = -(-T // shards) * shards
     x = jnp.pad(x, ((0, padded - T), (0, 0)))
     abstract = jax.sharding.get_abstract_mesh()
     inside_manual = not abstract.empty and bool(abstract.manual_axes)
     mesh = abstract if inside_manual else layout.mesh
-    manual = set(token_axes) | set(ep_axes) | set(tp_axes)
     (ep_axis,) = ep_axes or (None,)
     w_spec = layout.spec(("expert", "embed", "mlp"), w_gate_edf.shape, what="expert weights")
     down_spec = layout.spec(("expert", "mlp", "embed"), w_down_efd.shape, what="expert weights")
-    # XLA:CPU has no ragged all-to-all or grouped matmul: the CPU program moves the same rows in
-    # fixed blocks and loops over the local experts.
-    ragged = layout.mesh.devices.flat[0].platform != "cpu"
     body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
                              ep=layout.size(ep_axes), tp_axes=tp_axes, ragged=ragged, **kw)
     tok = P(token_axes or None, None)
