@@ -16,6 +16,28 @@ from moe_jax.config import get_model  # noqa: E402
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; XLA_FLAGS was set too late"
 
 
+def clean_env(**extra):
+    """This process's environment without the test-only device settings (for subprocesses that set their own)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(extra)
+    return env
+
+
+def run_tpu_script(script: str) -> list[str]:
+    """Run `script` in a fresh Python that compiles for deviceless TPUs; its stdout lines. Skips without libtpu."""
+    import subprocess
+    import sys
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        pytest.skip("libtpu is not installed (pip install 'moe-jax[tpu]')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env=clean_env(TPU_SKIP_MDS_QUERY="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()
+
+
 def single_device_reference(cfg, batch: int, length: int, seed: int = 0):
     """(parameter state, tokens [B, T], full-forward logits) of `cfg` on one device: the reference."""
     import numpy as np

@@ -1,7 +1,6 @@
 """The cost analyzer: loop-corrected counts, memory that adds up, collectives with their axes."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,8 @@ from moe_jax.errors import MoeJaxError
 from moe_jax.hlo import group_axes
 from moe_jax.mesh import MESH_AXES, Strategy
 from moe_jax.placement import describe
+
+from conftest import clean_env, run_tpu_script  # noqa: E402
 
 LAYERS = 16
 
@@ -134,10 +135,6 @@ def test_bad_backend_and_too_few_devices():
         compile_program(get_model("tiny"), Strategy(ep=8, tp=2), Workload(8, 4, 4))
 
 
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(extra)
-    return env
 
 
 SEED_SCRIPT = """
@@ -159,7 +156,7 @@ print(json.dumps(out))
 
 def test_seed_scenario_compiles_on_1024_cpu_devices():
     done = subprocess.run([sys.executable, "-c", SEED_SCRIPT], capture_output=True, text=True, timeout=900,
-                          env=_clean_env())
+                          env=clean_env())
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(done.stdout.strip().splitlines()[-1])
     for phase in ("prefill", "decode"):
@@ -190,14 +187,8 @@ print(json.dumps({"target": fits.target,
 
 
 def test_tpu_backend_when_libtpu_is_installed():
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        pytest.skip("libtpu is not installed (pip install 'moe-jax[tpu]')")
-    done = subprocess.run([sys.executable, "-c", TPU_SCRIPT], capture_output=True, text=True, timeout=900,
-                          env=_clean_env(TPU_SKIP_MDS_QUERY="1"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    data = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = run_tpu_script(TPU_SCRIPT)
+    data = json.loads(lines[-1])
     assert data["target"].startswith("TPU v5")
     for fits, weights, arguments in data["fits"].values():
         assert fits and weights == data["placement"] and arguments >= weights

@@ -11,7 +11,7 @@ from moe_jax.model.moe import _sort_assignments, dense_moe, dropless_moe, route
 from moe_jax.model.transformer import Transformer
 from moe_jax.programs import ShardedModel
 
-from conftest import single_device_reference  # noqa: E402
+from conftest import run_tpu_script, single_device_reference  # noqa: E402
 
 # (ep, tp, pp, dp): every one with ep > 1 but the last two, pp crossing the MoE block in two
 MESHES = [(8, 1, 1, 1), (2, 2, 1, 2), (4, 2, 1, 1), (2, 1, 2, 2), (2, 2, 2, 1), (1, 8, 1, 1), (1, 1, 1, 8)]
@@ -289,19 +289,8 @@ print(json.dumps({"pp_native": "ragged-dot" in pp.phases["prefill"].hlo_text})) 
 
 def test_tpu_program_contains_the_ragged_all_to_all():
     import json
-    import subprocess
-    import sys
 
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        pytest.skip("libtpu is not installed (pip install 'moe-jax[tpu]')")
-    from test_cost import _clean_env
-
-    done = subprocess.run([sys.executable, "-c", TPU_SCRIPT], capture_output=True, text=True, timeout=900,
-                          env=_clean_env(TPU_SKIP_MDS_QUERY="1"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
+    lines = run_tpu_script(TPU_SCRIPT)
     data, pp = json.loads(lines[-2]), json.loads(lines[-1])
     assert pp["pp_native"]
     for phase in data.values():
