@@ -515,15 +515,21 @@ def _print_plan(result, hw) -> None:
             out.print("  " + line)
 
 
+def _dispatch_cells(m: dict) -> tuple[str, ...] | None:
+    """TTFT ms, TPOT ms, tok/s, GB per device, prefill matmul FLOPs per device; None if it does not fit."""
+    if not m["fits"]:
+        return None
+    return (f"{m['ttft_s'] * 1e3:,.1f}", f"{m['tpot_s'] * 1e3:,.3f}", f"{m['throughput_tok_s']:,.0f}",
+            f"{m['memory_bytes'] / 1e9:,.2f}", f"{m['prefill_matmul_flops']:.3e}")
+
+
 def _dispatch_lines(c: dict) -> list[str]:
     lines = []
     for method, m in c["methods"].items():
-        if not m["fits"]:
-            lines.append(f"{method}: does not fit")
-            continue
-        lines.append(f"{method}: TTFT {m['ttft_s'] * 1e3:,.1f} ms, TPOT {m['tpot_s'] * 1e3:,.3f} ms, "
-                     f"{m['throughput_tok_s']:,.0f} tok/s, {_gb(m['memory_bytes'])} per device, prefill matmul "
-                     f"{m['prefill_matmul_flops']:.3e} FLOPs per device")
+        cells = _dispatch_cells(m)
+        lines.append(f"{method}: does not fit" if cells is None else
+                     "{}: TTFT {} ms, TPOT {} ms, {} tok/s, {} GB per device, prefill matmul {} FLOPs per "
+                     "device".format(method, *cells))
     return lines
 
 
@@ -536,12 +542,8 @@ def _dispatch_md(result) -> str:
             "| dispatch | TTFT (ms) | TPOT (ms) | tok/s | memory per device (GB) | prefill matmul FLOPs per device |",
             "|---|---:|---:|---:|---:|---:|"]
     for method, m in c["methods"].items():
-        if m["fits"]:
-            rows.append(f"| {method} | {m['ttft_s'] * 1e3:,.1f} | {m['tpot_s'] * 1e3:,.3f} | "
-                        f"{m['throughput_tok_s']:,.0f} | {m['memory_bytes'] / 1e9:.2f} | "
-                        f"{m['prefill_matmul_flops']:.3e} |")
-        else:
-            rows.append(f"| {method} | does not fit | | | | |")
+        cells = _dispatch_cells(m) or ("does not fit", "", "", "", "")
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 

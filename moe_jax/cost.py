@@ -377,30 +377,40 @@ class OpCost:
     collective: bool = False
 
 
+def _is_grouped_kernel(instr: Instruction) -> bool:
+    """A backend's own grouped matmul: the ``ragged-dot`` op, or the custom call a TPU lowers it to."""
+    return instr.opcode == "ragged-dot" or (instr.opcode == "custom-call" and (
+        "/grouped_matmul/" in instr.op_name or instr.name.startswith("ragged-dot")))
+
+
+def _weight_operands(instr: Instruction, comp) -> list:
+    """The rank-3 operands of a grouped matmul: the stacked weights [G, K, N]."""
+    return [comp.by_name[n] for n in instr.operands
+            if n in comp.by_name and any(len(dims) == 3 for _, dims in arrays(comp.by_name[n].shape))]
+
+
 def _grouped_matmul_flops(instr: Instruction, comp) -> int:
     """A backend's own grouped matmul (TPU custom call, ``ragged-dot``): 2 · M · N · K.
 
     Result [M, N]; K from the lhs [M, K] (operand 0 of ``ragged-dot``) or, for a custom
     call whose operands include metadata, from the rank-3 weights [G, K, N].
     """
-    shapes = [arrays(comp.by_name[n].shape) for n in instr.operands if n in comp.by_name]
-    dims = [d for parts in shapes for _, d in parts[:1]]
-    if instr.opcode == "ragged-dot" and dims:
-        return 2 * instr.elements * dims[0][-1]
-    weights = [d for d in dims if len(d) == 3]
-    return 2 * instr.elements * weights[0][1] if weights else 0
+    lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
+    if instr.opcode == "ragged-dot" and lhs is not None and arrays(lhs.shape):
+        return 2 * instr.elements * arrays(lhs.shape)[0][1][-1]
+    weights = _weight_operands(instr, comp)
+    return 2 * instr.elements * arrays(weights[0].shape)[0][1][1] if weights else 0
 
 
 def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None) -> tuple[int, int, int]:
     """(flops, matmul flops, transcendentals) of one instruction, not looking into called computations."""
     op = instr.opcode
-    grouped = hints is not None and "/grouped_matmul/" in instr.op_name
     if op == "dot":
         f = _dot_flops(instr, comp)
-        if grouped:
+        if hints is not None and "/grouped_matmul/" in instr.op_name:
             f = int(f / hints.groups * hints.row_fraction)
         return f, f, 0
-    if op == "ragged-dot" or (op == "custom-call" and (grouped or instr.name.startswith("ragged-dot"))):
+    if _is_grouped_kernel(instr):
         f = int(_grouped_matmul_flops(instr, comp) * (hints.row_fraction if hints else 1.0))
         return f, f, 0
     if op == "convolution":
@@ -452,8 +462,7 @@ def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None
 def _grouped_matmul_bytes(instr: Instruction, comp, moved: int, hints: RaggedHints) -> int:
     """HBM bytes of a backend's grouped matmul over the worst-case buffer: the weights (rank 3) in full,
     the rows (lhs and result) at row_fraction: the kernel stops after the last group's last row."""
-    weights = sum(comp.by_name[n].bytes for n in instr.operands
-                  if n in comp.by_name and any(len(dims) == 3 for _, dims in arrays(comp.by_name[n].shape)))
+    weights = sum(w.bytes for w in _weight_operands(instr, comp))
     return weights + int((moved - weights) * hints.row_fraction)
 
 
@@ -542,8 +551,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
                 if hints is not None and hints.looped and _in_grouped_matmul(instr, module):
                     moved = _looped_group_bytes(instr, comp, module, moved, hints)
-                elif hints is not None and (op == "ragged-dot" or (op == "custom-call" and (
-                        "/grouped_matmul/" in instr.op_name or instr.name.startswith("ragged-dot")))):
+                elif hints is not None and _is_grouped_kernel(instr):
                     moved = _grouped_matmul_bytes(instr, comp, moved, hints)
                 elif op == "ragged-all-to-all":   # reads the rows it sends, writes them at the receiver
                     moved = 2 * _ragged_bytes(instr, comp, _result_bytes(instr, comp, module))[1]

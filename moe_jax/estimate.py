@@ -101,20 +101,18 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
                       D * V_local * b + total_tok * (D * b + V_local * F32), 1))
     colls = []
 
-    def coll(kind, axes, nbytes, calls, scope):
+    def coll(kind, axes, nbytes, calls, scope, worst=None):
         size = math.prod(s.mesh_shape[a] for a in axes)
         if size > 1:
             group = axis_group(s, axes)
             if kind == "collective-permute":
                 group, size = group[:2], 2
-            colls.append(CollectiveCost(kind, list(axes), size, int(nbytes), calls, scope, scope, group))
+            colls.append(CollectiveCost(kind, list(axes), size, int(nbytes), calls, scope, scope, group, worst))
 
     coll("all-reduce", ("tp",), tok * D * b, runs, "attention")
     if cfg.dispatch == "dropless":
         for scope in ("dispatch", "combine"):
-            coll("ragged-all-to-all", ("ep",), rows * D * b, runs, scope)
-            if colls and colls[-1].kind == "ragged-all-to-all":
-                colls[-1].worst_bytes_per_call = buffer * D * b
+            coll("ragged-all-to-all", ("ep",), rows * D * b, runs, scope, worst=buffer * D * b)
         coll("all-reduce", ("tp",), tok_shard * D * b, runs, "combine")
     else:
         coll("all-to-all", ("ep",), E * G * C * D * b, runs, "dispatch")

@@ -21,9 +21,10 @@ def touched_fraction(cfg: ModelConfig, tokens: int) -> float:
 
 
 def routed_expert_bytes(cfg: ModelConfig, strategy: Strategy) -> int:
-    """Bytes of routed-expert weights one device holds: L/pp layers × E/ep experts × 3 × D × F/tp."""
-    return (cfg.num_layers // strategy.pp) * (cfg.num_experts // strategy.ep) * 3 * cfg.d_model * \
-        (cfg.expert_ffn // strategy.tp) * cfg.dtype_bytes
+    """Bytes of routed-expert weights one device holds: L/pp layers × E/ep experts × (one expert's
+    parameters) / tp."""
+    return (cfg.num_layers // strategy.pp) * (cfg.num_experts // strategy.ep) * \
+        (cfg.expert_params // strategy.tp) * cfg.dtype_bytes
 
 
 def shard_imbalance(cfg: ModelConfig, strategy: Strategy, tokens: int) -> float:

@@ -14,10 +14,11 @@ its rows with one grouped matmul (`jax.lax.ragged_dot`). With ``ep > 1`` the blo
 inside `jax.shard_map`, manual over the mesh axes the tokens, experts and expert width
 are split over: each shard sorts its tokens' assignments, the per-expert counts are
 all-gathered (a few integers), rows travel to the shard owning their expert with
-`jax.lax.ragged_all_to_all`, are re-sorted by local expert, multiplied, and travel back.
-The receive buffer is sized for the worst case (every token of every shard routed to
-this shard), so nothing is ever dropped; the expected traffic is far below it (the cost
-report states both).
+`jax.lax.ragged_all_to_all`, landing already grouped by local expert, are multiplied,
+and travel back. The receive buffer is sized for the worst case (every token of every
+shard routed to this shard), so nothing is ever dropped; the expected traffic is far
+below it (the cost report states both). ``cfg.dropless_buffer`` bounds the buffer
+instead; rows past it are dropped and counted.
 
 The dense reference applies every expert to every token and gates the result: no
 drops, E times the FLOPs; for tests.
@@ -293,7 +294,11 @@ def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_
     sizes = send_sizes.reshape(ep, chunks)
     packed_at = _exclusive_cumsum(sizes, axis=1)                               # [dst, chunk]: position in block
     q = jnp.arange(block_rows)
-    chunk = jax.vmap(lambda p: jnp.searchsorted(p, q, side="right") - 1)(packed_at)       # [dst, row]
+
+    def chunk_of(starts):   # [peer, chunk] start rows in a block → [peer, row]: the chunk holding each row
+        return jax.vmap(lambda p: jnp.searchsorted(p, q, side="right") - 1)(starts)
+
+    chunk = chunk_of(packed_at)                                                # [dst, row]
     in_block = q[None, :] < sizes.sum(1, keepdims=True)
     start = jnp.take_along_axis(input_offsets.reshape(ep, chunks), chunk, 1)
     src_row = start + q[None, :] - jnp.take_along_axis(packed_at, chunk, 1)
@@ -303,7 +308,7 @@ def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_
     meta = jnp.stack([packed_at, output_offsets.reshape(ep, chunks)], -1)
     meta = jax.lax.all_to_all(meta, axis_name, 0, 0, tiled=True)               # [src, chunk, 2]
     got = recv_sizes.reshape(ep, chunks)
-    chunk = jax.vmap(lambda p: jnp.searchsorted(p, q, side="right") - 1)(meta[..., 0])    # [src, row]
+    chunk = chunk_of(meta[..., 0])                                             # [src, row]
     valid = q[None, :] < got.sum(1, keepdims=True)
     dest = jnp.take_along_axis(meta[..., 1], chunk, 1) + q[None, :] - jnp.take_along_axis(meta[..., 0], chunk, 1)
     dest = jnp.where(valid, dest, output.shape[0])                             # out of range: dropped
@@ -314,8 +319,8 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     """Routed experts, dropless. x [B, S, D] → (y [B, S, D], rows dropped per token shard: 0 unless
     ``cfg.dropless_buffer`` bounds the receive buffer).
 
-    Without a mesh (or one of size 1) it is one sort and three grouped matmuls; with a
-    mesh it runs in `jax.shard_map`, manual over the token axes (``batch``: dp × ep),
+    With nothing to split (no mesh, one device, or pipeline stages only) it is one sort and
+    three grouped matmuls; otherwise it runs in `jax.shard_map`, manual over the token axes (``batch``: dp × ep),
     the expert axis (ep) and the width axis (tp); see the module docstring.
     """
     B, S, D = x_bsd.shape
