@@ -87,7 +87,7 @@ class Analysis:
                          "source": hw.source, "assumptions": hw.assumptions},
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
                          "gen_len": self.workload.gen_len},
-            "backend": self.cost.backend, "target": self.cost.target,
+            "backend": self.cost.backend, "target": self.cost.target, "compiled_for": self.cost.compiled_for,
             "compiled_strategy": self.cost.compiled_strategy, "notes": self.cost.notes,
             "fits": self.fits, "memory": self.memory,
             "placement": self.placement.facts(),
@@ -220,13 +220,24 @@ def _recommendations(a: Analysis) -> list[str]:
 
 
 def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: Workload, *,
-            backend: str = "cpu", **compile_kw) -> Analysis:
-    """Compile, cost and time one strategy; validate it with its own numbers."""
-    if backend == "tpu" and "topology" not in compile_kw:
-        compile_kw["topology"] = default_topology(hardware, strategy.num_devices)
-    if backend == "gpu" and "gpu_target" not in compile_kw:
-        compile_kw["gpu_target"] = hardware.compile_target or "h200"
-    cost = analyze_cost(cfg, strategy, workload, backend, **compile_kw)
+            backend: str = "auto", **compile_kw) -> Analysis:
+    """Compile, cost and time one strategy; validate it with its own numbers.
+
+    backend: ``auto`` (the hardware's own compiler, or the cpu stand-in when it is not here;
+    see `moe_jax.backends`), or cpu, tpu, gpu, real.
+    """
+    from moe_jax.backends import resolve, tpu_topology
+
+    compiler = resolve(hardware, backend)
+    if compiler.backend == "tpu" and not compile_kw.get("topology"):
+        compile_kw["topology"] = tpu_topology(hardware, strategy.num_devices)
+    if compiler.backend == "gpu":
+        compile_kw.setdefault("gpu_target", compiler.gpu_target)
+    cost = analyze_cost(cfg, strategy, workload, compiler.backend, **compile_kw)
+    cost.compiled_for = {**compiler.to_dict(), "target": cost.target, "topology": cost.topology}
+    if compiler.reason:
+        cost.notes.insert(0, f"{compiler.reason}: the numbers come from XLA:CPU as a stand-in")
+    cost.notes[len(cost.notes):] = [c for c in compiler.caveats if c not in cost.notes]
     placement = describe(cfg, strategy, batch=workload.batch, cache_len=workload.cache_len,
                          prompt_len=workload.prompt_len)
     memory = _memory(cost, hardware)
@@ -241,19 +252,7 @@ def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: 
 
 
 def default_topology(hardware: Hardware, devices: int) -> str:
-    """A TPU topology name for `devices` chips of `hardware` (e.g. v5p:8x8x16 for 1024 v5p)."""
-    from moe_jax.errors import MoeJaxError
+    """A TPU topology name for `devices` chips of `hardware` (see `moe_jax.backends.tpu_topology`)."""
+    from moe_jax.backends import tpu_topology
 
-    gen = hardware.compile_target
-    if hardware.kind != "tpu" or not gen:
-        raise MoeJaxError(f"the tpu backend needs a TPU hardware preset (tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e); "
-                          f"got {hardware.name!r}")
-    dims = 2 if gen in ("v5e", "v6e") else 3
-    if devices & (devices - 1):
-        raise MoeJaxError(f"{devices} TPU chips: deviceless topologies here are powers of two")
-    shape = [1] * dims
-    i = 0
-    while math.prod(shape) < devices:
-        shape[i % dims] *= 2
-        i += 1
-    return f"{gen}:{'x'.join(map(str, sorted(shape)))}"
+    return tpu_topology(hardware, devices)

@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from moe_jax.backends import CHOICES as BACKEND_CHOICES
 from moe_jax.config import get_model, preset_names
 from moe_jax.errors import MoeJaxError
 from moe_jax.mesh import Strategy
@@ -288,9 +289,11 @@ def _write_atomic(path, text: str) -> None:
 @click.option("--batch", type=int, default=128, show_default=True, callback=_positive)
 @click.option("--prompt-len", type=int, default=2048, show_default=True, callback=_positive)
 @click.option("--gen-len", type=int, default=256, show_default=True, callback=_positive)
-@click.option("--backend", type=click.Choice(["cpu", "tpu", "gpu", "real"]), default="cpu", show_default=True,
-              help="Where to compile: fake CPU devices, a deviceless TPU or GPU target, or real devices.")
-@click.option("--topology", help="TPU topology for --backend tpu (default: from the hardware and device count).")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="Which compiler: auto (the hardware's own: a deviceless CUDA target for NVIDIA presets, a TPU "
+                   "topology for TPU presets; XLA:CPU as a stated stand-in where that compiler is not here), cpu "
+                   "(fake CPU devices), tpu, gpu, or real (the devices jax sees).")
+@click.option("--topology", help="TPU topology for the tpu compile (default: the smallest that holds the devices).")
 @click.option("--json", "json_path", help="Write the analysis as JSON to this file ('-' for stdout).")
 @click.option("--markdown", "md_path", help="Write the Markdown report here (and the memory chart beside it).")
 @click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
@@ -320,9 +323,14 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
     if cluster.spec is not None and backend != "real":
         raise MoeJaxError(f"--backend {backend} compiles in one process; a multi-process analyze "
                           "(--coordinator) needs --backend real")
-    if backend == "cpu":
+    from moe_jax.backends import resolve
+
+    compiler = resolve(hw, backend)
+    if compiler.backend == "cpu":
         n = strategy.num_devices
         request_cpu_devices(n if n <= MAX_CPU_DEVICES else n // strategy.dp)
+    elif compiler.backend != "real":
+        request_cpu_devices(1)        # a deviceless compile: jax starts on the CPU, no accelerator probed
     from moe_jax.analysis import analyze as run_analysis
     from moe_jax.report import markdown, memory_chart
 
@@ -331,7 +339,8 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
         cluster.check_devices(strategy.num_devices)
         cluster.beat("compiling prefill and decode")
         if cluster.is_leader:
-            with out.status(f"compiling prefill and decode of {cfg.name} {strategy.name} on {backend}..."):
+            with out.status(f"compiling prefill and decode of {cfg.name} {strategy.name} with the "
+                            f"{compiler.backend} compiler..."):
                 a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
         else:
             a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
@@ -367,8 +376,9 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
 @click.option("--slo-tpot", type=float, help="Largest acceptable TPOT in seconds.")
 @click.option("--baseline", "baseline_spec", help="A strategy to compare with the best (name or TOML file).")
 @click.option("--top", type=click.IntRange(1, 64), default=8, show_default=True, help="Candidates to compile.")
-@click.option("--backend", type=click.Choice(["cpu", "tpu", "gpu", "real"]), default="cpu", show_default=True)
-@click.option("--topology", help="TPU topology for --backend tpu.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="Which compiler (as for analyze): auto is the hardware's own, or the stated cpu stand-in.")
+@click.option("--topology", help="TPU topology for the tpu compile (default: the smallest per strategy).")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Compile worker processes.")
 @click.option("--cache", "cache_dir", default=".moe-jax-cache", show_default=True,
@@ -670,11 +680,13 @@ def _dump_hlo(a, directory: str) -> None:
 
 
 def _print_analysis(a) -> None:
+    from moe_jax.report import compiled_by
     from moe_jax.units import ms as _ms
 
     cfg, s, hw, w, mem, p = a.cfg, a.strategy, a.hardware, a.workload, a.memory, a.prediction
-    out.print(f"[bold]{cfg.name}[/bold] {s.name} on {s.num_devices} x {hw.name} ({a.cost.backend} compile, "
-              f"{a.cost.target}); batch {w.batch}, prompt {w.prompt_len}, generate {w.gen_len}")
+    out.print(f"[bold]{cfg.name}[/bold] {s.name} on {s.num_devices} x {hw.name}; batch {w.batch}, prompt "
+              f"{w.prompt_len}, generate {w.gen_len}")
+    out.print(f"compiled by: {compiled_by(a)}")
     for note in a.cost.notes:
         out.print(f"note: {note}")
     if mem["total"] is not None:
@@ -693,7 +705,8 @@ def _print_analysis(a) -> None:
     out.print(table)
     for i, r in enumerate(a.recommendations, 1):
         out.print(f"{i}. {r}")
-    out.print("[green]fits[/green]" if a.fits else "[red]does not fit[/red]")
+    stand_in = " (XLA:CPU stand-in numbers)" if a.cost.compiled_for.get("stand_in") else ""
+    out.print(("[green]fits[/green]" if a.fits else "[red]does not fit[/red]") + stand_in)
 
 
 def main(argv=None) -> None:

@@ -23,14 +23,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_jax.backends import BACKENDS, TARGETS  # noqa: F401  (TARGETS: where GPU descriptions ship)
 from moe_jax.config import ModelConfig
 from moe_jax.devices import MAX_CPU_DEVICES
 from moe_jax.errors import MoeJaxError
 from moe_jax.mesh import Strategy, validate
 
-BACKENDS = ("cpu", "tpu", "gpu", "real")
 PHASES = ("prefill", "decode")
-TARGETS = Path(__file__).resolve().parent / "targets"
 
 
 MAX_BATCH = 1 << 20
@@ -103,6 +102,11 @@ class CompiledProgram:
     """Device kind compiled for (e.g. 'cpu', 'TPU v5', 'NVIDIA H200')."""
     phases: dict[str, CompiledPhase] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    topology: str = ""
+    """Where it was compiled: the devices or topology (e.g. 'the first 6 of 8 chips of v5p:2x2x2')."""
+    physical_order: list[int] = field(default_factory=list)
+    """For each partition id (position in the mesh), the device's index in the topology's order:
+    what decides which link a collective's group spans."""
 
 
 def _shard_bytes(struct) -> int:
@@ -110,47 +114,57 @@ def _shard_bytes(struct) -> int:
     return math.prod(shape) * struct.dtype.itemsize
 
 
-def _tpu_devices(topology: str):
+def _tpu_devices(topology: str, n: int):
+    """The first `n` chips of a deviceless TPU topology (libtpu), and how to name what was compiled on."""
     import os
 
     # libtpu takes a host-wide lock file; a deviceless compile needs no exclusive TPU access
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # TPU v4 chips have two TensorCores; megacore makes each chip one device, as on a real v4
+    kw = {"chip_config_name": "megacore"} if topology.lower().startswith("v4:") else {}
     try:
         from jax.experimental import topologies
 
-        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices
     except Exception as e:  # libtpu missing or the name is not a topology
         raise MoeJaxError(f"cannot make TPU topology {topology!r}: {str(e).splitlines()[0][:200]}. "
                           "The tpu backend needs libtpu (pip install 'moe-jax[tpu]') and a topology "
                           "like v5p:8x8x16, v5e:16x16, v4:4x4x4, v6e:8x8") from None
+    if len(devices) < n:
+        raise MoeJaxError(f"TPU topology {topology} has {len(devices)} devices; the strategy needs {n}")
+    where = topology if len(devices) == n else f"the first {n} of {len(devices)} chips of {topology}"
+    return list(devices)[:n], where
 
 
-def _gpu_devices(target: str, num_devices: int, gpus_per_host: int = 8):
+GPUS_PER_HOST = 8
+"""GPUs per server in a deviceless CUDA topology (HGX/DGX boards)."""
+
+
+def _gpu_devices(target: Path, n: int):
+    """The first `n` GPUs of the smallest deviceless CUDA topology of whole servers that holds them."""
     import os
 
-    spec = TARGETS / f"{target}.txtpb"
-    if not spec.exists():
-        known = ", ".join(sorted(p.stem for p in TARGETS.glob("*.txtpb")))
-        raise MoeJaxError(f"no GPU target description for {target!r}; known: {known}")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    if num_devices > gpus_per_host and num_devices % gpus_per_host:
-        raise MoeJaxError(f"{num_devices} GPUs: a multi-node GPU topology needs a multiple of {gpus_per_host} "
-                          "GPUs per node")
-    hosts = max(1, num_devices // gpus_per_host)
-    per_host = num_devices // hosts
+    hosts = -(-n // GPUS_PER_HOST)
+    per_host = n if hosts == 1 else GPUS_PER_HOST
+    topology = f"1x{hosts}x{per_host}"
     try:
         from jax.experimental import topologies
 
-        topo = topologies.get_topology_desc(platform="cuda", target_config=spec.read_text(),
-                                            topology=f"1x{hosts}x{per_host}")
-        return topo.devices
+        devices = topologies.get_topology_desc(platform="cuda", target_config=Path(target).read_text(),
+                                               topology=topology).devices
     except Exception as e:
-        raise MoeJaxError(f"cannot make a deviceless CUDA topology for {num_devices} x {target}: "
+        raise MoeJaxError(f"cannot make a deviceless CUDA topology {topology} for {Path(target).stem}: "
                           f"{str(e).splitlines()[0][:200]}. The gpu backend needs jax's CUDA plugin "
                           "(pip install 'moe-jax[gpu]')") from None
+    where = f"{hosts} x {per_host} GPUs (hosts x GPUs per host)"
+    if len(devices) > n:
+        where = f"the first {n} GPUs of {hosts} hosts x {per_host}"
+    return list(devices)[:n], where
 
 
-def _devices(backend: str, n: int, topology: str | None, gpu_target: str | None):
+def _devices(backend: str, n: int, topology: str | None, gpu_target):
+    """Devices to compile on, in their physical order, and a phrase naming where they are."""
     import jax
 
     if backend == "cpu":
@@ -159,18 +173,20 @@ def _devices(backend: str, n: int, topology: str | None, gpu_target: str | None)
             raise MoeJaxError(f"the cpu backend needs {n} fake CPU devices but this process has {len(have)}; "
                               f"start it with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
                               "(the moe-jax CLI does this itself)")
-        return have[:n]
+        return have[:n], f"{n} fake CPU devices"
     if backend == "real":
         have = jax.devices()
         if len(have) < n:
             raise MoeJaxError(f"the real backend sees {len(have)} {have[0].platform} devices; {n} are needed")
-        return have[:n]
+        return have[:n], f"{n} {have[0].platform} devices"
     if backend == "tpu":
-        devices = _tpu_devices(topology or "")
-        if len(devices) != n:
-            raise MoeJaxError(f"TPU topology {topology} has {len(devices)} devices; the strategy needs {n}")
-        return devices
-    return _gpu_devices(gpu_target or "h200", n)
+        if not topology:
+            raise MoeJaxError("the tpu backend needs a topology (e.g. v5p:2x2x2); `moe_jax.backends.tpu_topology` "
+                              "picks the smallest one for a hardware preset")
+        return _tpu_devices(topology, n)
+    from moe_jax.backends import gpu_target_path
+
+    return _gpu_devices(gpu_target_path(gpu_target or "h200"), n)
 
 
 def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, backend: str = "cpu",
@@ -202,8 +218,10 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
         notes.append(f"{strategy.num_devices} devices exceed the cpu backend's {MAX_CPU_DEVICES}: compiled one "
                      f"data-parallel replica ({replica.name}, batch {workload.batch}); replicas do not "
                      "communicate at inference, so per-device figures are the same")
-    devices = _devices(backend, compiled_strategy.num_devices, topology, gpu_target)
-    mesh = build_mesh(compiled_strategy, devices)
+    devices, where = _devices(backend, compiled_strategy.num_devices, topology, gpu_target)
+    mesh = build_mesh(compiled_strategy, devices, physical=backend != "cpu")
+    position = {id(d): i for i, d in enumerate(devices)}
+    physical_order = [position[id(d)] for d in mesh.devices.flat]
     sm = ShardedModel(cfg, compiled_strategy, mesh, prefill_microbatches=prefill_microbatches,
                       decode_microbatches=decode_microbatches)
     B, S, T = workload.batch, workload.prompt_len, workload.cache_len
@@ -218,7 +236,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
 
     program = CompiledProgram(cfg, strategy, compiled_strategy, workload, backend,
                               devices[0].device_kind if hasattr(devices[0], "device_kind") else backend,
-                              notes=notes)
+                              notes=notes, topology=where, physical_order=physical_order)
     for phase in phases:
         if phase == "prefill":
             tokens = struct((B, S), jnp.int32, sm.token_sharding(B, S))

@@ -635,6 +635,12 @@ class CostReport:
     notes: list[str]
     analytic: dict
     """Cross-checks computed from the config alone (see `analytic_flops`, placement)."""
+    topology: str = ""
+    """The devices or topology compiled on (e.g. 'the first 6 of 8 chips of v5p:2x2x2')."""
+    physical_order: list[int] = field(default_factory=list)
+    """Per partition id, the device's index in the topology's order (links are assigned from it)."""
+    compiled_for: dict = field(default_factory=dict)
+    """Which compiler produced the numbers and why (`moe_jax.backends.Compiler.to_dict`); set by analyze."""
 
     def to_dict(self) -> dict:
         """JSON-ready (memory peaks and collective summaries included)."""
@@ -751,4 +757,5 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
         analytic[name] = {**expected, "compiled_matmul_total": compiled,
                           "compiled_over_analytic": compiled / expected["total"] if compiled else None}
     return CostReport(cfg.name, strategy.name, program.compiled_strategy.name, program.workload.to_dict(),
-                      backend, program.target, devices, phases, program.notes, analytic)
+                      backend, program.target, devices, phases, program.notes, analytic,
+                      topology=program.topology, physical_order=program.physical_order)

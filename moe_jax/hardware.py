@@ -59,7 +59,14 @@ class Hardware:
     kind: str = "gpu"
     """gpu or tpu (selects the deviceless compile target)."""
     compile_target: str = ""
-    """TPU generation for a topology name (v5p, ...) or GPU target description (h200, ...)."""
+    """TPU generation for a topology name (v5p, ...), or the GPU target description compiled for: a
+    shipped one by name (h100, ...) or a ``.txtpb`` file (relative to the hardware TOML's folder)."""
+    vendor: str = "nvidia"
+    """nvidia, amd or google: whose compiler builds programs for this chip."""
+    sm_count: int = 0
+    """Streaming multiprocessors (GPU datasheet; 0 when not a GPU or not known)."""
+    compute_capability: str = ""
+    """CUDA compute capability, e.g. 9.0 (NVIDIA GPUs)."""
     source: str = ""
     """Where the figures come from."""
     assumptions: str = ""
@@ -95,32 +102,39 @@ def _dcn(bw=25 * GB):
     return LinkTier("DCN", bw, 10e-6, 10e-6)
 
 
+# NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
+# which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
 _PRESETS = {h.name: h for h in [
     Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink(450 * GB, "assumed NVLink-class"), _ib(),
              source="the seed report (64 GB, 400 TFLOP/s, 1.8 TB/s)",
              assumptions="links not given: assumed 8 GPUs per node on a 450 GB/s NVLink-class fabric and "
                          "50 GB/s per GPU between nodes (H100-class); achievable 80% of peak FLOP/s and 90% of "
-                         "HBM bandwidth, as measured on an H200", compile_target="h100"),
-    Hardware("a100-80g", 80 * GB, 312 * TB, 2.039 * TB, 8, _nvlink(300 * GB, "NVLink3"), _ib(25 * GB, "HDR IB"),
-             source="NVIDIA A100 datasheet; jax-ml/scaling-book gpus.md", compile_target="a100"),
-    Hardware("h100", 80 * GB, 989 * TB, 3.35 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
-             source="jax-ml/scaling-book gpus.md", compile_target="h100"),
-    Hardware("h200", 141 * GB, 989 * TB, 4.8 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
-             source="scaling-book; MLCommons H200 system description; achievable fractions measured on one "
-                    "H200 (bf16 matmul 788 TFLOP/s, copy 4.3 TB/s)", compile_target="h200"),
-    Hardware("b200", 180 * GB, 2250 * TB, 8 * TB, 8, _nvlink(900 * GB, "NVLink5"), _ib(),
-             source="jax-ml/scaling-book gpus.md", compile_target="b200"),
+                         "HBM bandwidth, as measured on an H200; compiled for an H100 target (the seed names no GPU; same "
+                         "80 GiB-class Hopper part as the nearest shipped description)", compile_target="h100"),
+    Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink(300 * GB, "NVLink3"), _ib(25 * GB, "HDR IB"),
+             source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
+                    "jax-ml/scaling-book gpus.md", compile_target="a100", sm_count=108, compute_capability="8.0"),
+    Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+             source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); jax-ml/scaling-book gpus.md",
+             compile_target="h100", sm_count=132, compute_capability="9.0"),
+    Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+             source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); scaling-book; MLCommons H200 "
+                    "system description; achievable fractions measured on one H200 (bf16 matmul 788 TFLOP/s, "
+                    "copy 4.3 TB/s)", compile_target="h200", sm_count=132, compute_capability="9.0"),
+    Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink(900 * GB, "NVLink5"), _ib(),
+             source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); jax-ml/scaling-book gpus.md",
+             compile_target="b200", sm_count=148, compute_capability="10.0"),
     Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _nvlink(448 * GB, "Infinity Fabric"), _ib(),
-             source="secondary sources (AMD MI300X figures)", compile_target="mi300"),
-    Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu",
+             source="secondary sources (AMD MI300X figures)", compile_target="mi300", vendor="amd"),
+    Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book tpus.md (3D torus, 6 links of 45 GB/s per direction)",
              compile_target="v4"),
-    Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB), _dcn(), kind="tpu",
+    Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs (2D torus, 4 links of 45 GB/s per direction)", compile_target="v5e"),
-    Hardware("tpu-v5p", 95 * GB, 459 * TB, 2.77 * TB, 8960, _ici(90 * GB), _dcn(), kind="tpu",
+    Hardware("tpu-v5p", 95 * GB, 459 * TB, 2.77 * TB, 8960, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book (3D torus, 6 links of 90 GB/s per direction)",
              compile_target="v5p"),
-    Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB), _dcn(), kind="tpu",
+    Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs (2D torus, 4 links of 90 GB/s per direction)", compile_target="v6e"),
 ]}
 
@@ -182,6 +196,20 @@ def _from_toml(path: Path) -> Hardware:
         number(link.bandwidth, f"[{tier}] bandwidth", 0)
         number(link.latency_s, f"[{tier}] latency_s", 0, low_open=False)
         number(link.call_overhead_s, f"[{tier}] call_overhead_s", 0, low_open=False)
+    for key, valid in (("kind", ("gpu", "tpu")), ("vendor", ("nvidia", "amd", "google"))):
+        if key in table and table[key] not in valid:
+            raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r}; valid: {', '.join(valid)}")
+    for key in ("compile_target", "compute_capability", "name", "source", "assumptions"):
+        if key in table and not isinstance(table[key], str):
+            raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r} must be a string")
+    if "sm_count" in table and (not isinstance(table["sm_count"], int) or isinstance(table["sm_count"], bool)
+                                or table["sm_count"] < 0):
+        raise MoeJaxError(f"hardware file {str(path)!r}: sm_count={table['sm_count']!r} must be a whole number >= 0")
+    if table.get("kind") == "tpu":
+        table.setdefault("vendor", "google")
+    target = table.get("compile_target", "")
+    if target.endswith(".txtpb") and not Path(target).expanduser().is_absolute():
+        table["compile_target"] = str(path.parent / target)     # a description beside the TOML file
     table.setdefault("source", f"user file {path}")
     try:
         return Hardware(**table, **links)

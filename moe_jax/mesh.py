@@ -202,10 +202,13 @@ def validate(strategy: Strategy, cfg: ModelConfig, *, batch: int | None = None,
                             + "\n  - ".join(problems))
 
 
-def build_mesh(strategy: Strategy, devices=None):
+def build_mesh(strategy: Strategy, devices=None, *, physical: bool = False):
     """A `jax.sharding.Mesh` with axes (dp, pp, ep, tp) over `devices` (default: all of jax's devices).
 
-    Devices are laid out in the order given, so ``tp`` neighbours are consecutive devices.
+    With ``physical``, jax's device-mesh helper orders the devices by the machine's topology
+    (TPU torus coordinates, GPU hosts), innermost axis on the closest devices, so ``tp``
+    neighbours are physical neighbours; where it cannot (a part of a TPU slice), and without
+    it, devices are laid out in the order given, so ``tp`` neighbours are consecutive devices.
     Axis types are Auto (the GSPMD partitioner places what the rules do not pin).
     """
     import jax
@@ -221,7 +224,15 @@ def build_mesh(strategy: Strategy, devices=None):
         raise StrategyError(f"{strategy.name} needs {strategy.num_devices} devices, "
                             f"but {len(devices)} are available{hint}")
     shape = tuple(strategy.mesh_shape.values())
-    return Mesh(np.array(devices, dtype=object).reshape(shape), MESH_AXES,
+    grid = np.array(devices, dtype=object).reshape(shape)
+    if physical:
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError, KeyError):
+            pass                          # no physical layout known for these devices: the order given
+    return Mesh(grid, MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

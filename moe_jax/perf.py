@@ -41,11 +41,17 @@ def op_time(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
-def link_for(group: list[int], hw: Hardware) -> LinkTier:
-    """The node tier when every device of the group sits in one node, else the network tier."""
+def link_for(group: list[int], hw: Hardware, physical_order: list[int] | None = None) -> LinkTier:
+    """The node tier when every device of the group sits in one node, else the network tier.
+
+    group: partition ids; physical_order maps each to the device's index in the topology
+    (nodes are runs of `devices_per_node` consecutive devices there); without it the
+    partition ids are taken as that index.
+    """
     if not group:
         return hw.network_link
-    nodes = {d // hw.devices_per_node for d in group}
+    where = (lambda d: physical_order[d]) if physical_order else (lambda d: d)
+    nodes = {where(d) // hw.devices_per_node for d in group}
     return hw.node_link if len(nodes) == 1 else hw.network_link
 
 
@@ -97,8 +103,9 @@ class PhaseTime:
         return d
 
 
-def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail: str = "") -> PhaseTime:
-    """Roofline over the compiled ops plus the collectives on their link tiers."""
+def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail: str = "",
+               physical_order: list[int] | None = None) -> PhaseTime:
+    """Roofline over the compiled ops plus the collectives on their link tiers (see `link_for`)."""
     compute = memory = 0.0
     for op in cost.ops:
         if op.collective:
@@ -110,7 +117,7 @@ def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail
             memory += seconds * op.count
     comm, groups = 0.0, defaultdict(lambda: {"calls": 0, "bytes": 0, "seconds": 0.0})
     for c in cost.collectives:
-        link = link_for(c.group, hw)
+        link = link_for(c.group, hw, physical_order)
         seconds = collective_time(c.kind, c.bytes_per_call, c.group_size, link) * c.calls
         comm += seconds
         g = groups[(c.kind, tuple(c.axes), link.name)]
@@ -167,10 +174,10 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Predi
     stream = read["bytes"] + dec.memory.kv_cache
     dec_floor = stream / hw.hbm_bandwidth
     prefill = phase_time(pre, hw, pre_floor, f"useful FLOPs per device {useful_pre / n:.3e} / peak "
-                                             f"{hw.peak_flops:.3e} FLOP/s")
+                                             f"{hw.peak_flops:.3e} FLOP/s", report.physical_order)
     decode = phase_time(dec, hw, dec_floor, f"(weights read {read['bytes']:,} B: {read['detail']}; + local KV "
                                             f"cache {dec.memory.kv_cache:,} B) / peak HBM "
-                                            f"{hw.hbm_bandwidth:.3e} B/s")
+                                            f"{hw.hbm_bandwidth:.3e} B/s", report.physical_order)
     ttft, tpot = prefill.total_s, decode.total_s
     assumptions = [
         f"achievable {hw.flops_efficiency:.0%} of peak FLOP/s and {hw.hbm_efficiency:.0%} of HBM bandwidth",

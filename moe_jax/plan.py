@@ -131,9 +131,14 @@ def _rank_key(objective: str):
 def cache_key(cfg: ModelConfig, strategy: Strategy, workload: Workload, backend: str, hw: Hardware,
               topology: str | None) -> str:
     """sha256 of everything that changes a compiled analysis."""
+    from moe_jax.backends import resolve
+
     versions = {pkg: metadata.version(pkg) for pkg in ("jax", "jaxlib", "flax", "moe-jax")}
+    compiler = resolve(hw, backend)
+    target = compiler.gpu_target.read_text() if compiler.gpu_target else None
     blob = json.dumps({"model": cfg.summary(), "strategy": strategy.name, "workload": workload.to_dict(),
-                       "backend": backend, "topology": topology, "hardware": hw.to_dict(), "versions": versions},
+                       "backend": backend, "compiler": compiler.to_dict(), "gpu_target": target,
+                       "topology": topology, "hardware": hw.to_dict(), "versions": versions},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -165,7 +170,7 @@ DISPATCH_METHODS = ("capacity", "dropless")
 
 
 def compare_dispatch(result: PlanResult, cfg: ModelConfig, hw: Hardware, workload: Workload, *,
-                     backend: str = "cpu", topology: str | None = None, cache_dir: Path | None = None,
+                     backend: str = "auto", topology: str | None = None, cache_dir: Path | None = None,
                      progress=None) -> dict | None:
     """Compile the best strategy of `result` with every dispatch method; sets and returns the comparison.
 
@@ -245,7 +250,7 @@ class PlanResult:
 
 def plan(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *, objective: str = "throughput",
          slo_ttft: float | None = None, slo_tpot: float | None = None, baseline: Strategy | None = None,
-         top: int = 8, backend: str = "cpu", topology: str | None = None, cache_dir: Path | None = None,
+         top: int = 8, backend: str = "auto", topology: str | None = None, cache_dir: Path | None = None,
          workers: int = 2, progress=None) -> PlanResult:
     """Search, estimate, compile the best `top`, and rank; `progress(kind, text, done, total)` reports."""
     start = time.perf_counter()
@@ -356,12 +361,16 @@ def _compile_all(result, names, by_name, cfg, hw, workload, backend, topology, c
         progress("compile", f"{done} cached", done, len(names))
     if not todo:
         return
+    from moe_jax.backends import resolve
+
+    on_cpu = resolve(hw, backend).backend == "cpu"
     need = max(s.num_devices if s.num_devices <= MAX_CPU_DEVICES else s.num_devices // s.dp for _, s, _ in todo)
-    if backend != "cpu" or workers <= 1 or len(todo) == 1:
+    need = need if on_cpu else 1          # deviceless TPU/GPU compiles need no fake CPU devices
+    if backend == "real" or workers <= 1 or len(todo) == 1:
         from moe_jax.devices import request_cpu_devices
 
-        if backend == "cpu":
-            request_cpu_devices(need)
+        if backend != "real":
+            request_cpu_devices(need)     # fake CPU devices, or one for a deviceless TPU/GPU compile
         for name, s, key in todo:
             if progress:
                 progress("compile", f"compiling {name}", done, len(names))

@@ -14,6 +14,23 @@ from moe_jax.units import human_bytes as _bytes
 from moe_jax.units import ms as _ms
 
 
+_COMPILERS = {"cpu": "XLA:CPU", "gpu": "XLA:GPU", "tpu": "XLA:TPU"}
+
+
+def compiled_by(a: Analysis) -> str:
+    """One line naming the compiler that produced the numbers, and whether it is the hardware's own."""
+    c, cost = a.cost.compiled_for, a.cost
+    name = _COMPILERS.get(cost.backend, f"the {cost.backend} backend's compiler")
+    where = f"{cost.target}, {cost.topology}" if cost.topology else cost.target
+    if cost.backend == "real":
+        return f"{name} on real devices ({where})"
+    if c.get("stand_in"):
+        return f"{name} as a stand-in for {a.hardware.name} ({where}), because {c['reason']}"
+    own = "deviceless" if cost.backend in ("gpu", "tpu") else "emulated"
+    mine = " (the hardware's own compiler)" if cost.backend in ("gpu", "tpu") else ""
+    return f"{name}, {own}, for {where}{mine}"
+
+
 def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     """The Markdown report for one analysed strategy (`chart`: file name of the memory chart, if any)."""
     d = a.to_dict()
@@ -22,7 +39,8 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     out = ["<!-- written by moe-jax -->", f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
     verdict = "fits" if a.fits else "does NOT fit"
     out += [f"**Verdict:** {verdict} in device memory; {sum(c.passed for c in a.checks)} of {len(a.checks)} "
-            "checks pass. This report analyses one given strategy; it is not compared with a search.", ""]
+            "checks pass. This report analyses one given strategy; it is not compared with a search. "
+            f"Numbers compiled by {compiled_by(a)}.", ""]
 
     out += ["## Strategy", "",
             f"- Strategy: **{s.name}** on {s.num_devices} devices (mesh dp x pp x ep x tp = "
@@ -33,8 +51,8 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
                                           if cfg.dispatch == "capacity" else ""),
             f"- Workload: batch {w.batch} sequences, prompt {w.prompt_len} tokens, {w.gen_len} generated "
             f"(KV cache of {w.cache_len} positions)",
-            f"- Compiled on the **{a.cost.backend}** backend ({a.cost.target}); every memory, FLOP, byte and "
-            "collective figure below is read from that compiled program", ""]
+            f"- Compiled by **{compiled_by(a)}**; every memory, FLOP, byte and collective figure below is read "
+            "from that compiled program", ""]
     out += [f"- Note: {n}" for n in a.cost.notes] + ([""] if a.cost.notes else [])
 
     kv = (f"all {cfg.num_kv_heads} (replicated: tp > KV heads)" if f["kv_heads_replicated_over_tp"]

@@ -200,11 +200,13 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         from moe_jax.analysis import analyze
 
         step_done("predicting (compiling the program ahead of time)")
-        a = analyze(cfg, strategy, hardware, workload, backend=backend)
+        # on real devices the program that ran is compiled; otherwise the hardware's own compiler (auto)
+        a = analyze(cfg, strategy, hardware, workload, backend="real" if backend == "real" else "auto")
         if a.prediction is not None:
             result.predicted = {"ttft_s": a.prediction.ttft_s, "tpot_s": a.prediction.tpot_s,
                                 "throughput_tok_s": a.prediction.throughput_tok_s,
-                                "hardware": hardware.name, "backend": backend,
+                                "hardware": hardware.name, "backend": a.cost.backend,
+                                "compiled_for": a.cost.compiled_for,
                                 "decode_time": a.prediction.decode.to_dict(),
                                 "prefill_time": a.prediction.prefill.to_dict()}
     return result

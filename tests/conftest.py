@@ -23,15 +23,26 @@ def clean_env(**extra):
     return env
 
 
+def require_compiler(kind: str) -> None:
+    """Skip when the deviceless `kind` compiler (tpu or gpu) is not installed; in CI (CI set) fail instead:
+    `make test` installs both, so a missing one there is a broken install, not an optional feature."""
+    from moe_jax.backends import gpu_compiler_installed, tpu_compiler_installed
+
+    if (tpu_compiler_installed if kind == "tpu" else gpu_compiler_installed)():
+        return
+    package = {"tpu": "libtpu (pip install 'moe-jax[tpu]')",
+               "gpu": "jax's CUDA plugin (pip install 'moe-jax[gpu]')"}[kind]
+    if os.environ.get("CI"):
+        pytest.fail(f"{package} is missing in CI: `make test` installs it")
+    pytest.skip(f"{package} is not installed")
+
+
 def run_tpu_script(script: str) -> list[str]:
-    """Run `script` in a fresh Python that compiles for deviceless TPUs; its stdout lines. Skips without libtpu."""
+    """Run `script` in a fresh Python that compiles for deviceless TPUs; its stdout lines (see require_compiler)."""
     import subprocess
     import sys
 
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        pytest.skip("libtpu is not installed (pip install 'moe-jax[tpu]')")
+    require_compiler("tpu")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                           env=clean_env(TPU_SKIP_MDS_QUERY="1"))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -89,7 +89,7 @@ def test_cache_second_run_compiles_nothing_and_truncated_entries_recompute(tmp_p
     compiled = [r for r in second.candidates if r["compiled"]]
     assert len(compiled) == 2 and all(r.get("cached") for r in compiled)
     assert second.best == first.best
-    victim = tmp_path / f"{cache_key(cfg, Strategy.parse(first.best), work, 'cpu', hw, None)}.json"
+    victim = tmp_path / f"{cache_key(cfg, Strategy.parse(first.best), work, 'auto', hw, None)}.json"
     victim.write_text(victim.read_text()[: len(victim.read_text()) // 2])   # truncated by a crash
     third = plan(cfg, 8, hw, work, top=2, workers=1, cache_dir=tmp_path)
     redone = next(r for r in third.candidates if r["strategy"] == first.best)
