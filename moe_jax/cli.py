@@ -513,7 +513,12 @@ def _print_plan(result, hw) -> None:
                   f"estimates ran {result.estimate_bias:+.0%} (median) against the compiled TPOT, so read "
                   "estimate rows with that bias in mind.")
     if result.best:
-        out.print(f"best: [bold]{result.best}[/bold]")
+        best = result.compiled[result.best]["analysis"]
+        out.print(f"best: [bold]{result.best}[/bold] (compiled by {best['compiled_for'].get('backend', '?')} for "
+                  f"{best['target']})")
+        if not best.get("fit_confirmed", True):
+            out.print("[yellow]fit verdicts rest on an XLA:CPU stand-in's temporaries, not the hardware's own "
+                      f"compiler: {'; '.join(best['compiled_for'].get('caveats', []))}[/yellow]")
     else:
         out.print(f"[red]{result.message}[/red]")
     for m, x, y, r in _comparison_rows(result):
@@ -705,8 +710,12 @@ def _print_analysis(a) -> None:
     out.print(table)
     for i, r in enumerate(a.recommendations, 1):
         out.print(f"{i}. {r}")
-    stand_in = " (XLA:CPU stand-in numbers)" if a.cost.compiled_for.get("stand_in") else ""
-    out.print(("[green]fits[/green]" if a.fits else "[red]does not fit[/red]") + stand_in)
+    from moe_jax.analysis import unconfirmed_fit_note
+
+    if not a.fit_confirmed:
+        out.print(f"[yellow]{unconfirmed_fit_note(a)}[/yellow]")
+        return
+    out.print("[green]fits[/green]" if a.fits else "[red]does not fit[/red]")
 
 
 def main(argv=None) -> None:

@@ -31,6 +31,16 @@ from moe_jax.mesh import Strategy, validate
 
 PHASES = ("prefill", "decode")
 
+CPU_ANALYSIS_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+"""XLA options for the cpu backend's analysis compile. XLA:CPU computes bf16 in f32: its
+FloatNormalization pass (``float-normalization-bf16``) upcasts the bf16 dynamic-slice that picks
+one layer out of the stacked [L, ...] weights (and the KV cache) inside the layer loop by
+converting the whole stacked operand, and ``while-loop-invariant-code-motion`` then hoists that
+loop-invariant convert out of the loop: an f32 copy of every layer's weights (twice the bf16
+bytes, 123 GB for qwen3-30b-a3b on one device) among the temporaries. Without the hoist the
+convert fuses into the slice and one layer at a time is upcast. Results are bit-identical (a
+convert is exact wherever it runs); measured in bench/fit_cases.py."""
+
 
 MAX_BATCH = 1 << 20
 """Largest batch a workload may name."""
@@ -249,7 +259,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
                   "tokens": sum(_shard_bytes(a) for a in args if a is not params and a is not cache)}
         start = time.perf_counter()
         try:
-            compiled = fn.lower(*args).compile()
+            compiled = fn.lower(*args).compile(compiler_options=CPU_ANALYSIS_OPTIONS if backend == "cpu" else None)
         except Exception as e:  # the XLA error type is not public; only out-of-memory is a result
             text = str(e)
             if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:

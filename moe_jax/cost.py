@@ -9,6 +9,23 @@ Three sources, each labelled:
 - ``cost_analysis()`` where the backend has one (not on a deviceless GPU compile), kept
   raw as a cross-check: XLA counts a loop body once.
 
+Checked against XLA's own HloCostAnalysis on loop-free programs for the cpu, tpu and gpu
+compiles (`tests/test_walk_xla.py`): FLOPs agree exactly (non-matmul ops follow XLA's
+rules: a reduce applies its reducer input - output times, a reduce-window window - 1
+times per output, an all-reduce one FLOP per element, a sort n·⌈log2 n⌉; a cuBLAS gemm
+custom call, which XLA counts as -1, gets 2·M·N·K from its operands). Bytes agree exactly
+once these deliberate differences are restated XLA's way: a fusion's parameter is read
+only as far as it is sliced, gathered or read after an in-place update, looking through
+bitcasts (XLA stops at a bitcast and reads a gathered table whole: an embedding lookup);
+an async ``*-start``/``*-done`` pair moves its data once; tuples, partition-id and
+cuBLAS workspaces move nothing. Fixed on the way: an in-place update whose result is then
+read in the same fusion (decode attention on the GPU writes the new token into the KV
+cache and reads the cache) counted no read of the cache at all; a reduce-scatter-start
+counted its input as written; reduce-window, argmax-style reducers, all-reduce and sort
+FLOPs; array constants inside fusions and top-level iota were not counted. Not modelled:
+memory spaces (on TPU, operands prefetched into VMEM by ``copy-start`` count as HBM
+traffic, 15-25% of a small model's bytes) and the FLOPs of other custom calls (cuDNN).
+
 Model phases come from ``jax.named_scope``: attention, router, dispatch, experts,
 combine, shared_experts, embed, head, pipeline.
 """
@@ -24,16 +41,21 @@ from dataclasses import asdict, dataclass, field
 from moe_jax.compile import CompiledPhase, CompiledProgram, Workload, compile_program
 from moe_jax.config import ModelConfig
 from moe_jax.hlo import (Collective, Instruction, Module, arrays, collective_axes, parse_replica_groups,
-                         shape_bytes)
+                         shape_bytes, tuple_parts)
 from moe_jax.mesh import Strategy
 
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
-               "after-all", "partition-id", "replica-id", "add-dependency", "opt-barrier", "iota"}
+               "after-all", "partition-id", "replica-id", "add-dependency", "opt-barrier"}
+# elementwise ops as XLA's HloCostAnalysis counts them: one transcendental or one FLOP per result element
 _TRANSCENDENTAL = {"exponential", "log", "tanh", "logistic", "rsqrt", "sqrt", "power", "sine", "cosine",
-                   "exponential-minus-one", "log-plus-one", "erf", "cbrt", "atan2", "tan"}
+                   "exponential-minus-one", "log-plus-one", "erf", "cbrt", "atan2", "tan", "acosh"}
 _ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs", "compare",
                 "select", "and", "or", "xor", "not", "clamp", "remainder", "sign", "floor", "ceil",
-                "round-nearest-even", "round-nearest-afz", "convert"}
+                "round-nearest-even", "round-nearest-afz", "convert", "shift-left", "shift-right-logical",
+                "shift-right-arithmetic", "popcnt", "count-leading-zeros", "is-finite", "reduce-precision",
+                "real", "imag", "complex"}
+_IN_PLACE = {"dynamic-update-slice", "scatter"}
+"""Ops whose result aliases operand 0: they write (and read) only the updated part."""
 _COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                      "ragged-all-to-all", "collective-broadcast")
 _SLICING = {"dynamic-slice", "slice", "gather"}
@@ -152,61 +174,84 @@ def _conv_flops(instr: Instruction, comp) -> int:
     return 2 * out_dims[out_l.index("b")] * out_dims[out_l.index("f")] * in_features * taps
 
 
+def _update_bytes(instr: Instruction, comp) -> int:
+    """Bytes of the update an in-place op writes: a dynamic-update-slice's operand 1, a scatter's updates."""
+    if instr.opcode == "scatter":
+        n = (len(instr.operands) - 1) // 2                  # scatter(operands..., indices, updates...)
+        names = instr.operands[n + 1:]
+    else:
+        names = instr.operands[1:2]
+    return sum(comp.by_name[n].bytes for n in names if n in comp.by_name)
+
+
 def _operand_bytes(instr: Instruction, comp, module: Module) -> int:
-    """HBM bytes read for the operands of a top-level op (slices count their slice)."""
+    """HBM bytes read for the operands of a top-level op (slices count their slice; an in-place update does not
+    read the buffer it updates, and a scatter reads only the rows it combines into)."""
     fused = None
     if instr.opcode == "fusion":
         callee = [c for role, c in module.calls(instr) if role == "calls"]
         fused = module.computations[callee[0]] if callee else None
     total = 0
+    base = instr.opcode.removesuffix("-start")             # an async slice-start slices as a slice does
     for index, name in enumerate(instr.operands):
         src = comp.by_name.get(name)
         if src is None:
             continue
         full = src.bytes
-        if instr.opcode in _SLICING and index == 0:
-            full = min(full, instr.bytes)
+        if base in _SLICING and index == 0:
+            full = min(full, instr.bytes if base == instr.opcode else _async_result_bytes(instr.shape))
         elif instr.opcode == "dynamic-update-slice" and index == 0:
             full = 0                                        # updated in place
+        elif instr.opcode == "scatter" and index == 0:
+            full = min(full, _update_bytes(instr, comp))
         elif fused is not None:
             param = fused.parameter(index)
             read = _read_bytes(fused, param.name, module) if param else None
             if read is not None:
                 full = min(full, read)
         total += full
+    if fused is not None:                                   # array constants inside the fusion are read too
+        total += sum(i.bytes for i in fused.instructions if i.opcode == "constant" and i.elements > 1)
     return total
 
 
-def _read_bytes(comp, name: str, module: Module, depth: int = 0) -> int | None:
+def _read_bytes(comp, name: str, module: Module, depth: int = 0, updated: bool = False) -> int | None:
     """Bytes a fused computation reads of value `name` when it only slices it or updates it in place.
 
     Follows bitcasts and nested fusions (TPU nests the slice one fusion deeper). None
-    when some use reads the whole value.
+    when some use reads the whole value. A value updated in place (dynamic-update-slice,
+    scatter) is not read for the update, but what is read of the updated value afterwards
+    counts: decode attention writes the new token into the KV cache and then reads the
+    cache in the same fusion. `updated`: `name` is such an updated value; reaching the
+    fusion's output costs no read (the output counts the update's write).
     """
     users = comp.users(name)
-    if not users or depth > 8:
+    if depth > 8:
         return None
+    if not users:
+        return 0 if updated else None
     total = 0
     for u in users:
+        if updated and u.opcode == "tuple" and u.is_root:
+            continue                                        # the in-place output of a multi-output fusion
         if u.opcode in _SLICING and u.operands[0] == name:
-            total += u.bytes
-        elif u.opcode == "dynamic-update-slice" and u.operands[0] == name:
-            continue                                        # written in place, not read
+            inner = u.bytes
+        elif u.opcode in _IN_PLACE and u.operands[0] == name:
+            inner = _read_bytes(comp, u.name, module, depth + 1, updated=True)
+            if inner is not None and u.opcode == "scatter":
+                inner += min(u.bytes, _update_bytes(u, comp))   # the rows it combines into
         elif u.opcode in ("bitcast", "reshape"):
-            inner = _read_bytes(comp, u.name, module, depth + 1)
-            if inner is None:
-                return None
-            total += inner
+            inner = _read_bytes(comp, u.name, module, depth + 1, updated)
         elif u.opcode == "fusion":
             callee = [c for role, c in module.calls(u) if role == "calls"]
             nested = module.computations[callee[0]] if callee else None
             param = nested.parameter(u.operands.index(name)) if nested else None
-            inner = _read_bytes(nested, param.name, module, depth + 1) if param else None
-            if inner is None:
-                return None
-            total += inner
+            inner = _read_bytes(nested, param.name, module, depth + 1, updated) if param else None
         else:
             return None
+        if inner is None:
+            return None
+        total += inner
     return total
 
 
@@ -214,9 +259,15 @@ def _result_bytes(instr: Instruction, comp, module: Module) -> int:
     """HBM bytes written by a top-level op (an in-place update writes its update only).
 
     An async ``*-start`` returns (input, output, context...): only the output is written.
+    A cuBLAS/cuDNN custom call returns (result, workspace): only the result counts.
     """
     if instr.opcode.endswith("-start") and instr.shape.startswith("("):
-        return max(shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(instr.shape))
+        return _async_result_bytes(instr.shape)
+    if _is_library_call(instr) and instr.shape.startswith("("):
+        parts = tuple_parts(instr.shape)
+        if re.match(r"[su]8\[\d+\]", parts[-1]):                   # the workspace (scratch), last
+            parts = parts[:-1]
+        return sum(shape_bytes(p) for p in parts)
     root = instr
     inner = comp
     if instr.opcode == "fusion":
@@ -229,11 +280,23 @@ def _result_bytes(instr: Instruction, comp, module: Module) -> int:
     for part in parts:
         if part is None:
             continue
-        if part.opcode == "dynamic-update-slice" and len(part.operands) > 1 and part.operands[1] in inner.by_name:
-            total += inner.by_name[part.operands[1]].bytes
+        if part.opcode in _IN_PLACE and len(part.operands) > 1:
+            total += min(part.bytes, _update_bytes(part, inner))   # a scatter may drop rows: at most its output
         else:
             total += part.bytes
-    return total if instr.opcode == "fusion" or instr.opcode == "dynamic-update-slice" else instr.bytes
+    return total if instr.opcode == "fusion" or instr.opcode in _IN_PLACE else instr.bytes
+
+
+def _async_result_bytes(shape: str) -> int:
+    """Bytes an async ``*-start`` writes. Its tuple holds (operands, results[, context]): all-gather and the
+    async wrappers (all-to-all, reduce-scatter) nest their operands in a tuple, the results follow it (a
+    reduce-scatter writes 1/n of what it reads); copy-start and collective-permute-start hold one array each
+    way, of the same size."""
+    parts = tuple_parts(shape)
+    if parts[0].startswith("("):
+        results = [p for p in parts[1:] if not re.fullmatch(r"[us]32\[\](\{[^}]*\})?", p)]   # not a context
+        return sum(shape_bytes(p) for p in results)
+    return max(shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(shape))
 
 
 def _ragged_bytes(instr: Instruction, comp, result: int) -> tuple[int, int]:
@@ -402,8 +465,84 @@ def _grouped_matmul_flops(instr: Instruction, comp) -> int:
     return 2 * instr.elements * arrays(weights[0].shape)[0][1][1] if weights else 0
 
 
-def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None) -> tuple[int, int, int]:
-    """(flops, matmul flops, transcendentals) of one instruction, not looking into called computations."""
+def _is_library_call(instr: Instruction) -> bool:
+    """A cuBLAS or cuDNN custom call (XLA:GPU's library matmuls and convolutions)."""
+    return instr.opcode == "custom-call" and bool(re.search(r'custom_call_target="__(cublas|cudnn)\$', instr.attrs))
+
+
+def _gemm_call_flops(instr: Instruction, comp) -> int:
+    """A cuBLAS gemm custom call (``__cublas$gemm``, ``__cublas$lt$matmul...``): 2 × result elements × contracted
+    size, the dimension numbers read from its gemm_backend_config. XLA's own cost analysis counts a custom call
+    as unknown (-1)."""
+    lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
+    m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', instr.attrs)
+    if lhs is None or m is None or not arrays(lhs.shape) or not arrays(instr.shape):
+        return 0
+    lhs_dims = arrays(lhs.shape)[0][1]
+    contracting = math.prod(lhs_dims[int(d)] for d in re.findall(r"\d+", m[1]))
+    return 2 * math.prod(arrays(instr.shape)[0][1]) * contracting
+
+
+def _first_elements(shape: str) -> int:
+    """Elements of the first array of a (possibly tuple) shape."""
+    found = arrays(shape)
+    return math.prod(found[0][1]) if found else 0
+
+
+def _applied_cost(module: Module | None, instr: Instruction) -> tuple[int, int]:
+    """(flops, transcendentals) of one application of the computation an op applies (its to_apply reducer)."""
+    callee = next((c for role, c in module.calls(instr) if role == "to_apply"), None) if module else None
+    if callee is None:
+        return 1, 0
+    flops = trans = 0
+    for sub in module.computations[callee].instructions:
+        f, _, t = _instr_flops(sub, module.computations[callee])
+        flops, trans = flops + f, trans + t
+    return flops, trans
+
+
+def _window_applications(instr: Instruction) -> int:
+    """Applications of a reduce-window's reducer: (window elements - 1) per output element, as XLA counts them
+    (and its special case: a window spanning a whole padded dimension is a reduce followed by a broadcast)."""
+    m = re.search(r"window=\{([^}]*)\}", instr.attrs)
+    attrs = dict(kv.split("=", 1) for kv in m[1].split()) if m else {}
+    size = [int(x) for x in attrs["size"].split("x")] if "size" in attrs else []
+    pads = [tuple(int(v) for v in p.split("_")) for p in attrs["pad"].split("x")] if "pad" in attrs else []
+    pads = pads or [(0, 0)] * len(size)
+    window, out = math.prod(size), _first_elements(instr.shape)
+    reduced = [d for d, n in enumerate(size) if n != 1]
+    padded = [d for d, (lo, hi) in enumerate(pads) if lo or hi]
+    if len(reduced) == 1 and len(padded) == 1 and not instr.shape.startswith("("):
+        d = reduced[0]
+        lo, hi = pads[d]
+        out_dims = arrays(instr.shape)[0][1]
+        if lo and lo == hi and size[d] == 2 * lo + 1 and lo == out_dims[d] - 1:
+            return out // out_dims[d] + out_dims[d] - 1
+    return (window - 1) * out
+
+
+def _applications(instr: Instruction, comp) -> int:
+    """How many times a reduce, reduce-window or scatter applies its computation (as XLA's HloCostAnalysis counts)."""
+    if instr.opcode == "reduce-window":
+        return _window_applications(instr)
+    if instr.opcode == "scatter":
+        n = (len(instr.operands) - 1) // 2
+        update = comp.by_name.get(instr.operands[n + 1]) if len(instr.operands) > n + 1 else None
+        return _first_elements(update.shape) if update else 0
+    src = comp.by_name.get(instr.operands[0]) if instr.operands else None
+    return max((_first_elements(src.shape) if src else 0) - _first_elements(instr.shape), 0)
+
+
+def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None,
+                 module: Module | None = None) -> tuple[int, int, int]:
+    """(flops, matmul flops, transcendentals) of one instruction, not looking into called computations
+    (except the reducer a reduce, reduce-window or scatter applies, which needs `module`).
+
+    Non-matmul ops follow XLA's HloCostAnalysis: one FLOP (or transcendental) per result element of an
+    elementwise op; a reduce applies its reducer (input - output) times, a reduce-window (window - 1) times
+    per output element, a scatter once per update element, each application costing the reducer's own ops;
+    an all-reduce one FLOP per element; a sort n·⌈log2 n⌉ comparisons.
+    """
     op = instr.opcode
     if op == "dot":
         f = _dot_flops(instr, comp)
@@ -416,11 +555,21 @@ def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None) -> 
     if op == "convolution":
         f = _conv_flops(instr, comp)
         return f, f, 0
+    if op == "custom-call" and re.search(r'custom_call_target="__cublas\$', instr.attrs):
+        f = _gemm_call_flops(instr, comp)
+        return f, f, 0
     if op in _ELEMENTWISE:
         return instr.elements, 0, 0
-    if op in ("reduce", "reduce-window"):
+    if op in ("reduce", "reduce-window", "scatter"):
+        n = _applications(instr, comp)
+        flops, trans = _applied_cost(module, instr)
+        return n * flops, 0, n * trans
+    if op in ("all-reduce", "all-reduce-start"):
+        return instr.elements, 0, 0
+    if op == "sort":
         src = comp.by_name.get(instr.operands[0]) if instr.operands else None
-        return (src.elements if src else 0), 0, 0
+        n = _first_elements(src.shape) if src else 0
+        return n * max(n - 1, 0).bit_length(), 0, 0
     if op in _TRANSCENDENTAL:
         return 0, 0, instr.elements
     return 0, 0, 0
@@ -496,13 +645,19 @@ def _looped_group_bytes(instr: Instruction, comp, module: Module, moved: int, hi
     return int(((lhs.bytes if lhs else 0) + dot.bytes) * rows) + rhs.bytes
 
 
+def _index_arithmetic(instr: Instruction) -> bool:
+    """An integer or predicate scalar: a slice position computed inside a fusion (e.g. a wrapped cache index)."""
+    return instr.shape.split("[")[0] in ("pred", "s32", "s64", "u32", "u64") and instr.elements <= 1
+
+
 def _conversion_only(instr: Instruction, module: Module) -> bool:
     if instr.opcode == "convert":
         return True
     if instr.opcode != "fusion":
         return False
     callee = [c for role, c in module.calls(instr) if role == "calls"]
-    ops = {i.opcode for i in module.computations[callee[0]].instructions} if callee else set()
+    ops = {i.opcode for i in module.computations[callee[0]].instructions if not _index_arithmetic(i)} \
+        if callee else set()
     return "convert" in ops and ops <= _CONVERSION_ONLY
 
 
@@ -517,7 +672,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
         comp = module.computations[name]
         total, by_scope = [0, 0, 0], defaultdict(int)
         for instr in comp.instructions:
-            parts = _instr_flops(instr, comp, hints)
+            parts = _instr_flops(instr, comp, hints, module)
             by_scope[model_phase(instr.op_name)] += parts[0]
             if instr.opcode == "fusion":
                 for role, callee in module.calls(instr):
@@ -540,7 +695,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
             op = instr.opcode
             if skip_conversions and _conversion_only(instr, module):
                 continue
-            flops, matmul, trans = _instr_flops(instr, comp, hints)
+            flops, matmul, trans = _instr_flops(instr, comp, hints, module)
             scopes = {model_phase(instr.op_name): flops}
             if op == "fusion":
                 for role, callee in module.calls(instr):

@@ -158,6 +158,25 @@ def shape_bytes(shape_text: str) -> int:
     return int(total)
 
 
+def tuple_parts(shape_text: str) -> list[str]:
+    """The top-level elements of a tuple shape (``(a, (b, c), u32[])`` -> ``a``, ``(b, c)``, ``u32[]``);
+    an array shape is its own single part."""
+    text = shape_text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text[1:-1], start=1):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:-1].strip())
+    return [p for p in parts if p]
+
+
 def _balanced(text: str, start: int) -> int:
     """Index just past the parenthesis group opening at text[start]."""
     depth = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_jax.analysis import Analysis
+from moe_jax.analysis import Analysis, unconfirmed_fit_note
 from moe_jax.units import gb as _gb
 from moe_jax.units import human_bytes as _bytes
 from moe_jax.units import ms as _ms
@@ -37,8 +37,9 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     cfg, s, hw, w, f = a.cfg, a.strategy, a.hardware, a.workload, a.placement.facts()
     p, mem = a.prediction, a.memory
     out = ["<!-- written by moe-jax -->", f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
-    verdict = "fits" if a.fits else "does NOT fit"
-    out += [f"**Verdict:** {verdict} in device memory; {sum(c.passed for c in a.checks)} of {len(a.checks)} "
+    verdict = ("fits in device memory" if a.fits else "does NOT fit in device memory") if a.fit_confirmed else \
+        f"unconfirmed: {unconfirmed_fit_note(a)}"
+    out += [f"**Verdict:** {verdict}; {sum(c.passed for c in a.checks)} of {len(a.checks)} "
             "checks pass. This report analyses one given strategy; it is not compared with a search. "
             f"Numbers compiled by {compiled_by(a)}.", ""]
 
