@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import tomllib
@@ -31,6 +32,22 @@ def read_json(path: str | Path, what: str, error=MoeJaxError):
         raise error(f"cannot read {what} {str(p)!r}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise error(f"{what} {str(p)!r} is not valid JSON: {e}") from None
+
+
+def finite(data):
+    """`data` with every non-finite float (inf, nan) replaced by None: JSON has no such numbers."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def dumps(data, **kw) -> str:
+    """Strict JSON text (parsers that reject bare Infinity/NaN read it): non-finite numbers become null."""
+    return json.dumps(finite(data), allow_nan=False, default=str, **kw)
 
 
 MARK = "moe-jax"

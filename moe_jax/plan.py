@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -133,7 +135,8 @@ def cache_key(cfg: ModelConfig, strategy: Strategy, workload: Workload, backend:
     """sha256 of everything that changes a compiled analysis."""
     from moe_jax.backends import resolve
 
-    versions = {pkg: metadata.version(pkg) for pkg in ("jax", "jaxlib", "flax", "moe-jax")}
+    versions = {pkg: metadata.version(pkg) for pkg in ("jax", "jaxlib", "flax")}
+    versions["moe-jax"] = code_digest()           # an edited checkout never reads another code's entries
     compiler = resolve(hw, backend)
     target = compiler.gpu_target.read_text() if compiler.gpu_target else None
     blob = json.dumps({"model": cfg.summary(), "strategy": strategy.name, "workload": workload.to_dict(),
@@ -141,6 +144,33 @@ def cache_key(cfg: ModelConfig, strategy: Strategy, workload: Workload, backend:
                        "topology": topology, "hardware": hw.to_dict(), "versions": versions},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of moe-jax's own source and target files: what a compiled result depends on besides its inputs."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(list(root.rglob("*.py")) + list(root.rglob("*.txtpb"))):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def check_cache_dir(directory: Path) -> None:
+    """Fail before any compile when the cache cannot be used: a file where the folder should be, or a folder
+    that cannot be created or written (a whole search must not be lost to its cache)."""
+    if directory.exists() and not directory.is_dir():
+        raise MoeJaxError(f"--cache {str(directory)!r} is a file, not a directory; name a directory or '' to "
+                          "disable the cache")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoeJaxError(f"--cache {str(directory)!r} cannot be created: {e.strerror or e}; name another "
+                          "directory or '' to disable the cache") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise MoeJaxError(f"--cache {str(directory)!r} is not writable; name another directory or '' to disable "
+                          "the cache")
 
 
 def cache_load(directory: Path, key: str) -> dict | None:
@@ -201,7 +231,23 @@ def compare_dispatch(result: PlanResult, cfg: ModelConfig, hw: Hardware, workloa
 def _init_worker(devices: int) -> None:
     from moe_jax.devices import request_cpu_devices
 
+    watch_parent()
     request_cpu_devices(devices)
+
+
+def watch_parent(interval: float = 1.0) -> None:
+    """End this (worker) process when its parent dies: a killed `plan` must not leave compile workers behind."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:           # re-parented: the planner is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="moe-jax-parent-watch").start()
 
 
 def _compile_one(cfg, strategy, hw, workload, backend, topology, chart_name) -> dict:
@@ -258,6 +304,8 @@ def plan(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *, ob
         raise MoeJaxError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if devices < 1 or devices > MAX_DEVICES:
         raise MoeJaxError(f"--devices {devices} must be between 1 and {MAX_DEVICES:,}")
+    if cache_dir:
+        check_cache_dir(Path(cache_dir))
     if objective == "cost":
         return _plan_fewest(cfg, devices, hw, workload, slo_ttft=slo_ttft, slo_tpot=slo_tpot, baseline=baseline,
                             top=top, backend=backend, topology=topology, cache_dir=cache_dir, workers=workers,
@@ -397,7 +445,13 @@ def _compile_all(result, names, by_name, cfg, hw, workload, backend, topology, c
 def _finish(result, name, key, payload, cache_dir):
     result.compiled[name] = payload
     if cache_dir:
-        cache_store(cache_dir, key, payload)
+        try:
+            cache_store(cache_dir, key, payload)
+        except OSError as e:                     # the result stands; only the cache entry is lost
+            import warnings
+
+            warnings.warn(f"could not write the cache entry for {name} in {str(cache_dir)!r}: {e.strerror or e}",
+                          stacklevel=2)
 
 
 def pareto_plot(result: PlanResult, path: str | Path) -> Path:
