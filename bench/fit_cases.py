@@ -69,16 +69,9 @@ print("RESULT " + json.dumps({"backend": a.cost.backend, "target": a.cost.target
 
 def compile_case(case: dict, backend: str, timeout: float) -> dict:
     """Analyse one case with one compiler in a fresh process; {'error': ...} when it fails."""
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(case), backend], capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": tail[:160]}
+    from results import run_child
+
+    return run_child(_CHILD, case, timeout, backend)
 
 
 def _gb(x) -> str:

@@ -22,3 +22,21 @@ def append(title: str, table: str, notes: tuple[str, ...] = ()) -> None:
              *(f"- {n}" for n in notes), "", table, ""]
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines))
+
+
+def run_child(code: str, payload: dict, timeout: float, *args: str) -> dict:
+    """Run `code` in a fresh Python (its own jax and fake-device count) with `payload` as JSON in argv[1];
+    the dict it prints on a line starting ``RESULT ``, or {'error': ...} when it fails or times out."""
+    import json
+    import subprocess
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload), *args], capture_output=True,
+                              text=True, timeout=timeout, cwd=RESULTS.parent.parent)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:160]}

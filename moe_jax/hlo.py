@@ -375,3 +375,20 @@ class Module:
                     else:
                         kind.setdefault(callee, "fused" if kind.get(name) == "fused" else "control")
         return runs, kind, unknown
+
+
+_NOT_BUFFERS = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "call", "conditional",
+                "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
+
+
+def largest_results(hlo_text: str, n: int = 3) -> list[tuple[int, str, str]]:
+    """The `n` largest buffers the program creates: (bytes, opcode, op_name) of top-level results.
+
+    Top-level means in the entry computation, loop bodies and branches (not inside a fusion):
+    each is a buffer the program allocates, so these are the largest temporaries a reader
+    should check (a weight-sized one in a decode step is a copy of the weights)."""
+    module = Module.parse(hlo_text)
+    _, kind, _ = module.multipliers()
+    found = [(i.bytes, i.opcode, i.op_name) for name, comp in module.computations.items()
+             if kind.get(name) == "control" for i in comp.instructions if i.opcode not in _NOT_BUFFERS]
+    return sorted(found, key=lambda t: -t[0])[:n]
