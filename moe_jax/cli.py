@@ -7,7 +7,6 @@ device count is set.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -73,7 +72,7 @@ def models(as_json):
     """List the model presets with their parameter counts (computed from each config)."""
     cfgs = [get_model(n) for n in preset_names()]
     if as_json:
-        click.echo(json.dumps([c.summary() for c in cfgs], indent=2))
+        click.echo(_dumps([c.summary() for c in cfgs], indent=2))
         return
     table = Table(title="Model presets (parameter counts computed from the configs)")
     for col in ("name", "layers", "d_model", "heads q/kv (hd)", "experts / top-k", "expert FFN",
@@ -140,7 +139,7 @@ def describe(model_name, strategy_spec, devices, batch, prompt_len, gen_len, as_
     if as_json:
         data = placement.to_dict()
         data["workload"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
-        click.echo(json.dumps(data, indent=2))
+        click.echo(_dumps(data, indent=2))
         return
     _print_placement(placement, prompt_len, gen_len)
 
@@ -213,9 +212,17 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch
     from moe_jax.devices import request_cpu_devices
     from moe_jax.mesh import validate
 
+    from moe_jax.compile import Workload
+    from moe_jax.guards import check_extents, check_run_memory
+
     cfg = _with_dispatch(get_model(model_name), dispatch)
     strategy = Strategy.load(strategy_spec)
+    workload = Workload(batch, prompt_len, gen_len)              # the documented size limits
     validate(strategy, cfg, batch=batch)
+    check_extents(cfg, batch, prompt_len, workload.cache_len)
+    # the sharded run and the one-device reference, both in f32 on this host
+    check_run_memory(cfg.replace(dtype="float32"), strategy, batch, workload.cache_len, platform="cpu")
+    check_run_memory(cfg.replace(dtype="float32"), Strategy(), batch, workload.cache_len, platform="cpu")
     request_cpu_devices(strategy.num_devices)
     from moe_jax.verify import verify_sharding
 
@@ -224,7 +231,7 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch
     cfg = cfg.replace(dtype="float32", capacity_factor=cfg.num_experts / cfg.top_k)
     v = verify_sharding(cfg, strategy, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
     if as_json:
-        click.echo(json.dumps({**v.__dict__, "passed": v.passed}, indent=2))
+        click.echo(_dumps({**v.__dict__, "passed": v.passed}, indent=2))
     else:
         out.print(f"{cfg.name} {v.strategy}: batch {batch}, prompt {prompt_len}, {gen_len} decode steps, "
                   f"max |logit| {v.logit_scale:.3g}")
@@ -245,7 +252,7 @@ def hardware_cmd(as_json):
 
     hws = [get_hardware(n) for n in hardware_names()]
     if as_json:
-        click.echo(json.dumps([h.to_dict() for h in hws], indent=2))
+        click.echo(_dumps([h.to_dict() for h in hws], indent=2))
         return
     table = Table(title="Hardware presets (dense bf16; link bandwidth per device, one direction)")
     for col in ("name", "HBM", "TFLOP/s", "HBM TB/s", "achievable", "node", "in-node link", "across nodes",
@@ -272,6 +279,12 @@ def _output_path(value: str | None, what: str):
     if not path.parent.exists():
         raise MoeJaxError(f"{what} {value!r}: directory {str(path.parent)!r} does not exist")
     return path
+
+
+def _dumps(data, **kw) -> str:
+    from moe_jax.files import dumps
+
+    return dumps(data, **kw)
 
 
 def _write_atomic(path, text: str) -> None:
@@ -348,11 +361,11 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
         return                                   # process 0 reports; the others stay quiet
     data = a.to_dict()
     if json_path == "-":
-        click.echo(json.dumps(data, indent=2))
+        click.echo(_dumps(data, indent=2))
     else:
         _print_analysis(a)
     if json_file:
-        _write_atomic(json_file, json.dumps(data, indent=2))
+        _write_atomic(json_file, _dumps(data, indent=2))
     if md_file:
         chart = md_file.with_name(md_file.stem + ".memory.png")
         made = memory_chart(a, chart)
@@ -438,11 +451,11 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
                              cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
     data = result.to_dict()
     if json_path == "-":
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(_dumps(data, indent=2))
     else:
         _print_plan(result, hw)
     if json_file:
-        _write_atomic(json_file, json.dumps(data, indent=2, default=str))
+        _write_atomic(json_file, _dumps(data, indent=2))
     if md_file:
         stem = md_file.stem
         if result.best:
@@ -614,6 +627,9 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
             raise MoeJaxError(f"prompt token {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     workload = Workload(batch, prompt_len, gen_len)
     validate(strategy, cfg, batch=batch)
+    from moe_jax.guards import check_extents
+
+    check_extents(cfg, batch, prompt_len, workload.cache_len)
     hw = get_hardware(hardware_spec) if hardware_spec else None
     json_file = None if json_path in (None, "-") else _output_path(json_path, "--json")
     logits_file = _output_path(logits_path, "--save-logits")
@@ -621,7 +637,13 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
                        cpu_devices=strategy.num_devices if backend == "cpu" else None, progress=show_progress)
     with cluster:
         cluster.check_devices(strategy.num_devices)
+        import jax
+
+        from moe_jax.guards import check_run_memory
         from moe_jax.run import run
+
+        check_run_memory(cfg, strategy, batch, workload.cache_len, platform=jax.local_devices()[0].platform,
+                         devices=jax.local_devices())
 
         result = run(cfg, strategy, workload, weights=weights_dir, prompt=prompt, seed=seed, hardware=hw,
                      backend=backend, repeats=repeats, keep_logits=logits_file is not None, progress=cluster.beat)
@@ -631,7 +653,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
         _write_npy(logits_file, result.prefill_logits)
     data = result.to_dict()
     if json_path == "-":
-        click.echo(json.dumps(data, indent=2))
+        click.echo(_dumps(data, indent=2))
     else:
         from moe_jax.units import ms as _ms
 
@@ -650,7 +672,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
         for note in result.notes:
             out.print(f"note: {note}")
     if json_file:
-        _write_atomic(json_file, json.dumps(data, indent=2))
+        _write_atomic(json_file, _dumps(data, indent=2))
 
 
 def _write_npy(path, array) -> None:
@@ -681,7 +703,7 @@ def _dump_hlo(a, directory: str) -> None:
                  "xla_cost_analysis": phase.xla_cost, "walk": {"flops": phase.flops, "hbm_bytes": phase.hbm_bytes,
                                                                "transcendentals": phase.transcendentals},
                  "compile_seconds": phase.compile_seconds, "error": phase.error}
-        _write_atomic(d / f"{name}.stats.json", json.dumps(stats, indent=2))
+        _write_atomic(d / f"{name}.stats.json", _dumps(stats, indent=2))
 
 
 def _print_analysis(a) -> None:

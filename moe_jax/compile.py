@@ -217,6 +217,9 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
     if unknown:
         raise MoeJaxError(f"unknown phase {unknown[0]!r}; valid: {', '.join(PHASES)}")
     validate(strategy, cfg, batch=workload.batch)
+    from moe_jax.guards import check_extents
+
+    check_extents(cfg, workload.batch, workload.prompt_len, workload.cache_len)
     compiled_strategy, notes = strategy, []
     if backend == "cpu" and strategy.num_devices > MAX_CPU_DEVICES:
         replica = Strategy(ep=strategy.ep, tp=strategy.tp, pp=strategy.pp, dp=1)

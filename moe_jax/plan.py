@@ -304,6 +304,9 @@ def plan(cfg: ModelConfig, devices: int, hw: Hardware, workload: Workload, *, ob
         raise MoeJaxError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if devices < 1 or devices > MAX_DEVICES:
         raise MoeJaxError(f"--devices {devices} must be between 1 and {MAX_DEVICES:,}")
+    from moe_jax.guards import check_extents
+
+    check_extents(cfg, workload.batch, workload.prompt_len, workload.cache_len)
     if cache_dir:
         check_cache_dir(Path(cache_dir))
     if objective == "cost":

@@ -76,3 +76,28 @@ def test_json_outputs_are_strict():
     text = dumps({"ttft_s": float("inf"), "rows": [float("nan"), 1.5], "name": "x"})
     assert json.loads(text) == {"ttft_s": None, "rows": [None, 1.5], "name": "x"}
     assert "Infinity" not in text and "NaN" not in text
+
+
+@pytest.mark.parametrize("command", ["analyze", "plan", "run", "verify"])
+def test_the_largest_documented_sizes_are_a_clear_error_on_every_command(command, capsys):
+    from moe_jax.cli import main
+
+    strategy = {"plan": ["--devices", "8"], "verify": ["--strategy", "EP2-TP2-DP2"]}.get(command,
+                                                                                      ["--mesh", "EP2-TP2-DP2"])
+    args = [command, "--model", "tiny", *strategy, "--batch", "1048576", "--prompt-len", "4194304", "--gen-len", "8"]
+    if command in ("analyze", "plan"):
+        args += ["--hardware", "h100"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert "more than the 1.153e+18 XLA can index" in capsys.readouterr().err
+
+
+def test_a_run_that_cannot_fit_this_host_stops_before_allocating(capsys):
+    from moe_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--model", "qwen3-235b-a22b", "--strategy", "EP8"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "of weights and KV cache" in err and "of this host's available memory" in err
