@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def resolve(hw: Hardware, requested: str = "auto") -> Compiler:
         if hw.kind != "gpu":
             raise MoeJaxError(f"--backend gpu compiles for a CUDA target; {hw.name!r} is a {hw.kind.upper()} "
                               "(use --backend tpu or auto)")
-        return Compiler("gpu", requested, gpu_target_path(hw.compile_target or "h200"))
+        path = gpu_target_path(hw.compile_target or "h200")
+        return Compiler("gpu", requested, path, caveats=_proxy_caveat(hw, path))
     if requested != "auto":
         return Compiler(requested, requested, caveats=_caveats(requested, hw))
     if hw.kind == "tpu":
@@ -118,7 +120,19 @@ def resolve(hw: Hardware, requested: str = "auto") -> Compiler:
     path = gpu_target_path(hw.compile_target)
     if not gpu_compiler_installed():
         return _fallback(hw, "jax's CUDA plugin is not installed (pip install 'moe-jax[gpu]', about 130 MB)")
-    return Compiler("gpu", requested, path)
+    return Compiler("gpu", requested, path, caveats=_proxy_caveat(hw, path))
+
+
+def _proxy_caveat(hw: Hardware, path: Path) -> tuple[str, ...]:
+    """Said when the target description is another GPU's (its memory is not the hardware's)."""
+    text = path.read_text()
+    memory = re.search(r"device_memory_size:\s*(\d+)", text)
+    name = re.search(r'device_description_str:\s*"([^"]*)"', text)
+    if memory is None or int(memory.group(1)) == int(hw.memory_bytes):
+        return ()
+    return (f"{hw.name} has no target description of its own: compiled for the {name.group(1) if name else path.stem} "
+            f"target ({int(memory.group(1)) / 1e9:.1f} GB), the nearest shipped; memory is checked against "
+            f"{hw.name}'s {hw.memory_bytes / 1e9:.1f} GB and time uses {hw.name}'s figures",)
 
 
 def _fallback(hw: Hardware, why: str) -> Compiler:

@@ -27,7 +27,9 @@ def compiled_by(a: Analysis) -> str:
     if c.get("stand_in"):
         return f"{name} as a stand-in for {a.hardware.name} ({where}), because {c['reason']}"
     own = "deviceless" if cost.backend in ("gpu", "tpu") else "emulated"
-    mine = " (the hardware's own compiler)" if cost.backend in ("gpu", "tpu") else ""
+    proxy = any("has no target description of its own" in x for x in c.get("caveats", []))
+    mine = (f" (a stand-in target for {a.hardware.name}, same compiler)" if proxy else
+            " (the hardware's own compiler)" if cost.backend in ("gpu", "tpu") else "")
     return f"{name}, {own}, for {where}{mine}"
 
 

@@ -58,6 +58,8 @@ def test_auto_picks_the_hardware_own_compiler(monkeypatch):
         c = resolve(get_hardware(name))
         assert c.backend == "gpu" and not c.stand_in and c.gpu_target.stem == get_hardware(name).compile_target
     assert resolve(get_hardware("tpu-v5p")).backend == "tpu"
+    seed, h100 = resolve(get_hardware("seed-gpu")), resolve(get_hardware("h100"))
+    assert "seed-gpu has no target description of its own" in seed.caveats[0] and not h100.caveats
     amd = resolve(get_hardware("mi300x"))
     assert amd.backend == "cpu" and amd.stand_in and "AMD" in amd.reason and amd.caveats
 
