@@ -592,7 +592,9 @@ def _dispatch_md(result) -> str:
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="Timed prefill runs.")
 @click.option("--json", "json_path", help="Write the result as JSON here ('-' for stdout).")
-@click.option("--save-logits", "logits_path", help="Write the prefill logits [B, S, V] here (.npy, float32).")
+@click.option("--save-logits", "logits_path",
+              help="Write the prefill logits of every prompt position [B, S, V] here (.npy, float32); one extra "
+                   "prefill built with full logits (the timed one returns the last position's).")
 @click.option("--progress", "show_progress", is_flag=True, help="Print each step to stderr (every process).")
 @_dispatch_option()
 @_buffer_option

@@ -814,10 +814,13 @@ class CostReport:
 
 
 def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shards: int = 1,
-                   microbatches: int = 1) -> dict:
+                   microbatches: int = 1, full_logits: bool = False) -> dict:
     """FLOPs over all devices from the config: useful matmuls, attention, and capacity-dispatch overhead.
 
-    useful: 2 × (matmul parameters one token uses, head included, embedding lookup excluded) × tokens.
+    useful: 2 × (matmul parameters one token uses in the layers) × tokens, plus the output head
+    (2 × D × vocab) once per sequence: the serving prefill computes the last position's logits
+    only (every prompt position with `full_logits`); decode's one token is its last. The
+    embedding lookup is not a matmul.
     attention: QKᵀ and PV as computed (prefill: full S×S, masked; decode: all T cache positions).
     capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
     the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
@@ -830,9 +833,10 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     S = workload.prompt_len if phase == "prefill" else 1
     T = S if phase == "prefill" else workload.cache_len
     tokens = B * S
-    per_token = (L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + D * cfg.num_experts
-                      + (cfg.top_k + cfg.num_shared_experts) * cfg.expert_params) + D * cfg.vocab_size)
-    useful = 2 * per_token * tokens
+    per_token = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + D * cfg.num_experts
+                     + (cfg.top_k + cfg.num_shared_experts) * cfg.expert_params)
+    head_tokens = tokens if full_logits else B
+    useful = 2 * per_token * tokens + 2 * D * cfg.vocab_size * head_tokens
     attention = L * 4 * B * H * S * T * Dh
     capacity = 0
     if cfg.dispatch == "capacity":

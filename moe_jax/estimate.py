@@ -5,7 +5,8 @@ each running L/pp layers on one microbatch; per layer the attention projections 
 scores, the router, capacity dispatch and combine (repeated on every tp rank, as the
 compiled program does) or dropless sorting, the experts' share, and the collectives the
 layout implies (attention and expert all-reduce over tp, dispatch and combine all-to-all
-over ep, ragged for dropless, the stage hand-off over pp). Dropless figures assume
+over ep, ragged for dropless, the stage hand-off over pp), then the output head on each
+sequence's last position (the serving prefill returns [B, 1, V] logits). Dropless figures assume
 uniform routing (`moe_jax.routing`): expected rows, with the worst-case buffer beside. Weights and KV cache per device are exact (the placement);
 activations are estimated. The result is a `PhaseCost` the time model (`moe_jax.perf`)
 reads exactly as it reads a compiled one, so analytic and compiled figures compare
@@ -95,10 +96,12 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         layer_ops.append(("shared_experts", 2 * 3 * tok * D * Fs, 3 * D * Fs * b + tok * (2 * D + 3 * Fs) * b))
     runs = Lp * ticks
     ops = [OpCost(name, "estimate", name, flops, flops, 0, nbytes, runs) for name, flops, nbytes in layer_ops]
-    total_tok = B * S // layout.shards("batch", B)
+    local_seqs = B // layout.shards("batch", B)
+    total_tok = local_seqs * S
     V_local = cfg.vocab_size // layout.shards("vocab", cfg.vocab_size)
-    ops.append(OpCost("head", "estimate", "head", 2 * total_tok * D * V_local, 2 * total_tok * D * V_local, 0,
-                      D * V_local * b + total_tok * (D * b + V_local * F32), 1))
+    # the head sees each sequence's last position only (the serving prefill; decode's one token)
+    ops.append(OpCost("head", "estimate", "head", 2 * local_seqs * D * V_local, 2 * local_seqs * D * V_local, 0,
+                      D * V_local * b + local_seqs * (D * b + V_local * F32), 1))
     colls = []
 
     def coll(kind, axes, nbytes, calls, scope, worst=None):
@@ -119,7 +122,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         coll("all-to-all", ("ep",), E * G * C * D * b, runs, "combine")
         coll("all-reduce", ("tp",), El * G * s.ep * C * D * b, runs, "experts")
     coll("collective-permute", ("pp",), tok * D * b, ticks, "pipeline")
-    coll("all-reduce", ("pp",), total_tok * D * b, 1, "pipeline")
+    coll("all-reduce", ("pp",), local_seqs * D * b, 1, "pipeline")           # the last positions only
     vocab_axes = tuple(a for a in layout.rules["vocab"] if s.mesh_shape[a] > 1)
     coll("all-reduce", vocab_axes, total_tok * D * b, 1, "embed")
     if cfg.dispatch == "dropless":
@@ -127,7 +130,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     else:
         moe_act = 2 * E * G * C * D * b + 2 * G * Sg * E * C * F32
     activations = max(moe_act, 4 * tok * D * F32) + (seqs * Hl * S * T * F32 if phase == "prefill" else 0)
-    outputs = total_tok * V_local * F32 + kv_bytes
+    outputs = local_seqs * V_local * F32 + kv_bytes                        # logits [B, 1, V] + the cache
     memory = MemoryBreakdown(weights_bytes, kv_bytes, total_tok * 4, weights_bytes + kv_bytes + total_tok * 4,
                              outputs, kv_bytes if phase == "decode" else 0, int(activations), 0, "analytic estimate")
     return PhaseCost(phase, "analytic", True, memory=memory, flops=sum(o.flops * o.count for o in ops),

@@ -21,7 +21,7 @@ class ParamShard:
     """One parameter array and the shard of it each device holds."""
 
     path: str
-    """Parameter path in the model, e.g. ``blocks/moe/w_gate_edf``."""
+    """Parameter path in the model, e.g. ``blocks/moe/w_gate_up_epfd``."""
     shape: tuple[int, ...]
     """Global shape."""
     axes: tuple[str, ...]

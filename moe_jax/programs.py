@@ -4,6 +4,11 @@
 parameter shardings, the shardings of tokens and KV cache for a workload, and three
 jitted programs (forward, prefill, decode) whose inputs carry their shardings. The
 cost analyzer lowers the same programs from ShapeDtypeStructs; `run` executes them.
+
+The prefill is the serving program: it returns the last position's logits [B, 1, V]
+(the next token's), so the output head runs once per sequence and no [B, S, V] array
+exists. A model built with ``full_logits=True`` returns every position's instead (for
+comparing with a reference, or ``run --save-logits``).
 """
 
 from __future__ import annotations
@@ -35,11 +40,15 @@ class ShardedModel:
     """`cfg` split by `strategy` over `mesh` (default: a mesh over jax's devices)."""
 
     def __init__(self, cfg: ModelConfig, strategy: Strategy, mesh=None, *,
-                 prefill_microbatches: int | None = None, decode_microbatches: int | None = None):
+                 prefill_microbatches: int | None = None, decode_microbatches: int | None = None,
+                 full_logits: bool = False):
         """prefill/decode_microbatches: pipeline microbatches (pp > 1) per call; None for the defaults
-        of `moe_jax.model.pipeline` (derived from the batch and pp)."""
+        of `moe_jax.model.pipeline` (derived from the batch and pp).
+        full_logits: `prefill` returns [B, S, V] logits, every prompt position; by default [B, 1, V],
+        the last position only (the serving program)."""
         validate(strategy, cfg)
         self.cfg = cfg
+        self.full_logits = full_logits
         self.strategy = strategy
         self.mesh = mesh if mesh is not None else build_mesh(strategy)
         self.layout = Layout.for_strategy(cfg, strategy, self.mesh)
@@ -107,7 +116,7 @@ class ShardedModel:
 
     def _prefill(self, params, tokens, cache):
         with use_layout(self.prefill_layout):
-            return self._model(params).prefill(tokens, cache)
+            return self._model(params).prefill(tokens, cache, full_logits=self.full_logits)
 
     def _decode(self, params, tokens, pos, cache):
         with use_layout(self.decode_layout):
@@ -135,4 +144,5 @@ class ShardedModel:
         from moe_jax.model.pipeline import schedule
 
         layout = self.decode_layout if decode else self.prefill_layout
-        return schedule(self.cfg, self.strategy, batch, length, decode=decode, microbatches=layout.microbatches)
+        return schedule(self.cfg, self.strategy, batch, length, decode=decode, microbatches=layout.microbatches,
+                        full_output=self.full_logits and not decode)

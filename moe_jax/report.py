@@ -150,7 +150,7 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
         if pre.get("compiled_over_analytic"):
             out += [f"Cross-check: the compiled prefill performs {pre['compiled_matmul_total']:.3e} matmul FLOPs over "
                     f"the {a.cost.devices} compiled devices ({a.cost.compiled_strategy}); for the same work the model "
-                    f"needs {pre['useful']:.3e} (2 x active parameters x tokens) + "
+                    f"needs {pre['useful']:.3e} (2 x layer parameters x tokens + the output head once per sequence) + "
                     f"{pre['attention']:.3e} attention + {pre['capacity_overhead']:.3e} capacity-dispatch overhead "
                     f"= {pre['total']:.3e} (ratio {pre['compiled_over_analytic']:.2f}).", ""]
 

@@ -86,7 +86,8 @@ class RunResult:
     processes: int = 1
     """Processes that ran the program together (jax.distributed), each on its share of the mesh."""
     prefill_logits: object | None = None
-    """Prefill logits [B, S, V] as a numpy array when asked for (`keep_logits`); not in the JSON."""
+    """Prefill logits [B, S, V] (every prompt position) as a numpy array when asked for (`keep_logits`);
+    not in the JSON."""
 
     @property
     def measured(self) -> dict:
@@ -108,6 +109,15 @@ class RunResult:
                 "error": self.error, "tokens": self.tokens, "notes": self.notes}
 
 
+def _full_prefill_logits(sm, params, tokens, batch: int, cache_len: int):
+    """Every prompt position's logits [B, S, V]: the prefill built with full logits, run once on `sm`'s mesh."""
+    from moe_jax.programs import ShardedModel
+
+    full = ShardedModel(sm.cfg, sm.strategy, sm.mesh, full_logits=True,
+                        prefill_microbatches=sm.prefill_layout.microbatches)
+    return full.prefill(params, tokens, sm.init_cache(batch, cache_len)).logits
+
+
 def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
         prompt: list[list[int]] | None = None, seed: int = 0, hardware=None, backend: str = "cpu",
         repeats: int = 3, predict: bool = True, max_steps: int | None = None, keep_logits: bool = False,
@@ -117,7 +127,9 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     prompt: token ids [B][S] (default: random from `seed`, the same on every mesh).
     max_steps: decode at most this many tokens (the cache still holds prompt + gen_len), to
     measure TPOT without a whole generation.
-    keep_logits: also return the prefill logits on the host (`RunResult.prefill_logits`).
+    keep_logits: also return the prefill logits of every prompt position on the host
+    (`RunResult.prefill_logits`, [B, S, V]). They come from one extra call of a prefill built
+    with full logits; the timed prefill is the serving program (last position's logits only).
     progress: called with the name of each step as it starts (a multi-process run's watchdog).
 
     Several processes (`jax.distributed`) run this together: the mesh spans all their
@@ -170,7 +182,10 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     from moe_jax.health import check_logits
 
     check_logits(out.logits, sm.graphdef, params, tokens, f"prefill of {cfg.name}")
-    logits = to_host(out.logits) if keep_logits else None
+    logits = None
+    if keep_logits:
+        step_done("prefill with full logits (compiling)")
+        logits = to_host(_full_prefill_logits(sm, params, tokens, B, S + G))
     samples = []
     for i in range(repeats):
         step_done(f"timed prefill {i + 1} of {repeats}")

@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES = MappingProxyType({
     "mlp": ("tp",),             # F: expert (and shared expert) FFN width
     "expert": ("ep",),          # E
     "expert_all": (),           # E where every device needs all experts: router weights, tokens before dispatch
+    "gate_up": (),              # the (gate, up) pair of SwiGLU input projections stored as one parameter
     # activations only
     "batch": ("dp", "ep"),      # B: ep acts as extra data parallelism outside the MoE block
     "length": (),               # S
@@ -230,6 +231,15 @@ def constrain(x, names, what: str = "activation"):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def traced_platform() -> str:
+    """The platform the program in tracing is for: the current layout's mesh's (a deviceless TPU or GPU
+    compile runs in a CPU process), else jax's default backend."""
+    import jax
+
+    layout = _CURRENT.get()
+    return jax.default_backend() if layout is None or layout.mesh is None else layout.mesh.devices.flat[0].platform
+
+
 def batch_shards(batch: int) -> int:
     """How many ways the current layout splits a batch of `batch` sequences (1 without a layout)."""
     layout = _CURRENT.get()
@@ -237,4 +247,4 @@ def batch_shards(batch: int) -> int:
 
 
 __all__ = ["LOGICAL_AXIS_RULES", "Layout", "axis_rules", "use_layout", "current_layout", "constrain",
-           "batch_shards", "MESH_AXES"]
+           "batch_shards", "traced_platform", "MESH_AXES"]

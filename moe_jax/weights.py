@@ -1,7 +1,10 @@
 """Hugging Face safetensors checkpoints ↔ moe-jax parameters, placed straight onto the mesh.
 
 Each of our parameters is built from one Hugging Face tensor per layer (and per expert):
-ours = transpose(reshape(hf, split), perm), with the layer (and expert) index in front.
+ours = transpose(reshape(hf, split), perm), with the layer (and expert) index in front; the
+experts' gate and up projections are two tensors stacked into one parameter. Matmul weights are
+stored as Hugging Face stores them, [out, in] (the contracted dimension minor: the layout the
+compiled kernels read), so perm is the identity for all but the router and the output head ([in, out] here).
 `load_params` asks jax for each device's shard (`jax.make_array_from_callback`) and
 reads only that slice of each tensor (safetensors' lazy slicing), so no process holds
 the whole model. Names, shapes and leftovers are checked: a missing, unexpected or
@@ -26,9 +29,10 @@ class Source:
     """Where one of our parameters comes from."""
 
     path: str
-    """Our parameter path, e.g. ``blocks/attn/wq_dhk``."""
-    name: str
-    """Hugging Face tensor name; ``{l}`` is the layer, ``{e}`` the expert."""
+    """Our parameter path, e.g. ``blocks/attn/wq_hkd``."""
+    name: str | tuple[str, ...]
+    """Hugging Face tensor name; ``{l}`` is the layer, ``{e}`` the expert. Several names: those tensors
+    (each as described by the fields below) stacked on our first dimension after layer and expert."""
     split: tuple[int, ...]
     """The HF tensor reshaped to these dims (one HF dim may split into two; the inner one is never sliced)."""
     perm: tuple[int, ...]
@@ -37,6 +41,16 @@ class Source:
     """How many split dims each HF dim became (e.g. (2, 1): HF dim 0 → two split dims)."""
     per_layer: bool = True
     per_expert: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The Hugging Face tensor name(s) (templates with ``{l}`` and ``{e}``)."""
+        return self.name if isinstance(self.name, tuple) else (self.name,)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether several tensors are stacked into this parameter."""
+        return isinstance(self.name, tuple)
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -62,16 +76,15 @@ def sources(cfg: ModelConfig) -> list[Source]:
         Source("final_norm/scale", "model.norm.weight", (D,), (0,), (1,), per_layer=False),
         Source("blocks/attn_norm/scale", f"{layer}.input_layernorm.weight", (D,), (0,), (1,)),
         Source("blocks/moe_norm/scale", f"{layer}.post_attention_layernorm.weight", (D,), (0,), (1,)),
-        Source("blocks/attn/wq_dhk", f"{layer}.self_attn.q_proj.weight", (H, Dh, D), (2, 0, 1), (2, 1)),
-        Source("blocks/attn/wk_dkk", f"{layer}.self_attn.k_proj.weight", (K, Dh, D), (2, 0, 1), (2, 1)),
-        Source("blocks/attn/wv_dkk", f"{layer}.self_attn.v_proj.weight", (K, Dh, D), (2, 0, 1), (2, 1)),
-        Source("blocks/attn/wo_hkd", f"{layer}.self_attn.o_proj.weight", (D, H, Dh), (1, 2, 0), (1, 2)),
+        Source("blocks/attn/wq_hkd", f"{layer}.self_attn.q_proj.weight", (H, Dh, D), (0, 1, 2), (2, 1)),
+        Source("blocks/attn/wk_kkd", f"{layer}.self_attn.k_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
+        Source("blocks/attn/wv_kkd", f"{layer}.self_attn.v_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
+        Source("blocks/attn/wo_dhk", f"{layer}.self_attn.o_proj.weight", (D, H, Dh), (0, 1, 2), (1, 2)),
         Source("blocks/moe/router_de", f"{layer}.{router}.weight", (E, D), (1, 0), (1, 1)),
-        Source("blocks/moe/w_gate_edf", f"{layer}.{moe}.experts.{{e}}.{gate}.weight", (F, D), (1, 0), (1, 1),
+        Source("blocks/moe/w_gate_up_epfd", (f"{layer}.{moe}.experts.{{e}}.{gate}.weight",
+                                            f"{layer}.{moe}.experts.{{e}}.{up}.weight"), (F, D), (0, 1), (1, 1),
                per_expert=True),
-        Source("blocks/moe/w_up_edf", f"{layer}.{moe}.experts.{{e}}.{up}.weight", (F, D), (1, 0), (1, 1),
-               per_expert=True),
-        Source("blocks/moe/w_down_efd", f"{layer}.{moe}.experts.{{e}}.{down}.weight", (D, F), (1, 0), (1, 1),
+        Source("blocks/moe/w_down_edf", f"{layer}.{moe}.experts.{{e}}.{down}.weight", (D, F), (0, 1), (1, 1),
                per_expert=True),
     ]
     if not cfg.tie_embeddings:
@@ -156,7 +169,8 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
         experts = range(cfg.num_experts) if src.per_expert else [None]
         for layer in layers:
             for e in experts:
-                expected[src.name.format(l=layer, e=e)] = src.hf_shape
+                for name in src.names:
+                    expected[name.format(l=layer, e=e)] = src.hf_shape
     missing = [n for n in expected if n not in ckpt.location]
     if missing:
         raise MoeJaxError(f"checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
@@ -186,20 +200,27 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
         if src is None:
             raise MoeJaxError(f"no checkpoint tensor maps to parameter {path}")
 
+        lead = (1 if src.per_layer else 0) + (1 if src.per_expert else 0)
+
+        def block(index, **at):
+            """Our block past the layer/expert dims: one tensor's slice, or the stacked tensors' slices."""
+            if not src.stacked:
+                return _layer_block(ckpt, src, src.name.format(**at), tuple(index[lead:]))
+            parts = range(*index[lead].indices(len(src.names)))
+            return np.stack([_layer_block(ckpt, src, src.names[i].format(**at), tuple(index[lead + 1:]))
+                             for i in parts])
+
         def shard(index):
-            lead = (1 if src.per_layer else 0) + (1 if src.per_expert else 0)
-            rest = tuple(index[lead:])
             if not src.per_layer:
-                return _layer_block(ckpt, src, src.name, rest).astype(dtype)
+                return block(index).astype(dtype)
             layers = range(*index[0].indices(var.shape[0]))
             blocks = []
             for layer in layers:
                 if src.per_expert:
                     experts = range(*index[1].indices(var.shape[1]))
-                    blocks.append(np.stack([_layer_block(ckpt, src, src.name.format(l=layer, e=e), rest)
-                                            for e in experts]))
+                    blocks.append(np.stack([block(index, l=layer, e=e) for e in experts]))
                 else:
-                    blocks.append(_layer_block(ckpt, src, src.name.format(l=layer), rest))
+                    blocks.append(block(index, l=layer))
             return np.stack(blocks).astype(dtype)
 
         return jax.make_array_from_callback(var.shape, sharding, shard)
@@ -232,8 +253,10 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
             experts = range(cfg.num_experts) if src.per_expert else [None]
             for e in experts:
                 block = per_layer[e] if e is not None else per_layer
-                hf = np.transpose(block, np.argsort(src.perm))
-                tensors[src.name.format(l=layer, e=e)] = np.ascontiguousarray(hf.reshape(src.hf_shape))
+                for i, name in enumerate(src.names):
+                    part = block[i] if src.stacked else block
+                    hf = np.transpose(part, np.argsort(src.perm))
+                    tensors[name.format(l=layer, e=e)] = np.ascontiguousarray(hf.reshape(src.hf_shape))
     if np.dtype(next(iter(tensors.values())).dtype).name == "bfloat16":
         tensors = {k: v.astype(np.float32) for k, v in tensors.items()}   # numpy safetensors has no bf16
     save_file(tensors, str(d / "model.safetensors"))

@@ -102,7 +102,7 @@ def test_5_ratios_name_their_baseline(seed):
     for line in md.splitlines():
         if line.startswith("| MFU") or line.startswith("| MBU"):
             assert "peak" in line and "/" in line               # numerator / (denominator) shown
-    assert "ratio" in md and "2 x active parameters x tokens" in md
+    assert "ratio" in md and "2 x layer parameters x tokens + the output head once per sequence" in md
 
 
 def test_6_exact_shard_per_device(seed):

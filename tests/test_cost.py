@@ -121,6 +121,28 @@ def test_analytic_cross_check(tiny_reports):
     assert dp["prefill"]["capacity_overhead"] > 0
 
 
+def test_analytic_and_estimated_prefill_count_the_head_once_per_sequence():
+    """The serving prefill's head sees the last position only: useful FLOPs, the planner's estimate and its
+    outputs follow (full logits, every position, only where asked)."""
+    from moe_jax.cost import analytic_flops
+    from moe_jax.estimate import estimate_phase
+
+    cfg, work = get_model("qwen3-30b-a3b"), Workload(64, 2048, 128)
+    D, V, B, S = cfg.d_model, cfg.vocab_size, 64, 2048
+    serving, full = analytic_flops(cfg, work, "prefill"), analytic_flops(cfg, work, "prefill", full_logits=True)
+    assert full["useful"] - serving["useful"] == 2 * D * V * B * (S - 1)
+    assert analytic_flops(cfg, work, "decode") == analytic_flops(cfg, work, "decode", full_logits=True)
+    s = Strategy.parse("EP2-TP2-PP2")
+    p = describe(cfg, s, batch=B, cache_len=work.cache_len)
+    est = estimate_phase(cfg, s, work, "prefill", p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
+    head = next(o for o in est.ops if o.name == "head")
+    local_seqs, local_vocab = B // 2, V // 4                       # batch over ep, vocab over pp x tp
+    assert head.matmul_flops == 2 * local_seqs * D * local_vocab and head.count == 1
+    assert est.memory.outputs == local_seqs * local_vocab * 4 + p.kv_cache_bytes_per_device
+    hand_back = [c for c in est.collectives if c.kind == "all-reduce" and c.axes == ["pp"]]
+    assert [c.bytes_per_call for c in hand_back] == [local_seqs * D * cfg.dtype_bytes]
+
+
 def test_report_is_json(tiny_reports):
     data = json.loads(tiny_reports["EP2-TP2-PP2"].to_json())
     assert data["workload"]["cache_len"] == 20 and data["backend"] == "cpu"

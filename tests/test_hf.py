@@ -65,8 +65,8 @@ def test_logits_match_transformers(checkpoint, mesh):
     _, d, cfg, tokens, ref, _ = checkpoint
     sm = ShardedModel(cfg, Strategy.parse(mesh))
     params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
-    w = params["blocks"]["moe"]["w_gate_edf"][...]
-    assert w.sharding == sm.param_shardings["blocks"]["moe"]["w_gate_edf"]
+    w = params["blocks"]["moe"]["w_gate_up_epfd"][...]
+    assert w.sharding == sm.param_shardings["blocks"]["moe"]["w_gate_up_epfd"]
     ours = np.asarray(sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits)
     assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
 
@@ -153,3 +153,17 @@ def test_cli_takes_a_checkpoint_directory(checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         main(["describe", "--model", str(d / "nope.json")])
     assert e.value.code == 2 and "cannot read" in capsys.readouterr().err
+
+
+def test_prefill_logits_match_transformers(checkpoint):
+    """The serving prefill's last-position logits and a full-logits prefill, against transformers."""
+    _, d, cfg, tokens, ref, _ = checkpoint
+    sm = ShardedModel(cfg, Strategy.parse("EP2-TP2-PP2"))
+    full = ShardedModel(cfg, sm.strategy, sm.mesh, full_logits=True)
+    params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+    prompt, B, S = sm.put_tokens(jnp.asarray(tokens)), *tokens.shape
+    last = np.asarray(sm.prefill(params, prompt, sm.init_cache(B, S + 4)).logits)
+    every = np.asarray(full.prefill(params, prompt, sm.init_cache(B, S + 4)).logits)
+    assert last.shape == (B, 1, cfg.vocab_size) and every.shape == (B, S, cfg.vocab_size)
+    assert np.max(np.abs(every - ref)) / np.max(np.abs(ref)) < 1e-4
+    assert np.max(np.abs(last - ref[:, -1:])) / np.max(np.abs(ref)) < 1e-4

@@ -18,14 +18,15 @@ class Jitted:
         graphdef, state = nnx.split(model)
         self.state = state
         self._fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
-        self._prefill = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))
+        self._prefill = jax.jit(lambda s, t, c, full: nnx.merge(graphdef, s).prefill(t, c, full_logits=full),
+                                static_argnums=3)
         self._decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode(t, p, c))
 
     def __call__(self, tokens):
         return self._fwd(self.state, tokens)
 
-    def prefill(self, tokens, cache):
-        return self._prefill(self.state, tokens, cache)
+    def prefill(self, tokens, cache, full_logits=False):
+        return self._prefill(self.state, tokens, cache, full_logits)
 
     def decode(self, tokens, pos, cache):
         return self._decode(self.state, tokens, jnp.int32(pos), cache)
@@ -50,8 +51,12 @@ def test_decode_after_prefill_equals_full_forward(tiny32, variant):
     tokens = _tokens(cfg, 3, 14)
     full = model(tokens).logits
     prompt = 9
-    out = model.prefill(tokens[:, :prompt], init_cache(cfg, 3, 16))
-    np.testing.assert_allclose(out.logits, full[:, :prompt], atol=2e-5, rtol=1e-5)
+    every = model.prefill(tokens[:, :prompt], init_cache(cfg, 3, 16), full_logits=True)
+    np.testing.assert_allclose(every.logits, full[:, :prompt], atol=2e-5, rtol=1e-5)
+    out = model.prefill(tokens[:, :prompt], init_cache(cfg, 3, 16))        # serving: the last position only
+    assert out.logits.shape == (3, 1, cfg.vocab_size)
+    np.testing.assert_allclose(out.logits, full[:, prompt - 1:prompt], atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out.cache["k"], every.cache["k"])
     cache = out.cache
     for pos in range(prompt, 14):
         step = model.decode(tokens[:, pos:pos + 1], pos, cache)
@@ -101,14 +106,13 @@ def test_small_capacity_drops_the_independently_counted_number(tiny32, factor):
     moe = Transformer(cfg, rngs=nnx.Rngs(5)).blocks  # stacked; take layer 0's weights
     w = {k: v[0] for k, v in nnx.to_pure_dict(nnx.state(moe))["moe"].items()}
     x = jax.random.normal(jax.random.key(7), (4, 16, cfg.d_model))
-    y, dropped = jax.jit(capacity_moe, static_argnums=5)(
-        x, w["router_de"], w["w_gate_edf"], w["w_up_edf"], w["w_down_efd"], cfg)
+    y, dropped = jax.jit(capacity_moe, static_argnums=4)(x, w["router_de"], w["w_gate_up_epfd"], w["w_down_edf"], cfg)
     Sg = group_size(64, 1, cfg.moe_group_size)
     C = cfg.capacity(Sg)
     expected = _independent_drop_count(x.reshape(-1, Sg, cfg.d_model), w["router_de"], cfg, C)
     assert expected > 0
     assert int(dropped.sum()) == expected
-    dense, _ = dense_moe(x, w["router_de"], w["w_gate_edf"], w["w_up_edf"], w["w_down_efd"], cfg)
+    dense, _ = dense_moe(x, w["router_de"], w["w_gate_up_epfd"], w["w_down_edf"], cfg)
     assert not np.allclose(y, dense, atol=1e-4)       # dropping changed some outputs
 
 

@@ -22,8 +22,8 @@ def test_seed_shard_is_a_slice_of_one_expert_not_one_expert(seed_placement):
     assert f["layers_per_stage"] == 8
     assert f["query_heads_per_device"] == 4 and f["kv_heads_per_device"] == 1
     assert f["vocab_rows_per_device"] == 2000                   # 32000 / (pp2 x tp8)
-    w = {p.path: p for p in seed_placement.params}["blocks/moe/w_gate_edf"]
-    assert w.local_shape == (8, 1, 4096, 288)
+    w = {p.path: p for p in seed_placement.params}["blocks/moe/w_gate_up_epfd"]
+    assert w.local_shape == (8, 1, 2, 288, 4096)               # [L, E, gate/up, F, D]: contracted D minor
 
 
 def test_seed_sequences_per_replica_and_device(seed_placement):

@@ -62,6 +62,29 @@ def test_run_cli_json_with_prediction(tmp_path, capsys):
     assert "TPOT: measured" in capsys.readouterr().out
 
 
+def test_save_logits_writes_every_prompt_position(tmp_path, capsys):
+    """The timed prefill returns the last position's logits; --save-logits still writes [B, S, V]."""
+    from flax import nnx
+
+    from moe_jax.model.transformer import Transformer
+
+    logits_file, json_file = tmp_path / "logits.npy", tmp_path / "run.json"
+    main(["run", "--model", "tiny", "--mesh", "EP2-TP2-PP2", "--batch", "4", "--prompt-len", "8", "--gen-len", "3",
+          "--dtype", "f32", "--dispatch", "dropless", "--repeats", "1", "--seed", "5", "--json", str(json_file),
+          "--save-logits", str(logits_file)])
+    logits, tokens = np.load(logits_file), json.loads(json_file.read_text())["tokens"]
+    cfg = get_model("tiny").replace(dtype="float32")
+    assert logits.shape == (4, 8, cfg.vocab_size) and logits.dtype == np.float32
+    # the same random weights and prompt on one device (run's seeds; every expert, nothing dropped): every
+    # position matches
+    graphdef, state = nnx.split(Transformer(cfg.replace(dispatch="dense"), rngs=nnx.Rngs(5)))
+    prompt = jax.random.randint(jax.random.key(6), (4, 8), 0, cfg.vocab_size)
+    ref = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, prompt))
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
+    # greedy generation picked its first token from the last position
+    assert [row[0] for row in tokens] == logits[:, -1].argmax(-1).tolist()
+
+
 def test_prompt_file(tmp_path, capsys):
     good = tmp_path / "p.json"
     good.write_text(json.dumps({"prompt": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]}))
@@ -108,7 +131,7 @@ def test_nan_in_a_checkpoint_is_reported_with_its_layer(tmp_path, capsys):
     graphdef, state = nnx.split(model)
     tokens = jnp.zeros((2, 4), jnp.int32)
     assert locate_nonfinite(graphdef, state, tokens) is None
-    w = state["blocks"]["moe"]["w_up_edf"]
+    w = state["blocks"]["moe"]["w_gate_up_epfd"]
     w.set_value(w.get_value().at[2].set(jnp.nan))              # every expert of layer 2
     assert locate_nonfinite(graphdef, state, tokens) == "layer 2 (moe)"
     save_params(state, cfg, tmp_path / "broken")

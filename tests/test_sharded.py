@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moe_jax.config import get_model
 from moe_jax.hlo import collective_axes, collectives
 from moe_jax.mesh import Strategy
-from moe_jax.model.transformer import Transformer
+from moe_jax.model.transformer import Transformer, cache_shape
 from moe_jax.programs import ShardedModel
 
 from conftest import single_device_reference  # noqa: E402
@@ -29,17 +30,35 @@ def test_sharded_prefill_and_decode_equal_single_device(tiny32, reference, ep, t
     sm = ShardedModel(tiny32, Strategy(ep=ep, tp=tp, pp=pp, dp=dp))
     params = sm.shard_params(state)
     # parameters really are split: an expert weight's shard is 1/ep of the experts and 1/tp of F
-    w = params["blocks"]["moe"]["w_gate_edf"][...]
+    w = params["blocks"]["moe"]["w_gate_up_epfd"][...]
     shard = w.addressable_shards[0].data.shape
-    assert shard == (tiny32.num_layers, tiny32.num_experts // ep, tiny32.d_model, tiny32.expert_ffn // tp)
+    assert shard == (tiny32.num_layers, tiny32.num_experts // ep, 2, tiny32.expert_ffn // tp, tiny32.d_model)
 
     out = sm.prefill(params, sm.put_tokens(tokens[:, :PROMPT]), sm.init_cache(BATCH, TOTAL))
-    np.testing.assert_allclose(np.asarray(out.logits), ref[:, :PROMPT], atol=1e-5, rtol=1e-5)
+    assert out.logits.shape == (BATCH, 1, tiny32.vocab_size)                  # the serving prefill: last position
+    np.testing.assert_allclose(np.asarray(out.logits), ref[:, PROMPT - 1:PROMPT], atol=1e-5, rtol=1e-5)
     cache = out.cache
     for pos in range(PROMPT, TOTAL):
         step = sm.decode(params, sm.put_tokens(tokens[:, pos:pos + 1]), jnp.int32(pos), cache)
         cache = step.cache
         np.testing.assert_allclose(np.asarray(step.logits)[:, 0], ref[:, pos], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ep,tp,pp,dp", [(2, 2, 1, 2), (1, 8, 1, 1)])
+def test_full_logits_prefill_equals_single_device_and_ends_with_the_serving_logits(tiny32, reference, ep, tp, pp,
+                                                                                    dp):
+    state, tokens, ref = reference
+    sm = ShardedModel(tiny32, Strategy(ep=ep, tp=tp, pp=pp, dp=dp))
+    full = ShardedModel(tiny32, sm.strategy, sm.mesh, full_logits=True)
+    params, prompt = sm.shard_params(state), sm.put_tokens(tokens[:, :PROMPT])
+    every = full.prefill(params, prompt, sm.init_cache(BATCH, TOTAL))
+    last = sm.prefill(params, prompt, sm.init_cache(BATCH, TOTAL))
+    assert every.logits.shape == (BATCH, PROMPT, tiny32.vocab_size)
+    np.testing.assert_allclose(np.asarray(every.logits), ref[:, :PROMPT], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(last.logits), np.asarray(every.logits)[:, -1:], atol=1e-6, rtol=1e-6)
+    assert last.logits.sharding.spec == every.logits.sharding.spec            # vocab split as before
+    for k in ("k", "v"):
+        np.testing.assert_array_equal(np.asarray(last.cache[k]), np.asarray(every.cache[k]))
 
 
 def test_sharded_forward_with_small_decode_batch(tiny32, reference):
@@ -67,6 +86,36 @@ def _compiled_collectives(cfg, strategy, phase):
     else:
         lowered = sm.decode.lower(params, tokens, jax.ShapeDtypeStruct((), jnp.int32), cache)
     return collectives(lowered.compile().as_text())
+
+
+@pytest.mark.parametrize("strategy", ["EP2-TP2-DP2", "EP2-TP2-PP2"])
+def test_serving_prefill_compiles_without_the_full_logits(strategy):
+    """The analysis compile's prefill returns [B, 1, V] logits: no [B, S, V] output or temporary."""
+    from moe_jax.compile import Workload, compile_program
+
+    cfg = get_model("tiny").replace(vocab_size=32768)               # a large vocabulary: logits dominate
+    s = Strategy.parse(strategy)
+    B, S = 8, 64
+    program = compile_program(cfg, s, Workload(B, S, 4), phases=("prefill",))
+    serving = program.phases["prefill"].compiled
+    sm = ShardedModel(cfg, s, full_logits=True)
+    params = jax.tree.map(lambda sh, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          sm.param_shardings, sm.abstract_params)
+    cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sm.cache_shardings(B, S + 4)[k])
+             for k, v in cache_shape(cfg, B, S + 4).items()}
+    tokens = jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=sm.token_sharding(B, S))
+    full = sm.prefill.lower(params, tokens, cache).compile()
+
+    Bl, Vl = B // sm.layout.shards("batch", B), cfg.vocab_size // sm.layout.shards("vocab", cfg.vocab_size)
+    cache_bytes = program.phases["prefill"].input_bytes["kv_cache"]
+    out = serving.memory_analysis().output_size_in_bytes
+    assert 0 <= out - cache_bytes - Bl * 1 * Vl * 4 < 4096                  # logits [B, 1, V] + cache (+ counters)
+    assert full.memory_analysis().output_size_in_bytes - out == Bl * (S - 1) * Vl * 4
+    # the head's [B, S, V] result exists only in the full-logits program
+    assert f"f32[{Bl},{S},{Vl}]" in full.as_text() and f"f32[{Bl},{S},{Vl}]" not in serving.as_text()
+    peak = lambda c: (lambda m: m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)(
+        c.memory_analysis())
+    assert peak(full) - peak(serving) > Bl * (S - 1) * Vl * 4 // 2
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])

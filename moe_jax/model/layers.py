@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.sharding import constrain
+from moe_jax.sharding import batch_shards, constrain, traced_platform
 
 F32 = jnp.float32
 
@@ -23,6 +23,36 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, *, fan_in: int | None = Non
     else:
         value = (jax.random.normal(rngs.params(), shape, F32) * fan_in ** -0.5).astype(dtype)
     return nnx.Param(value, axes=tuple(axes))
+
+
+def weight_einsum(spec: str, x, w, *, one_row: bool = False):
+    """``jnp.einsum(spec, x, w)`` for activations x times a stored weight w; written as a product and an
+    f32 sum instead when x has one row per weight matrix on this device (decode at batch 1) and the
+    program is for a GPU.
+
+    XLA:GPU multiplies one row by a large matrix with a gemm kernel, which does not read a weight
+    inside the scan's stacked parameter: each layer's slice is first copied out, every step. Its own
+    rewrite of a small one-row product to a reduction reads the slice in place, but may relay out
+    the whole stacked parameter ahead of the layer loop (the layer index folded into the reduced
+    dimensions). As a sum over the stored weight's contracted dimensions, minor (row reductions),
+    the weight is read once, where it is stored. The products are exact in f32; the sum is f32.
+    """
+    if not one_row or traced_platform() != "gpu":
+        return jnp.einsum(spec, x, w)
+    inputs, out = spec.split("->")
+    xs, ws = inputs.split(",")
+    full = "".join(c for c in out if c not in ws) + ws       # the weight's own order: no transpose of it
+    if set(xs) - set(full):
+        raise ValueError(f"weight_einsum {spec!r}: x may only have dimensions of the output or the weight")
+
+    def aligned(a, letters):
+        kept = [c for c in full if c in letters]
+        a = jnp.transpose(a, [letters.index(c) for c in kept])
+        return jnp.expand_dims(a, [i for i, c in enumerate(full) if c not in letters]).astype(F32)
+
+    summed = jnp.sum(aligned(x, xs) * aligned(w, ws), axis=tuple(i for i, c in enumerate(full) if c not in out))
+    left = [c for c in full if c in out]
+    return jnp.transpose(summed, [left.index(c) for c in out]).astype(jnp.result_type(x, w))
 
 
 class Norm(nnx.Module):
@@ -71,10 +101,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, K, Dh, dt = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
         self.cfg = cfg
-        self.wq_dhk = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dt, fan_in=D)
-        self.wk_dkk = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt, fan_in=D)
-        self.wv_dkk = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), dt, fan_in=D)
-        self.wo_hkd = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dt, fan_in=H * Dh)
+        self.wq_hkd = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dt, fan_in=D)
+        self.wk_kkd = param(rngs, (K, Dh, D), ("kv_heads", "head_dim", "embed"), dt, fan_in=D)
+        self.wv_kkd = param(rngs, (K, Dh, D), ("kv_heads", "head_dim", "embed"), dt, fan_in=D)
+        self.wo_dhk = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), dt, fan_in=H * Dh)
         if cfg.qk_norm == "head":
             self.q_norm = Norm((Dh,), ("head_dim",), cfg)
             self.k_norm = Norm((Dh,), ("head_dim",), cfg)
@@ -91,9 +121,11 @@ class Attention(nnx.Module):
         Returns (y [B, S, D], updated cache or None).
         """
         cfg = self.cfg
-        q = jnp.einsum("bsd,dhk->bshk", x, self.wq_dhk[...])
-        k = jnp.einsum("bsd,dkh->bskh", x, self.wk_dkk[...])
-        v = jnp.einsum("bsd,dkh->bskh", x, self.wv_dkk[...])
+        B, S, _ = x.shape
+        one_row = B // batch_shards(B) * S == 1
+        q = weight_einsum("bsd,hkd->bshk", x, self.wq_hkd[...], one_row=one_row)
+        k = weight_einsum("bsd,khd->bskh", x, self.wk_kkd[...], one_row=one_row)
+        v = weight_einsum("bsd,khd->bskh", x, self.wv_kkd[...], one_row=one_row)
         if cfg.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         if cfg.qk_norm != "none":
@@ -114,5 +146,5 @@ class Attention(nnx.Module):
                 key_pos = jnp.arange(keys.shape[1])
         mask = key_pos[None, :] <= positions[:, None]                          # [S, T]
         out = attend(q, keys, values, mask)                                    # [B, S, H, Dh]
-        y = jnp.einsum("bshk,hkd->bsd", out, self.wo_hkd[...])
+        y = weight_einsum("bshk,dhk->bsd", out, self.wo_dhk[...], one_row=one_row)
         return constrain(y, ("batch", "length", "embed")), cache

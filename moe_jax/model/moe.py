@@ -10,7 +10,7 @@ linearly with the number of tokens.
 
 Dropless dispatch (as in MegaBlocks, MaxText and DeepSeek serving): every token-expert
 assignment is kept. Assignments are sorted by expert and each expert multiplies exactly
-its rows with one grouped matmul (`jax.lax.ragged_dot`). With ``ep > 1`` the block runs
+its rows with one grouped matmul (`jax.lax.ragged_dot_general`). With ``ep > 1`` the block runs
 inside `jax.shard_map`, manual over the mesh axes the tokens, experts and expert width
 are split over: each shard sorts its tokens' assignments, the per-expert counts are
 all-gathered (a few integers), rows travel to the shard owning their expert with
@@ -22,6 +22,15 @@ instead; rows past it are dropped and counted.
 
 The dense reference applies every expert to every token and gates the result: no
 drops, E times the FLOPs; for tests.
+
+The expert weights are stored with their contracted dimensions minor, as Hugging Face stores
+them: gate and up together ``w_gate_up_epfd`` [E, 2, F, D] (p: the pair), down ``w_down_edf``
+[E, D, F]. Decode at one token per expert on a GPU reads each as a row reduction in place
+(`moe_jax.model.layers.weight_einsum`); stored [E, D, F], the GPU compile copied the whole
+stacked gate and up parameters into [E, F, D] every step (39 GB for Qwen3-30B-A3B). One
+gate-and-up parameter is one matmul: multiplied separately, XLA:GPU merges the two matmuls
+and relays out both weights to concatenate them. TPU's grouped-matmul kernel reads [E, K, N]:
+it relays out each layer's slice it copies (see `_grouped_matmul`).
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.layers import F32, param
-from moe_jax.sharding import batch_shards, constrain, current_layout
+from moe_jax.model.layers import F32, param, weight_einsum
+from moe_jax.sharding import batch_shards, constrain, current_layout, traced_platform
 
 
 def route(x, router_de, top_k: int, norm_topk: bool):
@@ -96,15 +105,18 @@ def capacity_masks(weights_gsk, experts_gsk, num_experts: int, capacity: int):
     return dispatch, combine, dropped
 
 
-def swiglu_experts(x_egcd, w_gate_edf, w_up_edf, w_down_efd):
-    """Each expert's SwiGLU on its own tokens. x [E, G, C, D] → [E, G, C, D]."""
-    gate = jnp.einsum("egcd,edf->egcf", x_egcd, w_gate_edf)
-    up = jnp.einsum("egcd,edf->egcf", x_egcd, w_up_edf)
-    h = constrain(jax.nn.silu(gate) * up, ("expert", "expert_group", "capacity", "mlp"))
-    return jnp.einsum("egcf,efd->egcd", h, w_down_efd)
+def swiglu_experts(x_egcd, w_gate_up_epfd, w_down_edf):
+    """Each expert's SwiGLU on its own tokens. x [E, G, C, D] → [E, G, C, D]; weights [E, 2, F, D], [E, D, F]."""
+    E, G, C, D = x_egcd.shape
+    layout = current_layout()
+    one_row = G // (layout.shards("expert_group", G) if layout is not None else 1) * C == 1   # per expert, device
+    gate_up = weight_einsum("egcd,epfd->egcpf", x_egcd, w_gate_up_epfd, one_row=one_row)  # p, f as stored
+    h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    h = constrain(h, ("expert", "expert_group", "capacity", "mlp"))
+    return weight_einsum("egcf,edf->egcd", h, w_down_edf, one_row=one_row)
 
 
-def capacity_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
+def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig):
     """Routed experts with capacity dispatch. x [B, S, D] → (y [B, S, D], dropped assignments [G])."""
     B, S, D = x_bsd.shape
     Sg = group_size(B * S, batch_shards(B), cfg.moe_group_size)
@@ -121,7 +133,7 @@ def capacity_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
         xe = constrain(xe, ("expert_all", "group", "capacity", "embed"))
         xe = constrain(xe, ("expert", "expert_group", "capacity", "embed"))
     with jax.named_scope("experts"):
-        ye = swiglu_experts(xe, w_gate_edf, w_up_edf, w_down_efd)
+        ye = swiglu_experts(xe, w_gate_up_epfd, w_down_edf)
         ye = constrain(ye, ("expert", "expert_group", "capacity", "embed"))
     with jax.named_scope("combine"):
         ye = constrain(ye, ("expert_all", "group", "capacity", "embed"))     # all-to-all back
@@ -148,38 +160,46 @@ def _exclusive_cumsum(x, axis: int = -1):
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _grouped_matmul(x_md, w_edf, sizes_e, native: bool):
-    """Rows of group e times w[e]: x [M, D] sorted by group, sizes [E] → [M, F]; rows past sum(sizes) are
-    left to the caller to mask.
+def _grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
+    """Rows of group e times w[e]: x [M, K] sorted by group, sizes [E] → [M, N]; rows past sum(sizes) are
+    left to the caller to mask. w is [E, K, N], or [E, N, K] with `k_minor` (the experts' weights as stored).
 
-    native: `jax.lax.ragged_dot` (a grouped-matmul kernel on TPU and GPU). Otherwise (XLA:CPU)
-    a loop over the groups, each a dense matmul of all rows kept only on the group's rows:
-    jax's own CPU lowering of ragged_dot masks a [E, M, D] copy of x, E times the memory.
+    native: `jax.lax.ragged_dot_general` (a grouped-matmul kernel on TPU and GPU). TPU's kernel reads
+    [E, K, N]: with `k_minor` XLA relays out each layer's slice after copying it out of the stacked
+    weights, a second copy per layer where [E, K, N] weights cost one. Otherwise (XLA:CPU) a loop over
+    the groups, each a dense matmul of all rows kept only on the group's rows: jax's own CPU lowering
+    of ragged_dot masks a [E, M, K] copy of x, E times the memory.
     """
+    k = 2 if k_minor else 1
     # The scope lets the cost walk find grouped matmuls however they are lowered.
     with jax.named_scope("grouped_matmul"):
         if native:
-            return jax.lax.ragged_dot(x_md, w_edf, sizes_e)
+            numbers = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [k]), ([], [])),
+                                                        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+            return jax.lax.ragged_dot_general(x_mk, w, sizes_e, numbers)
         ends = jnp.cumsum(sizes_e)
-        rows = jnp.arange(x_md.shape[0])
+        rows = jnp.arange(x_mk.shape[0])
 
         def one_group(acc, e):
             mine = (rows >= ends[e] - sizes_e[e]) & (rows < ends[e])
-            return acc + jnp.where(mine[:, None], x_md @ w_edf[e], 0).astype(acc.dtype), None
+            y = jax.lax.dot_general(x_mk, w[e], (([1], [k - 1]), ([], [])))
+            return acc + jnp.where(mine[:, None], y, 0).astype(acc.dtype), None
 
-        acc = jnp.zeros((x_md.shape[0], w_edf.shape[-1]), jnp.result_type(x_md, w_edf))
-        return jax.lax.scan(one_group, acc, jnp.arange(w_edf.shape[0]))[0]
+        acc = jnp.zeros((x_mk.shape[0], w.shape[3 - k]), jnp.result_type(x_mk, w))
+        return jax.lax.scan(one_group, acc, jnp.arange(w.shape[0]))[0]
 
 
-def _grouped_swiglu(x_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, native: bool = True):
+def _grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, native: bool = True):
     """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
 
     Rows past sum(sizes) (padding) belong to no expert; callers mask them.
     """
+    E, _, F, D = w_gate_up_epfd.shape
     with jax.named_scope("experts"):
-        h = jax.nn.silu(_grouped_matmul(x_md, w_gate_edf, sizes_e, native)) * \
-            _grouped_matmul(x_md, w_up_edf, sizes_e, native)
-        return _grouped_matmul(h, w_down_efd, sizes_e, native)
+        gate_up = _grouped_matmul(x_md, w_gate_up_epfd.reshape(E, 2 * F, D), sizes_e, native, k_minor=True)
+        gate_up = gate_up.reshape(-1, 2, F)                                    # [M, 2, F]
+        h = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
+        return _grouped_matmul(h, w_down_edf, sizes_e, native, k_minor=True)
 
 
 def _sort_assignments(experts_tk, num_experts: int):
@@ -195,7 +215,7 @@ def _sort_assignments(experts_tk, num_experts: int):
     return order, sorted_ids, jnp.diff(bounds).astype(jnp.int32)
 
 
-def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: ModelConfig,
+def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelConfig,
                     real_tokens: int, token_axes: tuple, ep_axis: str | None, ep: int, tp_axes: tuple,
                     ragged: bool = True):
     """One shard's dropless MoE (inside shard_map, or the whole problem without a mesh).
@@ -205,7 +225,7 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
     0 unless ``cfg.dropless_buffer`` bounds the receive buffer).
     """
     T, D = x_td.shape
-    E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_edf.shape[0]
+    E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_up_epfd.shape[0]
     first = 0
     if token_axes:
         first = jax.lax.axis_index(token_axes) * T
@@ -218,11 +238,11 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
         xs = x_td[order // k]                                                  # [T·k, D] by expert
     dropped = jnp.zeros((1,), jnp.int32)
     if ep == 1:
-        ys = _grouped_swiglu(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, native=ragged)
+        ys = _grouped_swiglu(xs, sizes, w_gate_up_epfd, w_down_edf, native=ragged)
         ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
     else:
         buffer_rows, block_rows = receive_rows(cfg, T, ep)
-        ys, dropped = _exchange_and_compute(xs, sizes, w_gate_edf, w_up_edf, w_down_efd, ep_axis=ep_axis, ep=ep,
+        ys, dropped = _exchange_and_compute(xs, sizes, w_gate_up_epfd, w_down_edf, ep_axis=ep_axis, ep=ep,
                                             E_loc=E_loc, buffer_rows=buffer_rows, block_rows=block_rows,
                                             ragged=ragged)
     with jax.named_scope("combine"):
@@ -235,7 +255,7 @@ def _dropless_shard(x_td, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg: M
     return y.astype(x_td.dtype), dropped
 
 
-def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, ep_axis: str, ep: int,
+def _exchange_and_compute(xs_md, sizes_e, w_gate_up_epfd, w_down_edf, *, ep_axis: str, ep: int,
                           E_loc: int, buffer_rows: int, block_rows: int, ragged: bool):
     """Send rows sorted by (global) expert to the shards owning the experts, compute, send back.
 
@@ -270,7 +290,7 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_edf, w_up_edf, w_down_efd, *, e
         at = jnp.minimum(at, buffer_rows)
         buffer = jnp.zeros((buffer_rows, D), xs_md.dtype)
         recv = exchange(xs_md, buffer, sent_from[me], send, land, mine.reshape(-1), axis_name=ep_axis)
-    yr = _grouped_swiglu(recv, mine.sum(0), w_gate_edf, w_up_edf, w_down_efd, native=ragged)
+    yr = _grouped_swiglu(recv, mine.sum(0), w_gate_up_epfd, w_down_edf, native=ragged)
     with jax.named_scope("combine"):
         # Back: the chunk of source s for my expert e sits at `at`, and lands where s sent it from.
         back_land = jax.lax.dynamic_index_in_dim(sent_from.reshape(ep, ep, E_loc), me, 1,
@@ -315,7 +335,7 @@ def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_
     return output.at[dest.reshape(-1)].set(block.reshape(-1, operand.shape[1]), mode="drop")
 
 
-def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
+def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig):
     """Routed experts, dropless. x [B, S, D] → (y [B, S, D], rows dropped per token shard: 0 unless
     ``cfg.dropless_buffer`` bounds the receive buffer).
 
@@ -329,11 +349,8 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     layout = current_layout()
     kw = dict(cfg=cfg, real_tokens=T)
     # XLA:CPU has no ragged all-to-all or grouped matmul: the CPU program moves the same rows in
-    # fixed blocks and loops over the local experts. The platform is the mesh's (a deviceless TPU
-    # or GPU compile runs in a CPU process), else jax's default.
-    platform = jax.default_backend() if layout is None or layout.mesh is None else \
-        layout.mesh.devices.flat[0].platform
-    ragged = platform != "cpu"
+    # fixed blocks and loops over the local experts.
+    ragged = traced_platform() != "cpu"
 
     def present(name):
         return tuple(a for a in layout.rules[name] if layout.axis_sizes.get(a, 1) > 1)
@@ -342,7 +359,7 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
         if layout is not None and layout.mesh is not None else ((), (), ())
     manual = set(token_axes) | set(ep_axes) | set(tp_axes)
     if not manual:       # nothing to split here (one device, or only pipeline stages, already manual)
-        y, dropped = _dropless_shard(x, router_de, w_gate_edf, w_up_edf, w_down_efd, token_axes=(), ep_axis=None,
+        y, dropped = _dropless_shard(x, router_de, w_gate_up_epfd, w_down_edf, token_axes=(), ep_axis=None,
                                      ep=1, tp_axes=(), ragged=ragged, **kw)
         return y.reshape(B, S, D), dropped
     from jax.sharding import PartitionSpec as P
@@ -354,24 +371,24 @@ def dropless_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelC
     inside_manual = not abstract.empty and bool(abstract.manual_axes)
     mesh = abstract if inside_manual else layout.mesh
     (ep_axis,) = ep_axes or (None,)
-    w_spec = layout.spec(("expert", "embed", "mlp"), w_gate_edf.shape, what="expert weights")
-    down_spec = layout.spec(("expert", "mlp", "embed"), w_down_efd.shape, what="expert weights")
+    gate_up_spec = layout.spec(("expert", "gate_up", "mlp", "embed"), w_gate_up_epfd.shape, what="expert weights")
+    down_spec = layout.spec(("expert", "embed", "mlp"), w_down_edf.shape, what="expert weights")
     body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
                              ep=layout.size(ep_axes), tp_axes=tp_axes, ragged=ragged, **kw)
     tok = P(token_axes or None, None)
     y, dropped = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
-                               in_specs=(tok, P(), w_spec, w_spec, down_spec), out_specs=(tok, P(token_axes or None)))(
-        x, router_de, w_gate_edf, w_up_edf, w_down_efd)
+                               in_specs=(tok, P(), gate_up_spec, down_spec), out_specs=(tok, P(token_axes or None)))(
+        x, router_de, w_gate_up_epfd, w_down_edf)
     return y[:T].reshape(B, S, D), dropped
 
 
-def dense_moe(x_bsd, router_de, w_gate_edf, w_up_edf, w_down_efd, cfg: ModelConfig):
+def dense_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig):
     """Reference: every expert on every token, gated by the router's top-k weights (nothing dropped)."""
     weights, experts = route(x_bsd, router_de, cfg.top_k, cfg.router_norm_topk)
     gates = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts, dtype=F32) * weights[..., None], axis=-2)
-    gate = jnp.einsum("bsd,edf->bsef", x_bsd, w_gate_edf)
-    up = jnp.einsum("bsd,edf->bsef", x_bsd, w_up_edf)
-    out = jnp.einsum("bsef,efd->bsed", jax.nn.silu(gate) * up, w_down_efd)
+    gate = jnp.einsum("bsd,efd->bsef", x_bsd, w_gate_up_epfd[:, 0])
+    up = jnp.einsum("bsd,efd->bsef", x_bsd, w_gate_up_epfd[:, 1])
+    out = jnp.einsum("bsef,edf->bsed", jax.nn.silu(gate) * up, w_down_edf)
     y = jnp.einsum("bsed,bse->bsd", out.astype(F32), gates).astype(x_bsd.dtype)
     return y, jnp.zeros((1,), jnp.int32)
 
@@ -383,22 +400,22 @@ class MoE(nnx.Module):
         D, E, F, dt = cfg.d_model, cfg.num_experts, cfg.expert_ffn, cfg.dtype
         self.cfg = cfg
         self.router_de = param(rngs, (D, E), ("embed", "expert_all"), dt, fan_in=D)
-        self.w_gate_edf = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, fan_in=D)
-        self.w_up_edf = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, fan_in=D)
-        self.w_down_efd = param(rngs, (E, F, D), ("expert", "mlp", "embed"), dt, fan_in=F)
+        self.w_gate_up_epfd = param(rngs, (E, 2, F, D), ("expert", "gate_up", "mlp", "embed"), dt, fan_in=D)
+        self.w_down_edf = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, fan_in=F)
         if cfg.num_shared_experts:
             Fs = cfg.num_shared_experts * F
-            self.shared_gate_df = param(rngs, (D, Fs), ("embed", "mlp"), dt, fan_in=D)
-            self.shared_up_df = param(rngs, (D, Fs), ("embed", "mlp"), dt, fan_in=D)
-            self.shared_down_fd = param(rngs, (Fs, D), ("mlp", "embed"), dt, fan_in=Fs)
+            self.shared_gate_up_pfd = param(rngs, (2, Fs, D), ("gate_up", "mlp", "embed"), dt, fan_in=D)
+            self.shared_down_df = param(rngs, (D, Fs), ("embed", "mlp"), dt, fan_in=Fs)
 
     def __call__(self, x_bsd):
         """x [B, S, D] → (y [B, S, D], dropped token-expert assignments per token group [G])."""
         impl = {"capacity": capacity_moe, "dropless": dropless_moe, "dense": dense_moe}[self.cfg.dispatch]
-        y, dropped = impl(x_bsd, self.router_de[...], self.w_gate_edf[...], self.w_up_edf[...],
-                          self.w_down_efd[...], self.cfg)
+        y, dropped = impl(x_bsd, self.router_de[...], self.w_gate_up_epfd[...], self.w_down_edf[...], self.cfg)
         if self.cfg.num_shared_experts:
             with jax.named_scope("shared_experts"):
-                h = jax.nn.silu(x_bsd @ self.shared_gate_df[...]) * (x_bsd @ self.shared_up_df[...])
-                y = y + constrain(h, ("batch", "length", "mlp")) @ self.shared_down_fd[...]
+                B, S, _ = x_bsd.shape
+                one_row = B // batch_shards(B) * S == 1
+                gate_up = weight_einsum("bsd,pfd->bspf", x_bsd, self.shared_gate_up_pfd[...], one_row=one_row)
+                h = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "length", "mlp"))
+                y = y + weight_einsum("bsf,df->bsd", h, self.shared_down_df[...], one_row=one_row)
         return constrain(y, ("batch", "length", "embed")), dropped

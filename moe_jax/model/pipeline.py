@@ -10,7 +10,9 @@ Schedule (GPipe): the batch is cut into M microbatches. At tick t, stage s works
 microbatch t − s (when 0 ≤ t − s < M), then hands its activations to stage s + 1 with
 one ``collective-permute``. After M + pp − 1 ticks the last stage holds every
 microbatch's output, which an all-reduce over the stages gives to all of them (the
-output head is split over pp × tp, so every stage computes its share of the logits).
+output head is split over pp × tp, so every stage computes its share of the logits). A
+serving prefill keeps and hands over only each sequence's last position (`last_only`), the
+one its logits come from.
 Bubble: (pp − 1) / (M + pp − 1) of the ticks a stage is idle.
 
 Microbatch m is the sequences b with b mod M = m. With the batch split over dp × ep in
@@ -71,7 +73,8 @@ class PipelineSchedule:
     handoff_bytes_per_tick: int
     """Bytes one device sends to the next stage per tick (its shard of one microbatch's activations)."""
     output_allreduce_bytes: int
-    """Bytes per device of the final all-reduce that gives every stage the last stage's output."""
+    """Bytes per device of the final all-reduce that gives every stage the last stage's output (a
+    serving prefill's: the last position of each sequence only)."""
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -79,8 +82,11 @@ class PipelineSchedule:
 
 
 def schedule(cfg: ModelConfig, strategy: Strategy, batch: int, length: int, *, decode: bool,
-             microbatches: int | None = None) -> PipelineSchedule:
-    """The pipeline schedule for `batch` sequences of `length` new tokens under `strategy`."""
+             microbatches: int | None = None, full_output: bool = False) -> PipelineSchedule:
+    """The pipeline schedule for `batch` sequences of `length` new tokens under `strategy`.
+
+    full_output: the program returns every position (a prefill with full logits), not the last.
+    """
     layout = Layout.for_strategy(cfg, strategy)
     shards = layout.shards("batch", batch)
     M = microbatches or default_microbatches(batch, strategy.pp, shards, decode=decode)
@@ -88,11 +94,12 @@ def schedule(cfg: ModelConfig, strategy: Strategy, batch: int, length: int, *, d
     Bm = batch // M
     local_mb = Bm // layout.shards("batch", Bm)
     act = local_mb * length * cfg.d_model * cfg.dtype_bytes
+    kept = act if full_output else local_mb * cfg.d_model * cfg.dtype_bytes
     pp = strategy.pp
     return PipelineSchedule(stages=pp, microbatches=M, ticks=M + pp - 1,
                             bubble_fraction=(pp - 1) / (M + pp - 1), microbatch_sequences=Bm,
                             handoff_bytes_per_tick=act if pp > 1 else 0,
-                            output_allreduce_bytes=act * M if pp > 1 else 0)
+                            output_allreduce_bytes=kept * M if pp > 1 else 0)
 
 
 def _from_last_stage(x, axis: str, is_last):
@@ -110,11 +117,13 @@ def _from_last_stage(x, axis: str, is_last):
     return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype).reshape(x.shape)
 
 
-def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout):
+def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout, *, last_only: bool = False):
     """The layer stack of a `Transformer`, pipelined over `layout`'s stage axis.
 
     Same contract as `moe_jax.model.transformer.run_layers`: x [B, S, D], cache None or
     {"k", "v"} of [L, B, T, K, Dh] → (x, cache, dropped). Must run under `use_layout`.
+    last_only: the last stage keeps, and the stages share, only each sequence's last
+    position: x comes back as [B, 1, D].
     """
     from jax.sharding import PartitionSpec as P
 
@@ -161,20 +170,21 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout):
                 if cm is not None:   # ticks in the bubble leave the cache as it was
                     cm = {k: put(cm[k], jnp.where(valid, new_cache[k], mb_cache[k]), mc, 2) for k in cm}
                 keep = valid & (stage == pp - 1)
-                outputs = put(outputs, jnp.where(keep, out, take(outputs, mc, 1)), mc, 1)
+                kept = out[:, -1:] if last_only else out
+                outputs = put(outputs, jnp.where(keep, kept, take(outputs, mc, 1)), mc, 1)
                 dropped = dropped + jnp.where(valid, mb_dropped, 0)
                 with jax.named_scope("pipeline_handoff"):
                     incoming = jax.lax.ppermute(out, axis, [(i, i + 1) for i in range(pp - 1)])
                 return (incoming, outputs, cm, dropped), None
 
-            carry = (jnp.zeros_like(xm[:, 0]), jnp.zeros_like(xm), cm,
+            carry = (jnp.zeros_like(xm[:, 0]), jnp.zeros_like(xm[:, :, -1:] if last_only else xm), cm,
                      jnp.zeros(dropped_shape.shape, dropped_shape.dtype))
             (_, outputs, cm, dropped), _ = jax.lax.scan(tick, carry, jnp.arange(M + pp - 1))
             with jax.named_scope("pipeline_output"):
                 y = _from_last_stage(outputs, axis, stage == pp - 1)
             new_cache = None if cm is None else {
                 k: v.reshape(v.shape[0], B, *v.shape[3:]) for k, v in cm.items()}
-            return y.reshape(x.shape), new_cache, dropped
+            return y.reshape(B, y.shape[2], *x.shape[2:]), new_cache, dropped
 
     staged = jax.shard_map(
         stage_program, mesh=layout.mesh, axis_names={axis}, check_vma=False,

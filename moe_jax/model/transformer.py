@@ -2,7 +2,9 @@
 
 Three entry points share one body:
 - ``model(tokens)``: full forward over all positions, no cache (the reference);
-- ``model.prefill(tokens, cache)``: the prompt, writing the cache at positions [0, S);
+- ``model.prefill(tokens, cache)``: the prompt, writing the cache at positions [0, S); the output
+  head runs on the last position only (serving needs nothing else), or on every position with
+  ``full_logits=True``;
 - ``model.decode(tokens, pos, cache)``: one new token per sequence at position `pos`.
 """
 
@@ -27,7 +29,7 @@ class ModelOutput(NamedTuple):
     """What a forward pass returns."""
 
     logits: jax.Array
-    """[B, S, V] float32."""
+    """[B, S, V] float32; [B, 1, V] (the last position) from a serving prefill."""
     cache: dict | None
     """{"k", "v"}: [L, B, T, K, Dh] after this call's writes; None for a cacheless forward."""
     dropped: jax.Array
@@ -100,7 +102,8 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head_dv = param(rngs, (D, V), ("embed", "vocab"), cfg.dtype, fan_in=D)
 
-    def _run(self, tokens, start, cache, decode: bool) -> ModelOutput:
+    def _run(self, tokens, start, cache, decode: bool, last_only: bool = False) -> ModelOutput:
+        """last_only: the final norm and output head see the last position only (logits [B, 1, V])."""
         cfg = self.cfg
         B, S = tokens.shape
         positions = start + jnp.arange(S, dtype=jnp.int32)
@@ -112,9 +115,12 @@ class Transformer(nnx.Module):
         if layout is not None and layout.stages > 1:
             from moe_jax.model.pipeline import run_pipeline
 
-            x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, layout)
+            x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, layout,
+                                                 last_only=last_only)
         else:
             x, new_cache, dropped = run_layers(self.blocks, x, positions, cache, decode)
+            if last_only:
+                x = x[:, -1:]                                   # [B, 1, D]
         if new_cache is not None:
             new_cache = {name: constrain(c, CACHE_AXES) for name, c in new_cache.items()}
 
@@ -129,9 +135,13 @@ class Transformer(nnx.Module):
         """Full forward over tokens [B, S] from position 0, no cache."""
         return self._run(tokens, jnp.int32(0), None, decode=False)
 
-    def prefill(self, tokens, cache) -> ModelOutput:
-        """Process the prompt tokens [B, S] and write their keys/values at cache positions [0, S)."""
-        return self._run(tokens, jnp.int32(0), cache, decode=False)
+    def prefill(self, tokens, cache, *, full_logits: bool = False) -> ModelOutput:
+        """Process the prompt tokens [B, S] and write their keys/values at cache positions [0, S).
+
+        Logits [B, 1, V] of the last position (what picks the next token): the head's matmul
+        runs on one position per sequence. full_logits: [B, S, V], every position.
+        """
+        return self._run(tokens, jnp.int32(0), cache, decode=False, last_only=not full_logits)
 
     def decode(self, tokens, pos, cache) -> ModelOutput:
         """One step: tokens [B, 1] at position `pos` (int32 scalar), attending to cache positions ≤ pos.
