@@ -276,10 +276,3 @@ def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: 
     a.checks = _checks(a)
     a.recommendations = _recommendations(a)
     return a
-
-
-def default_topology(hardware: Hardware, devices: int) -> str:
-    """A TPU topology name for `devices` chips of `hardware` (see `moe_jax.backends.tpu_topology`)."""
-    from moe_jax.backends import tpu_topology
-
-    return tpu_topology(hardware, devices)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_jax.backends import BACKENDS, TARGETS  # noqa: F401  (TARGETS: where GPU descriptions ship)
+from moe_jax.backends import BACKENDS
 from moe_jax.config import ModelConfig
 from moe_jax.devices import MAX_CPU_DEVICES
 from moe_jax.errors import MoeJaxError
