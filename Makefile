@@ -1,6 +1,6 @@
 # Two entry points that work on a fresh clone with only python3:
 #   make demo   set up .venv if needed (the package and the TPU and GPU compilers), then run the seed scenario
-#   make test   set up .venv if needed (the same plus the test tools), then run the test suite
+#   make test   set up .venv if needed (the same plus the test tools), then lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -48,6 +48,7 @@ demo: $(VENV)/.installed-demo
 
 # CI=true makes the GPU- and TPU-compile tests fail, not skip, when a compiler is missing.
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:

@@ -19,12 +19,12 @@ STRATEGIES = {8: "EP8", 64: "EP64", 256: "EP64-TP4", 1024: "EP64-TP8-PP2", 2048:
 
 CHILD = """
 import json, resource, sys, time
-from moe_jax.devices import request_cpu_devices
+from moe_jax.parallel.devices import request_cpu_devices
 n, strategy = int(sys.argv[1]), sys.argv[2]
 request_cpu_devices(n)
-from moe_jax.compile import Workload, compile_program
+from moe_jax.costs.compile import Workload, compile_program
 from moe_jax.config import get_model
-from moe_jax.mesh import Strategy
+from moe_jax.parallel.mesh import Strategy
 t = time.perf_counter()
 p = compile_program(get_model("seed-30b"), Strategy.parse(strategy), Workload(128, 2048, 256))
 print(json.dumps({"total_s": time.perf_counter() - t,
@@ -53,7 +53,8 @@ def main() -> None:
         rows.append((n, strategy, r))
         print(f"{n:>5} {strategy:<18} prefill {r['prefill_s']:6.1f} s  decode {r['decode_s']:6.1f} s  "
               f"peak RSS {r['rss_gb']:.2f} GB", flush=True)
-    table = ["| devices | strategy | prefill compile (s) | decode compile (s) | total incl. tracing (s) | peak host RSS (GB) |",
+    table = ["| devices | strategy | prefill compile (s) | decode compile (s) | total incl. tracing (s) "
+             "| peak host RSS (GB) |",
              "|---:|---|---:|---:|---:|---:|"]
     table += [f"| {n} | {s} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | {r['total_s']:.1f} | {r['rss_gb']:.2f} |"
               for n, s, r in rows]

@@ -6,8 +6,8 @@ the expected rows: per-device matmul FLOPs and HBM bytes of prefill and decode, 
 memory, the ragged all-to-all's expected and worst-case bytes, and TTFT / TPOT
 predicted; on the cpu backend (8 fake devices, for h200) and, when libtpu is installed,
 on a deviceless TPU v5p:2x2x2 (for tpu-v5p), where dropless compiles to the native
-ragged all-to-all and grouped-matmul kernel. Part 2 (measured): the tiny model's sharded prefill and decode step timed on
-the 8 emulated CPU devices, median of repeated runs, both methods in the same process
+ragged all-to-all and grouped-matmul kernel. Part 2 (measured): the tiny model's sharded prefill and decode step timed
+on the 8 emulated CPU devices, median of repeated runs, both methods in the same process
 (the devices share 2 cores: a relative number, not a GPU claim). The GPU measurement of
 the same comparison is in bench/gpu_validate.py.
 
@@ -29,11 +29,11 @@ METHODS = (("capacity", None), ("dropless", None), ("dropless", 2.0))
 
 
 def compiled_rows(batches, backend: str) -> list[str]:
-    from moe_jax.analysis import analyze
-    from moe_jax.compile import Workload
     from moe_jax.config import get_model
-    from moe_jax.hardware import get_hardware
-    from moe_jax.mesh import Strategy
+    from moe_jax.costs.compile import Workload
+    from moe_jax.hardware.presets import get_hardware
+    from moe_jax.parallel.mesh import Strategy
+    from moe_jax.perf.analysis import analyze
 
     hw = get_hardware("h200" if backend == "cpu" else "tpu-v5p")
     kw = {"topology": "v5p:2x2x2"} if backend == "tpu" else {}
@@ -45,7 +45,8 @@ def compiled_rows(batches, backend: str) -> list[str]:
             a = analyze(cfg, strategy, hw, Workload(batch, 2048, 128), backend=backend, **kw)
             pre, dec = a.cost.phases["prefill"], a.cost.phases["decode"]
             ragged = [c for c in pre.collective_summary() if "worst_bytes" in c]
-            exchange = (f"{sum(c['bytes'] for c in ragged) / 1e9:.2f} / {sum(c['worst_bytes'] for c in ragged) / 1e9:.2f}"
+            exchange = (f"{sum(c['bytes'] for c in ragged) / 1e9:.2f} / "
+                        f"{sum(c['worst_bytes'] for c in ragged) / 1e9:.2f}"
                         if ragged else "-")
             p = a.prediction
             name = dispatch if buffer is None else f"{dispatch} (buffer {buffer:g}x)"
@@ -61,9 +62,9 @@ def measured_rows(repeats: int) -> list[str]:
     import jax.numpy as jnp
 
     from moe_jax.config import get_model
-    from moe_jax.mesh import Strategy
-    from moe_jax.programs import ShardedModel
-    from moe_jax.run import time_call
+    from moe_jax.parallel.mesh import Strategy
+    from moe_jax.programs.sharded import ShardedModel
+    from moe_jax.runtime.run import time_call
 
     rows = []
     for batch, length in ((8, 256), (64, 64)):
@@ -73,10 +74,10 @@ def measured_rows(repeats: int) -> list[str]:
             params = sm.init_params(0)
             tokens = sm.put_tokens(jax.random.randint(jax.random.key(1), (batch, length), 0, 256))
             cache = sm.init_cache(batch, length + 1)
-            pre = time_call(lambda: sm.prefill(params, tokens, cache), repeats=repeats)
+            pre = time_call(sm.prefill, params, tokens, cache, repeats=repeats)
             step_tokens = sm.put_tokens(jnp.zeros((batch, 1), jnp.int32))
-            dec = time_call(lambda: sm.decode(params, step_tokens, jnp.int32(length),
-                                              sm.init_cache(batch, length + 1)), repeats=repeats)
+            dec = time_call(sm.decode, params, step_tokens, jnp.int32(length), sm.init_cache(batch, length + 1),
+                            repeats=repeats)
             times[dispatch] = (pre.median, dec.median)
         c, d = times["capacity"], times["dropless"]
         rows.append(f"| tiny | {batch} x {length} | {c[0] * 1e3:.1f} | {d[0] * 1e3:.1f} | {d[0] / c[0]:.2f} | "
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = ap.parse_args()
-    from moe_jax.devices import request_cpu_devices
+    from moe_jax.parallel.devices import request_cpu_devices
 
     request_cpu_devices(8)
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -115,7 +116,8 @@ def main() -> None:
 
         append("Capacity against dropless dispatch", table, (
             "part 1: qwen3-30b-a3b on EP8, prompt 2048, compiled on the cpu backend (8 fake devices, predicted "
-            "for h200) and on a deviceless TPU v5p:2x2x2 (predicted for tpu-v5p); part 2: tiny model on EP4-TP2, 8 emulated CPU devices sharing the host's cores, median of "
+            "for h200) and on a deviceless TPU v5p:2x2x2 (predicted for tpu-v5p); part 2: tiny model on EP4-TP2, "
+            "8 emulated CPU devices sharing the host's cores, median of "
             f"{args.repeats} runs after a warm-up, both methods in the same process",))
 
 

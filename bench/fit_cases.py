@@ -42,17 +42,17 @@ CASES = [
 _CHILD = r"""
 import json, sys, time
 case, backend = json.loads(sys.argv[1]), sys.argv[2]
-from moe_jax.backends import resolve
-from moe_jax.devices import MAX_CPU_DEVICES, request_cpu_devices
-from moe_jax.hardware import get_hardware
-from moe_jax.mesh import Strategy
+from moe_jax.costs.backends import resolve
+from moe_jax.parallel.devices import MAX_CPU_DEVICES, request_cpu_devices
+from moe_jax.hardware.presets import get_hardware
+from moe_jax.parallel.mesh import Strategy
 s, hw = Strategy.parse(case["strategy"]), get_hardware(case["hardware"])
 if backend == "cpu":
     request_cpu_devices(s.num_devices if s.num_devices <= MAX_CPU_DEVICES else s.num_devices // s.dp)
 else:
     request_cpu_devices(1)
-from moe_jax.analysis import analyze
-from moe_jax.compile import Workload
+from moe_jax.perf.analysis import analyze
+from moe_jax.costs.compile import Workload
 from moe_jax.config import get_model
 start = time.perf_counter()
 a = analyze(get_model(case["model"]), s, hw, Workload(case["batch"], case["prompt_len"], case["gen_len"]),
@@ -92,8 +92,8 @@ def _verdict(r: dict) -> str:
 
 def row(case: dict, timeout: float) -> tuple[str, dict]:
     """One table row: cpu against the hardware's own compiler."""
-    from moe_jax.backends import resolve
-    from moe_jax.hardware import get_hardware
+    from moe_jax.costs.backends import resolve
+    from moe_jax.hardware.presets import get_hardware
 
     native = resolve(get_hardware(case["hardware"]), "auto")
     own = native.backend if not native.stand_in else None

@@ -31,8 +31,9 @@ DISPATCH_CASES = (("qwen3-30b-a3b", 8), ("qwen3-30b-a3b", 64))
 def ensure_installed() -> None:
     """Install moe-jax and its light dependencies without reinstalling jax, flax, optax or chex."""
     try:
-        import moe_jax  # noqa: F401
         import rich  # noqa: F401
+
+        import moe_jax  # noqa: F401
         return
     except ImportError:
         pass
@@ -42,10 +43,10 @@ def ensure_installed() -> None:
 
 
 def case(cfg, hw, batch, prompt_len, gen_len, steps, backends):
-    from moe_jax.analysis import analyze
-    from moe_jax.compile import Workload
-    from moe_jax.mesh import Strategy
-    from moe_jax.run import run
+    from moe_jax.costs.compile import Workload
+    from moe_jax.parallel.mesh import Strategy
+    from moe_jax.perf.analysis import analyze
+    from moe_jax.runtime.run import run
 
     workload = Workload(batch, prompt_len, gen_len)
     needed = cfg.params_total * cfg.dtype_bytes + batch * workload.cache_len * cfg.kv_bytes_per_token
@@ -59,7 +60,7 @@ def case(cfg, hw, batch, prompt_len, gen_len, steps, backends):
         row["skip"] = f"run failed: {str(e).splitlines()[0][:120]}"
         return row
     row["ttft"], row["tpot"] = r.ttft.median, r.tpot.median
-    from moe_jax.cost import analytic_flops
+    from moe_jax.costs.walk import analytic_flops
 
     useful = analytic_flops(cfg, workload, "prefill")["useful"]     # the head once per sequence, as served
     row["mfu"] = useful / (hw.peak_flops * r.ttft.median)
@@ -92,7 +93,7 @@ def main() -> None:
     import jax
 
     from moe_jax.config import get_model
-    from moe_jax.hardware import get_hardware
+    from moe_jax.hardware.presets import get_hardware
 
     device = jax.devices()[0]
     if args.dry_run:
@@ -143,7 +144,8 @@ def main() -> None:
             lines.append(
                 f"| {row['model']} | {row['dispatch']} | {row['batch']} | {backend} | {row['ttft'] * 1e3:.2f} ms | "
                 f"{p['ttft'] * 1e3:.2f} ms | "
-                f"{(p['ttft'] - row['ttft']) / row['ttft']:+.0%} | {row['tpot'] * 1e3:.3f} ms | {p['tpot'] * 1e3:.3f} ms | "
+                f"{(p['ttft'] - row['ttft']) / row['ttft']:+.0%} | {row['tpot'] * 1e3:.3f} ms | "
+                f"{p['tpot'] * 1e3:.3f} ms | "
                 f"{(p['tpot'] - row['tpot']) / row['tpot']:+.0%} | {row['mfu']:.1%} | {row['mbu']:.1%} | {terms} |")
     lines += _dispatch_table(rows)
     Path(args.out).write_text("\n".join(lines) + "\n")

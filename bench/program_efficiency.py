@@ -41,12 +41,12 @@ GOALS = {"qwen3 1xH200 b1": (40, 2.5), "qwen3 1xH200 b64": (1500, 19.5), "qwen3 
 _CHILD = r"""
 import json, sys
 case = json.loads(sys.argv[1])
-from moe_jax.devices import request_cpu_devices
+from moe_jax.parallel.devices import request_cpu_devices
 request_cpu_devices(1)
 from moe_jax import Strategy, Workload, get_model
-from moe_jax.analysis import analyze
-from moe_jax.hardware import get_hardware
-from moe_jax.hlo import largest_results
+from moe_jax.perf.analysis import analyze
+from moe_jax.hardware.presets import get_hardware
+from moe_jax.costs.hlo import largest_results
 cfg = get_model(case["model"]).replace(dispatch=case["dispatch"])
 a = analyze(cfg, Strategy.parse(case["strategy"]), get_hardware(case["hardware"]),
             Workload(case["batch"], case["prompt_len"], case["gen_len"]))

@@ -5,24 +5,24 @@ set the fake CPU device count (`request_cpu_devices`) after importing moe_jax.
 """
 
 from moe_jax.config import ModelConfig, get_model, preset_names
-from moe_jax.devices import request_cpu_devices
 from moe_jax.errors import ConfigError, MoeJaxError, ShardingError, StrategyError
-from moe_jax.mesh import MESH_AXES, Strategy, build_mesh, validate
-from moe_jax.sharding import LOGICAL_AXIS_RULES, Layout, axis_rules
+from moe_jax.parallel.devices import request_cpu_devices
+from moe_jax.parallel.mesh import MESH_AXES, Strategy, build_mesh, validate
+from moe_jax.parallel.rules import LOGICAL_AXIS_RULES, Layout, axis_rules
 
 _LAZY = {
-    "ShardedModel": "moe_jax.programs",
+    "ShardedModel": "moe_jax.programs.sharded",
     "Transformer": "moe_jax.model.transformer",
     "init_cache": "moe_jax.model.transformer",
-    "describe": "moe_jax.placement",
-    "verify_sharding": "moe_jax.verify",
-    "collectives": "moe_jax.hlo",
-    "Workload": "moe_jax.compile",
-    "compile_program": "moe_jax.compile",
-    "analyze_cost": "moe_jax.cost",
-    "CostReport": "moe_jax.cost",
-    "ClusterSpec": "moe_jax.distributed",
-    "Cluster": "moe_jax.distributed",
+    "describe": "moe_jax.programs.placement",
+    "verify_sharding": "moe_jax.runtime.verify",
+    "collectives": "moe_jax.costs.hlo",
+    "Workload": "moe_jax.costs.compile",
+    "compile_program": "moe_jax.costs.compile",
+    "analyze_cost": "moe_jax.costs.walk",
+    "CostReport": "moe_jax.costs.walk",
+    "ClusterSpec": "moe_jax.runtime.distributed",
+    "Cluster": "moe_jax.runtime.distributed",
 }
 
 __all__ = ["ModelConfig", "get_model", "preset_names", "request_cpu_devices", "MoeJaxError", "ConfigError",

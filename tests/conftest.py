@@ -26,7 +26,7 @@ def clean_env(**extra):
 def require_compiler(kind: str) -> None:
     """Skip when the deviceless `kind` compiler (tpu or gpu) is not installed; in CI (CI set) fail instead:
     `make test` installs both, so a missing one there is a broken install, not an optional feature."""
-    from moe_jax.backends import gpu_compiler_installed, tpu_compiler_installed
+    from moe_jax.costs.backends import gpu_compiler_installed, tpu_compiler_installed
 
     if (tpu_compiler_installed if kind == "tpu" else gpu_compiler_installed)():
         return

@@ -24,7 +24,8 @@ def seed(tmp_path_factory):
     """The seed scenario analysed once, in a fresh process with 1024 fake devices."""
     d = tmp_path_factory.mktemp("seed")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    done = subprocess.run(_cli() + ["analyze", "--model", "seed-30b", "--mesh", str(ROOT / "meshes/ep64-tp8-pp2-dp1.toml"),
+    mesh = str(ROOT / "meshes/ep64-tp8-pp2-dp1.toml")
+    done = subprocess.run(_cli() + ["analyze", "--model", "seed-30b", "--mesh", mesh,
                                     "--hardware", "seed-gpu", "--batch", "128", "--prompt-len", "2048",
                                     "--gen-len", "256", "--json", str(d / "seed.json"), "--markdown",
                                     str(d / "seed.md")], capture_output=True, text=True, env=env, timeout=900)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, require_compiler, run_tpu_script
 
-from moe_jax import backends
-from moe_jax.backends import gpu_target_path, resolve, shipped_targets, tpu_topology
+from moe_jax.costs import backends
+from moe_jax.costs.backends import gpu_target_path, resolve, shipped_targets, tpu_topology
 from moe_jax.errors import MoeJaxError
-from moe_jax.hardware import get_hardware, hardware_names
+from moe_jax.hardware.presets import get_hardware, hardware_names
 
 ROOT = Path(__file__).resolve().parent.parent
 NVIDIA = [n for n in hardware_names() if get_hardware(n).vendor == "nvidia"]
@@ -113,8 +113,8 @@ def test_smallest_tpu_topology_that_holds_the_devices(n, v5p, v5e):
 def test_one_two_and_six_device_strategies_compile_on_the_tpu_backend():
     lines = run_tpu_script("""
 from moe_jax import Strategy, Workload, get_model
-from moe_jax.analysis import analyze
-from moe_jax.hardware import get_hardware
+from moe_jax.perf.analysis import analyze
+from moe_jax.hardware.presets import get_hardware
 cfg = get_model("tiny")
 for s, hw in (("EP1", "tpu-v5p"), ("EP2-TP1-DP3", "tpu-v5p"), ("EP2", "tpu-v4"), ("DP6", "tpu-v6e")):
     a = analyze(cfg, Strategy.parse(s), get_hardware(hw), Workload(6, 16, 4))
@@ -130,7 +130,7 @@ for s, hw in (("EP1", "tpu-v5p"), ("EP2-TP1-DP3", "tpu-v5p"), ("EP2", "tpu-v4"),
 def test_every_nvidia_preset_compiles_deviceless_for_its_own_target(name):
     require_compiler("gpu")
     from moe_jax import Strategy, Workload, get_model
-    from moe_jax.analysis import analyze
+    from moe_jax.perf.analysis import analyze
 
     hw = get_hardware(name)
     a = analyze(get_model("tiny"), Strategy.parse("EP2-TP2-DP3"), hw, Workload(6, 16, 4))
@@ -146,9 +146,9 @@ def test_gpu_mesh_keeps_tp_inside_a_server_and_links_follow_the_placement():
     import numpy as np
 
     from moe_jax import Strategy
-    from moe_jax.compile import _gpu_devices
-    from moe_jax.mesh import build_mesh
-    from moe_jax.perf import link_for
+    from moe_jax.costs.compile import _gpu_devices
+    from moe_jax.parallel.mesh import build_mesh
+    from moe_jax.perf.timemodel import link_for
 
     devices, where = _gpu_devices(gpu_target_path("h100"), 16)
     mesh = build_mesh(Strategy.parse("TP8-DP2"), devices, physical=True)
@@ -200,13 +200,13 @@ def test_target_descriptions_ship_in_the_wheel(tmp_path):
     wheel = next(tmp_path.glob("moe_jax-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for target in shipped_targets():
-        assert f"moe_jax/targets/{target}.txtpb" in names
+        assert f"moe_jax/hardware/targets/{target}.txtpb" in names
 
 
 def test_plan_compiles_for_the_hardware_in_worker_processes():
     require_compiler("gpu")
     from moe_jax import Workload, get_model
-    from moe_jax.plan import plan
+    from moe_jax.planner.search import plan
 
     result = plan(get_model("tiny"), 8, get_hardware("h100"), Workload(8, 16, 4), top=2, workers=2, cache_dir=None)
     compiled = [result.compiled[r["strategy"]]["analysis"] for r in result.candidates if r["compiled"]]

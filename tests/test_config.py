@@ -4,7 +4,7 @@ from flax import nnx
 
 from moe_jax.config import PUBLISHED_PARAMS_B, ModelConfig, get_model, preset_names
 from moe_jax.errors import ConfigError
-from moe_jax.programs import abstract_model
+from moe_jax.programs.sharded import abstract_model
 
 REQUIRED = ["seed-30b", "qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b", "mixtral-8x22b",
             "olmoe-1b-7b", "dbrx", "tiny"]

@@ -7,16 +7,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-
-from moe_jax.compile import Workload, compile_program
-from moe_jax.config import get_model
-from moe_jax.cost import analyze_cost, walk
-from moe_jax.errors import MoeJaxError
-from moe_jax.hlo import group_axes
-from moe_jax.mesh import MESH_AXES, Strategy
-from moe_jax.placement import describe
-
 from conftest import clean_env, run_tpu_script  # noqa: E402
+
+from moe_jax.config import get_model
+from moe_jax.costs.compile import Workload, compile_program
+from moe_jax.costs.hlo import group_axes
+from moe_jax.costs.walk import analyze_cost, walk
+from moe_jax.errors import MoeJaxError
+from moe_jax.parallel.mesh import MESH_AXES, Strategy
+from moe_jax.programs.placement import describe
 
 LAYERS = 16
 
@@ -124,8 +123,8 @@ def test_analytic_cross_check(tiny_reports):
 def test_analytic_and_estimated_prefill_count_the_head_once_per_sequence():
     """The serving prefill's head sees the last position only: useful FLOPs, the planner's estimate and its
     outputs follow (full logits, every position, only where asked)."""
-    from moe_jax.cost import analytic_flops
-    from moe_jax.estimate import estimate_phase
+    from moe_jax.costs.analytic import estimate_phase
+    from moe_jax.costs.walk import analytic_flops
 
     cfg, work = get_model("qwen3-30b-a3b"), Workload(64, 2048, 128)
     D, V, B, S = cfg.d_model, cfg.vocab_size, 64, 2048
@@ -161,12 +160,12 @@ def test_bad_backend_and_too_few_devices():
 
 SEED_SCRIPT = """
 import json, resource
-from moe_jax.devices import request_cpu_devices
+from moe_jax.parallel.devices import request_cpu_devices
 request_cpu_devices(1024)
-from moe_jax.compile import Workload
+from moe_jax.costs.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.cost import analyze_cost
-from moe_jax.mesh import Strategy
+from moe_jax.costs.walk import analyze_cost
+from moe_jax.parallel.mesh import Strategy
 r = analyze_cost(get_model("seed-30b"), Strategy.parse("EP64-TP8-PP2-DP1"), Workload(128, 2048, 256))
 out = {n: {"weights": p.memory.weights, "kv": p.memory.kv_cache, "args": p.memory.arguments,
            "flops": p.flops, "collectives": p.collective_summary()} for n, p in r.phases.items()}
@@ -193,10 +192,10 @@ def test_seed_scenario_compiles_on_1024_cpu_devices():
 
 TPU_SCRIPT = """
 import json
-from moe_jax.compile import Workload
+from moe_jax.costs.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.cost import analyze_cost
-from moe_jax.mesh import Strategy
+from moe_jax.costs.walk import analyze_cost
+from moe_jax.parallel.mesh import Strategy
 fits = analyze_cost(get_model("seed-30b"), Strategy.parse("EP8-TP2-PP2-DP1"), Workload(32, 512, 64),
                     backend="tpu", topology="v5p:2x4x4")
 big = analyze_cost(get_model("qwen3-235b-a22b"), Strategy.parse("EP4"), Workload(4, 128, 16),

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from moe_jax.cli import main
-from moe_jax.distributed import CLUSTER_EXIT_STATUS, ClusterSpec, launcher, parse_address, resolve
 from moe_jax.errors import MoeJaxError
+from moe_jax.runtime.distributed import CLUSTER_EXIT_STATUS, ClusterSpec, launcher, parse_address, resolve
 
 RUN = ["run", "--model", "tiny", "--dtype", "f32", "--batch", "8", "--prompt-len", "6", "--gen-len", "4",
        "--repeats", "1", "--seed", "5"]
@@ -198,7 +198,7 @@ def test_a_peer_that_never_arrives_is_an_error_within_the_timeout(tmp_path, pres
 
 
 def test_watchdog_ends_a_stuck_process(tmp_path):
-    code = ("import time\nfrom moe_jax.distributed import Watchdog\nw = Watchdog(1, 'process 0 of 2')\n"
+    code = ("import time\nfrom moe_jax.runtime.distributed import Watchdog\nw = Watchdog(1, 'process 0 of 2')\n"
             "w.beat('prefill')\ntime.sleep(30)\n")
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)

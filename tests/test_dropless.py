@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_tpu_script, single_device_reference  # noqa: E402
 from flax import nnx
 
-from moe_jax.mesh import Strategy
 from moe_jax.model.moe import _sort_assignments, dense_moe, dropless_moe, route
 from moe_jax.model.transformer import Transformer
-from moe_jax.programs import ShardedModel
-
-from conftest import run_tpu_script, single_device_reference  # noqa: E402
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.programs.sharded import ShardedModel
 
 # (ep, tp, pp, dp): every one with ep > 1 but the last two, pp crossing the MoE block in two
 MESHES = [(8, 1, 1, 1), (2, 2, 1, 2), (4, 2, 1, 1), (2, 1, 2, 2), (2, 2, 2, 1), (1, 8, 1, 1), (1, 1, 1, 8)]
@@ -88,7 +87,7 @@ def test_every_token_on_the_same_experts(dropless32, ep, tp, pp, dp):
 
 
 def _block_under_mesh(cfg, strategy, fn, *args):
-    from moe_jax.sharding import Layout, use_layout
+    from moe_jax.parallel.rules import Layout, use_layout
 
     sm = ShardedModel(cfg, strategy)
     layout = Layout.for_strategy(cfg, strategy, sm.mesh)
@@ -158,14 +157,14 @@ def test_greedy_tokens_equal_across_meshes(dropless32):
 # --- the cost analyzer, estimate and planner -------------------------------------------------
 
 def _analyze(cfg, spec, workload, **kw):
-    from moe_jax.cost import analyze_cost
+    from moe_jax.costs.walk import analyze_cost
 
     return analyze_cost(cfg, Strategy.parse(spec), workload, **kw)
 
 
 def test_cpu_compile_counts_grouped_matmuls_and_ragged_exchange(tiny32):
     """XLA:CPU's dense lowering of ragged_dot is corrected: compiled matmul FLOPs track the model's."""
-    from moe_jax.compile import Workload
+    from moe_jax.costs.compile import Workload
 
     cfg = tiny32.replace(dispatch="dropless", dtype="bfloat16")
     workload = Workload(8, 64, 4)
@@ -190,10 +189,10 @@ def test_cpu_compile_counts_grouped_matmuls_and_ragged_exchange(tiny32):
 
 
 def test_decode_floor_counts_only_touched_experts(tiny32):
-    from moe_jax.compile import Workload
-    from moe_jax.hardware import get_hardware
-    from moe_jax.perf import predict
-    from moe_jax.routing import routed_expert_bytes, touched_fraction
+    from moe_jax.costs.compile import Workload
+    from moe_jax.costs.routing import routed_expert_bytes, touched_fraction
+    from moe_jax.hardware.presets import get_hardware
+    from moe_jax.perf.timemodel import predict
 
     cfg = tiny32.replace(dispatch="dropless")
     strategy = Strategy.parse("EP2-TP1-PP1-DP4")
@@ -211,10 +210,10 @@ def test_decode_floor_counts_only_touched_experts(tiny32):
 
 
 def test_estimate_for_dropless_has_no_capacity_overhead_and_ragged_collectives():
-    from moe_jax.compile import Workload
     from moe_jax.config import get_model
-    from moe_jax.estimate import estimate_phase
-    from moe_jax.placement import describe
+    from moe_jax.costs.analytic import estimate_phase
+    from moe_jax.costs.compile import Workload
+    from moe_jax.programs.placement import describe
 
     cfg = get_model("qwen3-30b-a3b")
     s = Strategy.parse("EP8-TP1-PP1-DP1")
@@ -231,7 +230,7 @@ def test_estimate_for_dropless_has_no_capacity_overhead_and_ragged_collectives()
 
 def test_shard_imbalance_under_uniform_routing():
     from moe_jax.config import get_model
-    from moe_jax.routing import shard_imbalance
+    from moe_jax.costs.routing import shard_imbalance
 
     cfg = get_model("qwen3-30b-a3b")
     assert shard_imbalance(cfg, Strategy(ep=1), 64) == 1.0
@@ -270,10 +269,10 @@ def test_unknown_dispatch_is_a_clear_error(capsys):
 
 TPU_SCRIPT = """
 import json
-from moe_jax.compile import Workload
+from moe_jax.costs.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.cost import analyze_cost
-from moe_jax.mesh import Strategy
+from moe_jax.costs.walk import analyze_cost
+from moe_jax.parallel.mesh import Strategy
 r = analyze_cost(get_model("tiny").replace(dispatch="dropless"), Strategy.parse("EP4-TP2-PP1-DP1"),
                  Workload(8, 64, 4), backend="tpu", topology="v5p:2x2x2")
 print(json.dumps({n: {"hlo": "ragged-all-to-all(" in p.hlo_text,
@@ -295,7 +294,7 @@ def test_tpu_program_contains_the_ragged_all_to_all():
     assert pp["pp_native"]
     for phase in data.values():
         assert phase["hlo"] and len(phase["ragged"]) == 2
-        for kind, axes, expected, worst in phase["ragged"]:
+        for _kind, axes, expected, worst in phase["ragged"]:
             assert axes == ["ep"] and worst > expected > 0
         assert 0.9 < phase["ratio"] < 1.15                  # the TPU grouped-matmul custom call is counted
 
@@ -304,8 +303,8 @@ def test_dense_ragged_all_to_all_has_the_native_semantics():
     """`_ragged_all_to_all_dense` (the CPU stand-in) against the documented semantics, computed in numpy."""
     from jax.sharding import PartitionSpec as P
 
-    from moe_jax.mesh import build_mesh
     from moe_jax.model.moe import _ragged_all_to_all_dense
+    from moe_jax.parallel.mesh import build_mesh
 
     ep, chunks, rows, out_rows, D = 8, 2, 40, 64, 3
     rng = np.random.default_rng(0)
@@ -322,7 +321,8 @@ def test_dense_ragged_all_to_all_has_the_native_semantics():
             dst = i // chunks
             out_off[s, i] = fill[dst] + 1                                # gaps between chunks
             fill[dst] += sizes[s, i] + 1
-            expected[dst, out_off[s, i]:out_off[s, i] + sizes[s, i]] = operand[s, in_off[s, i]:in_off[s, i] + sizes[s, i]]
+            n = sizes[s, i]
+            expected[dst, out_off[s, i]:out_off[s, i] + n] = operand[s, in_off[s, i]:in_off[s, i] + n]
     recv = np.stack([np.concatenate([sizes[s, d * chunks:(d + 1) * chunks] for s in range(ep)]) for d in range(ep)])
     mesh = build_mesh(Strategy(ep=8))
 
@@ -331,7 +331,8 @@ def test_dense_ragged_all_to_all_has_the_native_semantics():
                                         block_rows=2 * chunks)[None]      # at most 2 rows per chunk
 
     got = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 6, out_specs=P("ep")))(
-        operand, np.full((ep, out_rows, D), -1.0, np.float32), *(a.astype(np.int32) for a in (in_off, sizes, out_off, recv)))
+        operand, np.full((ep, out_rows, D), -1.0, np.float32),
+        *(a.astype(np.int32) for a in (in_off, sizes, out_off, recv)))
     np.testing.assert_array_equal(np.asarray(got), expected)
 
 

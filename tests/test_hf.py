@@ -10,13 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from moe_jax.checkpoints.weights import load_params, save_params  # noqa: E402
 from moe_jax.cli import main  # noqa: E402
 from moe_jax.config import get_model  # noqa: E402
+from moe_jax.config.hf import from_hf  # noqa: E402
 from moe_jax.errors import ConfigError, MoeJaxError  # noqa: E402
-from moe_jax.hf import from_hf  # noqa: E402
-from moe_jax.mesh import Strategy  # noqa: E402
-from moe_jax.programs import ShardedModel  # noqa: E402
-from moe_jax.weights import load_params, save_params  # noqa: E402
+from moe_jax.parallel.mesh import Strategy  # noqa: E402
+from moe_jax.programs.sharded import ShardedModel  # noqa: E402
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
               num_experts_per_tok=2, rms_norm_eps=1e-6, max_position_embeddings=128)
@@ -86,7 +86,7 @@ def test_round_trip(checkpoint, tmp_path):
     save_params(first, cfg, tmp_path / "again")
     assert from_hf(tmp_path / "again").replace(name=cfg.name, capacity_factor=cfg.capacity_factor) == cfg
     second = load_params(tmp_path / "again", cfg, sm.param_shardings, sm.abstract_params)
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

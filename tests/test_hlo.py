@@ -1,6 +1,6 @@
 """Replica-group parsing in all three printed forms, and mapping groups to mesh axes."""
 
-from moe_jax.hlo import collective_axes, collectives, group_axes, parse_replica_groups
+from moe_jax.costs.hlo import collective_axes, collectives, group_axes, parse_replica_groups
 
 MESH = {"dp": 2, "pp": 1, "ep": 2, "tp": 2}      # partition id = dp*4 + ep*2 + tp
 

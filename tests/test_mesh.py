@@ -5,8 +5,8 @@ import pytest
 
 from moe_jax.config import get_model
 from moe_jax.errors import ShardingError, StrategyError
-from moe_jax.mesh import MESH_AXES, Strategy, build_mesh, divisors, validate
-from moe_jax.sharding import LOGICAL_AXIS_RULES, Layout, axis_rules
+from moe_jax.parallel.mesh import MESH_AXES, Strategy, build_mesh, divisors, validate
+from moe_jax.parallel.rules import LOGICAL_AXIS_RULES, Layout, axis_rules
 
 MESHES = Path(__file__).resolve().parent.parent / "meshes"
 
@@ -119,8 +119,8 @@ def test_rules_table_maps_only_to_mesh_axes():
 
 
 def test_unmapped_logical_name_is_an_error_naming_the_parameter():
-    from flax import nnx
     import jax.numpy as jnp
+    from flax import nnx
 
     class Bad(nnx.Module):
         def __init__(self):

@@ -2,10 +2,10 @@
 
 import pytest
 
-from moe_jax.cost import CollectiveCost, OpCost, PhaseCost
+from moe_jax.costs.walk import CollectiveCost, OpCost, PhaseCost
 from moe_jax.errors import MoeJaxError
-from moe_jax.hardware import get_hardware, hardware_names
-from moe_jax.perf import collective_time, link_for, op_time, phase_time
+from moe_jax.hardware.presets import get_hardware, hardware_names
+from moe_jax.perf.timemodel import collective_time, link_for, op_time, phase_time
 
 H200 = get_hardware("h200")
 

@@ -4,17 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import single_device_reference  # noqa: E402
 from flax import nnx
 
+from moe_jax.costs.hlo import collective_axes, collectives
 from moe_jax.errors import StrategyError
-from moe_jax.hlo import collective_axes, collectives
-from moe_jax.mesh import Strategy
 from moe_jax.model.pipeline import default_microbatches, schedule
 from moe_jax.model.transformer import Transformer
-from moe_jax.placement import describe
-from moe_jax.programs import ShardedModel
-
-from conftest import single_device_reference  # noqa: E402
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.programs.placement import describe
+from moe_jax.programs.sharded import ShardedModel
 
 # (ep, tp, pp, dp), as the issue lists them
 MESHES = [(1, 1, 2, 4), (2, 2, 2, 1), (1, 1, 8, 1), (4, 1, 2, 1), (1, 2, 4, 1)]
@@ -146,8 +145,8 @@ def test_last_stage_hand_back_is_bit_exact_in_bf16():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from moe_jax.mesh import build_mesh
     from moe_jax.model.pipeline import _from_last_stage
+    from moe_jax.parallel.mesh import build_mesh
 
     mesh = build_mesh(Strategy(pp=4, dp=2))
     x = jax.random.normal(jax.random.key(0), (4, 6, 8), jnp.float32).astype(jnp.bfloat16)

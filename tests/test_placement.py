@@ -4,8 +4,8 @@ import pytest
 
 from moe_jax.config import get_model
 from moe_jax.errors import StrategyError
-from moe_jax.mesh import Strategy
-from moe_jax.placement import describe
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.programs.placement import describe
 
 SEED = get_model("seed-30b")
 

@@ -6,15 +6,15 @@ import json
 import pytest
 
 from moe_jax.cli import main
-from moe_jax.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.hardware import get_hardware
-from moe_jax.mesh import Strategy
-from moe_jax.plan import cache_key, enumerate_strategies, fewest_devices, plan, rank_estimates
+from moe_jax.costs.compile import Workload
+from moe_jax.hardware.presets import get_hardware
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.planner.search import cache_key, enumerate_strategies, fewest_devices, plan, rank_estimates
 
 
 def _brute_force(cfg, n, batch):
-    """Count valid strategies without moe_jax.mesh.validate."""
+    """Count valid strategies without moe_jax.parallel.mesh.validate."""
     count = 0
     for ep, tp, pp in itertools.product(range(1, n + 1), repeat=3):
         if n % (ep * tp * pp):

@@ -12,11 +12,11 @@ import pytest
 from conftest import clean_env
 
 from moe_jax import Strategy, Workload, get_model
-from moe_jax import plan as plan_module
 from moe_jax.errors import MoeJaxError
 from moe_jax.files import dumps
-from moe_jax.hardware import get_hardware
-from moe_jax.plan import cache_key, check_cache_dir, plan
+from moe_jax.hardware.presets import get_hardware
+from moe_jax.planner import search as plan_module
+from moe_jax.planner.search import cache_key, check_cache_dir, plan
 
 
 def test_a_cache_that_is_a_file_is_refused_before_any_compile(tmp_path):
@@ -49,7 +49,8 @@ def test_cache_key_follows_the_code(monkeypatch):
 
 def test_workers_end_with_their_planner():
     script = ("import subprocess, sys, time\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; from moe_jax.plan import watch_parent; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "from moe_jax.planner.search import watch_parent; "
               "watch_parent(0.1); time.sleep(120)'])\n"
               "print(child.pid, flush=True)\ntime.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=clean_env())

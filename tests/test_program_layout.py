@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import require_compiler, run_tpu_script
 
-from moe_jax.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.hlo import Module, largest_results
-from moe_jax.mesh import Strategy
+from moe_jax.costs.compile import Workload
+from moe_jax.costs.hlo import Module, largest_results
+from moe_jax.parallel.mesh import Strategy
 
 _PASS_THROUGH = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
                  "opt-barrier"}
@@ -54,7 +54,7 @@ def test_gpu_batch_one_decode_reads_every_weight_once_in_place(model):
     largest temporary under 5% of the weights, and a step moves at most 1.15x (weights + KV cache).
     (qwen3-30b-a3b, 48 layers, before: a 39 GB temporary and 2.35x.) The prefill copies no whole weight."""
     require_compiler("gpu")
-    from moe_jax.cost import analyze_cost
+    from moe_jax.costs.walk import analyze_cost
 
     cfg = get_model(model).replace(num_layers=2)
     report = analyze_cost(cfg, Strategy.parse("EP1"), Workload(1, 2048, 128), backend="gpu", gpu_target="h200")
@@ -76,10 +76,10 @@ ENTRY %main (p: bf16[4,8,16]) -> bf16[4,16,8] {
 
 TPU_SCRIPT = """
 import json
-from moe_jax.compile import Workload
+from moe_jax.costs.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.cost import analyze_cost
-from moe_jax.mesh import Strategy
+from moe_jax.costs.walk import analyze_cost
+from moe_jax.parallel.mesh import Strategy
 r = analyze_cost(get_model("qwen3-30b-a3b").replace(num_layers=2), Strategy.parse("EP4"), Workload(1, 2048, 128),
                  backend="tpu", topology="v5p:2x2x1")
 print(json.dumps({n: {"hlo": p.hlo_text, "weights": p.memory.weights, "kv": p.memory.kv_cache,

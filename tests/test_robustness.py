@@ -10,17 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import single_device_reference  # noqa: E402
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_jax.compile import Workload
 from moe_jax.config import get_model
+from moe_jax.costs.compile import Workload
 from moe_jax.errors import MoeJaxError
-from moe_jax.hardware import get_hardware, hardware_names
-from moe_jax.mesh import Strategy, build_mesh
-from moe_jax.plan import enumerate_strategies, estimate
-
-from conftest import single_device_reference  # noqa: E402
+from moe_jax.hardware.presets import get_hardware, hardware_names
+from moe_jax.parallel.mesh import Strategy, build_mesh
+from moe_jax.planner.search import enumerate_strategies, estimate
 
 SLOW = settings(max_examples=6, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -49,7 +48,7 @@ def model_and_mesh(draw, devices=(2, 4, 8)):
 @SLOW
 @given(model_and_mesh())
 def test_property_sharded_prefill_and_decode_equal_one_device(case):
-    from moe_jax.programs import ShardedModel
+    from moe_jax.programs.sharded import ShardedModel
 
     cfg, strategy = case
     state, tokens, ref = single_device_reference(cfg, 8, 7)
@@ -65,8 +64,8 @@ def test_property_sharded_prefill_and_decode_equal_one_device(case):
           suppress_health_check=[HealthCheck.too_slow])
 @given(model_and_mesh(devices=(8,)))
 def test_property_cost_report_adds_up_and_matches_placement(case):
-    from moe_jax.cost import analyze_cost
-    from moe_jax.placement import describe
+    from moe_jax.costs.walk import analyze_cost
+    from moe_jax.programs.placement import describe
 
     cfg, strategy = case
     report = analyze_cost(cfg, strategy, Workload(8, 8, 4))
@@ -84,10 +83,10 @@ def test_property_cost_report_adds_up_and_matches_placement(case):
 @given(model_and_mesh(devices=(1, 2, 4, 8, 16, 64)), st.sampled_from(hardware_names()),
        st.integers(1, 64), st.integers(1, 512), st.integers(2, 64))
 def test_property_every_prediction_is_at_or_above_its_floor(case, hw_name, batch_mult, prompt, gen):
-    from moe_jax.cost import CostReport, analytic_flops
-    from moe_jax.estimate import estimate_phase
-    from moe_jax.perf import predict
-    from moe_jax.placement import describe
+    from moe_jax.costs.analytic import estimate_phase
+    from moe_jax.costs.walk import CostReport, analytic_flops
+    from moe_jax.perf.timemodel import predict
+    from moe_jax.programs.placement import describe
 
     cfg, strategy = case
     cfg = cfg.replace(dtype="bfloat16")
@@ -122,8 +121,8 @@ VALID = {
 
 
 def _parse(kind, path):
-    from moe_jax.hf import from_hf
-    from moe_jax.run import read_prompt_file
+    from moe_jax.config.hf import from_hf
+    from moe_jax.runtime.run import read_prompt_file
 
     return {"strategy": lambda: Strategy.load(path), "hardware": lambda: get_hardware(path),
             "hf": lambda: from_hf(path), "prompt": lambda: read_prompt_file(path)}[kind]()
@@ -183,7 +182,7 @@ def test_fuzz_strategy_names(text):
                                          ("num_attention_heads", 2.5), ("vocab_size", [1]), ("num_local_experts", {})])
 def test_hostile_hf_config_values_are_clear_errors(tmp_path, field, value):
     """Found by fuzzing: a zero head count divided by zero, a non-object rope_parameters crashed."""
-    from moe_jax.hf import from_hf
+    from moe_jax.config.hf import from_hf
 
     config = json.loads(VALID["hf"])
     config[field] = value
@@ -234,7 +233,7 @@ def test_derived_outputs_never_overwrite_a_users_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("index", ['{"weight_map": ["a", "b"]}', '{"weight_map": {"x": 3}}', '{"nope": {}}', '[1'])
 def test_malformed_checkpoint_index_is_a_clear_error(tmp_path, index):
-    from moe_jax.weights import Checkpoint
+    from moe_jax.checkpoints.weights import Checkpoint
 
     (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(MoeJaxError, match="is not a valid safetensors index"):

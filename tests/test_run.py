@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from moe_jax.cli import main
-from moe_jax.compile import Workload
 from moe_jax.config import get_model
-from moe_jax.mesh import Strategy
-from moe_jax.run import run, time_call
+from moe_jax.costs.compile import Workload
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.runtime.run import run, time_call
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,9 +122,9 @@ def test_gpu_validate_dry_run(tmp_path):
 def test_nan_in_a_checkpoint_is_reported_with_its_layer(tmp_path, capsys):
     from flax import nnx
 
-    from moe_jax.health import locate_nonfinite
+    from moe_jax.checkpoints.weights import save_params
     from moe_jax.model.transformer import Transformer
-    from moe_jax.weights import save_params
+    from moe_jax.runtime.health import locate_nonfinite
 
     cfg = get_model("tiny").replace(family="mixtral", qk_norm="none", dtype="float32")
     model = Transformer(cfg, rngs=nnx.Rngs(0))

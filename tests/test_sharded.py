@@ -4,15 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import single_device_reference  # noqa: E402
 from flax import nnx
 
 from moe_jax.config import get_model
-from moe_jax.hlo import collective_axes, collectives
-from moe_jax.mesh import Strategy
+from moe_jax.costs.hlo import collective_axes, collectives
 from moe_jax.model.transformer import Transformer, cache_shape
-from moe_jax.programs import ShardedModel
-
-from conftest import single_device_reference  # noqa: E402
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.programs.sharded import ShardedModel
 
 # (ep, tp, pp, dp), as the issue lists them
 MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (4, 2, 1, 1), (1, 1, 1, 8), (2, 1, 1, 4)]
@@ -91,7 +90,7 @@ def _compiled_collectives(cfg, strategy, phase):
 @pytest.mark.parametrize("strategy", ["EP2-TP2-DP2", "EP2-TP2-PP2"])
 def test_serving_prefill_compiles_without_the_full_logits(strategy):
     """The analysis compile's prefill returns [B, 1, V] logits: no [B, S, V] output or temporary."""
-    from moe_jax.compile import Workload, compile_program
+    from moe_jax.costs.compile import Workload, compile_program
 
     cfg = get_model("tiny").replace(vocab_size=32768)               # a large vocabulary: logits dominate
     s = Strategy.parse(strategy)
@@ -113,8 +112,9 @@ def test_serving_prefill_compiles_without_the_full_logits(strategy):
     assert full.memory_analysis().output_size_in_bytes - out == Bl * (S - 1) * Vl * 4
     # the head's [B, S, V] result exists only in the full-logits program
     assert f"f32[{Bl},{S},{Vl}]" in full.as_text() and f"f32[{Bl},{S},{Vl}]" not in serving.as_text()
-    peak = lambda c: (lambda m: m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)(
-        c.memory_analysis())
+    def peak(compiled):
+        m = compiled.memory_analysis()
+        return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     assert peak(full) - peak(serving) > Bl * (S - 1) * Vl * 4 // 2
 
 
@@ -151,9 +151,9 @@ def test_data_parallel_program_has_no_collectives(tiny32):
 def test_init_params_are_created_in_their_shards(tiny32):
     sm = ShardedModel(tiny32, Strategy(ep=4, tp=2))
     params = sm.init_params(seed=0)
-    for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(sm.param_shardings)):
+    for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(sm.param_shardings), strict=True):
         assert leaf.sharding == sharding
     # same values as the unsharded init (partitionable RNG; jit may round the scaling differently)
     single = nnx.state(Transformer(tiny32, rngs=nnx.Rngs(0)))
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single)):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

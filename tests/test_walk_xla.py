@@ -1,7 +1,7 @@
 """The cost walk against XLA's own cost analysis, on loop-free programs, for the cpu, tpu and gpu compiles.
 
 Without a loop, XLA's HloCostAnalysis is exact by its own definitions, so the walk
-(`moe_jax.cost.walk`, loop bodies counted once: ``walk()["uncorrected"]``) must agree
+(`moe_jax.costs.walk.walk`, loop bodies counted once: ``walk()["uncorrected"]``) must agree
 with it. The programs: hand-written ones (a matmul, elementwise math, reductions, a KV-cache
 update read by attention, an embedding lookup, sharded matmuls with an all-reduce, a
 reduce-scatter and an all-gather) and the ``tiny`` preset with one layer (its layer
@@ -51,22 +51,20 @@ experts): there XLA counts each loop body once, and so does the walk's raw count
 """
 
 import json
-import os
 import subprocess
 import sys
 from collections import defaultdict
 
 import jax
 import pytest
-
-from moe_jax import cost
-from moe_jax.compile import Workload
-from moe_jax.config import get_model
-from moe_jax.cost import analyze_cost, walk
-from moe_jax.hlo import Module, shape_bytes, tuple_parts
-from moe_jax.mesh import Strategy
-
 from conftest import clean_env, require_compiler, run_tpu_script  # noqa: E402
+
+from moe_jax.config import get_model
+from moe_jax.costs import walk as cost
+from moe_jax.costs.compile import Workload
+from moe_jax.costs.hlo import Module, shape_bytes, tuple_parts
+from moe_jax.costs.walk import analyze_cost, walk
+from moe_jax.parallel.mesh import Strategy
 
 TOLERANCE = 0.05
 
@@ -130,9 +128,9 @@ def _xla(compiled):
 
 
 def compile_all(devices, backend, topology=None):
-    from moe_jax.compile import Workload, compile_program
+    from moe_jax.costs.compile import Workload, compile_program
     from moe_jax.config import get_model
-    from moe_jax.mesh import Strategy
+    from moe_jax.parallel.mesh import Strategy
 
     found = []
     for name, fn, args, options in _programs(devices, backend):

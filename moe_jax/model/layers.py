@@ -1,7 +1,7 @@
 """Transformer building blocks: parameters with logical axes, norms, RoPE, GQA attention with a KV cache.
 
 Shape letters: see `moe_jax.config`. Every parameter is an ``nnx.Param`` whose ``axes``
-metadata names its logical axes; `moe_jax.sharding` maps those to mesh axes.
+metadata names its logical axes; `moe_jax.parallel.rules` maps those to mesh axes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.sharding import batch_shards, constrain, traced_platform
+from moe_jax.parallel.rules import batch_shards, constrain, traced_platform
 
 F32 = jnp.float32
 

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from moe_jax.model import scopes
 from moe_jax.model.layers import F32, param, weight_einsum
-from moe_jax.sharding import batch_shards, constrain, current_layout, traced_platform
+from moe_jax.parallel.rules import batch_shards, constrain, current_layout, traced_platform
 
 
 def route(x, router_de, top_k: int, norm_topk: bool):
@@ -123,19 +124,19 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig)
     G = B * S // Sg
     C = cfg.capacity(Sg)
     x = constrain(x_bsd.reshape(G, Sg, D), ("group", "group_tokens", "embed"))
-    with jax.named_scope("route"):
+    with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk)
         dispatch, combine, dropped = capacity_masks(weights, experts, cfg.num_experts, C)
-    with jax.named_scope("dispatch"):
+    with jax.named_scope(scopes.DISPATCH):
         # Pack locally (every expert's slots for this shard's groups), then move: the
         # change from G split over dp×ep to E split over ep is one all-to-all on ep.
         xe = jnp.einsum("gsd,gsec->egcd", x, dispatch.astype(x.dtype))        # [E, G, C, D]
         xe = constrain(xe, ("expert_all", "group", "capacity", "embed"))
         xe = constrain(xe, ("expert", "expert_group", "capacity", "embed"))
-    with jax.named_scope("experts"):
+    with jax.named_scope(scopes.EXPERTS):
         ye = swiglu_experts(xe, w_gate_up_epfd, w_down_edf)
         ye = constrain(ye, ("expert", "expert_group", "capacity", "embed"))
-    with jax.named_scope("combine"):
+    with jax.named_scope(scopes.COMBINE):
         ye = constrain(ye, ("expert_all", "group", "capacity", "embed"))     # all-to-all back
         y = jnp.einsum("egcd,gsec->gsd", ye, combine.astype(ye.dtype))
         y = constrain(y, ("group", "group_tokens", "embed"))
@@ -172,7 +173,7 @@ def _grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
     """
     k = 2 if k_minor else 1
     # The scope lets the cost walk find grouped matmuls however they are lowered.
-    with jax.named_scope("grouped_matmul"):
+    with jax.named_scope(scopes.GROUPED_MATMUL):
         if native:
             numbers = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [k]), ([], [])),
                                                         lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
@@ -195,7 +196,7 @@ def _grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, native: bool = Tr
     Rows past sum(sizes) (padding) belong to no expert; callers mask them.
     """
     E, _, F, D = w_gate_up_epfd.shape
-    with jax.named_scope("experts"):
+    with jax.named_scope(scopes.EXPERTS):
         gate_up = _grouped_matmul(x_md, w_gate_up_epfd.reshape(E, 2 * F, D), sizes_e, native, k_minor=True)
         gate_up = gate_up.reshape(-1, 2, F)                                    # [M, 2, F]
         h = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
@@ -230,11 +231,11 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelCo
     if token_axes:
         first = jax.lax.axis_index(token_axes) * T
     real = (first + jnp.arange(T)) < real_tokens                               # [T]
-    with jax.named_scope("route"):
+    with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x_td, router_de, k, cfg.router_norm_topk)        # [T, k]
         experts = jnp.where(real[:, None], experts, E)
         order, sorted_ids, sizes = _sort_assignments(experts, E)               # [T·k], [T·k], [E]
-    with jax.named_scope("dispatch"):
+    with jax.named_scope(scopes.DISPATCH):
         xs = x_td[order // k]                                                  # [T·k, D] by expert
     dropped = jnp.zeros((1,), jnp.int32)
     if ep == 1:
@@ -245,7 +246,7 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelCo
         ys, dropped = _exchange_and_compute(xs, sizes, w_gate_up_epfd, w_down_edf, ep_axis=ep_axis, ep=ep,
                                             E_loc=E_loc, buffer_rows=buffer_rows, block_rows=block_rows,
                                             ragged=ragged)
-    with jax.named_scope("combine"):
+    with jax.named_scope(scopes.COMBINE):
         y_tkd = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, D)           # back to token order
         y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
         if tp_axes:   # each tp rank multiplied a slice of F: the down projections are partial sums
@@ -274,7 +275,7 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_up_epfd, w_down_edf, *, ep_axis
     me = jax.lax.axis_index(ep_axis)
     exchange = jax.lax.ragged_all_to_all if ragged else functools.partial(_ragged_all_to_all_dense,
                                                                           block_rows=block_rows)
-    with jax.named_scope("dispatch"):
+    with jax.named_scope(scopes.DISPATCH):
         counts = jax.lax.all_gather(sizes_e, ep_axis).reshape(ep, ep, E_loc)   # [src, dst, local expert] rows
         to_expert = counts.sum(0)                                              # [dst, e]: rows per expert
         expert_start = _exclusive_cumsum(to_expert, axis=1)                   # [dst, e]: expert e's first row
@@ -291,7 +292,7 @@ def _exchange_and_compute(xs_md, sizes_e, w_gate_up_epfd, w_down_edf, *, ep_axis
         buffer = jnp.zeros((buffer_rows, D), xs_md.dtype)
         recv = exchange(xs_md, buffer, sent_from[me], send, land, mine.reshape(-1), axis_name=ep_axis)
     yr = _grouped_swiglu(recv, mine.sum(0), w_gate_up_epfd, w_down_edf, native=ragged)
-    with jax.named_scope("combine"):
+    with jax.named_scope(scopes.COMBINE):
         # Back: the chunk of source s for my expert e sits at `at`, and lands where s sent it from.
         back_land = jax.lax.dynamic_index_in_dim(sent_from.reshape(ep, ep, E_loc), me, 1,
                                                  keepdims=False).reshape(-1)                  # [src·e]
@@ -323,7 +324,7 @@ def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_
     start = jnp.take_along_axis(input_offsets.reshape(ep, chunks), chunk, 1)
     src_row = start + q[None, :] - jnp.take_along_axis(packed_at, chunk, 1)
     block = jnp.where(in_block[..., None], operand[jnp.clip(src_row, 0, operand.shape[0] - 1)], 0)
-    with jax.named_scope("ragged_as_dense"):
+    with jax.named_scope(scopes.RAGGED_AS_DENSE):
         block = jax.lax.all_to_all(block, axis_name, 0, 0, tiled=True)        # [src, rows, D]
     meta = jnp.stack([packed_at, output_offsets.reshape(ep, chunks)], -1)
     meta = jax.lax.all_to_all(meta, axis_name, 0, 0, tiled=True)               # [src, chunk, 2]
@@ -412,7 +413,7 @@ class MoE(nnx.Module):
         impl = {"capacity": capacity_moe, "dropless": dropless_moe, "dense": dense_moe}[self.cfg.dispatch]
         y, dropped = impl(x_bsd, self.router_de[...], self.w_gate_up_epfd[...], self.w_down_edf[...], self.cfg)
         if self.cfg.num_shared_experts:
-            with jax.named_scope("shared_experts"):
+            with jax.named_scope(scopes.SHARED_EXPERTS):
                 B, S, _ = x_bsd.shape
                 one_row = B // batch_shards(B) * S == 1
                 gate_up = weight_einsum("bsd,pfd->bspf", x_bsd, self.shared_gate_up_pfd[...], one_row=one_row)

@@ -30,8 +30,9 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import StrategyError
-from moe_jax.mesh import Strategy, divisors
-from moe_jax.sharding import Layout, use_layout
+from moe_jax.model import scopes
+from moe_jax.parallel.mesh import Strategy, divisors
+from moe_jax.parallel.rules import Layout, use_layout
 
 PREFILL_MICROBATCHES_PER_STAGE = 4
 """Default prefill microbatches: up to this many per stage (bubble ≤ 1/5 when the batch allows)."""
@@ -165,7 +166,7 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout, *, l
                 mc = jnp.clip(m, 0, M - 1)
                 inp = jnp.where(stage == 0, take(xm, mc, 1), incoming)
                 mb_cache = None if cm is None else {k: take(v, mc, 2) for k, v in cm.items()}
-                with jax.named_scope("stage"):
+                with jax.named_scope(scopes.STAGE):
                     out, new_cache, mb_dropped = run(inp, mb_cache)
                 if cm is not None:   # ticks in the bubble leave the cache as it was
                     cm = {k: put(cm[k], jnp.where(valid, new_cache[k], mb_cache[k]), mc, 2) for k in cm}
@@ -173,14 +174,14 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout, *, l
                 kept = out[:, -1:] if last_only else out
                 outputs = put(outputs, jnp.where(keep, kept, take(outputs, mc, 1)), mc, 1)
                 dropped = dropped + jnp.where(valid, mb_dropped, 0)
-                with jax.named_scope("pipeline_handoff"):
+                with jax.named_scope(scopes.PIPELINE_HANDOFF):
                     incoming = jax.lax.ppermute(out, axis, [(i, i + 1) for i in range(pp - 1)])
                 return (incoming, outputs, cm, dropped), None
 
             carry = (jnp.zeros_like(xm[:, 0]), jnp.zeros_like(xm[:, :, -1:] if last_only else xm), cm,
                      jnp.zeros(dropped_shape.shape, dropped_shape.dtype))
             (_, outputs, cm, dropped), _ = jax.lax.scan(tick, carry, jnp.arange(M + pp - 1))
-            with jax.named_scope("pipeline_output"):
+            with jax.named_scope(scopes.PIPELINE_OUTPUT):
                 y = _from_last_stage(outputs, axis, stage == pp - 1)
             new_cache = None if cm is None else {
                 k: v.reshape(v.shape[0], B, *v.shape[3:]) for k, v in cm.items()}

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from moe_jax.model import scopes
 from moe_jax.model.layers import F32, Attention, Norm, param
 from moe_jax.model.moe import MoE
-from moe_jax.sharding import constrain, current_layout
+from moe_jax.parallel.rules import constrain, current_layout
 
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 """Logical axes of each KV cache array [L, B, T, K, Dh]."""
@@ -49,7 +50,7 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or cfg.dtype)) for name in ("k", "v")}
 
 
-def run_layers(blocks: "Block", x, positions, cache, decode: bool):
+def run_layers(blocks: Block, x, positions, cache, decode: bool):
     """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan`.
 
     cache: None or {"k", "v"} of [L, B, T, K, Dh] for these layers.
@@ -76,10 +77,10 @@ class Block(nnx.Module):
         self.moe = MoE(cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache=None, *, decode: bool = False):
-        with jax.named_scope("attention"):
+        with jax.named_scope(scopes.ATTENTION):
             h, cache = self.attn(self.attn_norm(x), positions, cache, decode=decode)
         x = x + h
-        with jax.named_scope("moe"):
+        with jax.named_scope(scopes.MOE):
             y, dropped = self.moe(self.moe_norm(x))
         return constrain(x + y, ("batch", "length", "embed")), cache, dropped
 
@@ -108,7 +109,7 @@ class Transformer(nnx.Module):
         B, S = tokens.shape
         positions = start + jnp.arange(S, dtype=jnp.int32)
         tokens = constrain(tokens, ("batch", "length"))
-        with jax.named_scope("embed"):
+        with jax.named_scope(scopes.EMBED):
             x = constrain(jnp.take(self.embed_vd[...], tokens, axis=0), ("batch", "length", "embed"))
 
         layout = current_layout()
@@ -124,7 +125,7 @@ class Transformer(nnx.Module):
         if new_cache is not None:
             new_cache = {name: constrain(c, CACHE_AXES) for name, c in new_cache.items()}
 
-        with jax.named_scope("head"):
+        with jax.named_scope(scopes.HEAD):
             x = self.final_norm(x)
             head = self.embed_vd[...].T if cfg.tie_embeddings else self.head_dv[...]
             logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=F32)

@@ -1,0 +1,264 @@
+"""Hugging Face safetensors checkpoints ↔ moe-jax parameters, placed straight onto the mesh.
+
+Each of our parameters is built from one Hugging Face tensor per layer (and per expert):
+ours = transpose(reshape(hf, split), perm), with the layer (and expert) index in front; the
+experts' gate and up projections are two tensors stacked into one parameter. Matmul weights are
+stored as Hugging Face stores them, [out, in] (the contracted dimension minor: the layout the
+compiled kernels read), so perm is the identity for all but the router and the output head ([in, out] here).
+`load_params` asks jax for each device's shard (`jax.make_array_from_callback`) and
+reads only that slice of each tensor (safetensors' lazy slicing), so no process holds
+the whole model. Names, shapes and leftovers are checked: a missing, unexpected or
+mis-shaped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.errors import MoeJaxError
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one of our parameters comes from."""
+
+    path: str
+    """Our parameter path, e.g. ``blocks/attn/wq_hkd``."""
+    name: str | tuple[str, ...]
+    """Hugging Face tensor name; ``{l}`` is the layer, ``{e}`` the expert. Several names: those tensors
+    (each as described by the fields below) stacked on our first dimension after layer and expert."""
+    split: tuple[int, ...]
+    """The HF tensor reshaped to these dims (one HF dim may split into two; the inner one is never sliced)."""
+    perm: tuple[int, ...]
+    """Our dims (after layer/expert) = split dims in this order."""
+    groups: tuple[int, ...]
+    """How many split dims each HF dim became (e.g. (2, 1): HF dim 0 → two split dims)."""
+    per_layer: bool = True
+    per_expert: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The Hugging Face tensor name(s) (templates with ``{l}`` and ``{e}``)."""
+        return self.name if isinstance(self.name, tuple) else (self.name,)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether several tensors are stacked into this parameter."""
+        return isinstance(self.name, tuple)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """Shape of the Hugging Face tensor (split dims of each group multiplied back)."""
+        starts = np.cumsum((0,) + self.groups[:-1])
+        return tuple(math.prod(self.split[k:k + c]) for k, c in zip(starts, self.groups, strict=True))
+
+
+def sources(cfg: ModelConfig) -> list[Source]:
+    """The name and layout mapping of `cfg`'s family."""
+    D, H, K, Dh, E, F, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts,
+                            cfg.expert_ffn, cfg.vocab_size)
+    layer = "model.layers.{l}"
+    if cfg.family == "mixtral":
+        moe, gate, up, down, router = ("block_sparse_moe", "w1", "w3", "w2", "block_sparse_moe.gate")
+    elif cfg.family in ("qwen3_moe", "olmoe"):
+        moe, gate, up, down, router = ("mlp", "gate_proj", "up_proj", "down_proj", "mlp.gate")
+    else:
+        raise MoeJaxError(f"model family {cfg.family!r} has no Hugging Face checkpoint format; "
+                          "supported: qwen3_moe, mixtral, olmoe")
+    out = [
+        Source("embed_vd", "model.embed_tokens.weight", (V, D), (0, 1), (1, 1), per_layer=False),
+        Source("final_norm/scale", "model.norm.weight", (D,), (0,), (1,), per_layer=False),
+        Source("blocks/attn_norm/scale", f"{layer}.input_layernorm.weight", (D,), (0,), (1,)),
+        Source("blocks/moe_norm/scale", f"{layer}.post_attention_layernorm.weight", (D,), (0,), (1,)),
+        Source("blocks/attn/wq_hkd", f"{layer}.self_attn.q_proj.weight", (H, Dh, D), (0, 1, 2), (2, 1)),
+        Source("blocks/attn/wk_kkd", f"{layer}.self_attn.k_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
+        Source("blocks/attn/wv_kkd", f"{layer}.self_attn.v_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
+        Source("blocks/attn/wo_dhk", f"{layer}.self_attn.o_proj.weight", (D, H, Dh), (0, 1, 2), (1, 2)),
+        Source("blocks/moe/router_de", f"{layer}.{router}.weight", (E, D), (1, 0), (1, 1)),
+        Source("blocks/moe/w_gate_up_epfd", (f"{layer}.{moe}.experts.{{e}}.{gate}.weight",
+                                            f"{layer}.{moe}.experts.{{e}}.{up}.weight"), (F, D), (0, 1), (1, 1),
+               per_expert=True),
+        Source("blocks/moe/w_down_edf", f"{layer}.{moe}.experts.{{e}}.{down}.weight", (D, F), (0, 1), (1, 1),
+               per_expert=True),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(Source("head_dv", "lm_head.weight", (V, D), (1, 0), (1, 1), per_layer=False))
+    if cfg.qk_norm == "head":
+        out += [Source("blocks/attn/q_norm/scale", f"{layer}.self_attn.q_norm.weight", (Dh,), (0,), (1,)),
+                Source("blocks/attn/k_norm/scale", f"{layer}.self_attn.k_norm.weight", (Dh,), (0,), (1,))]
+    elif cfg.qk_norm == "full":
+        out += [Source("blocks/attn/q_norm/scale", f"{layer}.self_attn.q_norm.weight", (H, Dh), (0, 1), (2,)),
+                Source("blocks/attn/k_norm/scale", f"{layer}.self_attn.k_norm.weight", (K, Dh), (0, 1), (2,))]
+    return out
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint (one file or sharded with an index), opened lazily."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        d = Path(directory)
+        index = d / "model.safetensors.index.json"
+        try:
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map must map tensor names to file names")
+            elif (d / "model.safetensors").exists():
+                weight_map = None
+            else:
+                raise MoeJaxError(f"no model.safetensors or model.safetensors.index.json in {str(d)!r}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MoeJaxError(f"{str(index)!r} is not a valid safetensors index: {e}") from None
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self._handles, self.location = {}, {}
+        for name in files:
+            try:
+                handle = safe_open(str(d / name), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise MoeJaxError(f"cannot read {str(d / name)!r}: {e}") from None
+            self._handles[name] = handle
+            for key in handle.keys():
+                self.location[key] = name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name` as stored."""
+        return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The slice `index` of tensor `name` (only those bytes are read)."""
+        return np.asarray(self._handles[self.location[name]].get_slice(name)[index])
+
+
+def _hf_index(src: Source, ours: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+    """Map a slice of our (per-layer) dims to a slice of the HF tensor, and the sliced split shape."""
+    split_slices = [slice(None)] * len(src.split)
+    for our_dim, split_dim in enumerate(src.perm):
+        split_slices[split_dim] = ours[our_dim]
+    bounds = [s.indices(n) for s, n in zip(split_slices, src.split, strict=True)]
+    hf, k = [], 0
+    for count in src.groups:
+        dims = list(range(k, k + count))
+        for inner in dims[1:]:                              # inner split dims are never sliced (Dh)
+            if bounds[inner][:2] != (0, src.split[inner]):
+                raise MoeJaxError(f"{src.path}: a shard slices inside {src.name}'s split dimension {inner}")
+        inner_size = math.prod(src.split[i] for i in dims[1:])
+        start, stop, _ = bounds[dims[0]]
+        hf.append(slice(start * inner_size, stop * inner_size))
+        k += count
+    return tuple(hf), tuple(b[1] - b[0] for b in bounds)
+
+
+def _layer_block(ckpt: Checkpoint, src: Source, name: str, ours: tuple[slice, ...]) -> np.ndarray:
+    index, shape = _hf_index(src, ours)
+    return ckpt.read(name, index).reshape(shape).transpose(src.perm)
+
+
+def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
+    """Every expected tensor is present with its shape, and nothing else is there."""
+    expected = {}
+    for src in sources(cfg):
+        layers = range(cfg.num_layers) if src.per_layer else [None]
+        experts = range(cfg.num_experts) if src.per_expert else [None]
+        for layer in layers:
+            for e in experts:
+                for name in src.names:
+                    expected[name.format(l=layer, e=e)] = src.hf_shape
+    missing = [n for n in expected if n not in ckpt.location]
+    if missing:
+        raise MoeJaxError(f"checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
+    for n, shape in expected.items():
+        if ckpt.shape(n) != shape:
+            raise MoeJaxError(f"tensor {n!r} has shape {ckpt.shape(n)}, expected {shape} for {cfg.name}")
+    unexpected = sorted(set(ckpt.location) - set(expected))
+    if unexpected:
+        raise MoeJaxError(f"checkpoint has {len(unexpected)} tensor(s) this model does not use, first "
+                          f"{unexpected[0]!r}")
+
+
+def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstract_params):
+    """Parameters of `cfg` from a checkpoint, each device reading only its shard.
+
+    param_shardings/abstract_params: from `ShardedModel` (or any matching trees).
+    """
+    import jax
+
+    ckpt = Checkpoint(directory)
+    check_checkpoint(ckpt, cfg)
+    by_path = {src.path: src for src in sources(cfg)}
+    dtype = np.dtype(jax.numpy.dtype(cfg.dtype))
+
+    def build(path, var, sharding):
+        src = by_path.get(path)
+        if src is None:
+            raise MoeJaxError(f"no checkpoint tensor maps to parameter {path}")
+
+        lead = (1 if src.per_layer else 0) + (1 if src.per_expert else 0)
+
+        def block(index, **at):
+            """Our block past the layer/expert dims: one tensor's slice, or the stacked tensors' slices."""
+            if not src.stacked:
+                return _layer_block(ckpt, src, src.name.format(**at), tuple(index[lead:]))
+            parts = range(*index[lead].indices(len(src.names)))
+            return np.stack([_layer_block(ckpt, src, src.names[i].format(**at), tuple(index[lead + 1:]))
+                             for i in parts])
+
+        def shard(index):
+            if not src.per_layer:
+                return block(index).astype(dtype)
+            layers = range(*index[0].indices(var.shape[0]))
+            blocks = []
+            for layer in layers:
+                if src.per_expert:
+                    experts = range(*index[1].indices(var.shape[1]))
+                    blocks.append(np.stack([block(index, l=layer, e=e) for e in experts]))
+                else:
+                    blocks.append(block(index, l=layer))
+            return np.stack(blocks).astype(dtype)
+
+        return jax.make_array_from_callback(var.shape, sharding, shard)
+
+    from moe_jax.parallel.rules import _path_str, map_params
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(param_shardings,
+                                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    shard_tree = {_path_str(p): s for p, s in flat}
+    return map_params(abstract_params, lambda path, var: var.replace(build(path, var, shard_tree[path])))
+
+
+def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
+    """Write parameters as a Hugging Face checkpoint (config.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    from moe_jax.config.hf import to_hf_dict
+    from moe_jax.parallel.rules import map_params
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    map_params(params, lambda path, var: arrays.__setitem__(path, np.asarray(var[...])))
+    tensors = {}
+    for src in sources(cfg):
+        value = arrays[src.path]
+        layers = range(cfg.num_layers) if src.per_layer else [None]
+        for layer in layers:
+            per_layer = value[layer] if layer is not None else value
+            experts = range(cfg.num_experts) if src.per_expert else [None]
+            for e in experts:
+                block = per_layer[e] if e is not None else per_layer
+                for i, name in enumerate(src.names):
+                    part = block[i] if src.stacked else block
+                    hf = np.transpose(part, np.argsort(src.perm))
+                    tensors[name.format(l=layer, e=e)] = np.ascontiguousarray(hf.reshape(src.hf_shape))
+    if np.dtype(next(iter(tensors.values())).dtype).name == "bfloat16":
+        tensors = {k: v.astype(np.float32) for k, v in tensors.items()}   # numpy safetensors has no bf16
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2))
+    return d

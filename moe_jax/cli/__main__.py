@@ -1,0 +1,5 @@
+"""`python -m moe_jax.cli`."""
+
+from moe_jax.cli.commands import main
+
+main()

@@ -1,0 +1,130 @@
+"""Hugging Face ``config.json`` → `ModelConfig`, for the families the model implements exactly.
+
+Supported ``model_type``: ``qwen3_moe``, ``mixtral``, ``olmoe``. A field whose value the
+model does not implement (sliding windows, RoPE scaling, attention bias, dense layers
+between MoE layers, MLA, ...) is an error naming the field, never an approximation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_jax.config.model import ModelConfig
+from moe_jax.errors import ConfigError
+from moe_jax.names import DTYPES
+
+FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
+
+
+
+def _dtype(data: dict) -> str:
+    """The checkpoint's dtype (``dtype`` or the older ``torch_dtype``); bfloat16 when absent or not a model dtype."""
+    name = str(data.get("dtype") or data.get("torch_dtype") or "bfloat16")
+    return name if name in DTYPES else "bfloat16"
+
+def config_path(path: str | Path) -> Path:
+    """The config.json of a checkpoint directory (or the file itself)."""
+    p = Path(path)
+    return p / "config.json" if p.is_dir() else p
+
+
+def _unsupported(data: dict, field: str, allowed, why: str) -> None:
+    value = data.get(field, allowed[0] if isinstance(allowed, tuple) else allowed)
+    ok = value in allowed if isinstance(allowed, tuple) else value == allowed
+    if not ok:
+        raise ConfigError(f"{data.get('model_type')}: {field}={value!r} is not supported ({why}); "
+                          f"supported: {allowed!r}")
+
+
+def _rope_theta(data: dict) -> float:
+    params = data.get("rope_parameters") or {}
+    scaling = data.get("rope_scaling")
+    if not isinstance(params, dict) or not isinstance(scaling or {}, dict):
+        raise ConfigError(f"{data.get('model_type')}: rope_parameters and rope_scaling must be JSON objects")
+    kind = (params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default")
+    if kind != "default":
+        raise ConfigError(f"{data.get('model_type')}: rope type {kind!r} (rope_scaling/rope_parameters) is not "
+                          "supported; supported: plain RoPE ('default')")
+    theta = params.get("rope_theta", data.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"{data.get('model_type')}: config has no rope_theta")
+    return float(theta)
+
+
+def _experts(data: dict) -> int:
+    """Routed experts: ``num_experts`` or ``num_local_experts`` (transformers writes either)."""
+    value = data.get("num_experts", data.get("num_local_experts"))
+    if value is None:
+        raise KeyError("num_experts")
+    return value
+
+
+def from_hf_dict(data: dict, name: str = "hf-model") -> ModelConfig:
+    """`ModelConfig` from the parsed config.json."""
+    family = data.get("model_type")
+    if family not in FAMILIES:
+        raise ConfigError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+    _unsupported(data, "hidden_act", ("silu",), "experts are SwiGLU")
+    _unsupported(data, "attention_bias", (False, None), "projections have no bias")
+    _unsupported(data, "tie_word_embeddings", (False, True, None), "")
+    H = data["num_attention_heads"]
+    D = data["hidden_size"]
+    common = dict(
+        name=name, family=family, num_layers=data["num_hidden_layers"], d_model=D, num_heads=H,
+        num_kv_heads=data.get("num_key_value_heads") or H, head_dim=data.get("head_dim") or D // H,
+        vocab_size=data["vocab_size"], norm_eps=float(data.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(data),
+        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        dtype=_dtype(data),
+        top_k=data["num_experts_per_tok"])
+    if family == "qwen3_moe":
+        _unsupported(data, "use_sliding_window", (False, None), "no sliding-window attention")
+        _unsupported(data, "decoder_sparse_step", (1, None), "every layer is an MoE layer")
+        _unsupported(data, "mlp_only_layers", ([], None), "every layer is an MoE layer")
+        return ModelConfig(**common, num_experts=_experts(data), expert_ffn=data["moe_intermediate_size"],
+                           router_norm_topk=bool(data.get("norm_topk_prob", False)), qk_norm="head")
+    if family == "mixtral":
+        _unsupported(data, "sliding_window", (None,), "no sliding-window attention")
+        return ModelConfig(**common, num_experts=_experts(data), expert_ffn=data["intermediate_size"],
+                           router_norm_topk=True, qk_norm="none")
+    _unsupported(data, "use_sliding_window", (False, None), "no sliding-window attention")
+    return ModelConfig(**common, num_experts=_experts(data), expert_ffn=data["intermediate_size"],
+                       router_norm_topk=bool(data.get("norm_topk_prob", False)), qk_norm="full",
+                       clip_qkv=None if data.get("clip_qkv") is None else float(data["clip_qkv"]))
+
+
+def from_hf(path: str | Path) -> ModelConfig:
+    """`ModelConfig` from a checkpoint directory or its config.json."""
+    from moe_jax.files import read_json
+
+    p = config_path(path)
+    data = read_json(p, "model config", ConfigError)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(p)!r}: expected a JSON object")
+    try:
+        return from_hf_dict(data, name=p.parent.name if p.name == "config.json" else p.stem)
+    except KeyError as e:
+        raise ConfigError(f"{str(p)!r}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # wrongly typed or zero fields
+        raise ConfigError(f"{str(p)!r}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
+
+
+def to_hf_dict(cfg: ModelConfig) -> dict:
+    """A config.json for `cfg` in its family's Hugging Face format."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"model family {cfg.family!r} has no Hugging Face format; supported: {', '.join(FAMILIES)}")
+    data = {"model_type": cfg.family, "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.d_model,
+            "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_embeddings, "num_experts_per_tok": cfg.top_k, "hidden_act": "silu",
+            "attention_bias": False, "dtype": cfg.dtype, "max_position_embeddings": 4096}
+    if cfg.family == "qwen3_moe":
+        data.update(architectures=["Qwen3MoeForCausalLM"], num_experts=cfg.num_experts,
+                    moe_intermediate_size=cfg.expert_ffn, norm_topk_prob=cfg.router_norm_topk,
+                    decoder_sparse_step=1, mlp_only_layers=[], intermediate_size=cfg.expert_ffn)
+    elif cfg.family == "mixtral":
+        data.update(architectures=["MixtralForCausalLM"], num_local_experts=cfg.num_experts,
+                    intermediate_size=cfg.expert_ffn)
+    else:
+        data.update(architectures=["OlmoeForCausalLM"], num_experts=cfg.num_experts, intermediate_size=cfg.expert_ffn,
+                    norm_topk_prob=cfg.router_norm_topk, clip_qkv=cfg.clip_qkv)
+    return data

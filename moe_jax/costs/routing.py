@@ -1,0 +1,61 @@
+"""Expected routing statistics for dropless dispatch, under a stated assumption: uniform routing.
+
+Dropless work depends on where tokens go, which only a real batch knows. Until one is
+measured, the planner and the floor assume each token picks k distinct experts uniformly
+at random, and every figure that depends on it says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moe_jax.config import ModelConfig
+from moe_jax.parallel.mesh import Strategy
+
+UNIFORM = "uniform routing: each token picks k distinct experts uniformly at random"
+
+
+def touched_fraction(cfg: ModelConfig, tokens: int) -> float:
+    """Expected fraction of experts that receive at least one of `tokens` tokens: 1 − (1 − k/E)^tokens."""
+    return 1.0 - (1.0 - cfg.top_k / cfg.num_experts) ** max(tokens, 0)
+
+
+def routed_expert_bytes(cfg: ModelConfig, strategy: Strategy) -> int:
+    """Bytes of routed-expert weights one device holds: L/pp layers × E/ep experts × (one expert's
+    parameters) / tp."""
+    return (cfg.num_layers // strategy.pp) * (cfg.num_experts // strategy.ep) * \
+        (cfg.expert_params // strategy.tp) * cfg.dtype_bytes
+
+
+def shard_imbalance(cfg: ModelConfig, strategy: Strategy, tokens: int) -> float:
+    """Expected rows on the busiest of the ep expert shards over the mean (≥ 1), for `tokens` routed tokens.
+
+    Each of the tokens · k assignments lands on a given shard with probability 1/ep; the
+    busiest of ep shards is about mean + σ·√(2 ln ep) (normal approximation of the binomial).
+    """
+    ep = strategy.ep
+    n = tokens * cfg.top_k
+    if ep <= 1 or n <= 0:
+        return 1.0
+    mean = n / ep
+    sigma = math.sqrt(n * (1 / ep) * (1 - 1 / ep))
+    return min(float(ep), 1.0 + sigma * math.sqrt(2 * math.log(ep)) / mean)
+
+
+def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, batch: int) -> dict:
+    """Weight bytes a decode step must read per device, with the arithmetic.
+
+    Capacity dispatch reads every local expert. Dropless reads only experts the step's
+    tokens route to: each device's experts see the decode tokens of its data-parallel
+    replica (batch / dp), so the expected fraction is `touched_fraction` of them.
+    """
+    if cfg.dispatch != "dropless":
+        return {"bytes": weights, "detail": "every local weight (capacity dispatch touches every local expert)"}
+    tokens = max(batch // strategy.dp, 1)
+    experts = routed_expert_bytes(cfg, strategy)
+    frac = touched_fraction(cfg, tokens)
+    read = weights - experts + int(experts * frac)
+    return {"bytes": read, "touched_fraction": frac, "tokens": tokens,
+            "detail": f"{weights - experts:,} B non-expert + {frac:.1%} of {experts:,} B local expert weights "
+                      f"(1 - (1 - k/E)^T, k={cfg.top_k}, E={cfg.num_experts}, T={tokens} tokens per replica; "
+                      f"{UNIFORM})"}

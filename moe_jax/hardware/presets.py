@@ -1,0 +1,240 @@
+"""Accelerator presets: memory, peak FLOP/s, HBM bandwidth, achievable fractions, and link tiers.
+
+Figures and sources are those of ``../shared/reference/hardware.md``. Peaks are dense
+bf16 (no 2:4 sparsity); link bandwidths are one direction, per device. Achievable
+fractions turn peaks into predictions (measured on one H200: bf16 matmul at 80% of
+peak, device copy at 90% of HBM bandwidth); MFU and MBU are quoted against the peaks.
+
+Two link tiers: ``node`` (NVLink/Infinity Fabric inside a GPU server; ICI inside a TPU
+slice) and ``network`` (InfiniBand/RoCE between servers; DCN between TPU slices). A
+collective whose group stays inside one node uses the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_jax.errors import MoeJaxError, nearest
+
+GB = 1e9
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class LinkTier:
+    """One level of the interconnect, as a device sees it."""
+
+    name: str
+    """e.g. NVLink4, InfiniBand NDR, ICI, DCN."""
+    bandwidth: float
+    """Bytes/s one device can send into a collective (one direction)."""
+    latency_s: float
+    """Seconds per hop (per ring step)."""
+    call_overhead_s: float = 0.0
+    """Fixed seconds per collective call (launch, synchronisation)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator and the system it sits in."""
+
+    name: str
+    memory_bytes: float
+    """HBM per device."""
+    peak_flops: float
+    """Dense bf16 FLOP/s per device (datasheet)."""
+    hbm_bandwidth: float
+    """HBM bytes/s per device (datasheet)."""
+    devices_per_node: int
+    """Devices that share the fast tier (a GPU server; a TPU slice of up to this many chips)."""
+    node_link: LinkTier
+    network_link: LinkTier
+    flops_efficiency: float = 0.8
+    """Achievable fraction of peak FLOP/s for large matmuls."""
+    hbm_efficiency: float = 0.9
+    """Achievable fraction of HBM bandwidth for streaming reads and writes."""
+    kind: str = "gpu"
+    """gpu or tpu (selects the deviceless compile target)."""
+    compile_target: str = ""
+    """TPU generation for a topology name (v5p, ...), or the GPU target description compiled for: a
+    shipped one by name (h100, ...) or a ``.txtpb`` file (relative to the hardware TOML's folder)."""
+    vendor: str = "nvidia"
+    """nvidia, amd or google: whose compiler builds programs for this chip."""
+    sm_count: int = 0
+    """Streaming multiprocessors (GPU datasheet; 0 when not a GPU or not known)."""
+    compute_capability: str = ""
+    """CUDA compute capability, e.g. 9.0 (NVIDIA GPUs)."""
+    source: str = ""
+    """Where the figures come from."""
+    assumptions: str = ""
+    """What the preset assumes where its source says nothing."""
+
+    @property
+    def achievable_flops(self) -> float:
+        return self.peak_flops * self.flops_efficiency
+
+    @property
+    def achievable_hbm(self) -> float:
+        return self.hbm_bandwidth * self.hbm_efficiency
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+
+def _nvlink(bw, name="NVLink"):
+    return LinkTier(name, bw, 1e-6, 5e-6)
+
+
+def _ib(bw=50 * GB, name="InfiniBand NDR 400 Gb/s"):
+    return LinkTier(name, bw, 5e-6, 10e-6)
+
+
+def _ici(per_link, links_per_axis=2):
+    # a torus axis is a bidirectional ring: two links per device carry a ring collective
+    name = f"ICI ({links_per_axis} x {per_link / GB:.0f} GB/s per axis)"
+    return LinkTier(name, links_per_axis * per_link, 1e-6, 1e-6)
+
+
+def _dcn(bw=25 * GB):
+    return LinkTier("DCN", bw, 10e-6, 10e-6)
+
+
+# NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
+# which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
+_PRESETS = {h.name: h for h in [
+    Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink(450 * GB, "assumed NVLink-class"), _ib(),
+             source="the seed report (64 GB, 400 TFLOP/s, 1.8 TB/s)",
+             assumptions="links not given: assumed 8 GPUs per node on a 450 GB/s NVLink-class fabric and "
+                         "50 GB/s per GPU between nodes (H100-class); achievable 80% of peak FLOP/s and 90% of "
+                         "HBM bandwidth, as measured on an H200; compiled for an H100 target "
+                         "(the seed names no GPU; same "
+                         "80 GiB-class Hopper part as the nearest shipped description)", compile_target="h100"),
+    Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink(300 * GB, "NVLink3"), _ib(25 * GB, "HDR IB"),
+             source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
+                    "jax-ml/scaling-book gpus.md", compile_target="a100", sm_count=108, compute_capability="8.0"),
+    Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+             source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
+                    "jax-ml/scaling-book gpus.md",
+             compile_target="h100", sm_count=132, compute_capability="9.0"),
+    Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+             source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
+                    "scaling-book; MLCommons H200 "
+                    "system description; achievable fractions measured on one H200 (bf16 matmul 788 TFLOP/s, "
+                    "copy 4.3 TB/s)", compile_target="h200", sm_count=132, compute_capability="9.0"),
+    Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink(900 * GB, "NVLink5"), _ib(),
+             source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); "
+                    "jax-ml/scaling-book gpus.md",
+             compile_target="b200", sm_count=148, compute_capability="10.0"),
+    Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _nvlink(448 * GB, "Infinity Fabric"), _ib(),
+             source="secondary sources (AMD MI300X figures)", compile_target="mi300", vendor="amd"),
+    Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
+             source="Cloud TPU docs; scaling-book tpus.md (3D torus, 6 links of 45 GB/s per direction)",
+             compile_target="v4"),
+    Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
+             source="Cloud TPU docs (2D torus, 4 links of 45 GB/s per direction)", compile_target="v5e"),
+    Hardware("tpu-v5p", 95 * GB, 459 * TB, 2.77 * TB, 8960, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
+             source="Cloud TPU docs; scaling-book (3D torus, 6 links of 90 GB/s per direction)",
+             compile_target="v5p"),
+    Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
+             source="Cloud TPU docs (2D torus, 4 links of 90 GB/s per direction)", compile_target="v6e"),
+]}
+
+
+def hardware_names() -> list[str]:
+    """Preset names."""
+    return list(_PRESETS)
+
+
+_TOML_KEYS = {f.name for f in dataclasses.fields(Hardware)} - {"node_link", "network_link"}
+_LINK_KEYS = {f.name for f in dataclasses.fields(LinkTier)}
+
+
+def _from_toml(path: Path) -> Hardware:
+    from moe_jax.files import read_toml
+
+    data = read_toml(path, "hardware file")
+    table = dict(data.get("hardware", data))
+    links = {}
+    for tier in ("node_link", "network_link"):
+        link = table.pop(tier, None)
+        if not isinstance(link, dict):
+            raise MoeJaxError(f"hardware file {str(path)!r}: missing [{tier}] table with "
+                              f"{', '.join(sorted(_LINK_KEYS))}")
+        bad = [k for k in link if k not in _LINK_KEYS]
+        if bad:
+            raise MoeJaxError(f"hardware file {str(path)!r}: unknown key {bad[0]!r} in [{tier}]"
+                              f"{nearest(bad[0], _LINK_KEYS)}")
+        try:
+            links[tier] = LinkTier(**{"name": tier, **link})
+        except TypeError as e:
+            raise MoeJaxError(f"hardware file {str(path)!r}: [{tier}]: {e}") from None
+    bad = [k for k in table if k not in _TOML_KEYS]
+    if bad:
+        raise MoeJaxError(f"hardware file {str(path)!r}: unknown key {bad[0]!r}{nearest(bad[0], _TOML_KEYS)}; "
+                          f"valid: {', '.join(sorted(_TOML_KEYS))}")
+    required = ("name", "memory_bytes", "peak_flops", "hbm_bandwidth", "devices_per_node")
+    missing = [k for k in required if k not in table]
+    if missing:
+        raise MoeJaxError(f"hardware file {str(path)!r}: missing {', '.join(missing)}")
+    def number(value, where: str, low: float, high: float = math.inf, low_open: bool = True) -> None:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > low if low_open else value >= low) and value <= high)
+        if not ok:
+            bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+            raise MoeJaxError(f"hardware file {str(path)!r}: {where}={value!r} must be a finite number {bound}")
+
+    for key in ("memory_bytes", "peak_flops", "hbm_bandwidth"):
+        if key in table:
+            number(table[key], key, 0)
+    for key in ("flops_efficiency", "hbm_efficiency"):
+        if key in table:
+            number(table[key], key, 0, 1)
+    if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \
+            or table["devices_per_node"] < 1:
+        raise MoeJaxError(f"hardware file {str(path)!r}: devices_per_node={table['devices_per_node']!r} must be a "
+                          "positive integer")
+    for tier, link in links.items():
+        number(link.bandwidth, f"[{tier}] bandwidth", 0)
+        number(link.latency_s, f"[{tier}] latency_s", 0, low_open=False)
+        number(link.call_overhead_s, f"[{tier}] call_overhead_s", 0, low_open=False)
+    for key, valid in (("kind", ("gpu", "tpu")), ("vendor", ("nvidia", "amd", "google"))):
+        if key in table and table[key] not in valid:
+            raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r}; valid: {', '.join(valid)}")
+    for key in ("compile_target", "compute_capability", "name", "source", "assumptions"):
+        if key in table and not isinstance(table[key], str):
+            raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r} must be a string")
+    if "sm_count" in table and (not isinstance(table["sm_count"], int) or isinstance(table["sm_count"], bool)
+                                or table["sm_count"] < 0):
+        raise MoeJaxError(f"hardware file {str(path)!r}: sm_count={table['sm_count']!r} must be a whole number >= 0")
+    if table.get("kind") == "tpu":
+        table.setdefault("vendor", "google")
+    target = table.get("compile_target", "")
+    if target.endswith(".txtpb") and not Path(target).expanduser().is_absolute():
+        table["compile_target"] = str(path.parent / target)     # a description beside the TOML file
+    table.setdefault("source", f"user file {path}")
+    try:
+        return Hardware(**table, **links)
+    except TypeError as e:
+        raise MoeJaxError(f"hardware file {str(path)!r}: {e}") from None
+
+
+def get_hardware(spec: str | Path | Hardware) -> Hardware:
+    """A preset by name, or a TOML file describing one (see README)."""
+    if isinstance(spec, Hardware):
+        return spec
+    text = str(spec)
+    try:
+        is_file = Path(text).is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if text.endswith(".toml") or is_file:
+        return _from_toml(Path(text))
+    try:
+        return _PRESETS[text.strip().lower()]
+    except KeyError:
+        raise MoeJaxError(f"unknown hardware {text!r}{nearest(text, _PRESETS)}; presets: "
+                          f"{', '.join(_PRESETS)}; or a TOML file") from None

@@ -1,0 +1,148 @@
+"""The sharded model: parameters placed on a (dp, pp, ep, tp) mesh and the jitted phase programs.
+
+`ShardedModel` holds what every later stage needs: the graph definition, the
+parameter shardings, the shardings of tokens and KV cache for a workload, and three
+jitted programs (forward, prefill, decode) whose inputs carry their shardings. The
+cost analyzer lowers the same programs from ShapeDtypeStructs; `run` executes them.
+
+The prefill is the serving program: it returns the last position's logits [B, 1, V]
+(the next token's), so the output head runs once per sequence and no [B, S, V] array
+exists. A model built with ``full_logits=True`` returns every position's instead (for
+comparing with a reference, or ``run --save-logits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
+from moe_jax.parallel.mesh import Strategy, build_mesh, validate
+from moe_jax.parallel.rules import Layout, use_layout
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract parameter state) of `cfg`'s Transformer; nothing is allocated.
+
+    Cached per config (the planner describes many strategies of one model); treat the
+    result as read-only.
+    """
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+class ShardedModel:
+    """`cfg` split by `strategy` over `mesh` (default: a mesh over jax's devices)."""
+
+    def __init__(self, cfg: ModelConfig, strategy: Strategy, mesh=None, *,
+                 prefill_microbatches: int | None = None, decode_microbatches: int | None = None,
+                 full_logits: bool = False):
+        """prefill/decode_microbatches: pipeline microbatches (pp > 1) per call; None for the defaults
+        of `moe_jax.model.pipeline` (derived from the batch and pp).
+        full_logits: `prefill` returns [B, S, V] logits, every prompt position; by default [B, 1, V],
+        the last position only (the serving program)."""
+        validate(strategy, cfg)
+        self.cfg = cfg
+        self.full_logits = full_logits
+        self.strategy = strategy
+        self.mesh = mesh if mesh is not None else build_mesh(strategy)
+        self.layout = Layout.for_strategy(cfg, strategy, self.mesh)
+        self.prefill_layout = dataclasses.replace(self.layout, microbatches=prefill_microbatches)
+        self.decode_layout = dataclasses.replace(self.layout, microbatches=decode_microbatches)
+        self.graphdef, self.abstract_params = abstract_model(cfg)
+        self.param_shardings = self.layout.param_shardings(self.abstract_params)
+        self.forward = jax.jit(self._forward)
+        self.prefill = jax.jit(self._prefill)
+        self.decode = jax.jit(self._decode, donate_argnums=(3,))
+
+    # --- placement ----------------------------------------------------------------
+
+    def init_params(self, seed: int = 0):
+        """Random parameters created directly in their shards (no device holds the whole model)."""
+        def make():
+            return nnx.split(Transformer(self.cfg, rngs=nnx.Rngs(seed)))[1]
+
+        return jax.jit(make, out_shardings=self.param_shardings)()
+
+    def shard_params(self, params):
+        """Place an existing parameter state (e.g. from an unsharded model) on the mesh."""
+        return jax.device_put(params, self.param_shardings)
+
+    def token_sharding(self, batch: int, length: int):
+        """Sharding of a [B, S] token array."""
+        return self.layout.sharding(("batch", "length"), (batch, length), what="tokens", strict=False)
+
+    def cache_shardings(self, batch: int, max_len: int) -> dict:
+        """Shardings of the KV cache arrays for `batch` sequences of `max_len` positions."""
+        shape = cache_shape(self.cfg, batch, max_len)["k"].shape
+        sharding = self.layout.sharding(CACHE_AXES, shape, what="KV cache", strict=False)
+        return {"k": sharding, "v": sharding}
+
+    def init_cache(self, batch: int, max_len: int) -> dict:
+        """An empty KV cache, created in its shards."""
+        shapes = cache_shape(self.cfg, batch, max_len)
+        make = jax.jit(lambda: {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()},
+                       out_shardings=self.cache_shardings(batch, max_len))
+        return make()
+
+    def put_tokens(self, tokens):
+        """Place a [B, S] token array on the mesh.
+
+        A host (numpy) array is cut into the shards this process holds, so it works when
+        the mesh spans processes (each process must pass the same array); a jax array is
+        resharded.
+        """
+        sharding = self.token_sharding(*tokens.shape)
+        if isinstance(tokens, jax.Array):
+            return jax.device_put(tokens, sharding)
+        import numpy as np
+
+        host = np.asarray(tokens)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    # --- programs (traced under this model's layout) -----------------------------
+
+    def _model(self, params):
+        return nnx.merge(self.graphdef, params)
+
+    def _forward(self, params, tokens):
+        with use_layout(self.prefill_layout):
+            return self._model(params)(tokens)
+
+    def _prefill(self, params, tokens, cache):
+        with use_layout(self.prefill_layout):
+            return self._model(params).prefill(tokens, cache, full_logits=self.full_logits)
+
+    def _decode(self, params, tokens, pos, cache):
+        with use_layout(self.decode_layout):
+            return self._model(params).decode(tokens, pos, cache)
+
+    def generate(self, params, prompt, steps: int):
+        """Greedy decoding: prefill `prompt` [B, S], then `steps` tokens. Returns int32 [B, steps]."""
+        import numpy as np
+
+        B, S = prompt.shape
+        out = self.prefill(params, self.put_tokens(prompt), self.init_cache(B, S + steps))
+        cache, tokens = out.cache, []
+        token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        for pos in range(S, S + steps):
+            tokens.append(np.asarray(token))
+            if pos == S + steps - 1:
+                break
+            step = self.decode(params, self.put_tokens(token), jnp.int32(pos), cache)
+            cache = step.cache
+            token = jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        return np.concatenate(tokens, axis=1)
+
+    def pipeline_schedule(self, batch: int, length: int, *, decode: bool):
+        """Microbatches, bubble and stage hand-off bytes of one prefill (or decode) call."""
+        from moe_jax.model.pipeline import schedule
+
+        layout = self.decode_layout if decode else self.prefill_layout
+        return schedule(self.cfg, self.strategy, batch, length, decode=decode, microbatches=layout.microbatches,
+                        full_output=self.full_logits and not decode)

@@ -1,0 +1,1 @@
+"""What a person reads: Markdown reports and charts."""

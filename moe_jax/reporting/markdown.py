@@ -1,0 +1,197 @@
+"""The deployment report: the seed's sections, every figure computed, each check with its numbers.
+
+`markdown(analysis)` renders the report; `memory_chart(analysis, path)` draws the
+per-device memory breakdown against capacity (PNG).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_jax.perf.analysis import Analysis, unconfirmed_fit_note
+from moe_jax.units import gb as _gb
+from moe_jax.units import human_bytes as _bytes
+from moe_jax.units import ms as _ms
+
+_COMPILERS = {"cpu": "XLA:CPU", "gpu": "XLA:GPU", "tpu": "XLA:TPU"}
+
+
+def compiled_by(a: Analysis) -> str:
+    """One line naming the compiler that produced the numbers, and whether it is the hardware's own."""
+    c, cost = a.cost.compiled_for, a.cost
+    name = _COMPILERS.get(cost.backend, f"the {cost.backend} backend's compiler")
+    where = f"{cost.target}, {cost.topology}" if cost.topology else cost.target
+    if cost.backend == "real":
+        return f"{name} on real devices ({where})"
+    if c.get("stand_in"):
+        return f"{name} as a stand-in for {a.hardware.name} ({where}), because {c['reason']}"
+    own = "deviceless" if cost.backend in ("gpu", "tpu") else "emulated"
+    proxy = any("has no target description of its own" in x for x in c.get("caveats", []))
+    mine = (f" (a stand-in target for {a.hardware.name}, same compiler)" if proxy else
+            " (the hardware's own compiler)" if cost.backend in ("gpu", "tpu") else "")
+    return f"{name}, {own}, for {where}{mine}"
+
+
+def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
+    """The Markdown report for one analysed strategy (`chart`: file name of the memory chart, if any)."""
+    d = a.to_dict()
+    cfg, s, hw, w, f = a.cfg, a.strategy, a.hardware, a.workload, a.placement.facts()
+    p, mem = a.prediction, a.memory
+    out = ["<!-- written by moe-jax -->", f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
+    verdict = ("fits in device memory" if a.fits else "does NOT fit in device memory") if a.fit_confirmed else \
+        f"unconfirmed: {unconfirmed_fit_note(a)}"
+    out += [f"**Verdict:** {verdict}; {sum(c.passed for c in a.checks)} of {len(a.checks)} "
+            "checks pass. This report analyses one given strategy; it is not compared with a search. "
+            f"Numbers compiled by {compiled_by(a)}.", ""]
+
+    out += ["## Strategy", "",
+            f"- Strategy: **{s.name}** on {s.num_devices} devices (mesh dp x pp x ep x tp = "
+            f"{s.dp} x {s.pp} x {s.ep} x {s.tp})",
+            f"- Model: {cfg.name}: {cfg.params_total / 1e9:.2f}B parameters ({cfg.params_active / 1e9:.2f}B active "
+            f"per token), {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, {cfg.dtype}, "
+            f"{cfg.dispatch} dispatch" + (f" (capacity factor {cfg.capacity_factor})"
+                                          if cfg.dispatch == "capacity" else ""),
+            f"- Workload: batch {w.batch} sequences, prompt {w.prompt_len} tokens, {w.gen_len} generated "
+            f"(KV cache of {w.cache_len} positions)",
+            f"- Compiled by **{compiled_by(a)}**; every memory, FLOP, byte and collective figure below is read "
+            "from that compiled program", ""]
+    out += [f"- Note: {n}" for n in a.cost.notes] + ([""] if a.cost.notes else [])
+
+    kv = (f"all {cfg.num_kv_heads} (replicated: tp > KV heads)" if f["kv_heads_replicated_over_tp"]
+          else f"{f['kv_heads_per_device']} of {cfg.num_kv_heads}")
+    out += ["## Parallel dimensions: what each device holds", "",
+            "| dimension | size | splits | per device |", "|---|---:|---|---|",
+            f"| EP (experts) | {s.ep} | {cfg.num_experts} experts | {f['experts_per_device_per_layer']} expert(s) "
+            f"per layer |",
+            f"| TP (tensor) | {s.tp} | {cfg.num_heads} query heads, {cfg.num_kv_heads} KV heads, expert width "
+            f"{cfg.expert_ffn}, vocabulary | {f['query_heads_per_device']} query heads, {kv} KV heads, "
+            f"{f['expert_ffn_columns_per_device']} of {cfg.expert_ffn} FFN columns |",
+            f"| PP (pipeline) | {s.pp} | {cfg.num_layers} layers | {f['layers_per_stage']} layers |",
+            f"| DP (replicas) | {s.dp} | batch {w.batch} | {f['sequences_per_replica']} sequences per replica |",
+            "",
+            f"Each device holds **{f['expert_fraction_per_device']}** in each of its stage's "
+            f"{f['layers_per_stage']} layers, {f['vocab_rows_per_device']} of {cfg.vocab_size} vocabulary rows, and "
+            f"attends over **{f['sequences_per_device']} sequence(s)** (the batch is split {f['batch_split']} ways "
+            "over dp x ep outside the MoE block).", ""]
+
+    out += ["## Hardware", "",
+            f"- {hw.name}: {_gb(hw.memory_bytes)} HBM, {hw.peak_flops / 1e12:,.0f} TFLOP/s bf16 dense, "
+            f"{hw.hbm_bandwidth / 1e12:.2f} TB/s HBM (source: {hw.source})",
+            f"- Achievable: {hw.flops_efficiency:.0%} of peak FLOP/s, {hw.hbm_efficiency:.0%} of HBM bandwidth",
+            f"- Links: {hw.node_link.name}, {hw.node_link.bandwidth / 1e9:.0f} GB/s per device inside a node of "
+            f"{hw.devices_per_node}; {hw.network_link.name}, {hw.network_link.bandwidth / 1e9:.0f} GB/s across nodes"]
+    if hw.assumptions:
+        out.append(f"- Assumed: {hw.assumptions}")
+    out.append("")
+
+    out += ["## Memory per device", "", "| component | per device | source |", "|---|---:|---|"]
+    if mem["total"] is None:
+        out += [f"| compiled program | does not fit | {a.checks[0].detail} |"]
+    else:
+        out += [f"| weights | {_gb(mem['weights'])} | parameter arguments of the compiled program |",
+                f"| KV cache | {_gb(mem['kv_cache'])} | cache arguments |",
+                f"| activations | {_gb(mem['activations'])} | compiler temporaries ({mem['peak_phase']}) |",
+                f"| inputs and outputs | {_gb(mem['outputs_and_inputs'])} | tokens, logits, returned cache "
+                "(less aliased) |",
+                f"| **total (peak)** | **{_gb(mem['total'])}** | {mem['source']} |",
+                f"| capacity | {_gb(hw.memory_bytes)} | {hw.name} |",
+                f"| utilisation | {mem['utilization']:.1%} | total / capacity |"]
+    out += ["", f"![memory per device]({chart})" if chart and mem["total"] is not None else "", ""]
+
+    out += ["## Load balance", "", "| metric | value | how |", "|---|---:|---|",
+            f"| experts per device per layer | {f['experts_per_device_per_layer']} | {cfg.num_experts} / ep {s.ep} |",
+            f"| expert FFN columns per device | {f['expert_ffn_columns_per_device']} | {cfg.expert_ffn} / tp {s.tp} |",
+            f"| layers per stage | {f['layers_per_stage']} | {cfg.num_layers} / pp {s.pp} |",
+            f"| sequences per replica | {f['sequences_per_replica']} | batch {w.batch} / dp {s.dp} |",
+            f"| sequences per device (attention) | {f['sequences_per_device']} | batch {w.batch} / "
+            f"{f['batch_split']} |"]
+    for phase in ("prefill", "decode"):
+        sched = f.get(f"pipeline_{phase}")
+        if sched:
+            out.append(f"| pipeline {phase} | {sched['microbatches']} microbatches, bubble "
+                       f"{sched['bubble_fraction']:.0%} | (pp-1)/(M+pp-1) over {sched['ticks']} ticks; "
+                       f"{_bytes(sched['handoff_bytes_per_tick'])} per hand-off |")
+    out.append("")
+
+    out += ["## Performance", ""]
+    if p is None:
+        out += ["Not predicted: the program did not compile within device memory.", ""]
+    else:
+        out += ["| metric | value | from |", "|---|---:|---|",
+                f"| TTFT (prefill of the batch) | {_ms(p.ttft_s)} | compiled prefill: compute "
+                f"{_ms(p.prefill.compute_s)} + HBM {_ms(p.prefill.memory_s)} + communication {_ms(p.prefill.comm_s)}"
+                f"; floor {_ms(p.prefill.floor_s)} |",
+                f"| TPOT (one decode step) | {_ms(p.tpot_s)} | compiled decode: compute {_ms(p.decode.compute_s)} + "
+                f"HBM {_ms(p.decode.memory_s)} + communication {_ms(p.decode.comm_s)}; floor {_ms(p.decode.floor_s)} |",
+                f"| decode throughput | {p.throughput_tok_s:,.0f} tokens/s | batch {w.batch} / TPOT |",
+                f"| request latency | {_ms(p.request_latency_s)} | TTFT + {w.gen_len} x TPOT |",
+                f"| MFU (prefill) | {p.mfu:.1%} | useful FLOPs / ({s.num_devices} devices x "
+                f"{hw.peak_flops / 1e12:,.0f} TFLOP/s peak x TTFT) |",
+                f"| MBU (decode) | {p.mbu:.1%} | (weights a step reads + local KV cache) / "
+                f"({hw.hbm_bandwidth / 1e12:.2f} TB/s peak x TPOT) |",
+                f"| full-overlap bound | TTFT {_ms(p.prefill.full_overlap_s)}, TPOT {_ms(p.decode.full_overlap_s)} | "
+                "max(compute + HBM, communication) |", ""]
+        for name, t in (("Prefill", p.prefill), ("Decode", p.decode)):
+            if t.comm_breakdown:
+                out += [f"{name} communication by collective and mesh axis:", "",
+                        "| collective | mesh axes | link | calls | bytes per device | time | share of step |",
+                        "|---|---|---|---:|---:|---:|---:|"]
+                out += [f"| {c['kind']} | {'x'.join(c['axes']) or 'all'} | {c['link']} | {c['calls']} | "
+                        f"{_bytes(c['bytes'])} | {_ms(c['seconds'])} | {c['share']:.1%} |" for c in t.comm_breakdown]
+                ragged = [c for c in a.cost.phases[name.lower()].collective_summary() if "worst_bytes" in c]
+                if ragged:
+                    out += ["", "Ragged all-to-alls (dropless) are timed at their expected bytes (uniform routing); "
+                            "the most they can move, when one shard receives every row, is " + ", ".join(
+                                f"{_bytes(c['worst_bytes'])} ({c['phase']})" for c in ragged) + " per device."]
+                out.append("")
+        out += ["Assumptions: " + "; ".join(p.assumptions) + ".", ""]
+        pre = d["analytic"]["prefill"]
+        if pre.get("compiled_over_analytic"):
+            out += [f"Cross-check: the compiled prefill performs {pre['compiled_matmul_total']:.3e} matmul FLOPs over "
+                    f"the {a.cost.devices} compiled devices ({a.cost.compiled_strategy}); for the same work the model "
+                    f"needs {pre['useful']:.3e} (2 x layer parameters x tokens + the output head once per sequence) + "
+                    f"{pre['attention']:.3e} attention + {pre['capacity_overhead']:.3e} capacity-dispatch overhead "
+                    f"= {pre['total']:.3e} (ratio {pre['compiled_over_analytic']:.2f}).", ""]
+
+    out += ["## Validation", "", "| check | result | numbers |", "|---|---|---|"]
+    out += [f"| {c.name} | {'PASS' if c.passed else 'FAIL'} | {c.detail} |" for c in a.checks]
+    out += ["", "## Recommendations", ""]
+    out += [f"{i}. {r}" for i, r in enumerate(a.recommendations, 1)] or ["None."]
+    out.append("")
+    return "\n".join(out)
+
+
+def memory_chart(a: Analysis, path: str | Path) -> Path | None:
+    """Stacked bar of per-device memory (weights, KV cache, activations, I/O) against capacity."""
+    return memory_chart_from(a.to_dict(), path)
+
+
+def memory_chart_from(data: dict, path: str | Path) -> Path | None:
+    """`memory_chart` from an analysis in its JSON form (the planner keeps only that)."""
+    mem = data["memory"]
+    if mem["total"] is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [("weights", mem["weights"]), ("KV cache", mem["kv_cache"]), ("activations", mem["activations"]),
+             ("inputs/outputs", max(0, mem["outputs_and_inputs"]))]
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    left = 0.0
+    for (label, value), color in zip(parts, ("#4c72b0", "#dd8452", "#55a868", "#8172b3"), strict=False):
+        ax.barh([0], [value / 1e9], left=[left / 1e9], color=color, label=f"{label} {value / 1e9:.2f} GB")
+        left += value
+    capacity = data["hardware"]["memory_bytes"]
+    ax.axvline(capacity / 1e9, color="black", linestyle="--", label=f"capacity {capacity / 1e9:.0f} GB")
+    ax.set_yticks([])
+    ax.set_xlabel("GB per device")
+    ax.set_title(f"{data['model']['name']}, {data['strategy']['name']} on {data['hardware']['name']} "
+                 f"({data['backend']} compile)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120, metadata={"Software": "moe-jax"})
+    plt.close(fig)
+    return path
