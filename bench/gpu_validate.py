@@ -60,9 +60,9 @@ def case(cfg, hw, batch, prompt_len, gen_len, steps, backends):
         row["skip"] = f"run failed: {str(e).splitlines()[0][:120]}"
         return row
     row["ttft"], row["tpot"] = r.ttft.median, r.tpot.median
-    from moe_jax.costs.walk import analytic_flops
+    from moe_jax.costs.analytic import analytic_flops
 
-    useful = analytic_flops(cfg, workload, "prefill")["useful"]     # the head once per sequence, as served
+    useful = analytic_flops(cfg, workload, "prefill").useful     # the head once per sequence, as served
     row["mfu"] = useful / (hw.peak_flops * r.ttft.median)
     row["mbu"] = (cfg.params_total * cfg.dtype_bytes + batch * workload.cache_len * cfg.kv_bytes_per_token) / (
         hw.hbm_bandwidth * r.tpot.median)

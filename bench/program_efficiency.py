@@ -54,9 +54,9 @@ out = {"backend": a.cost.backend, "target": a.cost.target, "fits": a.fits, "peak
 if a.prediction:
     pre, dec = a.cost.phases["prefill"], a.cost.phases["decode"]
     n = a.cost.devices
-    out.update(decode_bytes=dec.hbm_bytes, need=a.cost.analytic["decode_weights_read"]["bytes"] + dec.memory.kv_cache,
+    out.update(decode_bytes=dec.hbm_bytes, need=a.cost.analytic.decode_weights_read.bytes + dec.memory.kv_cache,
                weights=dec.memory.weights, prefill_flops=pre.matmul_flops,
-               useful=(a.cost.analytic["prefill"]["useful"] + a.cost.analytic["prefill"]["attention"]) / n,
+               useful=a.cost.analytic.prefill.model_flops / n,
                largest={p: largest_results(a.cost.phases[p].hlo_text, 1)[0][:2] for p in ("prefill", "decode")},
                ttft=a.prediction.ttft_s, tpot=a.prediction.tpot_s,
                ttft_floor=a.prediction.prefill.floor_s, tpot_floor=a.prediction.decode.floor_s)

@@ -20,7 +20,7 @@ _LAZY = {
     "Workload": "moe_jax.costs.compile",
     "compile_program": "moe_jax.costs.compile",
     "analyze_cost": "moe_jax.costs.walk",
-    "CostReport": "moe_jax.costs.walk",
+    "CostReport": "moe_jax.costs.types",
     "ClusterSpec": "moe_jax.runtime.distributed",
     "Cluster": "moe_jax.runtime.distributed",
 }

@@ -12,6 +12,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from moe_jax.config import get_model  # noqa: E402
+from moe_jax.runtime.verify import exact_config  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; XLA_FLAGS was set too late"
 
@@ -65,5 +66,4 @@ def single_device_reference(cfg, batch: int, length: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny32():
     """The tiny preset in f32 with capacity for every token (capacity dispatch drops nothing)."""
-    cfg = get_model("tiny")
-    return cfg.replace(dtype="float32", capacity_factor=cfg.num_experts / cfg.top_k)
+    return exact_config(get_model("tiny"))

@@ -1,4 +1,4 @@
-"""`moe-jax analyze` on the seed scenario: each mistake of ../shared/reference/seed-errors.md made impossible."""
+"""`moe-jax analyze` on the seed scenario: each mistake of docs/seed-errors.md made impossible."""
 
 import json
 import os

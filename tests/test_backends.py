@@ -209,6 +209,6 @@ def test_plan_compiles_for_the_hardware_in_worker_processes():
     from moe_jax.planner.search import plan
 
     result = plan(get_model("tiny"), 8, get_hardware("h100"), Workload(8, 16, 4), top=2, workers=2, cache_dir=None)
-    compiled = [result.compiled[r["strategy"]]["analysis"] for r in result.candidates if r["compiled"]]
+    compiled = [result.compiled[r.strategy]["analysis"] for r in result.candidates if r.compiled]
     assert len(compiled) == 2
     assert all(a["backend"] == "gpu" and "H100" in a["target"] and a["fit_confirmed"] for a in compiled)

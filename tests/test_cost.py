@@ -44,14 +44,14 @@ def test_scanned_and_unrolled_programs_report_the_same_flops():
     ours_unrolled = walk(unrolled.as_text(), mesh)
     xla_unrolled = unrolled.cost_analysis()["flops"]
     expected_matmul = LAYERS * 2 * 64 * 256 * 256
-    assert ours_scanned["matmul_flops"] == ours_unrolled["matmul_flops"] == expected_matmul
-    assert ours_scanned["flops"] == pytest.approx(xla_unrolled, rel=0.01)
-    assert ours_unrolled["flops"] == pytest.approx(xla_unrolled, rel=0.01)
-    assert ours_scanned["transcendentals"] == LAYERS * 64 * 256
+    assert ours_scanned.matmul_flops == ours_unrolled.matmul_flops == expected_matmul
+    assert ours_scanned.flops == pytest.approx(xla_unrolled, rel=0.01)
+    assert ours_unrolled.flops == pytest.approx(xla_unrolled, rel=0.01)
+    assert ours_scanned.transcendentals == LAYERS * 64 * 256
     # the trap: XLA counts the scanned body once
     assert scanned.cost_analysis()["flops"] < xla_unrolled / (LAYERS / 2)
     # and the weights are read once per layer, not all layers per iteration
-    assert ours_scanned["hbm_bytes"] == pytest.approx(ours_unrolled["hbm_bytes"], rel=0.25)
+    assert ours_scanned.hbm_bytes == pytest.approx(ours_unrolled.hbm_bytes, rel=0.25)
 
 
 @pytest.mark.parametrize("varying", MESH_AXES)
@@ -91,9 +91,9 @@ def test_memory_components_add_up_and_weights_match_placement(tiny_reports, stra
 def test_walk_agrees_with_xla_where_loops_are_counted_once(tiny_reports):
     for report in tiny_reports.values():
         for phase in report.phases.values():
-            assert phase.walk_uncorrected["flops"] == pytest.approx(phase.xla_cost["flops"], rel=0.1)
-            assert phase.walk_uncorrected["hbm_bytes"] == pytest.approx(phase.xla_cost["bytes accessed"], rel=0.1)
-            assert phase.flops > phase.walk_uncorrected["flops"]       # layers run in a loop
+            assert phase.walk_uncorrected.flops == pytest.approx(phase.xla_cost["flops"], rel=0.1)
+            assert phase.walk_uncorrected.hbm_bytes == pytest.approx(phase.xla_cost["bytes accessed"], rel=0.1)
+            assert phase.flops > phase.walk_uncorrected.flops       # layers run in a loop
 
 
 def test_collectives_carry_axes_phase_and_trip_counts(tiny_reports):
@@ -115,21 +115,20 @@ def test_collectives_carry_axes_phase_and_trip_counts(tiny_reports):
 def test_analytic_cross_check(tiny_reports):
     dp = tiny_reports["DP8"].analytic
     # without tp or ep every matmul is the model's: compiled and analytic agree closely
-    assert dp["prefill"]["compiled_over_analytic"] == pytest.approx(1.0, abs=0.02)
-    assert dp["decode"]["compiled_over_analytic"] == pytest.approx(1.0, abs=0.02)
-    assert dp["prefill"]["capacity_overhead"] > 0
+    assert dp.prefill.compiled_over_analytic == pytest.approx(1.0, abs=0.02)
+    assert dp.decode.compiled_over_analytic == pytest.approx(1.0, abs=0.02)
+    assert dp.prefill.capacity_overhead > 0
 
 
 def test_analytic_and_estimated_prefill_count_the_head_once_per_sequence():
     """The serving prefill's head sees the last position only: useful FLOPs, the planner's estimate and its
     outputs follow (full logits, every position, only where asked)."""
-    from moe_jax.costs.analytic import estimate_phase
-    from moe_jax.costs.walk import analytic_flops
+    from moe_jax.costs.analytic import analytic_flops, estimate_phase
 
     cfg, work = get_model("qwen3-30b-a3b"), Workload(64, 2048, 128)
     D, V, B, S = cfg.d_model, cfg.vocab_size, 64, 2048
     serving, full = analytic_flops(cfg, work, "prefill"), analytic_flops(cfg, work, "prefill", full_logits=True)
-    assert full["useful"] - serving["useful"] == 2 * D * V * B * (S - 1)
+    assert full.useful - serving.useful == 2 * D * V * B * (S - 1)
     assert analytic_flops(cfg, work, "decode") == analytic_flops(cfg, work, "decode", full_logits=True)
     s = Strategy.parse("EP2-TP2-PP2")
     p = describe(cfg, s, batch=B, cache_len=work.cache_len)
@@ -169,7 +168,7 @@ from moe_jax.parallel.mesh import Strategy
 r = analyze_cost(get_model("seed-30b"), Strategy.parse("EP64-TP8-PP2-DP1"), Workload(128, 2048, 256))
 out = {n: {"weights": p.memory.weights, "kv": p.memory.kv_cache, "args": p.memory.arguments,
            "flops": p.flops, "collectives": p.collective_summary()} for n, p in r.phases.items()}
-out["placement"] = r.analytic["weights_per_device_placement"]
+out["placement"] = r.analytic.weights_per_device_placement
 out["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 print(json.dumps(out))
 """
@@ -202,7 +201,7 @@ big = analyze_cost(get_model("qwen3-235b-a22b"), Strategy.parse("EP4"), Workload
                    backend="tpu", topology="v5e:2x2")
 print(json.dumps({"target": fits.target,
                   "fits": {n: [p.fits, p.memory.weights, p.memory.arguments] for n, p in fits.phases.items()},
-                  "placement": fits.analytic["weights_per_device_placement"],
+                  "placement": fits.analytic.weights_per_device_placement,
                   "big": {n: [p.fits, p.error] for n, p in big.phases.items()}}))
 """
 

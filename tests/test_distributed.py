@@ -100,11 +100,32 @@ def _env(**extra) -> dict:
     return {**env, **extra}
 
 
-def _launch(tmp_path, argv, ids, processes=2, env=None):
-    """Start `moe-jax <argv>` as processes `ids` of `processes`; stdout/stderr go to files in tmp_path."""
+# Fault injection lives here, not in the package: this wrapper runs `moe-jax <argv>` with `Cluster.beat` patched so
+# that process VICTIM signals itself (KILL: a peer lost; STOP: a peer hung) as soon as the step named STEP starts.
+_DIE_AT = """
+import os, signal, sys
+from moe_jax.runtime import distributed
+victim, step, sig, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+beat = distributed.Cluster.beat
+def beat_then_die(self, what):
+    beat(self, what)
+    if self.multi and self.process_index == victim and what.startswith(step):
+        os.kill(os.getpid(), getattr(signal, "SIG" + sig))
+distributed.Cluster.beat = beat_then_die
+from moe_jax.cli import main
+main(argv)
+"""
+
+
+def _launch(tmp_path, argv, ids, processes=2, env=None, die_at=None):
+    """Start `moe-jax <argv>` as processes `ids` of `processes`; stdout/stderr go to files in tmp_path.
+
+    die_at: (victim process, step name prefix, signal name) to inject a fault through `_DIE_AT`.
+    """
     port, procs = _free_port(), []
+    program = ["-c", _DIE_AT, *map(str, die_at)] if die_at else ["-m", "moe_jax.cli"]
     for i in ids:
-        cmd = [sys.executable, "-m", "moe_jax.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
+        cmd = [sys.executable, *program, *argv, "--coordinator", f"127.0.0.1:{port}",
                "--num-processes", str(processes), "--process-id", str(i)]
         out, err = open(tmp_path / f"p{i}.out", "w"), open(tmp_path / f"p{i}.err", "w")
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env=env or _env()))
@@ -157,9 +178,8 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path, capsys, me
 def test_a_peer_lost_mid_run_ends_the_survivor_within_the_timeout(tmp_path, victim, signal_name):
     """KILL: the survivor's collective fails at once; STOP: it hangs and the watchdog ends it."""
     timeout = 60                         # generous: each step (compiles included) must finish within it
-    env = _env(MOE_JAX_TEST_DIE_AT=f"{victim}:decode step 2", MOE_JAX_TEST_SIGNAL=signal_name)
     procs = _launch(tmp_path, RUN + ["--mesh", "EP2-TP2-DP2", "--gen-len", "6", "--timeout", str(timeout),
-                                     "--progress"], ids=[0, 1], env=env)
+                                     "--progress"], ids=[0, 1], die_at=(victim, "decode step 2", signal_name))
     survivor, lost = procs[1 - victim], procs[victim]
     try:
         deadline = time.monotonic() + 400

@@ -7,7 +7,7 @@ import pytest
 from conftest import run_tpu_script, single_device_reference  # noqa: E402
 from flax import nnx
 
-from moe_jax.model.moe import _sort_assignments, dense_moe, dropless_moe, route
+from moe_jax.model.moe import dense_moe, dropless_moe, route, sort_assignments
 from moe_jax.model.transformer import Transformer
 from moe_jax.parallel.mesh import Strategy
 from moe_jax.programs.sharded import ShardedModel
@@ -35,7 +35,7 @@ def _moe_weights(cfg, seed=0):
 
 def test_sort_assignments_orders_by_expert_and_counts_rows():
     experts = jnp.array([[2, 0], [1, 2], [4, 0]], jnp.int32)     # 4 = padding for E = 4
-    order, sorted_ids, sizes = _sort_assignments(experts, 4)
+    order, sorted_ids, sizes = sort_assignments(experts, 4)
     np.testing.assert_array_equal(sorted_ids, [0, 0, 1, 2, 2, 4])
     np.testing.assert_array_equal(np.asarray(experts).reshape(-1)[np.asarray(order)], sorted_ids)
     np.testing.assert_array_equal(sizes, [2, 1, 2, 0])            # padding counted nowhere
@@ -170,7 +170,7 @@ def test_cpu_compile_counts_grouped_matmuls_and_ragged_exchange(tiny32):
     workload = Workload(8, 64, 4)
     report = _analyze(cfg, "EP4-TP2-PP1-DP1", workload)
     for name, phase in report.phases.items():
-        ratio = report.analytic[name]["compiled_over_analytic"]
+        ratio = report.analytic.phases[name].compiled_over_analytic
         assert 0.9 < ratio < 1.15, (name, ratio)            # capacity's padding and one-hot einsums are gone
         ragged = [c for c in phase.collectives if c.kind == "ragged-all-to-all"]
         assert {c.phase for c in ragged} == {"dispatch", "combine"} and all(c.axes == ["ep"] for c in ragged)
@@ -178,12 +178,12 @@ def test_cpu_compile_counts_grouped_matmuls_and_ragged_exchange(tiny32):
         for c in ragged:
             assert c.bytes_per_call == int(c.worst_bytes_per_call * 2 / (4 * 2))
     assert any("dropless on the cpu backend" in n for n in report.notes)
-    assert report.analytic["dropless"]["row_fraction"] == 0.25
+    assert report.analytic.dropless.row_fraction == 0.25
     capacity = _analyze(tiny32.replace(dtype="bfloat16"), "EP4-TP2-PP1-DP1", workload)
     assert report.phases["prefill"].matmul_flops < capacity.phases["prefill"].matmul_flops
     # one expert per shard (ep = E): the loop has one iteration, its rows still count once
     one = _analyze(cfg, "EP8-TP1-PP1-DP1", workload)
-    assert 0.9 < one.analytic["prefill"]["compiled_over_analytic"] < 1.15
+    assert 0.9 < one.analytic.prefill.compiled_over_analytic < 1.15
     experts = one.phases["prefill"].bytes_by_scope["experts"]
     assert experts < 1.5 * _analyze(cfg, "EP1-TP1-PP1-DP8", workload).phases["prefill"].bytes_by_scope["experts"]
 
@@ -197,14 +197,14 @@ def test_decode_floor_counts_only_touched_experts(tiny32):
     cfg = tiny32.replace(dispatch="dropless")
     strategy = Strategy.parse("EP2-TP1-PP1-DP4")
     report = _analyze(cfg, strategy.name, Workload(4, 16, 4))
-    read = report.analytic["decode_weights_read"]
+    read = report.analytic.decode_weights_read
     weights = report.phases["decode"].memory.weights
     experts = routed_expert_bytes(cfg, strategy)
     frac = touched_fraction(cfg, 1)                          # 4 sequences over dp=4: one token per replica
     assert frac == pytest.approx(cfg.top_k / cfg.num_experts)
-    assert read["bytes"] == weights - experts + int(experts * frac)
+    assert read.bytes == weights - experts + int(experts * frac)
     p = predict(report, get_hardware("h200"), 4, 4)
-    assert p.decode.floor_s == pytest.approx((read["bytes"] + report.phases["decode"].memory.kv_cache)
+    assert p.decode.floor_s == pytest.approx((read.bytes + report.phases["decode"].memory.kv_cache)
                                              / get_hardware("h200").hbm_bandwidth)
     assert p.tpot_s >= p.decode.floor_s
 
@@ -278,7 +278,7 @@ r = analyze_cost(get_model("tiny").replace(dispatch="dropless"), Strategy.parse(
 print(json.dumps({n: {"hlo": "ragged-all-to-all(" in p.hlo_text,
                       "ragged": [[c.kind, c.axes, c.bytes_per_call, c.worst_bytes_per_call] for c in p.collectives
                                  if c.kind == "ragged-all-to-all"],
-                      "ratio": r.analytic[n]["compiled_over_analytic"]} for n, p in r.phases.items()}))
+                      "ratio": r.analytic.phases[n].compiled_over_analytic} for n, p in r.phases.items()}))
 # pipeline stages only: nothing to split inside a stage, still the native grouped matmul
 pp = analyze_cost(get_model("tiny").replace(dispatch="dropless"), Strategy.parse("PP4"), Workload(4, 32, 4),
                   backend="tpu", topology="v5e:2x2")
@@ -300,10 +300,10 @@ def test_tpu_program_contains_the_ragged_all_to_all():
 
 
 def test_dense_ragged_all_to_all_has_the_native_semantics():
-    """`_ragged_all_to_all_dense` (the CPU stand-in) against the documented semantics, computed in numpy."""
+    """`ragged_all_to_all_dense` (the CPU stand-in) against the documented semantics, computed in numpy."""
     from jax.sharding import PartitionSpec as P
 
-    from moe_jax.model.moe import _ragged_all_to_all_dense
+    from moe_jax.model.moe import ragged_all_to_all_dense
     from moe_jax.parallel.mesh import build_mesh
 
     ep, chunks, rows, out_rows, D = 8, 2, 40, 64, 3
@@ -327,8 +327,8 @@ def test_dense_ragged_all_to_all_has_the_native_semantics():
     mesh = build_mesh(Strategy(ep=8))
 
     def body(x, o, a, b, c, d):
-        return _ragged_all_to_all_dense(x[0], o[0], a[0], b[0], c[0], d[0], axis_name="ep",
-                                        block_rows=2 * chunks)[None]      # at most 2 rows per chunk
+        return ragged_all_to_all_dense(x[0], o[0], a[0], b[0], c[0], d[0], axis_name="ep",
+                                       block_rows=2 * chunks)[None]      # at most 2 rows per chunk
 
     got = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 6, out_specs=P("ep")))(
         operand, np.full((ep, out_rows, D), -1.0, np.float32),
@@ -338,13 +338,13 @@ def test_dense_ragged_all_to_all_has_the_native_semantics():
 
 def test_grouped_matmul_loop_equals_ragged_dot():
     """The CPU loop over experts and jax.lax.ragged_dot agree, rows past the groups included (zero)."""
-    from moe_jax.model.moe import _grouped_matmul
+    from moe_jax.model.moe import grouped_matmul
 
     x = jax.random.normal(jax.random.key(0), (20, 6))
     w = jax.random.normal(jax.random.key(1), (4, 6, 5))
     sizes = jnp.array([3, 0, 9, 5], jnp.int32)                        # 17 rows in groups, 3 past them
-    loop = _grouped_matmul(x, w, sizes, native=False)
-    ragged = _grouped_matmul(x, w, sizes, native=True)
+    loop = grouped_matmul(x, w, sizes, native=False)
+    ragged = grouped_matmul(x, w, sizes, native=True)
     np.testing.assert_allclose(loop[:17], ragged[:17], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(loop[3:12], x[3:12] @ w[2], atol=1e-5, rtol=1e-5)
     assert not np.any(np.asarray(loop[17:]))

@@ -2,7 +2,7 @@
 
 import json
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from moe_jax.config.hf import from_hf  # noqa: E402
 from moe_jax.errors import ConfigError, MoeJaxError  # noqa: E402
 from moe_jax.parallel.mesh import Strategy  # noqa: E402
 from moe_jax.programs.sharded import ShardedModel  # noqa: E402
+from moe_jax.runtime.verify import exact_config  # noqa: E402
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
               num_experts_per_tok=2, rms_norm_eps=1e-6, max_position_embeddings=128)
@@ -48,7 +49,7 @@ def checkpoint(request, tmp_path_factory):
                                    eos_token_id=None, pad_token_id=0)[:, 6:].numpy()
     cfg = from_hf(d)
     # capacity for every token: capacity dispatch then equals transformers' dropless experts
-    cfg = cfg.replace(capacity_factor=cfg.num_experts / cfg.top_k)
+    cfg = exact_config(cfg)                          # the checkpoints are f32 already
     return request.param, d, cfg, tokens.numpy(), logits, generated
 
 
@@ -86,8 +87,34 @@ def test_round_trip(checkpoint, tmp_path):
     save_params(first, cfg, tmp_path / "again")
     assert from_hf(tmp_path / "again").replace(name=cfg.name, capacity_factor=cfg.capacity_factor) == cfg
     second = load_params(tmp_path / "again", cfg, sm.param_shardings, sm.abstract_params)
-    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(first, second, strict=True)
+
+
+def test_bf16_round_trip_is_bit_identical(checkpoint, tmp_path):
+    """Released checkpoints are bf16: a bf16 model is saved as BF16 tensors (no up-cast), loads back bit for bit,
+    and transformers reads the same bits."""
+    from safetensors import safe_open
+
+    _, d, cfg, *_ = checkpoint
+    cfg = cfg.replace(dtype="bfloat16")
+    sm = ShardedModel(cfg, Strategy.parse("EP2-TP2-PP2"))
+    first = load_params(d, cfg, sm.param_shardings, sm.abstract_params)        # the f32 file, rounded to bf16
+    chex.assert_trees_all_equal_dtypes(first, sm.abstract_params)
+    save_params(first, cfg, tmp_path / "bf16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="numpy") as f:
+        stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert stored and set(stored.values()) == {"BF16"}, stored
+    assert from_hf(tmp_path / "bf16").dtype == "bfloat16"
+    second = load_params(tmp_path / "bf16", cfg, sm.param_shardings, sm.abstract_params)
+    chex.assert_trees_all_equal_dtypes(first, second)
+    chex.assert_trees_all_equal(first, second, strict=True)                   # bf16 == bf16: every bit
+    # transformers fuses the experts in memory (its names differ from the file's), so it writes back what it read
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.save_pretrained(tmp_path / "theirs")
+    assert from_hf(tmp_path / "theirs").replace(name=cfg.name, capacity_factor=cfg.capacity_factor) == cfg
+    chex.assert_trees_all_equal(second, load_params(tmp_path / "theirs", cfg, sm.param_shardings, sm.abstract_params),
+                                strict=True)
 
 
 def _copy_with(src, dst, edit):
@@ -114,6 +141,9 @@ def test_checkpoint_errors(checkpoint, tmp_path):
     bad = _copy_with(d, tmp_path / "shape", lambda t: t.__setitem__("model.norm.weight", np.ones(63, np.float32)))
     with pytest.raises(MoeJaxError, match=r"tensor 'model.norm.weight' has shape \(63,\), expected \(64,\)"):
         load(bad)
+    ints = _copy_with(d, tmp_path / "ints", lambda t: t.__setitem__("model.norm.weight", np.ones(64, np.int32)))
+    with pytest.raises(MoeJaxError, match="tensor 'model.norm.weight' is stored as I32.*must be floating point"):
+        load(ints)
     extra = _copy_with(d, tmp_path / "extra", lambda t: t.__setitem__("model.bias", np.ones(3, np.float32)))
     with pytest.raises(MoeJaxError, match="does not use, first 'model.bias'"):
         load(extra)

@@ -1,4 +1,4 @@
-"""What each device holds: the seed scenario stated exactly (seed-errors #2, #6, #8)."""
+"""What each device holds: the seed scenario stated exactly (docs/seed-errors.md #2, #6, #8)."""
 
 import pytest
 

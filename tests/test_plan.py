@@ -10,7 +10,8 @@ from moe_jax.config import get_model
 from moe_jax.costs.compile import Workload
 from moe_jax.hardware.presets import get_hardware
 from moe_jax.parallel.mesh import Strategy
-from moe_jax.planner.search import cache_key, enumerate_strategies, fewest_devices, plan, rank_estimates
+from moe_jax.planner.cache import cache_key
+from moe_jax.planner.search import enumerate_strategies, fewest_devices, plan, rank_estimates
 
 
 def _brute_force(cfg, n, batch):
@@ -45,28 +46,28 @@ SEED, SEED_GPU, WORK = get_model("seed-30b"), get_hardware("seed-gpu"), Workload
                                                    ("tpot", "tpot_s", False)])
 def test_ranking_follows_the_objective(objective, key, reverse):
     rows = rank_estimates(SEED, 64, SEED_GPU, WORK, objective=objective)
-    feasible = [r for r in rows if r["feasible"]]
+    feasible = [r for r in rows if r.feasible]
     assert feasible and rows[:len(feasible)] == feasible            # feasible first
-    values = [r[key] for r in feasible]
+    values = [getattr(r, key) for r in feasible]
     assert values == sorted(values, reverse=reverse)
 
 
 def test_slo_filters():
     rows = rank_estimates(SEED, 64, SEED_GPU, WORK, objective="throughput")
-    best_tpot = min(r["tpot_s"] for r in rows if r["fits"])
+    best_tpot = min(r.tpot_s for r in rows if r.fits)
     limited = rank_estimates(SEED, 64, SEED_GPU, WORK, slo_tpot=best_tpot * 1.5)
-    assert all(r["tpot_s"] <= best_tpot * 1.5 for r in limited if r["feasible"])
-    assert any(r["fits"] and not r["feasible"] for r in limited)
+    assert all(r.tpot_s <= best_tpot * 1.5 for r in limited if r.feasible)
+    assert any(r.fits and not r.feasible for r in limited)
     none = rank_estimates(SEED, 64, SEED_GPU, WORK, slo_tpot=1e-9)
-    assert not any(r["feasible"] for r in none)
+    assert not any(r.feasible for r in none)
 
 
 def test_fewest_devices_stops_at_the_first_feasible_count():
     n, rows = fewest_devices(SEED, 64, SEED_GPU, WORK)
-    counts = sorted({r["devices"] for r in rows})
+    counts = sorted({r.devices for r in rows})
     assert counts == [c for c in range(1, n + 1) if enumerate_strategies(SEED, c, WORK.batch)]
-    assert any(r["feasible"] for r in rows if r["devices"] == n)
-    assert not any(r["feasible"] for r in rows if r["devices"] < n)
+    assert any(r.feasible for r in rows if r.devices == n)
+    assert not any(r.feasible for r in rows if r.devices < n)
     assert n >= 2                                                   # 79 GB of weights + KV exceed 64 GB
     again, _ = fewest_devices(SEED, 64, SEED_GPU, WORK, start=n + 1)  # escalation continues past n
     assert again is None or again > n
@@ -84,16 +85,16 @@ def test_cache_second_run_compiles_nothing_and_truncated_entries_recompute(tmp_p
     hw, work = get_hardware("h100"), Workload(8, 16, 4)
     first = plan(cfg, 8, hw, work, top=2, workers=1, cache_dir=tmp_path)
     assert first.best and first.to_dict()["compiled"] == 2
-    assert not any(r.get("cached") for r in first.candidates)
+    assert not any(r.cached for r in first.candidates)
     second = plan(cfg, 8, hw, work, top=2, workers=1, cache_dir=tmp_path)
-    compiled = [r for r in second.candidates if r["compiled"]]
-    assert len(compiled) == 2 and all(r.get("cached") for r in compiled)
+    compiled = [r for r in second.candidates if r.compiled]
+    assert len(compiled) == 2 and all(r.cached for r in compiled)
     assert second.best == first.best
     victim = tmp_path / f"{cache_key(cfg, Strategy.parse(first.best), work, 'auto', hw, None)}.json"
     victim.write_text(victim.read_text()[: len(victim.read_text()) // 2])   # truncated by a crash
     third = plan(cfg, 8, hw, work, top=2, workers=1, cache_dir=tmp_path)
-    redone = next(r for r in third.candidates if r["strategy"] == first.best)
-    assert redone["compiled"] and not redone.get("cached")
+    redone = next(r for r in third.candidates if r.strategy == first.best)
+    assert redone.compiled and not redone.cached
     assert json.loads(victim.read_text())["payload"]["analysis"]["strategy"]["name"] == first.best
 
 

@@ -15,8 +15,9 @@ from moe_jax import Strategy, Workload, get_model
 from moe_jax.errors import MoeJaxError
 from moe_jax.files import dumps
 from moe_jax.hardware.presets import get_hardware
-from moe_jax.planner import search as plan_module
-from moe_jax.planner.search import cache_key, check_cache_dir, plan
+from moe_jax.planner import cache as plan_cache
+from moe_jax.planner.cache import cache_key, check_cache_dir
+from moe_jax.planner.search import plan
 
 
 def test_a_cache_that_is_a_file_is_refused_before_any_compile(tmp_path):
@@ -33,7 +34,7 @@ def test_a_failed_cache_write_only_warns(tmp_path, monkeypatch):
     def broken(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plan_module, "cache_store", broken)
+    monkeypatch.setattr(plan_cache, "cache_store", broken)
     with pytest.warns(UserWarning, match="No space left on device"):
         result = plan(get_model("tiny"), 8, get_hardware("h100"), Workload(8, 16, 4), top=1, workers=1,
                       cache_dir=tmp_path, backend="cpu")
@@ -43,14 +44,14 @@ def test_a_failed_cache_write_only_warns(tmp_path, monkeypatch):
 def test_cache_key_follows_the_code(monkeypatch):
     args = (get_model("tiny"), Strategy.parse("EP2-TP2-DP2"), Workload(8, 16, 4), "cpu", get_hardware("h100"), None)
     before = cache_key(*args)
-    monkeypatch.setattr(plan_module, "code_digest", lambda: "an edited checkout")
+    monkeypatch.setattr(plan_cache, "code_digest", lambda: "an edited checkout")
     assert cache_key(*args) != before
 
 
 def test_workers_end_with_their_planner():
     script = ("import subprocess, sys, time\n"
               "child = subprocess.Popen([sys.executable, '-c', 'import time; "
-              "from moe_jax.planner.search import watch_parent; "
+              "from moe_jax.planner.workers import watch_parent; "
               "watch_parent(0.1); time.sleep(120)'])\n"
               "print(child.pid, flush=True)\ntime.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=clean_env())

@@ -107,29 +107,28 @@ SPECS = {"bsd,hkd->bshk": ((1, 1, 8), (3, 4, 8)), "bsd,khd->bskh": ((1, 1, 8), (
 
 
 @pytest.mark.parametrize("spec", sorted(SPECS))
-def test_weight_einsum_as_a_reduction_equals_the_einsum(spec, monkeypatch):
+def test_weight_einsum_as_a_reduction_equals_the_einsum(spec):
     """The one-row GPU form (a product and an f32 sum over the stored weight) computes the einsum."""
     import moe_jax.model.layers as layers
 
-    monkeypatch.setattr(layers, "traced_platform", lambda: "gpu")
     xs, ws = SPECS[spec]
     x = jax.random.normal(jax.random.key(0), xs, jnp.float32)
     w = jax.random.normal(jax.random.key(1), ws, jnp.float32)
-    got = layers.weight_einsum(spec, x, w, one_row=True)
+    got = layers.weight_einsum(spec, x, w, in_place=True)
     np.testing.assert_allclose(got, jnp.einsum(spec, x, w), atol=1e-5, rtol=1e-5)
-    bf = layers.weight_einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), one_row=True)
+    bf = layers.weight_einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), in_place=True)
     assert bf.dtype == jnp.bfloat16
 
 
 def test_grouped_matmul_reads_gate_and_up_as_stored():
     """[E, N, K] weights (as the experts' are stored: contracted K minor) give what [E, K, N] give, natively and
     in the CPU loop."""
-    from moe_jax.model.moe import _grouped_matmul
+    from moe_jax.model.moe import grouped_matmul
 
     x = jax.random.normal(jax.random.key(0), (20, 6))
     w = jax.random.normal(jax.random.key(1), (4, 6, 5))                 # [E, K, N]
     sizes = jnp.array([3, 0, 9, 5], jnp.int32)
-    want = _grouped_matmul(x, w, sizes, native=True)
+    want = grouped_matmul(x, w, sizes, native=True)
     for native in (True, False):
-        got = _grouped_matmul(x, jnp.swapaxes(w, 1, 2), sizes, native=native, k_minor=True)
+        got = grouped_matmul(x, jnp.swapaxes(w, 1, 2), sizes, native=native, k_minor=True)
         np.testing.assert_allclose(got[:17], want[:17], atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ from moe_jax.errors import MoeJaxError
 from moe_jax.hardware.presets import get_hardware, hardware_names
 from moe_jax.parallel.mesh import Strategy, build_mesh
 from moe_jax.planner.search import enumerate_strategies, estimate
+from moe_jax.runtime.verify import exact_config
 
 SLOW = settings(max_examples=6, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -39,7 +40,7 @@ def model_and_mesh(draw, devices=(2, 4, 8)):
         qk_norm=draw(st.sampled_from(["none", "head", "full"])), moe_group_size=draw(st.sampled_from([4, 16])),
         router_norm_topk=draw(st.booleans()), num_shared_experts=draw(st.sampled_from([0, 1])), dtype="float32")
     cfg = cfg.replace(top_k=draw(st.integers(1, min(2, cfg.num_experts))))
-    cfg = cfg.replace(capacity_factor=cfg.num_experts / cfg.top_k)     # no drops: comparable with one device
+    cfg = exact_config(cfg)                         # no drops: comparable with one device
     n = draw(st.sampled_from(devices))
     strategy = draw(st.sampled_from(enumerate_strategies(cfg, n, 8)))
     return cfg, strategy
@@ -83,8 +84,8 @@ def test_property_cost_report_adds_up_and_matches_placement(case):
 @given(model_and_mesh(devices=(1, 2, 4, 8, 16, 64)), st.sampled_from(hardware_names()),
        st.integers(1, 64), st.integers(1, 512), st.integers(2, 64))
 def test_property_every_prediction_is_at_or_above_its_floor(case, hw_name, batch_mult, prompt, gen):
-    from moe_jax.costs.analytic import estimate_phase
-    from moe_jax.costs.walk import CostReport, analytic_flops
+    from moe_jax.costs.analytic import analytic_flops, estimate_phase
+    from moe_jax.costs.types import AnalyticReport, CostReport
     from moe_jax.perf.timemodel import predict
     from moe_jax.programs.placement import describe
 
@@ -96,7 +97,8 @@ def test_property_every_prediction_is_at_or_above_its_floor(case, hw_name, batch
     phases = {ph: estimate_phase(cfg, strategy, work, ph, p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
               for ph in ("prefill", "decode")}
     report = CostReport(cfg.name, strategy.name, strategy.name, work.to_dict(), "analytic", "estimate",
-                        strategy.num_devices, phases, [], {ph: analytic_flops(cfg, work, ph) for ph in phases})
+                        strategy.num_devices, phases, [],
+                        AnalyticReport({ph: analytic_flops(cfg, work, ph) for ph in phases}))
     pred = predict(report, hw, work.batch, work.gen_len)
     floor = (p.weight_bytes_per_device + p.kv_cache_bytes_per_device) / hw.hbm_bandwidth
     assert pred.tpot_s >= floor * (1 - 1e-12) and pred.tpot_s >= pred.decode.floor_s
@@ -229,6 +231,40 @@ def test_derived_outputs_never_overwrite_a_users_file(tmp_path, capsys):
         raise SystemExit(0)
     assert e.value.code == 0 and (tmp_path / "report.md").read_text().startswith("<!-- written by moe-jax -->")
     assert list(tmp_path.glob(".*tmp")) == []                # no temporary file left behind
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["analyze", "--json", "{d}/r.md", "--markdown", "{d}/r.md"], "--markdown and --json both write"),
+    (["analyze", "--json", "{d}/r.memory.png", "--markdown", "{d}/r.md"], "the memory chart and --json both write"),
+    (["plan", "--devices", "8", "--json", "{d}/p.pareto.png", "--markdown", "{d}/p.md"],
+     "the derived .pareto.png and --json both write"),
+])
+def test_two_outputs_on_one_file_are_refused_before_the_work(tmp_path, capsys, argv, message):
+    from moe_jax.cli import main
+
+    argv = [a.format(d=tmp_path) for a in argv] + ["--model", "tiny"] + (["--mesh", "EP8"] if argv[0] == "analyze"
+                                                                         else ["--hardware", "h100"])
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []                    # nothing written
+
+
+def test_a_linked_chart_path_is_refused_not_followed(tmp_path, capsys):
+    from moe_jax.cli import main
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "precious.png"
+    target.write_bytes(b"keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.memory.png").symlink_to(target)
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--model", "tiny", "--mesh", "EP8", "--markdown", str(out / "report.md")])
+    assert e.value.code == 2 and "not a regular file" in capsys.readouterr().err
+    assert target.read_bytes() == b"keep me" and not (out / "report.md").exists()
 
 
 @pytest.mark.parametrize("index", ['{"weight_map": ["a", "b"]}', '{"weight_map": {"x": 3}}', '{"nope": {}}', '[1'])

@@ -16,14 +16,14 @@ from moe_jax.config import get_model
 from moe_jax.costs.compile import Workload
 from moe_jax.parallel.mesh import Strategy
 from moe_jax.runtime.run import run, time_call
+from moe_jax.runtime.verify import exact_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = get_model("tiny")
-    return cfg.replace(dtype="float32", capacity_factor=cfg.num_experts / cfg.top_k)
+    return exact_config(get_model("tiny"))
 
 
 @pytest.fixture(scope="module")

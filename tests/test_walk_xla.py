@@ -1,7 +1,7 @@
 """The cost walk against XLA's own cost analysis, on loop-free programs, for the cpu, tpu and gpu compiles.
 
 Without a loop, XLA's HloCostAnalysis is exact by its own definitions, so the walk
-(`moe_jax.costs.walk.walk`, loop bodies counted once: ``walk()["uncorrected"]``) must agree
+(`moe_jax.costs.walk.walk`, loop bodies counted once: ``walk().uncorrected``) must agree
 with it. The programs: hand-written ones (a matmul, elementwise math, reductions, a KV-cache
 update read by attention, an embedding lookup, sharded matmuls with an all-reduce, a
 reduce-scatter and an all-gather) and the ``tiny`` preset with one layer (its layer
@@ -250,7 +250,7 @@ def like_xla(hlo_text: str, mesh: dict) -> dict:
     """
     module = Module.parse(hlo_text)
     w = walk(hlo_text, mesh)
-    ops = {o.name: o for o in w["ops"]}
+    ops = {o.name: o for o in w.ops}
     runs, kind, _ = module.multipliers()
     adjust, touched, flops_adjust = defaultdict(int), defaultdict(int), 0
     for cname, comp in module.computations.items():
@@ -289,9 +289,9 @@ def like_xla(hlo_text: str, mesh: dict) -> dict:
             if xla != walked:
                 adjust[rule] += xla - walked
                 touched[rule] += 1
-    raw = w["uncorrected"]
-    return {"flops": raw["flops"] + flops_adjust, "bytes": raw["hbm_bytes"] + sum(adjust.values()),
-            "raw_flops": raw["flops"], "raw_bytes": raw["hbm_bytes"], "adjustments": dict(adjust),
+    raw = w.uncorrected
+    return {"flops": raw.flops + flops_adjust, "bytes": raw.hbm_bytes + sum(adjust.values()),
+            "raw_flops": raw.flops, "raw_bytes": raw.hbm_bytes, "adjustments": dict(adjust),
             "touched": dict(touched)}
 
 
@@ -346,11 +346,11 @@ def test_phase_cost_keeps_the_raw_walk_beside_xla_on_cpu():
     cfg = get_model("tiny").replace(num_layers=1)
     report = analyze_cost(cfg, Strategy.parse("EP2-TP2-DP2"), Workload(8, 16, 4))
     for phase in report.phases.values():
-        assert phase.walk_uncorrected["flops"] == pytest.approx(phase.xla_cost["flops"], rel=TOLERANCE)
-        assert phase.walk_uncorrected["hbm_bytes"] == pytest.approx(phase.xla_cost["bytes accessed"], rel=TOLERANCE)
-        assert phase.walk_uncorrected["transcendentals"] == phase.xla_cost["transcendentals"]
-        assert phase.flops < phase.walk_uncorrected["flops"]        # no loop: only the cpu bf16 normalisation
-        assert phase.raw_hbm_bytes == phase.walk_uncorrected["hbm_bytes"]
+        assert phase.walk_uncorrected.flops == pytest.approx(phase.xla_cost["flops"], rel=TOLERANCE)
+        assert phase.walk_uncorrected.hbm_bytes == pytest.approx(phase.xla_cost["bytes accessed"], rel=TOLERANCE)
+        assert phase.walk_uncorrected.transcendentals == phase.xla_cost["transcendentals"]
+        assert phase.flops < phase.walk_uncorrected.flops        # no loop: only the cpu bf16 normalisation
+        assert phase.raw_hbm_bytes == phase.walk_uncorrected.hbm_bytes
 
 
 # --- tpu and gpu: compiled in a subprocess, compared here ------------------------------------
@@ -374,7 +374,7 @@ def test_walk_equals_xla_on_gpu(tmp_path):
     require_compiler("gpu")
     script = (f"OUT_DIR = {str(tmp_path)!r}\nBACKEND, TOPOLOGY = 'gpu', None\n"
               "def DEVICES():\n    import pathlib, moe_jax\n    from jax.experimental import topologies\n"
-              "    spec = pathlib.Path(moe_jax.__file__).parent / 'targets' / 'h200.txtpb'\n"
+              "    spec = pathlib.Path(moe_jax.__file__).parent / 'hardware' / 'targets' / 'h200.txtpb'\n"
               "    return topologies.get_topology_desc(platform='cuda', target_config=spec.read_text(),"
               " topology='1x1x8').devices\n" + DUMP)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
@@ -389,10 +389,10 @@ def test_walk_equals_xla_on_gpu(tmp_path):
     cublas = open(rows["matmul_cublas"]["hlo"]).read()
     assert 'custom_call_target="__cublas$' in cublas
     ours = walk(cublas, {"dp": 2, "tp": 4})
-    assert ours["matmul_flops"] == 2 * 256 * 512 * 384
+    assert ours.matmul_flops == 2 * 256 * 512 * 384
     visible = xla_reference(open(rows["matmul"]["hlo"]).read())          # the same matmul as a (Triton) dot
-    assert ours["flops"] == pytest.approx(visible["flops"], rel=TOLERANCE)
-    gemm, = [o for o in ours["ops"] if o.opcode == "custom-call"]
+    assert ours.flops == pytest.approx(visible["flops"], rel=TOLERANCE)
+    gemm, = [o for o in ours.ops if o.opcode == "custom-call"]
     assert gemm.bytes == (256 * 512 + 512 * 384 + 256 * 384) * 2            # operands and result, not the workspace
 
 
@@ -447,8 +447,8 @@ def test_a_value_updated_in_place_and_read_afterwards_counts_the_read():
     """Decode attention on the GPU writes the new token into the KV cache and reads the cache in the same fusion.
     The walk counted no read of the cache at all (in place); it reads what the slice takes (one KV head here).
     XLA reads the whole cache (it does not look through the bitcast)."""
-    assert walk(IN_PLACE_THEN_READ, {"x": 1})["hbm_bytes"] == HEAD + NEW + 4 + 8 * 20 * 16 * 4   # + pos, result
-    assert walk(IN_PLACE, {"x": 1})["hbm_bytes"] == NEW + 4 + NEW         # in place: reads and writes the token
+    assert walk(IN_PLACE_THEN_READ, {"x": 1}).hbm_bytes == HEAD + NEW + 4 + 8 * 20 * 16 * 4   # + pos, result
+    assert walk(IN_PLACE, {"x": 1}).hbm_bytes == NEW + 4 + NEW         # in place: reads and writes the token
     ours = like_xla(IN_PLACE_THEN_READ, {"x": 1})
     assert ours["adjustments"] == {"fusion parameter reads": CACHE - HEAD}
     assert ours["bytes"] == xla_reference(IN_PLACE_THEN_READ)["bytes accessed"]
@@ -470,8 +470,8 @@ backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting
 
 def test_a_cublas_gemm_counts_its_flops_and_not_its_workspace():
     w = walk(CUBLAS, {"x": 1})
-    assert w["matmul_flops"] == w["flops"] == 2 * 256 * 512 * 384
-    assert w["hbm_bytes"] == (256 * 512 + 512 * 384 + 256 * 384) * 2
+    assert w.matmul_flops == w.flops == 2 * 256 * 512 * 384
+    assert w.hbm_bytes == (256 * 512 + 512 * 384 + 256 * 384) * 2
     assert xla_reference(CUBLAS)["flops"] == -1                  # what XLA's own analysis makes of it
 
 

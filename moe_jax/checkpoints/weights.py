@@ -98,6 +98,10 @@ def sources(cfg: ModelConfig) -> list[Source]:
     return out
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+"""The safetensors dtypes a weight may be stored in (cast to the model's dtype when read)."""
+
+
 class Checkpoint:
     """The tensors of a safetensors checkpoint (one file or sharded with an index), opened lazily."""
 
@@ -131,6 +135,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor `name` as stored."""
         return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """Tensor `name`'s dtype as safetensors names it (``BF16``, ``F32``, ``I32`` ...)."""
+        return str(self._handles[self.location[name]].get_slice(name).get_dtype())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The slice `index` of tensor `name` (only those bytes are read)."""
@@ -177,6 +185,12 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
     for n, shape in expected.items():
         if ckpt.shape(n) != shape:
             raise MoeJaxError(f"tensor {n!r} has shape {ckpt.shape(n)}, expected {shape} for {cfg.name}")
+    not_float = [n for n in expected if ckpt.dtype(n) not in FLOAT_DTYPES]
+    if not_float:
+        n = not_float[0]
+        raise MoeJaxError(f"tensor {n!r} is stored as {ckpt.dtype(n)} ({len(not_float)} such tensor(s)); weights "
+                          f"must be floating point ({', '.join(FLOAT_DTYPES)}): an integer tensor would be cast "
+                          "silently, and a quantized checkpoint needs its own loader")
     unexpected = sorted(set(ckpt.location) - set(expected))
     if unexpected:
         raise MoeJaxError(f"checkpoint has {len(unexpected)} tensor(s) this model does not use, first "
@@ -234,7 +248,11 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
 
 
 def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
-    """Write parameters as a Hugging Face checkpoint (config.json + model.safetensors)."""
+    """Write parameters as a Hugging Face checkpoint (config.json + model.safetensors).
+
+    Each tensor keeps its parameter's own dtype: a bf16 model is written as bf16 (safetensors' ``BF16``,
+    as released checkpoints are) and loads back bit for bit; f32 norms and router stay f32.
+    """
     from safetensors.numpy import save_file
 
     from moe_jax.config.hf import to_hf_dict
@@ -257,8 +275,6 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
                     part = block[i] if src.stacked else block
                     hf = np.transpose(part, np.argsort(src.perm))
                     tensors[name.format(l=layer, e=e)] = np.ascontiguousarray(hf.reshape(src.hf_shape))
-    if np.dtype(next(iter(tensors.values())).dtype).name == "bfloat16":
-        tensors = {k: v.astype(np.float32) for k, v in tensors.items()}   # numpy safetensors has no bf16
     save_file(tensors, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(to_hf_dict(cfg), indent=2))
     return d

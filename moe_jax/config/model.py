@@ -1,4 +1,5 @@
-"""The frozen `ModelConfig`: a MoE decoder's fields and the parameter counts computed from them.
+"""The frozen `ModelConfig`: a MoE decoder's fields, and the parameter counts and useful-FLOP formulas
+computed from them (the one place the analytic estimate, the cost report and the time model take them from).
 
 Shape letters used throughout moe-jax (one legend for names and comments):
 B batch, S length (query positions), T cache length (key positions), D embed,
@@ -6,7 +7,7 @@ H query heads, K KV heads, Dh head dim, F expert FFN width, E experts, k top-k,
 C expert capacity, G token groups, Sg tokens per group, L layers, V vocabulary.
 
 Parameter counts are computed from the fields, never typed in; the presets' published
-totals (``../shared/reference/models.md``) are what the tests check them against.
+totals (``docs/seed-model.md``) are what the tests check them against.
 """
 
 from __future__ import annotations
@@ -133,12 +134,17 @@ class ModelConfig:
     # --- parameter counts (match the Flax model's parameters exactly) ----------------
 
     @property
+    def attention_proj_params(self) -> int:
+        """One layer's attention projections: q (D × H·Dh), k and v (D × K·Dh each), o (H·Dh × D)."""
+        D, H, K, Dh = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+        return D * H * Dh + 2 * D * K * Dh + H * Dh * D
+
+    @property
     def attention_params(self) -> int:
         """One layer's attention: q, k, v, o projections, QK-norm weights, and the pre-attention norm."""
-        D, H, K, Dh = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
-        proj = D * H * Dh + 2 * D * K * Dh + H * Dh * D
+        H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qk = {"none": 0, "head": 2 * Dh, "full": H * Dh + K * Dh}[self.qk_norm]
-        return proj + qk + D
+        return self.attention_proj_params + qk + self.d_model
 
     @property
     def router_params(self) -> int:
@@ -181,6 +187,31 @@ class ModelConfig:
         """Parameters one token uses: attention, router, shared experts, top-k experts, embeddings."""
         per_layer = self.attention_params + self.moe_dense_params + self.top_k * self.expert_params
         return self.num_layers * per_layer + self.embedding_params
+
+    # --- FLOPs the model needs (matmuls only: norms, softmax and routing arithmetic are not counted) ----
+
+    @property
+    def matmul_params_per_token(self) -> int:
+        """Matmul parameters one token multiplies in the layers: attention projections, router, shared and
+        top-k experts, over all L layers (the embedding is a lookup; the output head is `head_params`)."""
+        per_layer = (self.attention_proj_params + self.router_params + self.shared_params
+                     + self.top_k * self.expert_params)
+        return self.num_layers * per_layer
+
+    @property
+    def head_params(self) -> int:
+        """The output head's matmul parameters (D × V)."""
+        return self.d_model * self.vocab_size
+
+    def useful_flops(self, tokens: int, head_tokens: int) -> int:
+        """Matmul FLOPs of `tokens` tokens through the layers, and the output head on `head_tokens` of them:
+        2 × parameters × tokens (a multiply and an add per parameter)."""
+        return 2 * self.matmul_params_per_token * tokens + 2 * self.head_params * head_tokens
+
+    def attention_flops(self, batch: int, queries: int, keys: int) -> int:
+        """QKᵀ and PV over all layers for `batch` sequences of `queries` positions against `keys` cached
+        positions, as computed (every key, masked or not): 2 matmuls × 2 × H × S × T × Dh per sequence."""
+        return self.num_layers * 4 * batch * self.num_heads * queries * keys * self.head_dim
 
     @property
     def kv_bytes_per_token(self) -> int:

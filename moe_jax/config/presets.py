@@ -10,7 +10,7 @@ from moe_jax.errors import ConfigError, nearest
 
 _PRESETS: dict[str, ModelConfig] = {}
 PUBLISHED_PARAMS_B: dict[str, tuple[float, float]] = {}
-"""Published (total, active) parameter counts in billions, from ../shared/reference/models.md."""
+"""Published (total, active) parameter counts in billions, from docs/seed-model.md."""
 
 
 def _preset(cfg: ModelConfig, total_b: float | None = None, active_b: float | None = None) -> None:

@@ -12,23 +12,116 @@ Weights and KV cache per device are exact (the placement);
 activations are estimated. The result is a `PhaseCost` the time model (`moe_jax.perf.timemodel`)
 reads exactly as it reads a compiled one, so analytic and compiled figures compare
 like for like.
+
+Also here, from the config alone, the figures reported beside every program, compiled or
+estimated (`analytic_report`): the model's useful FLOPs per phase (`analytic_flops`, formulas
+on `ModelConfig`), and what capacity dispatch adds (its token groups: `capacity_groups`, the one
+place their arithmetic is written).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from moe_jax.config import ModelConfig
-from moe_jax.costs.compile import Workload
-from moe_jax.costs.walk import CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
+from moe_jax.costs.compile import PHASES, Workload
+from moe_jax.costs.routing import decode_floor_weights
+from moe_jax.costs.types import Analytic, AnalyticReport, CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
 from moe_jax.model.moe import group_size, receive_rows
 from moe_jax.model.pipeline import schedule
 from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_replicated
 from moe_jax.parallel.rules import Layout
 
 F32 = 4
+
+
+@dataclass(frozen=True)
+class CapacityGroups:
+    """Capacity dispatch's token groups, as the model forms them (`moe_jax.model.moe.group_size`).
+
+    Tokens are routed in groups of Sg that never cross a batch shard; each group gives every
+    expert C slots (`ModelConfig.capacity`).
+    """
+
+    group_tokens: int
+    """Sg: tokens per group."""
+    capacity: int
+    """C: slots per expert per group."""
+
+    def groups(self, tokens: int) -> int:
+        """G: groups formed by `tokens` tokens."""
+        return tokens // self.group_tokens
+
+    def slots(self, cfg: ModelConfig, groups: int) -> int:
+        """Expert slots of `groups` groups: E × G × C (each computed, filled or padded)."""
+        return cfg.num_experts * groups * self.capacity
+
+    def dispatch_combine_flops(self, cfg: ModelConfig, groups: int) -> int:
+        """One layer's dispatch and combine einsums over `groups` groups: 2 × (2 · G · Sg · E · C · D)."""
+        return 2 * (2 * groups * self.group_tokens * cfg.num_experts * self.capacity * cfg.d_model)
+
+
+def capacity_groups(cfg: ModelConfig, tokens: int, shards: int) -> CapacityGroups:
+    """The groups capacity dispatch forms for `tokens` tokens routed together (one microbatch) split `shards`
+    ways."""
+    Sg = group_size(tokens, shards, cfg.moe_group_size)
+    return CapacityGroups(Sg, cfg.capacity(Sg))
+
+
+def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shards: int = 1,
+                   microbatches: int = 1, full_logits: bool = False) -> Analytic:
+    """FLOPs over all devices from the config: useful matmuls, attention, and capacity-dispatch overhead.
+
+    useful: 2 × (matmul parameters one token uses in the layers) × tokens, plus the output head
+    (2 × D × vocab) once per sequence: the serving prefill computes the last position's logits
+    only (every prompt position with `full_logits`); decode's one token is its last. The
+    embedding lookup is not a matmul (`ModelConfig.useful_flops`).
+    attention: QKᵀ and PV as computed (prefill: full S×S, masked; decode: all T cache positions).
+    capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
+    the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
+    is split `batch_shards` ways.
+    """
+    B = workload.batch
+    S = workload.prompt_len if phase == "prefill" else 1
+    T = S if phase == "prefill" else workload.cache_len
+    tokens = B * S
+    useful = cfg.useful_flops(tokens, head_tokens=tokens if full_logits else B)
+    attention = cfg.attention_flops(B, S, T)
+    capacity = 0
+    if cfg.dispatch == "capacity":
+        mb_tokens = tokens // microbatches
+        groups = capacity_groups(cfg, mb_tokens, batch_shards)
+        G = microbatches * groups.groups(mb_tokens)
+        padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_params * cfg.num_layers
+        capacity = padded + groups.dispatch_combine_flops(cfg, G) * cfg.num_layers
+    return Analytic(useful, attention, capacity)
+
+
+def analytic_report(cfg: ModelConfig, strategy: Strategy, workload: Workload, weights_per_device: int,
+                    phases: Iterable[str] = PHASES, microbatches: Mapping[str, int | None] | None = None
+                    ) -> AnalyticReport:
+    """The figures from the config alone that go beside a program of `cfg` under `strategy`: per phase the
+    useful, attention and capacity FLOPs (token groups as the program forms them: the layout's batch shards
+    of each pipeline microbatch), the weights a decode step must read, and the weights per device.
+
+    microbatches: per phase, the pipeline microbatches asked for (None: the schedule's default).
+    """
+    layout = Layout.for_strategy(cfg, strategy)
+    B = workload.batch
+    per_phase = {}
+    for name in phases:
+        M = 1
+        if strategy.pp > 1:
+            length = workload.prompt_len if name == "prefill" else 1
+            M = schedule(cfg, strategy, B, length, decode=name == "decode",
+                         microbatches=(microbatches or {}).get(name)).microbatches
+        per_phase[name] = analytic_flops(cfg, workload, name, layout.shards("batch", B // M), M)
+    return AnalyticReport(per_phase, weights_per_device_placement=weights_per_device,
+                          decode_weights_read=decode_floor_weights(cfg, strategy, weights_per_device, B))
 
 
 def axis_group(strategy: Strategy, axes) -> list[int]:
@@ -57,9 +150,9 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     Lp = cfg.num_layers // s.pp
     Hl = H // s.tp
     Kl = K if kv_replicated(cfg, s) else K // s.tp
-    Sg = group_size(Bm * S, shards, cfg.moe_group_size)
-    G = tok // Sg                                         # token groups on this device
-    C = cfg.capacity(Sg)
+    groups = capacity_groups(cfg, Bm * S, shards)
+    Sg, C = groups.group_tokens, groups.capacity
+    G = groups.groups(tok)                                # token groups on this device
     El, Fl = E // s.ep, F // s.tp
     layer_ops = [
         ("qkvo", 2 * tok * D * (Hl + 2 * Kl) * Dh + 2 * tok * Hl * Dh * D,
@@ -88,7 +181,8 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         ]
     else:
         layer_ops += [
-            ("dispatch_combine", 2 * 2 * G * Sg * E * C * D, 2 * (G * Sg * E * C * F32 + E * G * C * D * b)),
+            ("dispatch_combine", groups.dispatch_combine_flops(cfg, G),
+             2 * (G * Sg * E * C * F32 + E * G * C * D * b)),
             ("experts", 2 * 3 * El * (G * s.ep) * C * D * Fl,
              3 * El * D * Fl * b + El * G * s.ep * C * (2 * D + 3 * Fl) * b),
         ]

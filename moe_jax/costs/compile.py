@@ -209,6 +209,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
     import jax
     import jax.numpy as jnp
 
+    from moe_jax.model.execution import Kernels
     from moe_jax.model.transformer import cache_shape
     from moe_jax.parallel.mesh import build_mesh
     from moe_jax.programs.sharded import ShardedModel
@@ -237,8 +238,9 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
     mesh = build_mesh(compiled_strategy, devices, physical=backend != "cpu")
     position = {id(d): i for i, d in enumerate(devices)}
     physical_order = [position[id(d)] for d in mesh.devices.flat]
+    # the programs are built for the compile target's kernels (a deviceless TPU or GPU compile runs in a CPU process)
     sm = ShardedModel(cfg, compiled_strategy, mesh, prefill_microbatches=prefill_microbatches,
-                      decode_microbatches=decode_microbatches)
+                      decode_microbatches=decode_microbatches, kernels=Kernels.for_platform(devices[0].platform))
     B, S, T = workload.batch, workload.prompt_len, workload.cache_len
 
     def struct(shape, dtype, sharding):

@@ -13,7 +13,8 @@ Device numbers are partition ids: positions in the mesh's flattened device array
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -150,11 +151,21 @@ def arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape_text)]
 
 
-def shape_bytes(shape_text: str) -> int:
-    """Bytes of every array in a shape (f8 types 1 byte)."""
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per element of an HLO element type (``bf16``: 2; f8 types 1, s4 and u4 half)."""
+    return _DTYPE_BYTES.get(dtype, 1)
+
+
+def shape_bytes(shape_text: str, widths: Mapping[str, float] | None = None) -> int:
+    """Bytes of every array in a shape (f8 types 1 byte).
+
+    widths: bytes per element for some element types, counted instead of their own (the
+    walk counts an XLA:CPU program's f32 arrays at the width of the model's 16-bit dtype).
+    """
     total = 0.0
     for dtype, dims in arrays(shape_text):
-        total += _DTYPE_BYTES.get(dtype, 1) * int(np.prod(dims, dtype=np.int64))
+        width = widths[dtype] if widths and dtype in widths else _DTYPE_BYTES.get(dtype, 1)
+        total += width * int(np.prod(dims, dtype=np.int64))
     return int(total)
 
 
@@ -200,11 +211,17 @@ class Instruction:
     operands: list[str]
     attrs: str
     is_root: bool
+    widths: Mapping[str, float] | None = field(default=None, repr=False, compare=False)
+    """Element widths counted instead of the types' own (`Module.counted_as`); None: the types' own."""
 
     @property
     def bytes(self) -> int:
         """Bytes of the result."""
-        return shape_bytes(self.shape)
+        return shape_bytes(self.shape, self.widths)
+
+    def bytes_of(self, shape_text: str) -> int:
+        """Bytes of another shape (a part of this one's) at the element widths this instruction counts."""
+        return shape_bytes(shape_text, self.widths)
 
     @property
     def elements(self) -> int:
@@ -291,6 +308,16 @@ class Module:
         if not entry:
             raise ValueError("no ENTRY computation in HLO text")
         return cls(comps, entry)
+
+    def counted_as(self, widths: Mapping[str, float]) -> Module:
+        """The same module with every array of the given element types counted at the given bytes per element
+        (e.g. ``{"f32": 2}``: XLA:CPU's f32 arrays as the bf16 a GPU or TPU program moves). Shapes, and so
+        element counts and FLOPs, are unchanged."""
+        comps = {}
+        for name, comp in self.computations.items():
+            instrs = [replace(i, widths=widths) for i in comp.instructions]
+            comps[name] = Computation(comp.name, comp.is_entry, instrs, {i.name: i for i in instrs})
+        return Module(comps, self.entry)
 
     def calls(self, instr: Instruction) -> list[tuple[str, str]]:
         """(role, callee) for each computation `instr` calls."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from moe_jax.config import ModelConfig
+from moe_jax.costs.types import WeightsRead
 from moe_jax.parallel.mesh import Strategy
 
 UNIFORM = "uniform routing: each token picks k distinct experts uniformly at random"
@@ -42,7 +43,7 @@ def shard_imbalance(cfg: ModelConfig, strategy: Strategy, tokens: int) -> float:
     return min(float(ep), 1.0 + sigma * math.sqrt(2 * math.log(ep)) / mean)
 
 
-def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, batch: int) -> dict:
+def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, batch: int) -> WeightsRead:
     """Weight bytes a decode step must read per device, with the arithmetic.
 
     Capacity dispatch reads every local expert. Dropless reads only experts the step's
@@ -50,12 +51,11 @@ def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, bat
     replica (batch / dp), so the expected fraction is `touched_fraction` of them.
     """
     if cfg.dispatch != "dropless":
-        return {"bytes": weights, "detail": "every local weight (capacity dispatch touches every local expert)"}
+        return WeightsRead(weights, "every local weight (capacity dispatch touches every local expert)")
     tokens = max(batch // strategy.dp, 1)
     experts = routed_expert_bytes(cfg, strategy)
     frac = touched_fraction(cfg, tokens)
     read = weights - experts + int(experts * frac)
-    return {"bytes": read, "touched_fraction": frac, "tokens": tokens,
-            "detail": f"{weights - experts:,} B non-expert + {frac:.1%} of {experts:,} B local expert weights "
-                      f"(1 - (1 - k/E)^T, k={cfg.top_k}, E={cfg.num_experts}, T={tokens} tokens per replica; "
-                      f"{UNIFORM})"}
+    return WeightsRead(read, f"{weights - experts:,} B non-expert + {frac:.1%} of {experts:,} B local expert weights "
+                             f"(1 - (1 - k/E)^T, k={cfg.top_k}, E={cfg.num_experts}, T={tokens} tokens per replica; "
+                             f"{UNIFORM})", touched_fraction=frac, tokens=tokens)

@@ -28,15 +28,19 @@ traffic, 15-25% of a small model's bytes) and the FLOPs of other custom calls (c
 
 Model phases come from ``jax.named_scope``: attention, router, dispatch, experts,
 combine, shared_experts, embed, head, pipeline.
+
+The records it fills (`PhaseCost`, `OpCost`, `CollectiveCost`, `MemoryBreakdown`, `WalkResult`,
+`CostReport`) live in `moe_jax.costs.types`; the figures from the config alone set beside them
+come from `moe_jax.costs.analytic.analytic_report`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from moe_jax.config import ModelConfig
 from moe_jax.costs.compile import CompiledPhase, CompiledProgram, Workload, compile_program
@@ -46,11 +50,23 @@ from moe_jax.costs.hlo import (
     Module,
     arrays,
     collective_axes,
+    dtype_bytes,
     parse_replica_groups,
     shape_bytes,
     tuple_parts,
 )
+from moe_jax.costs.types import (
+    CollectiveCost,
+    CostReport,
+    DroplessRouting,
+    MemoryBreakdown,
+    OpCost,
+    PhaseCost,
+    WalkResult,
+    WalkTotals,
+)
 from moe_jax.model import scopes
+from moe_jax.model.moe import receive_rows
 from moe_jax.names import DTYPES
 from moe_jax.parallel.mesh import Strategy
 
@@ -89,7 +105,7 @@ class RaggedHints:
     """What the walk needs to read a dropless program (``dispatch="dropless"``), from the config and mesh.
 
     groups: local experts, when each grouped matmul is a loop of dense matmuls over all rows,
-    one per local expert (the CPU program: `moe_jax.model.moe._grouped_matmul`), so its dots
+    one per local expert (the CPU program: `moe_jax.model.moe.dropless.grouped_matmul`), so its dots
     count groups × the real FLOPs; the walk divides those dots by it. 1 where the backend
     has a real grouped matmul.
     row_fraction: with ep > 1, each shard receives rows into a buffer of R rows
@@ -119,10 +135,14 @@ class RaggedHints:
         cpu = platform == "cpu"
         if strategy.ep == 1:
             return cls(groups=local if cpu else 1, looped=cpu)
-        strict = cfg.top_k / (strategy.ep * min(cfg.top_k, local))          # T·k over the worst-case rows
+        # The model's worst-case buffer per token a shard holds (T = 1): R rows, blocks of P rows per source;
+        # T·k of them are filled under uniform routing. A dropless_buffer bound f caps R at f·T·k rows.
+        worst_rows, worst_block = receive_rows(cfg.replace(dropless_buffer=None), 1, strategy.ep)
+        strict = cfg.top_k / worst_rows
+        strict_block = cfg.top_k / (strategy.ep * worst_block)
         bound = cfg.dropless_buffer
         rows = strict if bound is None else min(1.0, max(strict, 1 / bound))
-        block = strict if bound is None else min(1.0, max(strict, 1 / (strategy.ep * bound)))
+        block = strict_block if bound is None else min(1.0, max(strict_block, 1 / (strategy.ep * bound)))
         return cls(groups=local if cpu else 1, row_fraction=rows, block_fraction=block, looped=cpu)
 
 
@@ -206,7 +226,7 @@ def _operand_bytes(instr: Instruction, comp, module: Module) -> int:
             continue
         full = src.bytes
         if base in _SLICING and index == 0:
-            full = min(full, instr.bytes if base == instr.opcode else _async_result_bytes(instr.shape))
+            full = min(full, instr.bytes if base == instr.opcode else _async_result_bytes(instr.shape, instr.widths))
         elif instr.opcode == "dynamic-update-slice" and index == 0:
             full = 0                                        # updated in place
         elif instr.opcode == "scatter" and index == 0:
@@ -269,12 +289,12 @@ def _result_bytes(instr: Instruction, comp, module: Module) -> int:
     A cuBLAS/cuDNN custom call returns (result, workspace): only the result counts.
     """
     if instr.opcode.endswith("-start") and instr.shape.startswith("("):
-        return _async_result_bytes(instr.shape)
+        return _async_result_bytes(instr.shape, instr.widths)
     if _is_library_call(instr) and instr.shape.startswith("("):
         parts = tuple_parts(instr.shape)
         if re.match(r"[su]8\[\d+\]", parts[-1]):                   # the workspace (scratch), last
             parts = parts[:-1]
-        return sum(shape_bytes(p) for p in parts)
+        return sum(instr.bytes_of(p) for p in parts)
     root = instr
     inner = comp
     if instr.opcode == "fusion":
@@ -294,7 +314,7 @@ def _result_bytes(instr: Instruction, comp, module: Module) -> int:
     return total if instr.opcode == "fusion" or instr.opcode in _IN_PLACE else instr.bytes
 
 
-def _async_result_bytes(shape: str) -> int:
+def _async_result_bytes(shape: str, widths: Mapping[str, float] | None = None) -> int:
     """Bytes an async ``*-start`` writes. Its tuple holds (operands, results[, context]): all-gather and the
     async wrappers (all-to-all, reduce-scatter) nest their operands in a tuple, the results follow it (a
     reduce-scatter writes 1/n of what it reads); copy-start and collective-permute-start hold one array each
@@ -302,8 +322,8 @@ def _async_result_bytes(shape: str) -> int:
     parts = tuple_parts(shape)
     if parts[0].startswith("("):
         results = [p for p in parts[1:] if not re.fullmatch(r"[us]32\[\](\{[^}]*\})?", p)]   # not a context
-        return sum(shape_bytes(p) for p in results)
-    return max(shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(shape))
+        return sum(shape_bytes(p, widths) for p in results)
+    return max(shape_bytes(f"{d}[{','.join(map(str, dims))}]", widths) for d, dims in arrays(shape))
 
 
 def _ragged_bytes(instr: Instruction, comp, result: int) -> tuple[int, int]:
@@ -321,130 +341,12 @@ def _ragged_bytes(instr: Instruction, comp, result: int) -> tuple[int, int]:
 
 def _collective_payload(instr: Instruction, comp, kind: str) -> int:
     """Bytes of the data a collective moves per device per call (before any algorithm factor)."""
-    parts = [shape_bytes(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(instr.shape)]
+    parts = [instr.bytes_of(f"{d}[{','.join(map(str, dims))}]") for d, dims in arrays(instr.shape)]
     if kind == "reduce-scatter":
         return sum(comp.by_name[n].bytes for n in instr.operands if n in comp.by_name)
     if instr.opcode.endswith("-start") and instr.shape.startswith("("):
         return max(parts)                                   # (input, output[, context]): the data moved
     return sum(parts)
-
-
-@dataclass
-class CollectiveCost:
-    """One collective instruction of the compiled program."""
-
-    kind: str
-    axes: list[str]
-    """Mesh axes its groups span (dp/pp/ep/tp)."""
-    group_size: int
-    bytes_per_call: int
-    """Payload per device per call (result bytes; operand bytes for reduce-scatter)."""
-    calls: int
-    """Executions per program run (loop trip counts included)."""
-    phase: str
-    """Model scope it came from."""
-    name: str
-    group: list[int] = field(default_factory=list)
-    """One replica group (partition ids = positions in the mesh); for a permute, one (source, target) pair."""
-    worst_bytes_per_call: int | None = None
-    """Ragged all-to-all (dropless): the receive buffer, sized for every row of every shard landing on
-    one shard. bytes_per_call is then the expected payload (rows sent, uniform routing)."""
-
-    @property
-    def total_bytes(self) -> int:
-        """bytes_per_call × calls."""
-        return self.bytes_per_call * self.calls
-
-
-@dataclass
-class MemoryBreakdown:
-    """Per-device memory of one compiled program (bytes), and who reported it."""
-
-    weights: int
-    kv_cache: int
-    tokens: int
-    arguments: int
-    """memory_analysis().argument_size_in_bytes."""
-    outputs: int
-    aliased: int
-    temporaries: int
-    generated_code: int
-    source: str
-
-    @property
-    def peak(self) -> int:
-        """arguments + outputs + temporaries − aliased."""
-        return self.arguments + self.outputs + self.temporaries - self.aliased
-
-    @property
-    def arguments_unexplained(self) -> int:
-        """arguments − (weights + KV cache + tokens): padding/alignment the compiler added."""
-        return self.arguments - self.weights - self.kv_cache - self.tokens
-
-
-@dataclass
-class PhaseCost:
-    """Cost of one compiled program (prefill or decode), per device."""
-
-    phase: str
-    backend: str
-    fits: bool
-    error: str = ""
-    memory: MemoryBreakdown | None = None
-    flops: int = 0
-    """dot + convolution + elementwise FLOPs, loop-corrected (our HLO walk)."""
-    matmul_flops: int = 0
-    """dot + convolution FLOPs only."""
-    transcendentals: int = 0
-    hbm_bytes: int = 0
-    """Bytes read and written by top-level ops, loop-corrected (our HLO walk; on the cpu backend
-    normalised to the model's dtype, see `walk`)."""
-    raw_hbm_bytes: int = 0
-    """The same as the compiled program itself moves them (before any cpu normalisation)."""
-    flops_by_scope: dict[str, int] = field(default_factory=dict)
-    bytes_by_scope: dict[str, int] = field(default_factory=dict)
-    collectives: list[CollectiveCost] = field(default_factory=list)
-    ops: list[OpCost] = field(default_factory=list, repr=False)
-    """Top-level ops with their FLOPs and bytes (for the per-op roofline); not serialised."""
-    xla_cost: dict[str, float] | None = None
-    """cost_analysis() as XLA reports it (loop bodies counted once); None when unavailable."""
-    walk_uncorrected: dict[str, int] = field(default_factory=dict)
-    """Our walk with every loop counted once: comparable with xla_cost."""
-    unknown_trip_loops: list[str] = field(default_factory=list)
-    compile_seconds: float = 0.0
-    hlo_text: str = field(default="", repr=False)
-    """The optimized HLO (for --dump-hlo); not serialised."""
-
-    def collective_summary(self) -> list[dict]:
-        """Collectives grouped by (kind, axes, phase): calls and bytes."""
-        groups: dict[tuple, dict] = {}
-        for c in self.collectives:
-            key = (c.kind, tuple(c.axes), c.phase)
-            g = groups.setdefault(key, {"kind": c.kind, "axes": list(c.axes), "phase": c.phase,
-                                        "group_size": c.group_size, "calls": 0, "bytes": 0})
-            g["calls"] += c.calls
-            g["bytes"] += c.total_bytes
-            if c.worst_bytes_per_call is not None:      # ragged: the most it can move (one shard takes all)
-                g["worst_bytes"] = g.get("worst_bytes", 0) + c.worst_bytes_per_call * c.calls
-        return sorted(groups.values(), key=lambda g: -g["bytes"])
-
-
-@dataclass
-class OpCost:
-    """One top-level op of a compiled program (a fusion counts its fused computation's FLOPs)."""
-
-    name: str
-    opcode: str
-    scope: str
-    flops: int
-    """Per execution."""
-    matmul_flops: int
-    transcendentals: int
-    bytes: int
-    """HBM bytes read + written per execution."""
-    count: int
-    """Executions per program run (loop trip counts included)."""
-    collective: bool = False
 
 
 def _is_grouped_kernel(instr: Instruction) -> bool:
@@ -587,31 +489,32 @@ _CONVERSION_ONLY = {"parameter", "constant", "bitcast", "convert", "copy", "resh
 
 
 def walk(hlo_text: str, mesh_shape: dict[str, int], cpu_native_dtype: str | None = None,
-         hints: RaggedHints | None = None) -> dict:
+         hints: RaggedHints | None = None) -> WalkResult:
     """FLOPs, transcendentals, HBM bytes and collectives of optimized HLO, loop-corrected.
 
-    Returns a dict with flops, matmul_flops, transcendentals, hbm_bytes, by-scope
-    splits, the top-level ops (`OpCost`), collectives (`CollectiveCost`), the same
-    totals uncorrected (each loop once), and loops whose trip count is unknown.
+    Returns the totals, by-scope splits, the top-level ops (`OpCost`), collectives
+    (`CollectiveCost`), the same totals uncorrected (each loop once), and loops whose trip
+    count is unknown (`WalkResult`).
 
-    cpu_native_dtype (e.g. "bf16"): the program came from XLA's CPU compiler, which
-    computes 16-bit floats in f32. Bytes are then counted as a GPU or TPU program of that
-    dtype would move them: f32 arrays at the native width, and fusions that only convert
-    between the two precisions (with slicing/copies around the convert) dropped.
-    `raw_hbm_bytes` keeps the CPU program's own figure; the uncorrected totals stay raw
-    (they cross-check XLA's own count of the same CPU program).
+    cpu_native_dtype (an HLO element type, e.g. "bf16"): the program came from XLA's CPU
+    compiler, which computes 16-bit floats in f32. Bytes are then counted as a GPU or TPU
+    program of that dtype would move them: f32 arrays at the native width
+    (`moe_jax.costs.hlo.Module.counted_as`), and fusions that only convert between the two
+    precisions (with slicing/copies around the convert) dropped. `raw_hbm_bytes` keeps the
+    CPU program's own figure; the uncorrected totals stay raw (they cross-check XLA's own
+    count of the same CPU program).
 
     hints: for a dropless program (see `RaggedHints`); ragged all-to-alls then carry their
     worst-case bytes beside the expected ones.
     """
-    raw = _walk(Module.parse(hlo_text), mesh_shape, skip_conversions=False, hints=hints)
+    module = Module.parse(hlo_text)
+    raw = _walk(module, mesh_shape, skip_conversions=False, hints=hints)
     if not cpu_native_dtype:
-        raw["raw_hbm_bytes"] = raw["hbm_bytes"]
         return raw
-    native = _walk(Module.parse(hlo_text.replace("f32[", f"{cpu_native_dtype}[")), mesh_shape, skip_conversions=True,
+    native = _walk(module.counted_as({"f32": dtype_bytes(cpu_native_dtype)}), mesh_shape, skip_conversions=True,
                    hints=hints)
-    native["uncorrected"] = raw["uncorrected"]
-    native["raw_hbm_bytes"] = raw["hbm_bytes"]
+    native.uncorrected = raw.uncorrected
+    native.raw_hbm_bytes = raw.hbm_bytes
     return native
 
 
@@ -669,7 +572,9 @@ def _conversion_only(instr: Instruction, module: Module) -> bool:
     return "convert" in ops and ops <= _CONVERSION_ONLY
 
 
-def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hints: RaggedHints | None = None) -> dict:
+def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
+          hints: RaggedHints | None = None) -> WalkResult:
+    """One pass over the module's control computations (see `walk`); raw_hbm_bytes is this pass's own."""
     runs, kind, unknown = module.multipliers()
     fused_cache: dict[str, tuple] = {}
 
@@ -704,11 +609,11 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
             if skip_conversions and _conversion_only(instr, module):
                 continue
             flops, matmul, trans = _instr_flops(instr, comp, hints, module)
-            scopes = {model_phase(instr.op_name): flops}
+            by_scope = {model_phase(instr.op_name): flops}
             if op == "fusion":
                 for role, callee in module.calls(instr):
                     if role == "calls":
-                        flops, matmul, trans, scopes = fused(callee)
+                        flops, matmul, trans, by_scope = fused(callee)
             moved = 0
             if op not in _NO_TRAFFIC and not op.endswith("-done"):
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
@@ -721,9 +626,9 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
             if not (flops or trans or moved):
                 continue
             scope = model_phase(instr.op_name)
-            if scope == "other" and any(v for k, v in scopes.items() if k != "other"):
-                scope = max((k for k in scopes if k != "other"), key=lambda k: scopes[k])
-            for k, v in scopes.items():
+            if scope == "other" and any(v for k, v in by_scope.items() if k != "other"):
+                scope = max((k for k in by_scope if k != "other"), key=lambda k: by_scope[k])
+            for k, v in by_scope.items():
                 flops_by_scope[k] += n * v
             bytes_by_scope[scope] += n * moved
             base = op[:-len("-start")] if op.endswith("-start") else op
@@ -743,16 +648,14 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool, hi
                 collectives.append(CollectiveCost(
                     base, list(collective_axes(c, mesh_shape)), size, payload,
                     n, scope, instr.name, list(groups[0]) if groups else [], worst))
-    return {
-        "flops": sum(o.flops * o.count for o in ops),
-        "matmul_flops": sum(o.matmul_flops * o.count for o in ops),
-        "transcendentals": sum(o.transcendentals * o.count for o in ops),
-        "hbm_bytes": sum(o.bytes * o.count for o in ops),
-        "flops_by_scope": dict(flops_by_scope), "bytes_by_scope": dict(bytes_by_scope),
-        "ops": ops, "collectives": collectives, "unknown": unknown,
-        "uncorrected": {"flops": sum(o.flops for o in ops), "hbm_bytes": sum(o.bytes for o in ops),
-                        "transcendentals": sum(o.transcendentals for o in ops)},
-    }
+    hbm_bytes = sum(o.bytes * o.count for o in ops)
+    return WalkResult(
+        flops=sum(o.flops * o.count for o in ops), matmul_flops=sum(o.matmul_flops * o.count for o in ops),
+        transcendentals=sum(o.transcendentals * o.count for o in ops), hbm_bytes=hbm_bytes, raw_hbm_bytes=hbm_bytes,
+        flops_by_scope=dict(flops_by_scope), bytes_by_scope=dict(bytes_by_scope), ops=ops, collectives=collectives,
+        unknown=unknown,
+        uncorrected=WalkTotals(flops=sum(o.flops for o in ops), hbm_bytes=sum(o.bytes for o in ops),
+                               transcendentals=sum(o.transcendentals for o in ops)))
 
 
 def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
@@ -775,95 +678,18 @@ def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
     xla = None if not raw else {k: float(raw[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in raw}
     w = walk(phase.hlo_text, mesh_shape, cpu_native_dtype if backend == "cpu" else None, hints)
     return PhaseCost(
-        phase.phase, backend, True, memory=memory, flops=w["flops"], matmul_flops=w["matmul_flops"],
-        transcendentals=w["transcendentals"], hbm_bytes=w["hbm_bytes"], raw_hbm_bytes=w["raw_hbm_bytes"],
-        flops_by_scope=w["flops_by_scope"],
-        bytes_by_scope=w["bytes_by_scope"], collectives=w["collectives"], ops=w["ops"], xla_cost=xla,
-        walk_uncorrected=w["uncorrected"], unknown_trip_loops=w["unknown"], compile_seconds=phase.compile_seconds,
-        hlo_text=phase.hlo_text)
-
-
-@dataclass
-class CostReport:
-    """What the compiler produced for one model, strategy, workload and backend."""
-
-    model: str
-    strategy: str
-    compiled_strategy: str
-    workload: dict
-    backend: str
-    target: str
-    devices: int
-    phases: dict[str, PhaseCost]
-    notes: list[str]
-    analytic: dict
-    """Cross-checks computed from the config alone (see `analytic_flops`, placement)."""
-    topology: str = ""
-    """The devices or topology compiled on (e.g. 'the first 6 of 8 chips of v5p:2x2x2')."""
-    physical_order: list[int] = field(default_factory=list)
-    """Per partition id, the device's index in the topology's order (links are assigned from it)."""
-    compiled_for: dict = field(default_factory=dict)
-    """Which compiler produced the numbers and why (`moe_jax.costs.backends.Compiler.to_dict`); set by analyze."""
-
-    def to_dict(self) -> dict:
-        """JSON-ready (memory peaks and collective summaries included)."""
-        data = asdict(self)
-        for name, phase in self.phases.items():
-            data["phases"][name].pop("ops", None)
-            data["phases"][name].pop("hlo_text", None)
-            if phase.memory:
-                data["phases"][name]["memory"]["peak"] = phase.memory.peak
-            data["phases"][name]["collective_summary"] = phase.collective_summary()
-        return data
-
-    def to_json(self, **kw) -> str:
-        """`to_dict` as JSON text."""
-        return json.dumps(self.to_dict(), **kw)
-
-
-def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shards: int = 1,
-                   microbatches: int = 1, full_logits: bool = False) -> dict:
-    """FLOPs over all devices from the config: useful matmuls, attention, and capacity-dispatch overhead.
-
-    useful: 2 × (matmul parameters one token uses in the layers) × tokens, plus the output head
-    (2 × D × vocab) once per sequence: the serving prefill computes the last position's logits
-    only (every prompt position with `full_logits`); decode's one token is its last. The
-    embedding lookup is not a matmul.
-    attention: QKᵀ and PV as computed (prefill: full S×S, masked; decode: all T cache positions).
-    capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
-    the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
-    is split `batch_shards` ways.
-    """
-    from moe_jax.model.moe import group_size
-
-    L, D, H, K, Dh = cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    B = workload.batch
-    S = workload.prompt_len if phase == "prefill" else 1
-    T = S if phase == "prefill" else workload.cache_len
-    tokens = B * S
-    per_token = L * (D * H * Dh + 2 * D * K * Dh + H * Dh * D + D * cfg.num_experts
-                     + (cfg.top_k + cfg.num_shared_experts) * cfg.expert_params)
-    head_tokens = tokens if full_logits else B
-    useful = 2 * per_token * tokens + 2 * D * cfg.vocab_size * head_tokens
-    attention = L * 4 * B * H * S * T * Dh
-    capacity = 0
-    if cfg.dispatch == "capacity":
-        mb_tokens = tokens // microbatches
-        Sg = group_size(mb_tokens, batch_shards, cfg.moe_group_size)
-        G, C = microbatches * (mb_tokens // Sg), cfg.capacity(Sg)
-        slots = cfg.num_experts * G * C
-        padded = max(0, slots - cfg.top_k * tokens) * 2 * cfg.expert_params * L
-        dispatch_combine = 2 * (2 * G * Sg * cfg.num_experts * C * D) * L
-        capacity = padded + dispatch_combine
-    return {"useful": useful, "attention": attention, "capacity_overhead": capacity,
-            "total": useful + attention + capacity}
+        phase.phase, backend, True, memory=memory, flops=w.flops, matmul_flops=w.matmul_flops,
+        transcendentals=w.transcendentals, hbm_bytes=w.hbm_bytes, raw_hbm_bytes=w.raw_hbm_bytes,
+        flops_by_scope=w.flops_by_scope, bytes_by_scope=w.bytes_by_scope, collectives=w.collectives, ops=w.ops,
+        xla_cost=xla, walk_uncorrected=w.uncorrected, unknown_trip_loops=w.unknown,
+        compile_seconds=phase.compile_seconds, hlo_text=phase.hlo_text)
 
 
 def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backend: str = "cpu",
                  **compile_kw) -> CostReport:
     """Compile prefill and decode ahead of time and read their cost (the Python API)."""
-    from moe_jax.costs.routing import decode_floor_weights
-    from moe_jax.parallel.rules import Layout
+    from moe_jax.costs.analytic import analytic_report
+    from moe_jax.costs.routing import UNIFORM, shard_imbalance
     from moe_jax.programs.placement import describe
 
     program: CompiledProgram = compile_program(cfg, strategy, workload, backend=backend, **compile_kw)
@@ -894,35 +720,19 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
                              f"payloads are counted at {cfg.dtype} width and precision-conversion fusions are "
                              "dropped, as a GPU or TPU program would move them (raw_hbm_bytes keeps the CPU figure)")
     placement = describe(cfg, program.compiled_strategy)
-    analytic = {"weights_per_device_placement": placement.weight_bytes_per_device,
-                "decode_weights_read": decode_floor_weights(cfg, program.compiled_strategy,
-                                                            placement.weight_bytes_per_device,
-                                                            program.workload.batch)}
+    compiled = program.compiled_strategy
+    analytic = analytic_report(cfg, compiled, program.workload, placement.weight_bytes_per_device,
+                               phases=phases, microbatches={name: compile_kw.get(f"{name}_microbatches")
+                                                            for name in phases})
     if hints is not None:
-        from moe_jax.costs.routing import UNIFORM, shard_imbalance
-
-        seqs = max(program.workload.batch // program.compiled_strategy.dp, 1)   # routed within one ep group
+        seqs = max(program.workload.batch // compiled.dp, 1)                   # routed within one ep group
         per_replica = {"prefill": seqs * program.workload.prompt_len, "decode": seqs}
-        analytic["dropless"] = {"assumption": UNIFORM, "row_fraction": hints.row_fraction,
-                                "buffer": cfg.dropless_buffer,
-                                "imbalance": {ph: shard_imbalance(cfg, program.compiled_strategy, n)
-                                              for ph, n in per_replica.items()}}
-    devices = program.compiled_strategy.num_devices
-    layout = Layout.for_strategy(cfg, program.compiled_strategy)
+        analytic.dropless = DroplessRouting(UNIFORM, hints.row_fraction, cfg.dropless_buffer,
+                                            {ph: shard_imbalance(cfg, compiled, n) for ph, n in per_replica.items()})
+    devices = compiled.num_devices
     for name, cost in phases.items():
-        B = program.workload.batch
-        M = 1
-        if program.compiled_strategy.pp > 1:
-            from moe_jax.model.pipeline import schedule
-
-            length = program.workload.prompt_len if name == "prefill" else 1
-            M = schedule(cfg, program.compiled_strategy, B, length, decode=name == "decode",
-                         microbatches=compile_kw.get(f"{name}_microbatches")).microbatches
-        expected = analytic_flops(cfg, program.workload, name, layout.shards("batch", B // M), M)
         # matmul FLOPs on both sides; elementwise work is reported separately (cost.flops)
-        compiled = cost.matmul_flops * devices if cost.fits else None
-        analytic[name] = {**expected, "compiled_matmul_total": compiled,
-                          "compiled_over_analytic": compiled / expected["total"] if compiled else None}
-    return CostReport(cfg.name, strategy.name, program.compiled_strategy.name, program.workload.to_dict(),
+        analytic.phases[name] = analytic.phases[name].with_compiled(cost.matmul_flops * devices if cost.fits else None)
+    return CostReport(cfg.name, strategy.name, compiled.name, program.workload.to_dict(),
                       backend, program.target, devices, phases, program.notes, analytic,
                       topology=program.topology, physical_order=program.physical_order)

@@ -1,6 +1,6 @@
 """Accelerator presets: memory, peak FLOP/s, HBM bandwidth, achievable fractions, and link tiers.
 
-Figures and sources are those of ``../shared/reference/hardware.md``. Peaks are dense
+Figures and sources are those of ``docs/hardware.md``. Peaks are dense
 bf16 (no 2:4 sparsity); link bandwidths are one direction, per device. Achievable
 fractions turn peaks into predictions (measured on one H200: bf16 matmul at 80% of
 peak, device copy at 90% of HBM bandwidth); MFU and MBU are quoted against the peaks.
@@ -150,6 +150,20 @@ def hardware_names() -> list[str]:
 
 
 _TOML_KEYS = {f.name for f in dataclasses.fields(Hardware)} - {"node_link", "network_link"}
+RANGES: dict[str, tuple[float, float]] = {
+    "memory_bytes": (1e6, 1e15),
+    "peak_flops": (1e9, 1e19),
+    "hbm_bandwidth": (1e8, 1e16),
+    "bandwidth": (1e6, 1e15),
+    "latency_s": (0.0, 1.0),
+    "call_overhead_s": (0.0, 1.0),
+    "flops_efficiency": (0.0, 1.0),
+    "hbm_efficiency": (0.0, 1.0),
+}
+"""Accepted range of each figure of a hardware file: wide enough for any accelerator, past or
+foreseeable (1 MB to 1 PB of memory, 1 GFLOP/s to 10 EFLOP/s, link latency up to a second), and
+narrow enough that no time, ratio or byte count derived from them overflows to inf or NaN."""
+MAX_DEVICES_PER_NODE = 1 << 16
 _LINK_KEYS = {f.name for f in dataclasses.fields(LinkTier)}
 
 
@@ -157,7 +171,11 @@ def _from_toml(path: Path) -> Hardware:
     from moe_jax.files import read_toml
 
     data = read_toml(path, "hardware file")
-    table = dict(data.get("hardware", data))
+    table = data.get("hardware", data)
+    if not isinstance(table, dict):
+        raise MoeJaxError(f"hardware file {str(path)!r}: [hardware] must be a table of keys, "
+                          f"not {type(table).__name__} {table!r}"[:300])
+    table = dict(table)
     links = {}
     for tier in ("node_link", "network_link"):
         link = table.pop(tier, None)
@@ -168,6 +186,8 @@ def _from_toml(path: Path) -> Hardware:
         if bad:
             raise MoeJaxError(f"hardware file {str(path)!r}: unknown key {bad[0]!r} in [{tier}]"
                               f"{nearest(bad[0], _LINK_KEYS)}")
+        if not isinstance(link.get("name", tier), str):
+            raise MoeJaxError(f"hardware file {str(path)!r}: [{tier}] name={link['name']!r} must be a string")
         try:
             links[tier] = LinkTier(**{"name": tier, **link})
         except TypeError as e:
@@ -180,27 +200,25 @@ def _from_toml(path: Path) -> Hardware:
     missing = [k for k in required if k not in table]
     if missing:
         raise MoeJaxError(f"hardware file {str(path)!r}: missing {', '.join(missing)}")
-    def number(value, where: str, low: float, high: float = math.inf, low_open: bool = True) -> None:
+    def number(value, where: str, key: str, low_open: bool = True) -> None:
+        low, high = RANGES[key]
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
               and (value > low if low_open else value >= low) and value <= high)
         if not ok:
-            bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+            bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
             raise MoeJaxError(f"hardware file {str(path)!r}: {where}={value!r} must be a finite number {bound}")
 
-    for key in ("memory_bytes", "peak_flops", "hbm_bandwidth"):
+    for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "flops_efficiency", "hbm_efficiency"):
         if key in table:
-            number(table[key], key, 0)
-    for key in ("flops_efficiency", "hbm_efficiency"):
-        if key in table:
-            number(table[key], key, 0, 1)
+            number(table[key], key, key)
     if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \
-            or table["devices_per_node"] < 1:
+            or not 1 <= table["devices_per_node"] <= MAX_DEVICES_PER_NODE:
         raise MoeJaxError(f"hardware file {str(path)!r}: devices_per_node={table['devices_per_node']!r} must be a "
-                          "positive integer")
+                          f"whole number from 1 to {MAX_DEVICES_PER_NODE}")
     for tier, link in links.items():
-        number(link.bandwidth, f"[{tier}] bandwidth", 0)
-        number(link.latency_s, f"[{tier}] latency_s", 0, low_open=False)
-        number(link.call_overhead_s, f"[{tier}] call_overhead_s", 0, low_open=False)
+        number(link.bandwidth, f"[{tier}] bandwidth", "bandwidth")
+        number(link.latency_s, f"[{tier}] latency_s", "latency_s", low_open=False)
+        number(link.call_overhead_s, f"[{tier}] call_overhead_s", "call_overhead_s", low_open=False)
     for key, valid in (("kind", ("gpu", "tpu")), ("vendor", ("nvidia", "amd", "google"))):
         if key in table and table[key] not in valid:
             raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r}; valid: {', '.join(valid)}")
@@ -208,7 +226,7 @@ def _from_toml(path: Path) -> Hardware:
         if key in table and not isinstance(table[key], str):
             raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r} must be a string")
     if "sm_count" in table and (not isinstance(table["sm_count"], int) or isinstance(table["sm_count"], bool)
-                                or table["sm_count"] < 0):
+                                or not 0 <= table["sm_count"] <= 1 << 20):
         raise MoeJaxError(f"hardware file {str(path)!r}: sm_count={table['sm_count']!r} must be a whole number >= 0")
     if table.get("kind") == "tpu":
         table.setdefault("vendor", "google")

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.parallel.rules import batch_shards, constrain, traced_platform
+from moe_jax.model.execution import Kernels
+from moe_jax.parallel.rules import batch_shards, constrain
 
 F32 = jnp.float32
 
@@ -25,10 +26,10 @@ def param(rngs: nnx.Rngs | None, shape, axes, dtype, *, fan_in: int | None = Non
     return nnx.Param(value, axes=tuple(axes))
 
 
-def weight_einsum(spec: str, x, w, *, one_row: bool = False):
+def weight_einsum(spec: str, x, w, *, in_place: bool = False):
     """``jnp.einsum(spec, x, w)`` for activations x times a stored weight w; written as a product and an
-    f32 sum instead when x has one row per weight matrix on this device (decode at batch 1) and the
-    program is for a GPU.
+    f32 sum instead with `in_place`, which callers set when x has one row per weight matrix on this
+    device (decode at batch 1) and the target is a GPU (`Kernels.in_place_weight_einsum`).
 
     XLA:GPU multiplies one row by a large matrix with a gemm kernel, which does not read a weight
     inside the scan's stacked parameter: each layer's slice is first copied out, every step. Its own
@@ -37,7 +38,7 @@ def weight_einsum(spec: str, x, w, *, one_row: bool = False):
     dimensions). As a sum over the stored weight's contracted dimensions, minor (row reductions),
     the weight is read once, where it is stored. The products are exact in f32; the sum is f32.
     """
-    if not one_row or traced_platform() != "gpu":
+    if not in_place:
         return jnp.einsum(spec, x, w)
     inputs, out = spec.split("->")
     xs, ws = inputs.split(",")
@@ -96,11 +97,15 @@ def attend(q, k, v, mask):
 
 
 class Attention(nnx.Module):
-    """GQA self-attention with optional QK-norm and qkv clipping; reads and writes a KV cache."""
+    """GQA self-attention with optional QK-norm and qkv clipping; reads and writes a KV cache.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kernels: the target's, fixed when it is built (how a one-row projection reads its weight).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels):
         D, H, K, Dh, dt = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
         self.cfg = cfg
+        self.kernels = kernels
         self.wq_hkd = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dt, fan_in=D)
         self.wk_kkd = param(rngs, (K, Dh, D), ("kv_heads", "head_dim", "embed"), dt, fan_in=D)
         self.wv_kkd = param(rngs, (K, Dh, D), ("kv_heads", "head_dim", "embed"), dt, fan_in=D)
@@ -122,10 +127,10 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         B, S, _ = x.shape
-        one_row = B // batch_shards(B) * S == 1
-        q = weight_einsum("bsd,hkd->bshk", x, self.wq_hkd[...], one_row=one_row)
-        k = weight_einsum("bsd,khd->bskh", x, self.wk_kkd[...], one_row=one_row)
-        v = weight_einsum("bsd,khd->bskh", x, self.wv_kkd[...], one_row=one_row)
+        in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum   # one row per device
+        q = weight_einsum("bsd,hkd->bshk", x, self.wq_hkd[...], in_place=in_place)
+        k = weight_einsum("bsd,khd->bskh", x, self.wk_kkd[...], in_place=in_place)
+        v = weight_einsum("bsd,khd->bskh", x, self.wv_kkd[...], in_place=in_place)
         if cfg.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         if cfg.qk_norm != "none":
@@ -146,5 +151,5 @@ class Attention(nnx.Module):
                 key_pos = jnp.arange(keys.shape[1])
         mask = key_pos[None, :] <= positions[:, None]                          # [S, T]
         out = attend(q, keys, values, mask)                                    # [B, S, H, Dh]
-        y = weight_einsum("bshk,dhk->bsd", out, self.wo_dhk[...], one_row=one_row)
+        y = weight_einsum("bshk,dhk->bsd", out, self.wo_dhk[...], in_place=in_place)
         return constrain(y, ("batch", "length", "embed")), cache

@@ -1,7 +1,7 @@
 """Pipeline parallelism: each stage owns its layers; microbatches move between stages by collective-permute.
 
 Why not just shard the layer scan on ``pp``? XLA would then all-gather every layer's
-weights onto every device (DESIGN.md, "Known traps"). Instead the layer stack runs
+weights onto every device (docs/design.md, "Known traps"). Instead the layer stack runs
 inside ``jax.shard_map`` that is manual over the stage axis only (``dp``, ``ep``,
 ``tp`` stay with the partitioner): each stage sees its own ``L/pp`` layers and the KV
 cache of those layers, nothing else.
@@ -29,10 +29,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.errors import StrategyError
+from moe_jax.errors import ShardingError, StrategyError
 from moe_jax.model import scopes
+from moe_jax.model.execution import Pipeline
+from moe_jax.model.stack import run_layers
 from moe_jax.parallel.mesh import Strategy, divisors
-from moe_jax.parallel.rules import Layout, use_layout
+from moe_jax.parallel.rules import Layout, current_layout, use_layout
 
 PREFILL_MICROBATCHES_PER_STAGE = 4
 """Default prefill microbatches: up to this many per stage (bubble ≤ 1/5 when the batch allows)."""
@@ -118,22 +120,29 @@ def _from_last_stage(x, axis: str, is_last):
     return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype).reshape(x.shape)
 
 
-def run_pipeline(blocks, x, positions, cache, decode: bool, layout: Layout, *, last_only: bool = False):
-    """The layer stack of a `Transformer`, pipelined over `layout`'s stage axis.
+def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, *, last_only: bool = False):
+    """The layer stack of a `Transformer` built for `pipeline`, pipelined over the layout's stage axis.
 
-    Same contract as `moe_jax.model.transformer.run_layers`: x [B, S, D], cache None or
-    {"k", "v"} of [L, B, T, K, Dh] → (x, cache, dropped). Must run under `use_layout`.
+    Same contract as `moe_jax.model.stack.run_layers`: x [B, S, D], cache None or
+    {"k", "v"} of [L, B, T, K, Dh] → (x, cache, dropped). Must run under `use_layout` with
+    the mesh of `pipeline.stages` stages: the layout says which mesh axis the stages are and
+    how the batch is split; the model was built knowing it pipelines, and with how many
+    microbatches.
     last_only: the last stage keeps, and the stages share, only each sequence's last
     position: x comes back as [B, 1, D].
     """
     from jax.sharding import PartitionSpec as P
 
-    from moe_jax.model.transformer import run_layers
-
+    layout = current_layout()
+    if layout is None or layout.mesh is None or layout.stages != pipeline.stages:
+        found = "no mesh" if layout is None or layout.mesh is None else f"{layout.stages} stages"
+        raise ShardingError(f"a model built for {pipeline.stages} pipeline stages runs under the layout of a mesh "
+                            f"with {pipeline.stages} stages (`moe_jax.programs.sharded.ShardedModel` sets it); "
+                            f"the layout in force has {found}")
     (axis,) = layout.stage_axes
     pp = layout.stages
     B = x.shape[0]
-    M = layout.microbatches or default_microbatches(B, pp, layout.shards("batch", B), decode=decode)
+    M = pipeline.microbatches(decode=decode) or default_microbatches(B, pp, layout.shards("batch", B), decode=decode)
     check_microbatches(M, B)
     Bm = B // M
     inner = layout.without_axes(layout.stage_axes)

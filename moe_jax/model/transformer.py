@@ -18,9 +18,11 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
-from moe_jax.model.layers import F32, Attention, Norm, param
-from moe_jax.model.moe import MoE
-from moe_jax.parallel.rules import constrain, current_layout
+from moe_jax.model.execution import Execution
+from moe_jax.model.layers import F32, Norm, param
+from moe_jax.model.pipeline import run_pipeline
+from moe_jax.model.stack import Block, run_layers
+from moe_jax.parallel.rules import constrain
 
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 """Logical axes of each KV cache array [L, B, T, K, Dh]."""
@@ -50,53 +52,24 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or cfg.dtype)) for name in ("k", "v")}
 
 
-def run_layers(blocks: Block, x, positions, cache, decode: bool):
-    """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan`.
-
-    cache: None or {"k", "v"} of [L, B, T, K, Dh] for these layers.
-    Returns (x, updated cache or None, dropped per token group summed over the layers).
-    """
-    graphdef, stacked = nnx.split(blocks)
-
-    def layer(x, per_layer):
-        params, layer_cache = per_layer
-        x, layer_cache, dropped = nnx.merge(graphdef, params)(x, positions, layer_cache, decode=decode)
-        return x, (layer_cache, dropped)
-
-    x, (new_cache, dropped) = jax.lax.scan(layer, x, (stacked, None if cache is None else dict(cache)))
-    return x, new_cache, jnp.sum(dropped, axis=0)
-
-
-class Block(nnx.Module):
-    """One decoder layer: pre-norm attention and pre-norm MoE, each added to the residual."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = Norm((cfg.d_model,), ("embed",), cfg)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.moe_norm = Norm((cfg.d_model,), ("embed",), cfg)
-        self.moe = MoE(cfg, rngs=rngs)
-
-    def __call__(self, x, positions, cache=None, *, decode: bool = False):
-        with jax.named_scope(scopes.ATTENTION):
-            h, cache = self.attn(self.attn_norm(x), positions, cache, decode=decode)
-        x = x + h
-        with jax.named_scope(scopes.MOE):
-            y, dropped = self.moe(self.moe_norm(x))
-        return constrain(x + y, ("batch", "length", "embed")), cache, dropped
-
-
 class Transformer(nnx.Module):
-    """The MoE decoder. Parameters of the L blocks are stacked on a leading ``layers`` axis."""
+    """The MoE decoder. Parameters of the L blocks are stacked on a leading ``layers`` axis.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    execution: what it is built for (the target's kernels, pipeline stages and microbatches); by default
+    unpipelined on jax's default backend. A pipelined model runs under its sharded layout
+    (`moe_jax.programs.sharded.ShardedModel` builds both).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, execution: Execution | None = None):
         self.cfg = cfg
+        self.execution = execution = execution or Execution.local()
         D, V = cfg.d_model, cfg.vocab_size
         self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), cfg.dtype, fan_in=1)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
         def make_blocks(rngs: nnx.Rngs):
-            return Block(cfg, rngs=rngs)
+            return Block(cfg, rngs=rngs, kernels=execution.kernels)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = Norm((D,), ("embed",), cfg)
@@ -112,11 +85,8 @@ class Transformer(nnx.Module):
         with jax.named_scope(scopes.EMBED):
             x = constrain(jnp.take(self.embed_vd[...], tokens, axis=0), ("batch", "length", "embed"))
 
-        layout = current_layout()
-        if layout is not None and layout.stages > 1:
-            from moe_jax.model.pipeline import run_pipeline
-
-            x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, layout,
+        if self.execution.pipeline is not None:
+            x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, self.execution.pipeline,
                                                  last_only=last_only)
         else:
             x, new_cache, dropped = run_layers(self.blocks, x, positions, cache, decode)

@@ -6,6 +6,7 @@ import os
 import re
 import sys
 
+from moe_jax.compat import backend_started
 from moe_jax.errors import MoeJaxError
 
 MAX_CPU_DEVICES = 2048
@@ -40,15 +41,3 @@ def request_cpu_devices(n: int) -> None:
 
         if not jax.config.jax_platforms:
             jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
-
-
-def backend_started() -> bool:
-    """True once jax has started a backend (its device count is then fixed for this process)."""
-    if "jax" not in sys.modules:
-        return False
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge._backends)
-    except (ImportError, AttributeError):  # private API moved: assume started, the check above then applies
-        return True

@@ -78,8 +78,6 @@ class Layout:
     """Logical axis name → mesh axes."""
     mesh: object = None
     """The `jax.sharding.Mesh` when arrays are really placed; None to only compute specs."""
-    microbatches: int | None = None
-    """Pipeline microbatches per program call (pp > 1); None for the default of `moe_jax.model.pipeline`."""
 
     @property
     def stage_axes(self) -> tuple[str, ...]:
@@ -200,7 +198,11 @@ _CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("moe_ja
 
 @contextlib.contextmanager
 def use_layout(layout: Layout | None):
-    """Make `layout` the one `constrain` applies while tracing (None: unsharded, constraints off)."""
+    """Make `layout` the one `constrain` applies while tracing (None: unsharded, constraints off).
+
+    The layout says how arrays are split, never what the model computes: whether it pipelines and which
+    kernels it uses are fixed when it is built (`moe_jax.model.execution`).
+    """
     token = _CURRENT.set(layout)
     try:
         yield layout
@@ -231,20 +233,16 @@ def constrain(x, names, what: str = "activation"):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def traced_platform() -> str:
-    """The platform the program in tracing is for: the current layout's mesh's (a deviceless TPU or GPU
-    compile runs in a CPU process), else jax's default backend."""
-    import jax
-
+def activation_shards(name: str, dim: int) -> int:
+    """How many ways the current layout splits an activation dimension `name` of size `dim` (1 without one)."""
     layout = _CURRENT.get()
-    return jax.default_backend() if layout is None or layout.mesh is None else layout.mesh.devices.flat[0].platform
+    return 1 if layout is None else layout.shards(name, dim)
 
 
 def batch_shards(batch: int) -> int:
     """How many ways the current layout splits a batch of `batch` sequences (1 without a layout)."""
-    layout = _CURRENT.get()
-    return 1 if layout is None else layout.shards("batch", batch)
+    return activation_shards("batch", batch)
 
 
 __all__ = ["LOGICAL_AXIS_RULES", "Layout", "axis_rules", "use_layout", "current_layout", "constrain",
-           "batch_shards", "traced_platform", "MESH_AXES"]
+           "activation_shards", "batch_shards", "MESH_AXES"]

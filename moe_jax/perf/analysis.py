@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from moe_jax.config import ModelConfig
 from moe_jax.costs.compile import Workload
-from moe_jax.costs.walk import CostReport, analyze_cost
+from moe_jax.costs.types import CostReport
+from moe_jax.costs.walk import analyze_cost
 from moe_jax.hardware.presets import Hardware
 from moe_jax.parallel.mesh import Strategy, kv_replicated
 from moe_jax.perf.timemodel import Prediction, predict
@@ -102,7 +103,7 @@ class Analysis:
             "mfu": p.mfu if p else None, "mbu": p.mbu if p else None,
             "decode_mfu": p.decode_mfu if p else None,
             "assumptions": p.assumptions if p else [],
-            "analytic": self.cost.analytic,
+            "analytic": self.cost.analytic.to_dict(),
             "checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in self.checks],
             "recommendations": self.recommendations,
         }
@@ -217,29 +218,29 @@ def _recommendations(a: Analysis) -> list[str]:
         recs.append(f"Pipeline: prefill bubble {pre['bubble_fraction']:.0%} with {pre['microbatches']} microbatches; "
                     f"each decode step runs {dec['ticks']} stage passes for {dec['microbatches']} microbatches, "
                     f"re-reading the stage's weights each pass. Fewer stages (pp) help decode.")
-    pre = a.cost.analytic.get("prefill", {})
-    if pre.get("capacity_overhead") and pre.get("useful"):
-        recs.append(f"Capacity dispatch adds {pre['capacity_overhead'] / pre['useful']:.0%} to the useful prefill "
+    pre = a.cost.analytic.phases.get("prefill")
+    if pre is not None and pre.capacity_overhead and pre.useful:
+        recs.append(f"Capacity dispatch adds {pre.capacity_overhead / pre.useful:.0%} to the useful prefill "
                     f"FLOPs (padded expert slots and one-hot dispatch/combine; capacity factor "
                     f"{a.cfg.capacity_factor}).")
-    routing = a.cost.analytic.get("dropless")
+    routing = a.cost.analytic.dropless
     if routing:
-        recs.append(f"Dropless: under {routing['assumption']}, the busiest of the ep={s.ep} expert shards receives "
-                    f"{routing['imbalance']['prefill']:.2f}x the mean rows in prefill and "
-                    f"{routing['imbalance']['decode']:.2f}x in decode (expert time on that shard scales with it); "
+        read = a.cost.analytic.decode_weights_read
+        touched = 1 if read is None or read.touched_fraction is None else read.touched_fraction
+        recs.append(f"Dropless: under {routing.assumption}, the busiest of the ep={s.ep} expert shards receives "
+                    f"{routing.imbalance['prefill']:.2f}x the mean rows in prefill and "
+                    f"{routing.imbalance['decode']:.2f}x in decode (expert time on that shard scales with it); "
                     + ("no tokens leave the shard (ep=1)" if s.ep == 1 else
-                       f"each shard's receive buffer is sized for the worst case, {1 / routing['row_fraction']:.1f}x "
+                       f"each shard's receive buffer is sized for the worst case, {1 / routing.row_fraction:.1f}x "
                        "the expected rows (`--dropless-buffer 2` would bound it, dropping and counting overflow)"
-                       if routing.get("buffer") is None else
-                       f"the receive buffer holds {1 / routing['row_fraction']:.1f}x the expected rows "
-                       f"(--dropless-buffer {routing['buffer']:g}); rows routed past it are dropped and counted")
-                    + ". A decode step touches "
-                    f"{a.cost.analytic['decode_weights_read'].get('touched_fraction', 1):.0%} of the local experts "
-                    "on average.")
+                       if routing.buffer is None else
+                       f"the receive buffer holds {1 / routing.row_fraction:.1f}x the expected rows "
+                       f"(--dropless-buffer {routing.buffer:g}); rows routed past it are dropped and counted")
+                    + f". A decode step touches {touched:.0%} of the local experts on average.")
     elif a.cfg.dispatch == "capacity" and s.ep > 1:
         recs.append("Dropless dispatch (`--dispatch dropless`) computes only the routed rows and never drops a "
                     "token; `moe-jax plan --dispatch both` compares the two.")
-    ratio = pre.get("compiled_over_analytic")
+    ratio = pre.compiled_over_analytic if pre is not None else None
     if ratio and ratio > 1.2:
         recs.append(f"The compiled prefill does {ratio:.2f}x the model's matmul FLOPs: work repeated on every tp "
                     "rank (routing, dispatch) and pipeline bubble ticks.")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from moe_jax.costs.walk import CollectiveCost, CostReport, PhaseCost
+from moe_jax.costs.types import CollectiveCost, CostReport, PhaseCost, WeightsRead
 from moe_jax.hardware.presets import Hardware, LinkTier
 
 _HOPS = {"all-reduce": lambda n: 2 * (n - 1), "all-gather": lambda n: n - 1, "reduce-scatter": lambda n: n - 1,
@@ -167,15 +167,15 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Predi
     """
     pre, dec = report.phases["prefill"], report.phases["decode"]
     n = report.devices                                  # devices of the compiled program
-    useful_pre = report.analytic["prefill"]["useful"] + report.analytic["prefill"]["attention"]
-    useful_dec = report.analytic["decode"]["useful"] + report.analytic["decode"]["attention"]
+    useful_pre = report.analytic.prefill.model_flops
+    useful_dec = report.analytic.decode.model_flops
     pre_floor = useful_pre / n / hw.peak_flops
-    read = report.analytic.get("decode_weights_read", {"bytes": dec.memory.weights, "detail": "local weights"})
-    stream = read["bytes"] + dec.memory.kv_cache
+    read = report.analytic.decode_weights_read or WeightsRead(dec.memory.weights, "local weights")
+    stream = read.bytes + dec.memory.kv_cache
     dec_floor = stream / hw.hbm_bandwidth
     prefill = phase_time(pre, hw, pre_floor, f"useful FLOPs per device {useful_pre / n:.3e} / peak "
                                              f"{hw.peak_flops:.3e} FLOP/s", report.physical_order)
-    decode = phase_time(dec, hw, dec_floor, f"(weights read {read['bytes']:,} B: {read['detail']}; + local KV "
+    decode = phase_time(dec, hw, dec_floor, f"(weights read {read.bytes:,} B: {read.detail}; + local KV "
                                             f"cache {dec.memory.kv_cache:,} B) / peak HBM "
                                             f"{hw.hbm_bandwidth:.3e} B/s", report.physical_order)
     ttft, tpot = prefill.total_s, decode.total_s

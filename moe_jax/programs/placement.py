@@ -47,11 +47,12 @@ def param_shards(cfg: ModelConfig, strategy: Strategy) -> list[ParamShard]:
     """Every parameter of `cfg` with the shard each device holds under `strategy`."""
     import numpy as np
 
+    from moe_jax.model.execution import SHAPES_ONLY
     from moe_jax.parallel.rules import map_params
     from moe_jax.programs.sharded import abstract_model
 
     layout = Layout.for_strategy(cfg, strategy)
-    _, state = abstract_model(cfg)
+    _, state = abstract_model(cfg, SHAPES_ONLY)
     rows = []
 
     def collect(path, var):

@@ -9,11 +9,15 @@ The prefill is the serving program: it returns the last position's logits [B, 1,
 (the next token's), so the output head runs once per sequence and no [B, S, V] array
 exists. A model built with ``full_logits=True`` returns every position's instead (for
 comparing with a reference, or ``run --save-logits``).
+
+What the programs do is fixed here, once: the target's kernels (from the platform of the
+mesh's devices, or given), and whether the layer stack pipelines (pp > 1) with how many
+microbatches. The model is built with that `moe_jax.model.execution.Execution`; the layout
+it is traced under only says how arrays are split.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -21,19 +25,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from moe_jax.model.execution import Execution, Kernels, Pipeline
 from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
 from moe_jax.parallel.mesh import Strategy, build_mesh, validate
 from moe_jax.parallel.rules import Layout, use_layout
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract parameter state) of `cfg`'s Transformer; nothing is allocated.
+def abstract_model(cfg: ModelConfig, execution: Execution | None = None):
+    """(graphdef, abstract parameter state) of `cfg`'s Transformer built for `execution` (default: unpipelined,
+    jax's default backend); nothing is allocated. The parameters do not depend on `execution`.
 
-    Cached per config (the planner describes many strategies of one model); treat the
+    Cached per config and execution (the planner describes many strategies of one model); treat the
     result as read-only.
     """
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=execution)))
 
 
 class ShardedModel:
@@ -41,20 +47,25 @@ class ShardedModel:
 
     def __init__(self, cfg: ModelConfig, strategy: Strategy, mesh=None, *,
                  prefill_microbatches: int | None = None, decode_microbatches: int | None = None,
-                 full_logits: bool = False):
+                 full_logits: bool = False, kernels: Kernels | None = None):
         """prefill/decode_microbatches: pipeline microbatches (pp > 1) per call; None for the defaults
         of `moe_jax.model.pipeline` (derived from the batch and pp).
         full_logits: `prefill` returns [B, S, V] logits, every prompt position; by default [B, 1, V],
-        the last position only (the serving program)."""
+        the last position only (the serving program).
+        kernels: what the compile target offers; None for those of the platform of `mesh`'s devices."""
         validate(strategy, cfg)
         self.cfg = cfg
         self.full_logits = full_logits
         self.strategy = strategy
         self.mesh = mesh if mesh is not None else build_mesh(strategy)
         self.layout = Layout.for_strategy(cfg, strategy, self.mesh)
-        self.prefill_layout = dataclasses.replace(self.layout, microbatches=prefill_microbatches)
-        self.decode_layout = dataclasses.replace(self.layout, microbatches=decode_microbatches)
-        self.graphdef, self.abstract_params = abstract_model(cfg)
+        self.prefill_microbatches = prefill_microbatches
+        self.decode_microbatches = decode_microbatches
+        self.kernels = kernels or Kernels.of_mesh(self.mesh)
+        stages = self.layout.stages
+        self.execution = Execution(self.kernels, Pipeline(stages, prefill_microbatches, decode_microbatches)
+                                   if stages > 1 else None)
+        self.graphdef, self.abstract_params = abstract_model(cfg, self.execution)
         self.param_shardings = self.layout.param_shardings(self.abstract_params)
         self.forward = jax.jit(self._forward)
         self.prefill = jax.jit(self._prefill)
@@ -65,7 +76,7 @@ class ShardedModel:
     def init_params(self, seed: int = 0):
         """Random parameters created directly in their shards (no device holds the whole model)."""
         def make():
-            return nnx.split(Transformer(self.cfg, rngs=nnx.Rngs(seed)))[1]
+            return nnx.split(Transformer(self.cfg, rngs=nnx.Rngs(seed), execution=self.execution))[1]
 
         return jax.jit(make, out_shardings=self.param_shardings)()
 
@@ -105,21 +116,21 @@ class ShardedModel:
         host = np.asarray(tokens)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    # --- programs (traced under this model's layout) -----------------------------
+    # --- programs (the model built for `execution`, traced under this model's layout) --------
 
     def _model(self, params):
         return nnx.merge(self.graphdef, params)
 
     def _forward(self, params, tokens):
-        with use_layout(self.prefill_layout):
+        with use_layout(self.layout):
             return self._model(params)(tokens)
 
     def _prefill(self, params, tokens, cache):
-        with use_layout(self.prefill_layout):
+        with use_layout(self.layout):
             return self._model(params).prefill(tokens, cache, full_logits=self.full_logits)
 
     def _decode(self, params, tokens, pos, cache):
-        with use_layout(self.decode_layout):
+        with use_layout(self.layout):
             return self._model(params).decode(tokens, pos, cache)
 
     def generate(self, params, prompt, steps: int):
@@ -143,6 +154,6 @@ class ShardedModel:
         """Microbatches, bubble and stage hand-off bytes of one prefill (or decode) call."""
         from moe_jax.model.pipeline import schedule
 
-        layout = self.decode_layout if decode else self.prefill_layout
-        return schedule(self.cfg, self.strategy, batch, length, decode=decode, microbatches=layout.microbatches,
+        microbatches = self.decode_microbatches if decode else self.prefill_microbatches
+        return schedule(self.cfg, self.strategy, batch, length, decode=decode, microbatches=microbatches,
                         full_output=self.full_logits and not decode)

@@ -1,17 +1,23 @@
-"""The deployment report: the seed's sections, every figure computed, each check with its numbers.
+"""The Markdown reports: one analysed strategy (the seed's sections, every figure computed, each check with
+its numbers), and a plan's (the best strategy's report, then how it compares with the baseline and with the
+other dispatch method).
 
-`markdown(analysis)` renders the report; `memory_chart(analysis, path)` draws the
-per-device memory breakdown against capacity (PNG).
+`markdown(analysis)` renders one strategy's report; `plan_markdown(result, chart)` and
+`baseline_markdown(result, chart)` a plan's; the charts they name are drawn by `moe_jax.reporting.charts`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_jax.perf.analysis import Analysis, unconfirmed_fit_note
+from moe_jax.files import MARKDOWN_MARK
+from moe_jax.reporting.rows import comparison_rows, dispatch_cells
 from moe_jax.units import gb as _gb
 from moe_jax.units import human_bytes as _bytes
 from moe_jax.units import ms as _ms
+
+if TYPE_CHECKING:                       # the analysis (and jax) is imported only by the commands that compile
+    from moe_jax.perf.analysis import Analysis
 
 _COMPILERS = {"cpu": "XLA:CPU", "gpu": "XLA:GPU", "tpu": "XLA:TPU"}
 
@@ -34,10 +40,12 @@ def compiled_by(a: Analysis) -> str:
 
 def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     """The Markdown report for one analysed strategy (`chart`: file name of the memory chart, if any)."""
+    from moe_jax.perf.analysis import unconfirmed_fit_note
+
     d = a.to_dict()
     cfg, s, hw, w, f = a.cfg, a.strategy, a.hardware, a.workload, a.placement.facts()
     p, mem = a.prediction, a.memory
-    out = ["<!-- written by moe-jax -->", f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
+    out = [MARKDOWN_MARK, f"# {cfg.name} on {s.num_devices} x {hw.name}: {s.name}", ""]
     verdict = ("fits in device memory" if a.fits else "does NOT fit in device memory") if a.fit_confirmed else \
         f"unconfirmed: {unconfirmed_fit_note(a)}"
     out += [f"**Verdict:** {verdict}; {sum(c.passed for c in a.checks)} of {len(a.checks)} "
@@ -161,37 +169,47 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     return "\n".join(out)
 
 
-def memory_chart(a: Analysis, path: str | Path) -> Path | None:
-    """Stacked bar of per-device memory (weights, KV cache, activations, I/O) against capacity."""
-    return memory_chart_from(a.to_dict(), path)
+def _with_chart(report: str, chart: str | None) -> str:
+    """A stored report (rendered naming ``memory.png``) naming the chart drawn for it instead."""
+    return report if chart is None else report.replace("memory.png", chart)
 
 
-def memory_chart_from(data: dict, path: str | Path) -> Path | None:
-    """`memory_chart` from an analysis in its JSON form (the planner keeps only that)."""
-    mem = data["memory"]
-    if mem["total"] is None:
-        return None
-    import matplotlib
+def plan_markdown(result, chart: str | None) -> str:
+    """A plan's report: the best strategy's (naming its memory chart `chart`, if one was drawn), then the
+    comparison with the baseline and the dispatch methods when the plan has them.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    `result` is a `moe_jax.planner.result.PlanResult` with a best strategy."""
+    return (_with_chart(result.compiled[result.best]["markdown"], chart) + comparison_markdown(result)
+            + dispatch_markdown(result))
 
-    parts = [("weights", mem["weights"]), ("KV cache", mem["kv_cache"]), ("activations", mem["activations"]),
-             ("inputs/outputs", max(0, mem["outputs_and_inputs"]))]
-    fig, ax = plt.subplots(figsize=(7, 2.6))
-    left = 0.0
-    for (label, value), color in zip(parts, ("#4c72b0", "#dd8452", "#55a868", "#8172b3"), strict=False):
-        ax.barh([0], [value / 1e9], left=[left / 1e9], color=color, label=f"{label} {value / 1e9:.2f} GB")
-        left += value
-    capacity = data["hardware"]["memory_bytes"]
-    ax.axvline(capacity / 1e9, color="black", linestyle="--", label=f"capacity {capacity / 1e9:.0f} GB")
-    ax.set_yticks([])
-    ax.set_xlabel("GB per device")
-    ax.set_title(f"{data['model']['name']}, {data['strategy']['name']} on {data['hardware']['name']} "
-                 f"({data['backend']} compile)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, metadata={"Software": "moe-jax"})
-    plt.close(fig)
-    return path
+
+def baseline_markdown(result, chart: str | None) -> str:
+    """The report of a plan's baseline strategy (naming its memory chart `chart`, if one was drawn)."""
+    return _with_chart(result.compiled[result.baseline]["markdown"], chart)
+
+
+def comparison_markdown(result) -> str:
+    """The "Compared with the baseline" section of a plan's report; empty without a baseline."""
+    rows = comparison_rows(result)
+    if not rows:
+        return ""
+    lines = ["", f"## Compared with the baseline {result.baseline}", "",
+             f"| metric | best ({result.best}) | baseline ({result.baseline}) | baseline / best |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {m} | {x} | {y} | {r} |" for m, x, y, r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def dispatch_markdown(result) -> str:
+    """The "Dispatch methods" section of a plan's report; empty unless the plan compared them."""
+    c = result.dispatch_comparison
+    if not c:
+        return ""
+    rows = ["", f"## Dispatch methods on {c['strategy']}", "",
+            f"The search ran with {c['searched_with']} dispatch; the same strategy compiled with each method:", "",
+            "| dispatch | TTFT (ms) | TPOT (ms) | tok/s | memory per device (GB) | prefill matmul FLOPs per device |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for method, m in c["methods"].items():
+        cells = dispatch_cells(m) or ("does not fit", "", "", "", "")
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from moe_jax.compat import backend_started, distributed_process
 from moe_jax.errors import MoeJaxError
 
 DEFAULT_TIMEOUT = 300.0
@@ -39,11 +40,6 @@ ENV = {"coordinator": "MOE_JAX_COORDINATOR", "num_processes": "MOE_JAX_NUM_PROCE
 """The environment variable behind each cluster flag."""
 
 AUTO = "auto"
-
-_TEST_DIE_AT = os.environ.get("MOE_JAX_TEST_DIE_AT", "")
-"""Tests only: ``PROCESS:STEP`` (e.g. ``1:decode step 3``) makes that process signal itself (SIGKILL, or
-``MOE_JAX_TEST_SIGNAL``, e.g. STOP) as the step starts."""
-
 
 class ClusterError(MoeJaxError):
     """A peer process died, stopped responding or never arrived; the run cannot go on."""
@@ -287,7 +283,7 @@ class Cluster:
 
     @property
     def process_index(self) -> int:
-        if self.spec is None and _backend_started():     # never starts a backend just to ask
+        if self.spec is None and backend_started():     # never starts a backend just to ask
             import jax
 
             return jax.process_index()
@@ -295,7 +291,7 @@ class Cluster:
 
     @property
     def process_count(self) -> int:
-        if self.spec is None and _backend_started():     # never starts a backend just to ask
+        if self.spec is None and backend_started():     # never starts a backend just to ask
             import jax
 
             return jax.process_count()
@@ -322,8 +318,6 @@ class Cluster:
         if self.cpu_devices is not None and spec.num_processes:
             request_cpu_devices(spec.cpu_devices_per_process(self.cpu_devices))   # before jax reads XLA_FLAGS
         import jax
-
-        from moe_jax.parallel.devices import backend_started
 
         if backend_started():
             raise MoeJaxError("jax's backend is already running in this process: join the cluster (--coordinator) "
@@ -355,10 +349,7 @@ class Cluster:
             _die(f"{label} could not join the cluster at {spec.coordinator} within {spec.timeout:g} s "
                  f"(--timeout): {first}. Every process must be started with the same --coordinator and "
                  f"--num-processes, a distinct --process-id, and process 0 must be reachable", CLUSTER_EXIT_STATUS)
-        from jax._src import distributed as _state  # the count before any backend starts (auto mode)
-
-        self._index = _state.global_state.process_id
-        self._count = _state.global_state.num_processes
+        self._index, self._count = distributed_process()   # the count before any backend starts (auto mode)
         self.watchdog.who = self.who
         if self.cpu_devices is not None and spec.auto:
             request_cpu_devices(spec.cpu_devices_per_process(self.cpu_devices, self._count))
@@ -382,10 +373,6 @@ class Cluster:
         if self.watchdog is not None:
             self.watchdog.beat(what)
         self._progress(what)
-        if _TEST_DIE_AT and self.multi and f"{self.process_index}:{what}".startswith(_TEST_DIE_AT):
-            import signal  # tests: a peer lost (KILL) or hung (STOP) mid-run
-
-            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MOE_JAX_TEST_SIGNAL", "KILL")))
 
     def _progress(self, what: str) -> None:
         if self.show_progress:
@@ -435,12 +422,6 @@ class Cluster:
         if self.watchdog is not None:
             self.watchdog.stop()
         return False
-
-
-def _backend_started() -> bool:
-    from moe_jax.parallel.devices import backend_started
-
-    return backend_started()
 
 
 def to_host(x):

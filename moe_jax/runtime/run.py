@@ -114,7 +114,7 @@ def _full_prefill_logits(sm, params, tokens, batch: int, cache_len: int):
     from moe_jax.programs.sharded import ShardedModel
 
     full = ShardedModel(sm.cfg, sm.strategy, sm.mesh, full_logits=True,
-                        prefill_microbatches=sm.prefill_layout.microbatches)
+                        prefill_microbatches=sm.prefill_microbatches, kernels=sm.kernels)
     return full.prefill(params, tokens, sm.init_cache(batch, cache_len)).logits
 
 

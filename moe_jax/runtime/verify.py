@@ -18,6 +18,16 @@ MAX_REFERENCE_BYTES = 4e9
 """Largest model `verify_sharding` builds as a single-device reference."""
 
 
+def exact_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` in float32 with capacity factor E/k: the configuration whose programs can be compared exactly.
+
+    Capacity E/k gives every expert room for all top-k picks of a whole token group, so capacity dispatch
+    drops nothing however the tokens are grouped (a sharded program's groups differ from one device's);
+    float32 keeps the comparison tight (bf16 differs by rounding order alone).
+    """
+    return cfg.replace(dtype="float32", capacity_factor=cfg.num_experts / cfg.top_k)
+
+
 @dataclass(frozen=True)
 class Verification:
     """Largest differences between the sharded program and the single-device reference."""
@@ -50,7 +60,7 @@ def verify_sharding(cfg: ModelConfig, strategy: Strategy, *, batch: int = 8, pro
                     gen_len: int = 4, seed: int = 0, tolerance: float = 1e-4) -> Verification:
     """Run `cfg` sharded by `strategy` on jax's devices and compare with one device.
 
-    Use an f32 config for a tight comparison; bf16 differs by rounding order alone.
+    Use `exact_config(cfg)` for a tight comparison: f32 (bf16 differs by rounding order alone) and no drops.
     """
     import jax
     import jax.numpy as jnp

@@ -1,0 +1,193 @@
+"""Commands that compile and predict: analyze (one strategy) and plan (search every strategy for a device count)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from moe_jax.cli.app import cli, out
+from moe_jax.cli.options import (
+    SEED_WORKLOAD,
+    apply_dispatch,
+    backend_option,
+    buffer_option,
+    choice,
+    cluster_from,
+    cluster_options,
+    dispatch_option,
+    hardware_option,
+    model_option,
+    output_options,
+    positive,
+    strategy_option,
+    workload_options,
+)
+from moe_jax.cli.outputs import dump_hlo, emit, json_file, output_path
+from moe_jax.config import get_model
+from moe_jax.errors import MoeJaxError
+from moe_jax.files import check_derived, check_distinct, write_atomic
+from moe_jax.names import Backend, Objective
+from moe_jax.parallel.mesh import Strategy
+from moe_jax.reporting import tables
+
+DERIVED = (".memory.png", ".baseline.md", ".baseline.memory.png", ".pareto.png")
+"""The files `plan --markdown NAME.md` writes beside it."""
+
+
+@cli.command()
+@model_option
+@strategy_option(mesh=True)
+@hardware_option("Hardware preset (see `moe-jax hardware`) or a TOML file.")
+@workload_options(SEED_WORKLOAD)
+@backend_option("Which compiler: auto (the hardware's own: a deviceless CUDA target for NVIDIA presets, a TPU "
+                "topology for TPU presets; XLA:CPU as a stated stand-in where that compiler is not here), cpu "
+                "(fake CPU devices), tpu, gpu, or real (the devices jax sees).")
+@click.option("--topology", help="TPU topology for the tpu compile (default: the smallest that holds the devices).")
+@output_options("Write the analysis as JSON to this file ('-' for stdout).",
+                "Write the Markdown report here (and the memory chart beside it).")
+@click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
+@dispatch_option()
+@buffer_option
+@cluster_options
+def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
+            md_path, dump_dir, dispatch, dropless_buffer, coordinator, num_processes, process_id, timeout):
+    """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
+    from moe_jax.costs.compile import Workload
+    from moe_jax.hardware.presets import get_hardware
+    from moe_jax.parallel.devices import MAX_CPU_DEVICES, request_cpu_devices
+    from moe_jax.parallel.mesh import validate
+
+    cfg = apply_dispatch(get_model(model_name), dispatch, dropless_buffer)
+    strategy = Strategy.load(strategy_spec)
+    hw = get_hardware(hardware_spec)
+    workload = Workload(batch, prompt_len, gen_len)
+    validate(strategy, cfg, batch=batch)
+    json_file(json_path)                         # checked before compiling, written after it
+    md_file = output_path(md_path, "--markdown")
+    if md_file:
+        check_derived([md_file.with_name(md_file.stem + ".memory.png")])
+    check_distinct({"--json": json_file(json_path), "--markdown": md_file,
+                    "the memory chart": md_file and md_file.with_name(md_file.stem + ".memory.png")})
+    cluster = cluster_from(coordinator, num_processes, process_id, timeout)
+    if cluster.spec is not None and backend != Backend.REAL:
+        raise MoeJaxError(f"--backend {backend} compiles in one process; a multi-process analyze "
+                          "(--coordinator) needs --backend real")
+    from moe_jax.costs.backends import resolve
+
+    compiler = resolve(hw, backend)
+    if compiler.backend == Backend.CPU:
+        n = strategy.num_devices
+        request_cpu_devices(n if n <= MAX_CPU_DEVICES else n // strategy.dp)
+    elif compiler.backend != Backend.REAL:
+        request_cpu_devices(1)        # a deviceless compile: jax starts on the CPU, no accelerator probed
+    from moe_jax.perf.analysis import analyze as run_analysis
+    from moe_jax.reporting.charts import memory_chart
+    from moe_jax.reporting.markdown import markdown
+
+    kw = {"topology": topology} if topology else {}
+    with cluster:
+        cluster.check_devices(strategy.num_devices)
+        cluster.beat("compiling prefill and decode")
+        if cluster.is_leader:
+            with out.status(f"compiling prefill and decode of {cfg.name} {strategy.name} with the "
+                            f"{compiler.backend} compiler..."):
+                a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
+        else:
+            a = run_analysis(cfg, strategy, hw, workload, backend=backend, **kw)
+    if not cluster.is_leader:
+        return                                   # process 0 reports; the others stay quiet
+    emit(a.to_dict(), json_path, lambda: tables.print_analysis(out, a))
+    if md_file:
+        chart = md_file.with_name(md_file.stem + ".memory.png")
+        made = memory_chart(a, chart)
+        write_atomic(md_file, markdown(a, chart.name if made else None))
+    if dump_dir:
+        dump_hlo(a, dump_dir)
+    sys.exit(0 if a.fits else 3)
+
+
+@cli.command()
+@model_option
+@click.option("--devices", type=int, required=True, callback=positive, help="Devices to split the model over.")
+@hardware_option("Hardware preset or TOML file.")
+@workload_options(SEED_WORKLOAD)
+@click.option("--objective", type=choice(Objective), default=str(Objective.THROUGHPUT), show_default=True,
+              help="cost: the fewest devices (up to --devices) that fit and meet the SLOs.")
+@click.option("--slo-ttft", type=float, help="Largest acceptable TTFT in seconds.")
+@click.option("--slo-tpot", type=float, help="Largest acceptable TPOT in seconds.")
+@click.option("--baseline", "baseline_spec", help="A strategy to compare with the best (name or TOML file).")
+@click.option("--top", type=click.IntRange(1, 64), default=8, show_default=True, help="Candidates to compile.")
+@backend_option("Which compiler (as for analyze): auto is the hardware's own, or the stated cpu stand-in.")
+@click.option("--topology", help="TPU topology for the tpu compile (default: the smallest per strategy).")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Compile worker processes.")
+@click.option("--cache", "cache_dir", default=".moe-jax-cache", show_default=True,
+              help="Directory of cached compiled results ('' to disable).")
+@output_options("Write the plan as JSON here ('-' for stdout).",
+                "Write the best strategy's report here (baseline and plots beside it).")
+@dispatch_option(both=True)
+@buffer_option
+def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objective, slo_ttft, slo_tpot,
+         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path, dispatch, dropless_buffer):
+    """Search every (ep, tp, pp, dp) for a device count, compile the best, and recommend one."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moe_jax.costs.compile import Workload
+    from moe_jax.hardware.presets import get_hardware
+    from moe_jax.planner.charts import pareto_plot
+    from moe_jax.planner.search import plan as run_plan
+    from moe_jax.reporting.charts import memory_chart_from
+    from moe_jax.reporting.markdown import baseline_markdown, plan_markdown
+
+    cfg = apply_dispatch(get_model(model_name), dispatch, dropless_buffer)
+    hw = get_hardware(hardware_spec)
+    workload = Workload(batch, prompt_len, gen_len)
+    baseline = Strategy.load(baseline_spec) if baseline_spec else None
+    if baseline is not None:
+        from moe_jax.parallel.mesh import validate
+
+        validate(baseline, cfg, batch=batch)
+    for name, value in (("--slo-ttft", slo_ttft), ("--slo-tpot", slo_tpot)):
+        if value is not None and not value > 0:
+            raise MoeJaxError(f"{name} {value} must be a positive number of seconds")
+    json_file(json_path)                         # checked before the search, written after it
+    md_file = output_path(md_path, "--markdown")
+    if md_file:
+        check_derived([md_file.with_name(f"{md_file.stem}{suffix}") for suffix in DERIVED])
+    check_distinct({"--json": json_file(json_path), "--markdown": md_file,
+                    **{f"the derived {suffix}": md_file and md_file.with_name(f"{md_file.stem}{suffix}")
+                       for suffix in DERIVED}})
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+        tasks = {}
+
+        def progress(kind, text, done, total):
+            if kind not in tasks:
+                tasks[kind] = bar.add_task(kind, total=total)
+            bar.update(tasks[kind], description=f"{kind}: {text}", completed=done, total=total)
+
+        result = run_plan(cfg, devices, hw, workload, objective=objective, slo_ttft=slo_ttft, slo_tpot=slo_tpot,
+                          baseline=baseline, top=top, backend=backend, topology=topology,
+                          cache_dir=Path(cache_dir) if cache_dir else None, workers=workers, progress=progress)
+        if dispatch == "both":
+            from moe_jax.planner.dispatch import compare_dispatch
+
+            compare_dispatch(result, progress=progress)
+    emit(result.to_dict(), json_path, lambda: tables.print_plan(out, result))
+    if md_file:
+        stem = md_file.stem
+        if result.best:
+            chart = md_file.with_name(f"{stem}.memory.png")
+            made = memory_chart_from(result.compiled[result.best]["analysis"], chart)
+            write_atomic(md_file, plan_markdown(result, chart.name if made else None))
+        if result.baseline:
+            chart = md_file.with_name(f"{stem}.baseline.memory.png")
+            made = memory_chart_from(result.compiled[result.baseline]["analysis"], chart)
+            write_atomic(md_file.with_name(f"{stem}.baseline.md"),
+                         baseline_markdown(result, chart.name if made else None))
+        pareto_plot(result, md_file.with_name(f"{stem}.pareto.png"))
+    sys.exit(0 if result.best else 3)

@@ -1,0 +1,90 @@
+"""What a model is built for, chosen once when it is constructed: the target's kernels and the pipeline.
+
+The forward pass reads these choices from the module it runs: nothing inside it asks the
+mesh which platform it is on, or the layout whether to pipeline. The layout in force
+(`moe_jax.parallel.rules.use_layout`) only says how arrays are split: which mesh axes a
+logical axis maps to, the mesh a `shard_map` runs on.
+
+`moe_jax.programs.sharded.ShardedModel` builds the record from its mesh and strategy; a
+model built without one (the single-device reference) runs on jax's default backend,
+unpipelined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the compile target offers the model's programs (`for_platform` derives it from the platform)."""
+
+    ragged_all_to_all: bool
+    """`jax.lax.ragged_all_to_all` compiles (TPU, GPU). Otherwise dropless dispatch moves its rows in
+    fixed dense blocks (`moe_jax.model.moe.exchange.ragged_all_to_all_dense`)."""
+    grouped_matmul: bool
+    """`jax.lax.ragged_dot_general` is a grouped-matmul kernel (TPU, GPU). Otherwise the experts loop
+    over dense matmuls: XLA:CPU's own lowering of ragged_dot masks an [E, M, K] copy of the rows."""
+    in_place_weight_einsum: bool
+    """One row times a stored weight is written as a product and a sum that reads the weight in place
+    (XLA:GPU: its gemm copies each layer's slice out of the stacked parameter first; see
+    `moe_jax.model.layers.weight_einsum`)."""
+    narrow_manual_all_reduce: bool
+    """A 16-bit all-reduce inside a partially manual `shard_map` compiles. XLA:CPU crashes on one
+    ("Invalid binary instruction opcode copy", in AllReducePromotion): such sums are made in f32."""
+
+    @classmethod
+    def for_platform(cls, platform: str) -> Kernels:
+        """The kernels of a jax platform name (``cpu``, ``gpu``, ``tpu``): XLA:CPU has none of them."""
+        native = platform != "cpu"
+        return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=platform == "gpu",
+                   narrow_manual_all_reduce=native)
+
+    @classmethod
+    def of_mesh(cls, mesh) -> Kernels:
+        """The kernels of the platform `mesh`'s devices are (a deviceless TPU or GPU compile's devices are the
+        target's, in a CPU process)."""
+        return cls.for_platform(mesh.devices.flat[0].platform)
+
+    @classmethod
+    def of_process(cls) -> Kernels:
+        """The kernels of jax's default backend in this process."""
+        import jax
+
+        return cls.for_platform(jax.default_backend())
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The layer stack pipelined over `stages` stages (the layout's stage axis), GPipe microbatches per call."""
+
+    stages: int
+    """pp."""
+    prefill_microbatches: int | None = None
+    """Microbatches of a prefill (and of a full forward); None for `moe_jax.model.pipeline`'s default."""
+    decode_microbatches: int | None = None
+    """Microbatches of a decode step; None for the default."""
+
+    def microbatches(self, *, decode: bool) -> int | None:
+        """The microbatches chosen for a decode step or a prefill, None for the default."""
+        return self.decode_microbatches if decode else self.prefill_microbatches
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a `moe_jax.model.transformer.Transformer` runs: the target's kernels, pipelined or not."""
+
+    kernels: Kernels
+    pipeline: Pipeline | None = None
+    """None: the layers run as one scan on every device (no pipeline stages)."""
+
+    @classmethod
+    def local(cls) -> Execution:
+        """Unpipelined, on jax's default backend: the single-device model."""
+        return cls(Kernels.of_process())
+
+
+SHAPES_ONLY = Execution(Kernels.for_platform("cpu"))
+"""For building a model only to read its parameter shapes (placement, memory guards): the parameters
+do not depend on the kernels, and naming a platform keeps jax's backend unstarted, so a command can
+still choose its device count afterwards."""

@@ -1,0 +1,95 @@
+"""Capacity dispatch (GShard): token groups, a fixed number of slots per expert, overflow dropped.
+
+Tokens are cut into groups of at most ``moe_group_size`` tokens that never straddle a
+``dp × ep`` shard. Within a group each expert takes at most C tokens; first choices are
+placed before second choices, and overflow is dropped (the token then skips that
+expert). Dispatch turns ``[G, Sg, D]`` (groups split over ``dp × ep``) into
+``[E, G, C, D]`` (experts split over ``ep``): the all-to-all. Combine is the reverse.
+Because groups are bounded, the dispatch tensors ``[G, Sg, E, C]`` grow linearly with
+the number of tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+from moe_jax.model import scopes
+from moe_jax.model.execution import Kernels
+from moe_jax.model.layers import F32, weight_einsum
+from moe_jax.model.moe.route import route
+from moe_jax.parallel.rules import activation_shards, batch_shards, constrain
+
+
+def group_size(num_tokens: int, shards: int, max_group: int) -> int:
+    """Sg: the largest divisor of the tokens per shard that is at most `max_group`.
+
+    Groups then tile each shard exactly, so no group crosses a device boundary.
+    """
+    per_shard = num_tokens // shards if num_tokens % shards == 0 else num_tokens
+    return max(d for d in range(1, min(per_shard, max_group) + 1) if per_shard % d == 0)
+
+
+def capacity_masks(weights_gsk, experts_gsk, num_experts: int, capacity: int):
+    """Dispatch and combine tensors for capacity routing.
+
+    weights/experts [G, Sg, k] → dispatch [G, Sg, E, C] (0/1), combine [G, Sg, E, C] (gate
+    weights), dropped [G] (token-expert assignments that found no slot, per group; kept
+    per group so that counting adds no collective to the program).
+    A token's j-th choice is placed after every token's (j-1)-th choice in the group.
+    """
+    G, Sg, k = experts_gsk.shape
+    onehot = jax.nn.one_hot(experts_gsk, num_experts, dtype=jnp.int32)        # [G, Sg, k, E]
+    by_priority = onehot.transpose(0, 2, 1, 3).reshape(G, k * Sg, num_experts)
+    position = jnp.cumsum(by_priority, axis=1) - 1                            # slot within expert
+    position = position.reshape(G, k, Sg, num_experts).transpose(0, 2, 1, 3)
+    slot_gsk = jnp.sum(position * onehot, axis=-1)                            # [G, Sg, k]
+    kept = slot_gsk < capacity
+    slot_onehot = jax.nn.one_hot(jnp.where(kept, slot_gsk, capacity), capacity, dtype=F32)  # [G, Sg, k, C]
+    onehot = onehot.astype(F32)
+    dispatch = jnp.einsum("gske,gskc->gsec", onehot, slot_onehot)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", onehot, slot_onehot, weights_gsk)
+    dropped = constrain(jnp.sum(~kept, axis=(1, 2), dtype=jnp.int32), ("group",))  # [G]
+    return dispatch, combine, dropped
+
+
+def swiglu_experts(x_egcd, w_gate_up_epfd, w_down_edf, kernels: Kernels):
+    """Each expert's SwiGLU on its own tokens. x [E, G, C, D] → [E, G, C, D]; weights [E, 2, F, D], [E, D, F]."""
+    E, G, C, D = x_egcd.shape
+    one_row = G // activation_shards("expert_group", G) * C == 1           # per expert, per device
+    in_place = one_row and kernels.in_place_weight_einsum
+    gate_up = weight_einsum("egcd,epfd->egcpf", x_egcd, w_gate_up_epfd, in_place=in_place)  # p, f as stored
+    h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    h = constrain(h, ("expert", "expert_group", "capacity", "mlp"))
+    return weight_einsum("egcf,edf->egcd", h, w_down_edf, in_place=in_place)
+
+
+def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None):
+    """Routed experts with capacity dispatch. x [B, S, D] → (y [B, S, D], dropped assignments [G]).
+
+    kernels: the target's (`moe_jax.model.moe.MoE` passes the model's); None for jax's default backend.
+    """
+    kernels = kernels or Kernels.of_process()
+    B, S, D = x_bsd.shape
+    Sg = group_size(B * S, batch_shards(B), cfg.moe_group_size)
+    G = B * S // Sg
+    C = cfg.capacity(Sg)
+    x = constrain(x_bsd.reshape(G, Sg, D), ("group", "group_tokens", "embed"))
+    with jax.named_scope(scopes.ROUTE):
+        weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk)
+        dispatch, combine, dropped = capacity_masks(weights, experts, cfg.num_experts, C)
+    with jax.named_scope(scopes.DISPATCH):
+        # Pack locally (every expert's slots for this shard's groups), then move: the
+        # change from G split over dp×ep to E split over ep is one all-to-all on ep.
+        xe = jnp.einsum("gsd,gsec->egcd", x, dispatch.astype(x.dtype))        # [E, G, C, D]
+        xe = constrain(xe, ("expert_all", "group", "capacity", "embed"))
+        xe = constrain(xe, ("expert", "expert_group", "capacity", "embed"))
+    with jax.named_scope(scopes.EXPERTS):
+        ye = swiglu_experts(xe, w_gate_up_epfd, w_down_edf, kernels)
+        ye = constrain(ye, ("expert", "expert_group", "capacity", "embed"))
+    with jax.named_scope(scopes.COMBINE):
+        ye = constrain(ye, ("expert_all", "group", "capacity", "embed"))     # all-to-all back
+        y = jnp.einsum("egcd,gsec->gsd", ye, combine.astype(ye.dtype))
+        y = constrain(y, ("group", "group_tokens", "embed"))
+    return y.reshape(B, S, D), dropped

@@ -1,0 +1,172 @@
+"""Dropless dispatch (as in MegaBlocks, MaxText and DeepSeek serving): sort by expert, one grouped matmul.
+
+Every token-expert assignment is kept. Assignments are sorted by expert and each expert
+multiplies exactly its rows with one grouped matmul (`jax.lax.ragged_dot_general`). With
+``ep > 1`` the block runs inside `jax.shard_map`, manual over the mesh axes the tokens,
+experts and expert width are split over: each shard sorts its tokens' assignments, the
+rows travel to the shard owning their expert and back (`moe_jax.model.moe.exchange`), and
+are multiplied in between.
+
+The expert weights are stored with their contracted dimensions minor (see
+`moe_jax.model.moe.layer`). TPU's grouped-matmul kernel reads [E, K, N]: it relays out
+each layer's slice it copies (see `grouped_matmul`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+from moe_jax.model import scopes
+from moe_jax.model.execution import Kernels
+from moe_jax.model.layers import F32
+from moe_jax.model.moe.exchange import receive_rows, send_back, send_to_experts
+from moe_jax.model.moe.route import route
+from moe_jax.parallel.rules import current_layout
+
+
+def grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
+    """Rows of group e times w[e]: x [M, K] sorted by group, sizes [E] → [M, N]; rows past sum(sizes) are
+    left to the caller to mask. w is [E, K, N], or [E, N, K] with `k_minor` (the experts' weights as stored).
+
+    native: `jax.lax.ragged_dot_general` (a grouped-matmul kernel on TPU and GPU). TPU's kernel reads
+    [E, K, N]: with `k_minor` XLA relays out each layer's slice after copying it out of the stacked
+    weights, a second copy per layer where [E, K, N] weights cost one. Otherwise (XLA:CPU) a loop over
+    the groups, each a dense matmul of all rows kept only on the group's rows: jax's own CPU lowering
+    of ragged_dot masks a [E, M, K] copy of x, E times the memory.
+    """
+    k = 2 if k_minor else 1
+    # The scope lets the cost walk find grouped matmuls however they are lowered.
+    with jax.named_scope(scopes.GROUPED_MATMUL):
+        if native:
+            numbers = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [k]), ([], [])),
+                                                        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+            return jax.lax.ragged_dot_general(x_mk, w, sizes_e, numbers)
+        ends = jnp.cumsum(sizes_e)
+        rows = jnp.arange(x_mk.shape[0])
+
+        def one_group(acc, e):
+            mine = (rows >= ends[e] - sizes_e[e]) & (rows < ends[e])
+            y = jax.lax.dot_general(x_mk, w[e], (([1], [k - 1]), ([], [])))
+            return acc + jnp.where(mine[:, None], y, 0).astype(acc.dtype), None
+
+        acc = jnp.zeros((x_mk.shape[0], w.shape[3 - k]), jnp.result_type(x_mk, w))
+        return jax.lax.scan(one_group, acc, jnp.arange(w.shape[0]))[0]
+
+
+def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels):
+    """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
+
+    Rows past sum(sizes) (padding) belong to no expert; callers mask them.
+    """
+    E, _, F, D = w_gate_up_epfd.shape
+    native = kernels.grouped_matmul
+    with jax.named_scope(scopes.EXPERTS):
+        gate_up = grouped_matmul(x_md, w_gate_up_epfd.reshape(E, 2 * F, D), sizes_e, native, k_minor=True)
+        gate_up = gate_up.reshape(-1, 2, F)                                    # [M, 2, F]
+        h = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
+        return grouped_matmul(h, w_down_edf, sizes_e, native, k_minor=True)
+
+
+def sort_assignments(experts_tk, num_experts: int):
+    """Order of the T·k assignments sorted by expert (stable) and rows per expert.
+
+    experts [T, k] int32, where id == num_experts marks a padding token (sorted last,
+    counted nowhere) → (order [T·k], sorted expert ids [T·k], sizes [E] int32).
+    """
+    flat = experts_tk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[order]
+    bounds = jnp.searchsorted(sorted_ids, jnp.arange(num_experts + 1, dtype=flat.dtype), side="left")
+    return order, sorted_ids, jnp.diff(bounds).astype(jnp.int32)
+
+
+def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelConfig, kernels: Kernels,
+                    real_tokens: int, token_axes: tuple, ep_axis: str | None, ep: int, tp_axes: tuple):
+    """One shard's dropless MoE (inside shard_map, or the whole problem without a mesh).
+
+    x [T, D] this shard's tokens (rows at global index >= real_tokens are padding);
+    expert weights are this shard's E/ep experts (width F/tp). Returns (y [T, D], rows dropped [1]:
+    0 unless ``cfg.dropless_buffer`` bounds the receive buffer).
+    """
+    T, D = x_td.shape
+    E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_up_epfd.shape[0]
+    first = 0
+    if token_axes:
+        first = jax.lax.axis_index(token_axes) * T
+    real = (first + jnp.arange(T)) < real_tokens                               # [T]
+    with jax.named_scope(scopes.ROUTE):
+        weights, experts = route(x_td, router_de, k, cfg.router_norm_topk)        # [T, k]
+        experts = jnp.where(real[:, None], experts, E)
+        order, sorted_ids, sizes = sort_assignments(experts, E)                # [T·k], [T·k], [E]
+    with jax.named_scope(scopes.DISPATCH):
+        xs = x_td[order // k]                                                  # [T·k, D] by expert
+    dropped = jnp.zeros((1,), jnp.int32)
+    if ep == 1:
+        ys = grouped_swiglu(xs, sizes, w_gate_up_epfd, w_down_edf, kernels)
+        ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
+    else:
+        buffer_rows, block_rows = receive_rows(cfg, T, ep)
+        move = dict(ep_axis=ep_axis, ep=ep, E_loc=E_loc, block_rows=block_rows, ragged=kernels.ragged_all_to_all)
+        recv, routes = send_to_experts(xs, sizes, buffer_rows=buffer_rows, **move)
+        yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels)
+        ys = send_back(yr, routes, xs.shape[0], xs.dtype, **move)
+        dropped = jnp.sum(sizes - routes.send, dtype=jnp.int32)[None]
+    with jax.named_scope(scopes.COMBINE):
+        y_tkd = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, D)           # back to token order
+        y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
+        if tp_axes:   # each tp rank multiplied a slice of F: the down projections are partial sums
+            # (summed in the activations' dtype where the target compiles that inside shard_map, else in f32)
+            y = jax.lax.psum(y.astype(x_td.dtype) if kernels.narrow_manual_all_reduce else y, tp_axes)
+    return y.astype(x_td.dtype), dropped
+
+
+def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None):
+    """Routed experts, dropless. x [B, S, D] → (y [B, S, D], rows dropped per token shard: 0 unless
+    ``cfg.dropless_buffer`` bounds the receive buffer).
+
+    With nothing to split (no mesh, one device, or pipeline stages only) it is one sort and
+    three grouped matmuls; otherwise it runs in `jax.shard_map`, manual over the token axes (``batch``: dp × ep),
+    the expert axis (ep) and the width axis (tp) of the layout in force; see the module docstring.
+    kernels: the target's (`moe_jax.model.moe.MoE` passes the model's); None for jax's default backend.
+    XLA:CPU has neither a ragged all-to-all nor a grouped matmul: its program moves the same rows in
+    fixed blocks and loops over the local experts.
+    """
+    kernels = kernels or Kernels.of_process()
+    B, S, D = x_bsd.shape
+    T = B * S
+    x = x_bsd.reshape(T, D)
+    layout = current_layout()
+    kw = dict(cfg=cfg, kernels=kernels, real_tokens=T)
+
+    def present(name):
+        return tuple(a for a in layout.rules[name] if layout.axis_sizes.get(a, 1) > 1)
+
+    token_axes, ep_axes, tp_axes = (present("batch"), present("expert"), present("mlp")) \
+        if layout is not None and layout.mesh is not None else ((), (), ())
+    manual = set(token_axes) | set(ep_axes) | set(tp_axes)
+    if not manual:       # nothing to split here (one device, or only pipeline stages, already manual)
+        y, dropped = _dropless_shard(x, router_de, w_gate_up_epfd, w_down_edf, token_axes=(), ep_axis=None,
+                                     ep=1, tp_axes=(), **kw)
+        return y.reshape(B, S, D), dropped
+    from jax.sharding import PartitionSpec as P
+
+    shards = layout.size(token_axes)
+    padded = -(-T // shards) * shards
+    x = jnp.pad(x, ((0, padded - T), (0, 0)))
+    abstract = jax.sharding.get_abstract_mesh()
+    inside_manual = not abstract.empty and bool(abstract.manual_axes)
+    mesh = abstract if inside_manual else layout.mesh
+    (ep_axis,) = ep_axes or (None,)
+    gate_up_spec = layout.spec(("expert", "gate_up", "mlp", "embed"), w_gate_up_epfd.shape, what="expert weights")
+    down_spec = layout.spec(("expert", "embed", "mlp"), w_down_edf.shape, what="expert weights")
+    body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
+                             ep=layout.size(ep_axes), tp_axes=tp_axes, **kw)
+    tok = P(token_axes or None, None)
+    y, dropped = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
+                               in_specs=(tok, P(), gate_up_spec, down_spec), out_specs=(tok, P(token_axes or None)))(
+        x, router_de, w_gate_up_epfd, w_down_edf)
+    return y[:T].reshape(B, S, D), dropped

@@ -1,0 +1,54 @@
+"""What a search found: the ranked candidates, the compiled programs, the best and the baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_jax.names import Objective
+from moe_jax.planner.candidate import Candidate
+from moe_jax.planner.spec import SearchSpec
+
+PLAN_SCHEMA = "moe-jax.plan/1"
+
+
+@dataclass
+class PlanResult:
+    """What `plan` found."""
+
+    spec: SearchSpec
+    """What was searched."""
+    candidates: list[Candidate]
+    """Every strategy searched, ranked: estimate and (for the compiled ones) compiled figures."""
+    compiled: dict[str, dict] = field(default_factory=dict)
+    """Strategy name → {"analysis": analyze JSON, "markdown": report} (the cache's payload)."""
+    best: str | None = None
+    baseline: str | None = None
+    seconds: float = 0.0
+    searched_device_counts: list[int] = field(default_factory=list)
+    message: str = ""
+    estimate_bias: float | None = None
+    """Median (estimated TPOT / compiled TPOT − 1) over the compiled candidates: how far the
+    uncompiled rows' estimates are likely off on this backend."""
+    dispatch_comparison: dict | None = None
+    """The best strategy compiled with each expert dispatch method (`compare_dispatch`)."""
+
+    @property
+    def objective(self) -> Objective:
+        return self.spec.objective
+
+    @property
+    def devices(self) -> int:
+        return self.spec.devices
+
+    def to_dict(self) -> dict:
+        """The plan JSON: best and baseline in the analyze schema, candidates, counts, seconds."""
+        return {
+            "schema": PLAN_SCHEMA, "objective": self.objective, "devices": self.devices,
+            "best": self.compiled[self.best]["analysis"] if self.best else None,
+            "baseline": self.compiled[self.baseline]["analysis"] if self.baseline else None,
+            "candidates": [c.to_dict() for c in self.candidates], "searched": len(self.candidates),
+            "compiled": sum(1 for c in self.candidates if c.compiled),
+            "searched_device_counts": self.searched_device_counts, "seconds": self.seconds,
+            "message": self.message, "estimate_bias_tpot": self.estimate_bias,
+            "dispatch_comparison": self.dispatch_comparison,
+        }
