@@ -20,6 +20,7 @@ import sys
 PRIVATE_APIS = {
     "jax._src.xla_bridge": ("backends_are_initialized",),
     "jax._src.distributed": ("global_state",),
+    "jax._src.lib": ("_jax",),
 }
 """Each private jax module used here and the attributes read from it (what the compat test checks)."""
 
@@ -63,3 +64,25 @@ def distributed_process() -> tuple[int, int]:
         return int(state.process_id), int(state.num_processes)
     except (ImportError, AttributeError, TypeError, ValueError) as e:
         raise _changed("jax._src.distributed.global_state.process_id / num_processes", e) from None
+
+
+def distributed_client():
+    """The coordination-service client `jax.distributed.initialize` connected (its key-value store and barriers:
+    ``key_value_set``, ``blocking_key_value_get``, ``wait_at_barrier``), None before one is connected.
+
+    Raises `JaxInternalsChanged` when jax no longer keeps it where this reads it.
+    """
+    try:
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+    except (ImportError, AttributeError) as e:
+        raise _changed("jax._src.distributed.global_state.client", e) from None
+    if client is not None and not all(hasattr(client, m) for m in CLIENT_METHODS):
+        raise _changed("the distributed client's key-value store", AttributeError(
+            f"missing {[m for m in CLIENT_METHODS if not hasattr(client, m)]}"))
+    return client
+
+
+CLIENT_METHODS = ("key_value_set", "blocking_key_value_get", "wait_at_barrier")
+"""What `distributed_client` callers use of the client (checked by tests/test_compat.py)."""

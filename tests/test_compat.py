@@ -64,3 +64,13 @@ def test_a_moved_api_is_reported_not_misread(monkeypatch):
         compat.distributed_process()
     monkeypatch.delattr(xla_bridge, "backends_are_initialized")
     assert compat.backend_started() is True        # the safe answer: callers then check the device count
+
+
+def test_distributed_client_has_the_methods_used():
+    from jax._src import distributed
+    from jax._src.lib import _jax
+
+    assert compat.distributed_client() is None     # no cluster joined in this process
+    assert hasattr(distributed.global_state, "client")
+    missing = [m for m in compat.CLIENT_METHODS if not hasattr(_jax.DistributedRuntimeClient, m)]
+    assert not missing, f"jax {jax.__version__}: the distributed client lost {missing}; update moe_jax/compat.py"

@@ -113,7 +113,8 @@ def beat_then_die(self, what):
         os.kill(os.getpid(), getattr(signal, "SIG" + sig))
 distributed.Cluster.beat = beat_then_die
 from moe_jax.cli import main
-main(argv)
+sys.argv = ["moe-jax", *argv]     # main() reads sys.argv: its supervised child reruns this same wrapper
+main()
 """
 
 
@@ -196,10 +197,47 @@ def test_a_peer_lost_mid_run_ends_the_survivor_within_the_timeout(tmp_path, vict
     assert f"moe-jax: error: process {1 - victim} of 2" in err and "Traceback" not in err
     if signal_name == "STOP":
         assert f"no progress for {timeout} s during decode step 2" in err and "a peer process died" in err
+    elif victim == 0:                    # the collective fails, or jax's client aborts first (the supervisor says so)
+        assert "a peer process probably died" in err or "coordinator (process 0) is gone" in err, err[-3000:]
+        assert "Check failure" not in err
     else:
         assert "a peer process probably died" in err
     assert took < timeout + 30
     assert lost.poll() is not None and survivor.poll() is not None
+
+
+def test_the_coordinators_death_is_exit_4_not_an_abort(tmp_path):
+    """Process 0 (the coordinator) dies right after the join, before any collective: jax's coordination client
+    in the survivor ends its process with a native abort (SIGABRT, 134); the supervising parent says why and
+    exits 4 instead."""
+    procs = _launch(tmp_path, RUN + ["--mesh", "EP2-TP2-DP2", "--timeout", "60", "--progress"], ids=[0, 1],
+                    die_at=(0, "starting the backend", "KILL"))
+    try:
+        codes = _wait(procs, 300)
+    finally:
+        _kill(procs)
+    err = _read(tmp_path, 1)
+    assert codes[1] == CLUSTER_EXIT_STATUS, err[-3000:]
+    assert "moe-jax: error: process 1 of 2" in err, err[-3000:]
+    assert "Traceback" not in err and "Check failure" not in err and "*** " not in err, err[-3000:]
+
+
+def test_processes_started_differently_stop_with_exit_2_naming_the_difference(tmp_path):
+    port, procs = _free_port(), []
+    for i, seed in ((0, "5"), (1, "6")):
+        argv = RUN[:-1] + [seed, "--mesh", "EP2-TP2-DP2", "--timeout", "60", "--coordinator", f"127.0.0.1:{port}",
+                           "--num-processes", "2", "--process-id", str(i)]
+        out, err = open(tmp_path / f"p{i}.out", "w"), open(tmp_path / f"p{i}.err", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "moe_jax.cli", *argv], stdout=out, stderr=err,
+                                      env=_env()))
+    try:
+        codes = _wait(procs, 300)
+    finally:
+        _kill(procs)
+    assert codes == [2, 2], _read(tmp_path, 0)[-2000:] + _read(tmp_path, 1)[-2000:]
+    assert "the processes were not started alike: seed=5 here, 6 on process 1" in _read(tmp_path, 0)
+    assert "seed=6 here, 5 on process 0" in _read(tmp_path, 1)
+    assert "Traceback" not in _read(tmp_path, 0) + _read(tmp_path, 1)
 
 
 @pytest.mark.parametrize("present", [0, 1])

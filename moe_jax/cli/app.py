@@ -27,7 +27,7 @@ def cli():
 def main(argv=None) -> None:
     """Console-script entry point: user errors → message on stderr, exit status 2."""
     try:
-        cli.main(args=argv, prog_name="moe-jax", standalone_mode=False)
+        cli.main(args=argv, prog_name="moe-jax", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

@@ -6,6 +6,7 @@ devices wants a smaller workload than the seed scenario).
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import click
@@ -146,8 +147,23 @@ def cluster_options(fn):
 
 
 def cluster_from(coordinator, num_processes, process_id, timeout, *, cpu_devices=None, progress=False):
-    """The `Cluster` the `cluster_options` name (one process when no cluster is named)."""
+    """The `Cluster` the `cluster_options` name (one process when no cluster is named).
+
+    A process of a multi-process run does its work in a supervised child of this same command
+    (`moe_jax.runtime.supervise`: jax's runtime would otherwise end it with an abort when the
+    coordinator dies), started when the cluster is entered, after the command's own checks.
+    """
     from moe_jax.runtime.distributed import Cluster, resolve
 
-    return Cluster(resolve(coordinator, num_processes, process_id, timeout), cpu_devices=cpu_devices,
-                   progress=progress)
+    spec = resolve(coordinator, num_processes, process_id, timeout)
+    return Cluster(spec, cpu_devices=cpu_devices, progress=progress, command=this_command() if spec else None)
+
+
+def this_command() -> list[str]:
+    """The command line that runs this same moe-jax invocation again: the process's own when `main` read
+    `sys.argv`, else ``python -m moe_jax.cli`` with the arguments `main` was given."""
+    ctx = click.get_current_context(silent=True)
+    argv = ctx.find_root().obj.get("argv") if ctx is not None and isinstance(ctx.find_root().obj, dict) else None
+    if argv is None:
+        return list(sys.orig_argv)
+    return [sys.executable, "-m", "moe_jax.cli", *argv]

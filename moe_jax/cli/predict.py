@@ -88,6 +88,8 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
 
     kw = {"topology": topology} if topology else {}
     with cluster:
+        cluster.agree({"model": cfg.summary(), "strategy": strategy.name, "workload": workload.to_dict(),
+                       "hardware": hw.to_dict(), "backend": backend, "topology": topology})
         cluster.check_devices(strategy.num_devices)
         cluster.beat("compiling prefill and decode")
         if cluster.is_leader:

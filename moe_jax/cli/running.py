@@ -54,8 +54,8 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch
     # compared where the comparison is exact: f32, and capacity for every token so that the reference and the
     # sharded program (whose token groups differ) drop nothing; both run on this host
     cfg = exact_config(cfg)
-    check_run_memory(cfg, strategy, batch, workload.cache_len, platform="cpu")
-    check_run_memory(cfg, Strategy(), batch, workload.cache_len, platform="cpu")
+    check_run_memory(cfg, strategy, batch, workload.cache_len, platform=Backend.CPU)
+    check_run_memory(cfg, Strategy(), batch, workload.cache_len, platform=Backend.CPU)
     request_cpu_devices(strategy.num_devices)
     from moe_jax.runtime.verify import verify_sharding
 
@@ -130,6 +130,9 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
                            cpu_devices=strategy.num_devices if backend == Backend.CPU else None,
                            progress=show_progress)
     with cluster:
+        cluster.agree({"model": cfg.summary(), "strategy": strategy.name, "workload": workload.to_dict(),
+                       "seed": seed, "backend": backend, "weights": weights_dir, "prompt": _digest(prompt),
+                       "hardware": hw.name if hw else None, "repeats": repeats})
         cluster.check_devices(strategy.num_devices)
         import jax
 
@@ -146,3 +149,13 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
     if logits_file is not None:
         write_npy(logits_file, result.prefill_logits)
     emit(result.to_dict(), json_path, lambda: tables.print_run(out, result))
+
+
+def _digest(prompt) -> str | None:
+    """A prompt's sha256 (processes compare it, not the tokens themselves: a prompt may be large)."""
+    if prompt is None:
+        return None
+    import hashlib
+    import json
+
+    return "sha256:" + hashlib.sha256(json.dumps(prompt).encode()).hexdigest()[:16]

@@ -67,7 +67,7 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     dtype: str = "bfloat16"
     """Parameter, activation and KV cache dtype; router, softmax and norms compute in f32 regardless."""
-    dispatch: str = "capacity"
+    dispatch: str = Dispatch.CAPACITY
     """Expert path: ``capacity`` (GShard dispatch/combine, drops overflow), ``dropless`` (sort by expert,
     grouped matmul, ragged all-to-all; nothing dropped) or ``dense`` (all experts on all tokens, reference)."""
     dropless_buffer: float | None = None

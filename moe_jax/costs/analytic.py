@@ -33,6 +33,7 @@ from moe_jax.costs.routing import decode_floor_weights
 from moe_jax.costs.types import Analytic, AnalyticReport, CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
 from moe_jax.model.moe import group_size, receive_rows
 from moe_jax.model.pipeline import schedule
+from moe_jax.names import Dispatch
 from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_replicated
 from moe_jax.parallel.rules import Layout
 
@@ -92,7 +93,7 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     useful = cfg.useful_flops(tokens, head_tokens=tokens if full_logits else B)
     attention = cfg.attention_flops(B, S, T)
     capacity = 0
-    if cfg.dispatch == "capacity":
+    if cfg.dispatch == Dispatch.CAPACITY:
         mb_tokens = tokens // microbatches
         groups = capacity_groups(cfg, mb_tokens, batch_shards)
         G = microbatches * groups.groups(mb_tokens)
@@ -162,7 +163,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         ("router", 2 * tok * D * E, D * E * b + tok * (D * b + E * F32)),
     ]
     k = cfg.top_k
-    if cfg.dispatch == "dropless":
+    if cfg.dispatch == Dispatch.DROPLESS:
         # Each device routes its tok tokens (its token shard: padded up when dp·ep does not split the
         # microbatch), sorts the tok·k assignments, and under uniform routing receives tok·k rows
         # for its E/ep experts; the receive buffer holds ep·tok·min(k, E/ep) rows (the worst case), or
@@ -208,7 +209,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
             colls.append(CollectiveCost(kind, list(axes), size, int(nbytes), calls, scope, scope, group, worst))
 
     coll("all-reduce", ("tp",), tok * D * b, runs, "attention")
-    if cfg.dispatch == "dropless":
+    if cfg.dispatch == Dispatch.DROPLESS:
         for scope in ("dispatch", "combine"):
             coll("ragged-all-to-all", ("ep",), rows * D * b, runs, scope, worst=buffer * D * b)
         coll("all-reduce", ("tp",), tok_shard * D * b, runs, "combine")
@@ -220,7 +221,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     coll("all-reduce", ("pp",), local_seqs * D * b, 1, "pipeline")           # the last positions only
     vocab_axes = tuple(a for a in layout.rules["vocab"] if s.mesh_shape[a] > 1)
     coll("all-reduce", vocab_axes, total_tok * D * b, 1, "embed")
-    if cfg.dispatch == "dropless":
+    if cfg.dispatch == Dispatch.DROPLESS:
         moe_act = 2 * buffer * (D + 3 * Fl) * b + 2 * rows * D * F32
     else:
         moe_act = 2 * E * G * C * D * b + 2 * G * Sg * E * C * F32

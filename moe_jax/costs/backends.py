@@ -101,17 +101,17 @@ def resolve(hw: Hardware, requested: str = "auto") -> Compiler:
     """The compiler for `hw`: its own for ``auto``, else the one asked for (checked to be usable)."""
     if requested not in CHOICES:
         raise MoeJaxError(f"unknown backend {requested!r}; valid: {', '.join(CHOICES)}")
-    if requested == "gpu":
+    if requested == Backend.GPU:
         if hw.kind != "gpu":
             raise MoeJaxError(f"--backend gpu compiles for a CUDA target; {hw.name!r} is a {hw.kind.upper()} "
                               "(use --backend tpu or auto)")
         path = gpu_target_path(hw.compile_target or "h200")
-        return Compiler("gpu", requested, path, caveats=_proxy_caveat(hw, path))
+        return Compiler(Backend.GPU, requested, path, caveats=_proxy_caveat(hw, path))
     if requested != "auto":
         return Compiler(requested, requested, caveats=_caveats(requested, hw))
     if hw.kind == "tpu":
         if tpu_compiler_installed():
-            return Compiler("tpu", requested)
+            return Compiler(Backend.TPU, requested)
         return _fallback(hw, "libtpu is not installed (pip install 'moe-jax[tpu]')")
     if not hw.compile_target:
         return _fallback(hw, f"{hw.name} names no compiler target")
@@ -121,7 +121,7 @@ def resolve(hw: Hardware, requested: str = "auto") -> Compiler:
     path = gpu_target_path(hw.compile_target)
     if not gpu_compiler_installed():
         return _fallback(hw, "jax's CUDA plugin is not installed (pip install 'moe-jax[gpu]', about 130 MB)")
-    return Compiler("gpu", requested, path, caveats=_proxy_caveat(hw, path))
+    return Compiler(Backend.GPU, requested, path, caveats=_proxy_caveat(hw, path))
 
 
 def _proxy_caveat(hw: Hardware, path: Path) -> tuple[str, ...]:
@@ -137,11 +137,11 @@ def _proxy_caveat(hw: Hardware, path: Path) -> tuple[str, ...]:
 
 
 def _fallback(hw: Hardware, why: str) -> Compiler:
-    return Compiler("cpu", "auto", reason=why, caveats=_caveats("cpu", hw))
+    return Compiler(Backend.CPU, "auto", reason=why, caveats=_caveats(Backend.CPU, hw))
 
 
 def _caveats(backend: str, hw: Hardware) -> tuple[str, ...]:
-    if backend != "cpu":
+    if backend != Backend.CPU:
         return ()
     return (_CPU_CAVEAT.format(hw=hw.name, kind="TPU" if hw.kind == "tpu" else "GPU"),)
 

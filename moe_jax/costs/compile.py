@@ -26,7 +26,7 @@ from pathlib import Path
 from moe_jax.config import ModelConfig
 from moe_jax.costs.backends import BACKENDS
 from moe_jax.errors import MoeJaxError
-from moe_jax.names import Phase
+from moe_jax.names import Backend, Phase
 from moe_jax.parallel.devices import MAX_CPU_DEVICES
 from moe_jax.parallel.mesh import Strategy, validate
 
@@ -178,19 +178,19 @@ def _devices(backend: str, n: int, topology: str | None, gpu_target):
     """Devices to compile on, in their physical order, and a phrase naming where they are."""
     import jax
 
-    if backend == "cpu":
+    if backend == Backend.CPU:
         have = jax.devices("cpu")
         if len(have) < n:
             raise MoeJaxError(f"the cpu backend needs {n} fake CPU devices but this process has {len(have)}; "
                               f"start it with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
                               "(the moe-jax CLI does this itself)")
         return have[:n], f"{n} fake CPU devices"
-    if backend == "real":
+    if backend == Backend.REAL:
         have = jax.devices()
         if len(have) < n:
             raise MoeJaxError(f"the real backend sees {len(have)} {have[0].platform} devices; {n} are needed")
         return have[:n], f"{n} {have[0].platform} devices"
-    if backend == "tpu":
+    if backend == Backend.TPU:
         if not topology:
             raise MoeJaxError("the tpu backend needs a topology (e.g. v5p:2x2x2); "
                               "`moe_jax.costs.backends.tpu_topology` "
@@ -201,7 +201,7 @@ def _devices(backend: str, n: int, topology: str | None, gpu_target):
     return _gpu_devices(gpu_target_path(gpu_target or "h200"), n)
 
 
-def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, backend: str = "cpu",
+def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, backend: str = Backend.CPU,
                     topology: str | None = None, gpu_target: str | None = None,
                     phases=PHASES, prefill_microbatches: int | None = None,
                     decode_microbatches: int | None = None) -> CompiledProgram:
@@ -224,7 +224,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
 
     check_extents(cfg, workload.batch, workload.prompt_len, workload.cache_len)
     compiled_strategy, notes = strategy, []
-    if backend == "cpu" and strategy.num_devices > MAX_CPU_DEVICES:
+    if backend == Backend.CPU and strategy.num_devices > MAX_CPU_DEVICES:
         replica = Strategy(ep=strategy.ep, tp=strategy.tp, pp=strategy.pp, dp=1)
         if replica.num_devices > MAX_CPU_DEVICES:
             raise MoeJaxError(f"{strategy.name}: one replica needs {replica.num_devices} devices, more than the "
@@ -235,7 +235,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
                      f"data-parallel replica ({replica.name}, batch {workload.batch}); replicas do not "
                      "communicate at inference, so per-device figures are the same")
     devices, where = _devices(backend, compiled_strategy.num_devices, topology, gpu_target)
-    mesh = build_mesh(compiled_strategy, devices, physical=backend != "cpu")
+    mesh = build_mesh(compiled_strategy, devices, physical=backend != Backend.CPU)
     position = {id(d): i for i, d in enumerate(devices)}
     physical_order = [position[id(d)] for d in mesh.devices.flat]
     # the programs are built for the compile target's kernels (a deviceless TPU or GPU compile runs in a CPU process)
@@ -266,7 +266,8 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
                   "tokens": sum(_shard_bytes(a) for a in args if a is not params and a is not cache)}
         start = time.perf_counter()
         try:
-            compiled = fn.lower(*args).compile(compiler_options=CPU_ANALYSIS_OPTIONS if backend == "cpu" else None)
+            options = CPU_ANALYSIS_OPTIONS if backend == Backend.CPU else None
+            compiled = fn.lower(*args).compile(compiler_options=options)
         except Exception as e:  # the XLA error type is not public; only out-of-memory is a result
             text = str(e)
             if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:

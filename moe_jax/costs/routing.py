@@ -11,6 +11,7 @@ import math
 
 from moe_jax.config import ModelConfig
 from moe_jax.costs.types import WeightsRead
+from moe_jax.names import Dispatch
 from moe_jax.parallel.mesh import Strategy
 
 UNIFORM = "uniform routing: each token picks k distinct experts uniformly at random"
@@ -50,7 +51,7 @@ def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, bat
     tokens route to: each device's experts see the decode tokens of its data-parallel
     replica (batch / dp), so the expected fraction is `touched_fraction` of them.
     """
-    if cfg.dispatch != "dropless":
+    if cfg.dispatch != Dispatch.DROPLESS:
         return WeightsRead(weights, "every local weight (capacity dispatch touches every local expert)")
     tokens = max(batch // strategy.dp, 1)
     experts = routed_expert_bytes(cfg, strategy)

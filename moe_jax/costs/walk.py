@@ -67,7 +67,7 @@ from moe_jax.costs.types import (
 )
 from moe_jax.model import scopes
 from moe_jax.model.moe import receive_rows
-from moe_jax.names import DTYPES
+from moe_jax.names import DTYPES, Backend, Dispatch
 from moe_jax.parallel.mesh import Strategy
 
 _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
@@ -129,10 +129,10 @@ class RaggedHints:
     def for_program(cls, cfg: ModelConfig, strategy: Strategy, platform: str) -> RaggedHints | None:
         """The hints for `cfg` compiled under `strategy` for devices of `platform` (cpu, tpu, gpu);
         None unless dispatch is dropless."""
-        if cfg.dispatch != "dropless":
+        if cfg.dispatch != Dispatch.DROPLESS:
             return None
         local = cfg.num_experts // strategy.ep
-        cpu = platform == "cpu"
+        cpu = platform == Backend.CPU
         if strategy.ep == 1:
             return cls(groups=local if cpu else 1, looped=cpu)
         # The model's worst-case buffer per token a shard holds (T = 1): R rows, blocks of P rows per source;
@@ -676,7 +676,7 @@ def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
     if isinstance(raw, list):
         raw = raw[0] if raw else None
     xla = None if not raw else {k: float(raw[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in raw}
-    w = walk(phase.hlo_text, mesh_shape, cpu_native_dtype if backend == "cpu" else None, hints)
+    w = walk(phase.hlo_text, mesh_shape, cpu_native_dtype if backend == Backend.CPU else None, hints)
     return PhaseCost(
         phase.phase, backend, True, memory=memory, flops=w.flops, matmul_flops=w.matmul_flops,
         transcendentals=w.transcendentals, hbm_bytes=w.hbm_bytes, raw_hbm_bytes=w.raw_hbm_bytes,
@@ -685,7 +685,7 @@ def phase_cost(phase: CompiledPhase, backend: str, mesh_shape: dict[str, int],
         compile_seconds=phase.compile_seconds, hlo_text=phase.hlo_text)
 
 
-def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backend: str = "cpu",
+def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backend: str = Backend.CPU,
                  **compile_kw) -> CostReport:
     """Compile prefill and decode ahead of time and read their cost (the Python API)."""
     from moe_jax.costs.analytic import analytic_report
@@ -697,7 +697,7 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
     native = DTYPES[cfg.dtype].hlo if cfg.dtype_bytes < 4 else None
     import jax
 
-    platform = jax.default_backend() if backend == "real" else backend
+    platform = jax.default_backend() if backend == Backend.REAL else backend
     hints = RaggedHints.for_program(cfg, program.compiled_strategy, platform)
     phases = {name: phase_cost(p, backend, mesh_shape, native, hints) for name, p in program.phases.items()}
     if hints is not None:
@@ -715,7 +715,7 @@ def analyze_cost(cfg: ModelConfig, strategy: Strategy, workload: Workload, backe
             f"{hints.groups}, weights once per expert, rows once) and has "
             "no ragged all-to-all, so rows move in dense worst-case blocks: counted as ragged all-to-alls with the "
             f"block as the worst case and {hints.block_fraction:.3g} of it (uniform routing) as the expected bytes")
-    if backend == "cpu" and native:
+    if backend == Backend.CPU and native:
         program.notes.append(f"cpu backend: XLA's CPU compiler computes {cfg.dtype} in f32; HBM bytes and collective "
                              f"payloads are counted at {cfg.dtype} width and precision-conversion fusions are "
                              "dropped, as a GPU or TPU program would move them (raw_hbm_bytes keeps the CPU figure)")

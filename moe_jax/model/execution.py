@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_jax.names import Backend
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -36,8 +38,8 @@ class Kernels:
     @classmethod
     def for_platform(cls, platform: str) -> Kernels:
         """The kernels of a jax platform name (``cpu``, ``gpu``, ``tpu``): XLA:CPU has none of them."""
-        native = platform != "cpu"
-        return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=platform == "gpu",
+        native = platform != Backend.CPU
+        return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=platform == Backend.GPU,
                    narrow_manual_all_reduce=native)
 
     @classmethod
@@ -84,7 +86,7 @@ class Execution:
         return cls(Kernels.of_process())
 
 
-SHAPES_ONLY = Execution(Kernels.for_platform("cpu"))
+SHAPES_ONLY = Execution(Kernels.for_platform(Backend.CPU))
 """For building a model only to read its parameter shapes (placement, memory guards): the parameters
 do not depend on the kernels, and naming a platform keeps jax's backend unstarted, so a command can
 still choose its device count afterwards."""

@@ -8,6 +8,7 @@ import sys
 
 from moe_jax.compat import backend_started
 from moe_jax.errors import MoeJaxError
+from moe_jax.names import Backend
 
 MAX_CPU_DEVICES = 2048
 """The CPU backend compiles for at most this many devices in one process."""
@@ -29,7 +30,7 @@ def request_cpu_devices(n: int) -> None:
         import jax
 
         have = jax.device_count()
-        if have < n and jax.default_backend() == "cpu":
+        if have < n and jax.default_backend() == Backend.CPU:
             raise MoeJaxError(f"jax already started with {have} CPU devices; {n} are needed. Start a new "
                               f"process with XLA_FLAGS={_FLAG}={n}")
         return

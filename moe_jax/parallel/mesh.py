@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import StrategyError, nearest
-from moe_jax.names import MESH_AXES
+from moe_jax.names import MESH_AXES, Backend
 
 """Mesh axis names, outermost first."""
 
@@ -218,7 +218,7 @@ def build_mesh(strategy: Strategy, devices=None, *, physical: bool = False):
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) != strategy.num_devices:
         hint = ""
-        if jax.default_backend() == "cpu":
+        if jax.default_backend() == Backend.CPU:
             hint = (f"; for fake CPU devices set XLA_FLAGS=--xla_force_host_platform_device_count="
                     f"{strategy.num_devices} before jax starts")
         raise StrategyError(f"{strategy.name} needs {strategy.num_devices} devices, "

@@ -15,6 +15,7 @@ from moe_jax.costs.compile import Workload
 from moe_jax.costs.types import CostReport
 from moe_jax.costs.walk import analyze_cost
 from moe_jax.hardware.presets import Hardware
+from moe_jax.names import Backend, Dispatch
 from moe_jax.parallel.mesh import Strategy, kv_replicated
 from moe_jax.perf.timemodel import Prediction, predict
 from moe_jax.programs.placement import Placement, describe
@@ -124,7 +125,7 @@ def _memory(cost: CostReport, hw: Hardware) -> dict:
 
 def _fit_confirmed(cost: CostReport, memory: dict, hw: Hardware) -> bool:
     """See `Analysis.fit_confirmed`: only the hardware's own compiler (or exact sizes alone) backs a verdict."""
-    if cost.backend != "cpu":
+    if cost.backend != Backend.CPU:
         return True
     if memory["total"] is None:
         return False
@@ -237,7 +238,7 @@ def _recommendations(a: Analysis) -> list[str]:
                        f"the receive buffer holds {1 / routing.row_fraction:.1f}x the expected rows "
                        f"(--dropless-buffer {routing.buffer:g}); rows routed past it are dropped and counted")
                     + f". A decode step touches {touched:.0%} of the local experts on average.")
-    elif a.cfg.dispatch == "capacity" and s.ep > 1:
+    elif a.cfg.dispatch == Dispatch.CAPACITY and s.ep > 1:
         recs.append("Dropless dispatch (`--dispatch dropless`) computes only the routed rows and never drops a "
                     "token; `moe-jax plan --dispatch both` compares the two.")
     ratio = pre.compiled_over_analytic if pre is not None else None
@@ -257,9 +258,9 @@ def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: 
     from moe_jax.costs.backends import resolve, tpu_topology
 
     compiler = resolve(hardware, backend)
-    if compiler.backend == "tpu" and not compile_kw.get("topology"):
+    if compiler.backend == Backend.TPU and not compile_kw.get("topology"):
         compile_kw["topology"] = tpu_topology(hardware, strategy.num_devices)
-    if compiler.backend == "gpu":
+    if compiler.backend == Backend.GPU:
         compile_kw.setdefault("gpu_target", compiler.gpu_target)
     cost = analyze_cost(cfg, strategy, workload, compiler.backend, **compile_kw)
     cost.compiled_for = {**compiler.to_dict(), "target": cost.target, "topology": cost.topology}

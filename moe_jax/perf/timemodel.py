@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from moe_jax.costs.types import CollectiveCost, CostReport, PhaseCost, WeightsRead
 from moe_jax.hardware.presets import Hardware, LinkTier
+from moe_jax.names import Backend
 
 _HOPS = {"all-reduce": lambda n: 2 * (n - 1), "all-gather": lambda n: n - 1, "reduce-scatter": lambda n: n - 1,
          "all-to-all": lambda n: n - 1, "collective-permute": lambda n: 1, "ragged-all-to-all": lambda n: n - 1,
@@ -188,7 +189,7 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Predi
     ]
     if hw.assumptions:
         assumptions.append(hw.assumptions)
-    if report.backend == "cpu":
+    if report.backend == Backend.CPU:
         assumptions.append("cpu backend: XLA's CPU compiler computes bf16 in f32; bytes are counted at the model's "
                            "width, but its temporaries overstate a GPU's activations, and its collectives may "
                            "differ from a GPU or TPU compile")

@@ -11,6 +11,7 @@ import os
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import MoeJaxError
+from moe_jax.names import Backend
 from moe_jax.parallel.mesh import Strategy
 
 MAX_ELEMENTS = 1 << 60
@@ -74,7 +75,7 @@ def check_run_memory(cfg: ModelConfig, strategy: Strategy, batch: int, cache_len
 
     p = describe(cfg, strategy, batch=batch, cache_len=cache_len)
     per_device = p.weight_bytes_per_device + (p.kv_cache_bytes_per_device or 0)
-    if platform == "cpu":
+    if platform == Backend.CPU:
         need, have, where = per_device * strategy.num_devices, host_memory_available(), "this host's available memory"
     else:
         limits = [m for m in (device_memory(d) for d in (devices or [])) if m]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moe_jax.files import MARKDOWN_MARK
+from moe_jax.names import Backend, Dispatch
 from moe_jax.reporting.rows import comparison_rows, dispatch_cells
 from moe_jax.units import gb as _gb
 from moe_jax.units import human_bytes as _bytes
@@ -27,14 +28,14 @@ def compiled_by(a: Analysis) -> str:
     c, cost = a.cost.compiled_for, a.cost
     name = _COMPILERS.get(cost.backend, f"the {cost.backend} backend's compiler")
     where = f"{cost.target}, {cost.topology}" if cost.topology else cost.target
-    if cost.backend == "real":
+    if cost.backend == Backend.REAL:
         return f"{name} on real devices ({where})"
     if c.get("stand_in"):
         return f"{name} as a stand-in for {a.hardware.name} ({where}), because {c['reason']}"
-    own = "deviceless" if cost.backend in ("gpu", "tpu") else "emulated"
+    own = "deviceless" if cost.backend in (Backend.GPU, Backend.TPU) else "emulated"
     proxy = any("has no target description of its own" in x for x in c.get("caveats", []))
     mine = (f" (a stand-in target for {a.hardware.name}, same compiler)" if proxy else
-            " (the hardware's own compiler)" if cost.backend in ("gpu", "tpu") else "")
+            " (the hardware's own compiler)" if cost.backend in (Backend.GPU, Backend.TPU) else "")
     return f"{name}, {own}, for {where}{mine}"
 
 
@@ -58,7 +59,7 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
             f"- Model: {cfg.name}: {cfg.params_total / 1e9:.2f}B parameters ({cfg.params_active / 1e9:.2f}B active "
             f"per token), {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, {cfg.dtype}, "
             f"{cfg.dispatch} dispatch" + (f" (capacity factor {cfg.capacity_factor})"
-                                          if cfg.dispatch == "capacity" else ""),
+                                          if cfg.dispatch == Dispatch.CAPACITY else ""),
             f"- Workload: batch {w.batch} sequences, prompt {w.prompt_len} tokens, {w.gen_len} generated "
             f"(KV cache of {w.cache_len} positions)",
             f"- Compiled by **{compiled_by(a)}**; every memory, FLOP, byte and collective figure below is read "

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from moe_jax.compat import backend_started, distributed_process
 from moe_jax.errors import MoeJaxError
+from moe_jax.runtime import supervise
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a process may wait on its peers (joining, one step of the run, shutting down)."""
@@ -268,9 +269,13 @@ class Cluster:
     process 0 report.
     """
 
-    def __init__(self, spec: ClusterSpec | None, *, cpu_devices: int | None = None, progress: bool = False):
-        """cpu_devices: the mesh's device count when each process emulates its share on CPU."""
+    def __init__(self, spec: ClusterSpec | None, *, cpu_devices: int | None = None, progress: bool = False,
+                 command: list[str] | None = None):
+        """cpu_devices: the mesh's device count when each process emulates its share on CPU.
+        command: the command line of this invocation: `start` runs the work as its supervised child
+        (`moe_jax.runtime.supervise`); None to work in this process."""
         self.spec = spec
+        self.command = command
         self.cpu_devices = cpu_devices
         self.show_progress = progress
         self.watchdog: Watchdog | None = None
@@ -315,8 +320,14 @@ class Cluster:
             if self.cpu_devices is not None:
                 request_cpu_devices(self.cpu_devices)
             return self
-        if self.cpu_devices is not None and spec.num_processes:
-            request_cpu_devices(spec.cpu_devices_per_process(self.cpu_devices))   # before jax reads XLA_FLAGS
+        share = spec.cpu_devices_per_process(self.cpu_devices) if self.cpu_devices and spec.num_processes else None
+        label = (f"process {spec.process_id} of {spec.num_processes}" if not spec.auto else "this process")
+        if supervise.supervised():
+            supervise.adopt()
+        elif self.command is not None:
+            sys.exit(supervise.run_supervised(self.command, label, CLUSTER_EXIT_STATUS))
+        if share is not None:
+            request_cpu_devices(share)                          # before jax reads XLA_FLAGS
         import jax
 
         if backend_started():
@@ -325,7 +336,6 @@ class Cluster:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU devices across processes
         _native_stdout_to_stderr()
         where = spec.coordinator if not spec.auto else f"the coordinator {spec.source} names"
-        label = (f"process {spec.process_id} of {spec.num_processes}" if not spec.auto else "this process")
         self.watchdog = Watchdog(spec.timeout, label)
         self.watchdog.beat(f"joining the cluster at {where}", message=(
             f"{label} could not join the cluster at {where} within {spec.timeout:g} s (--timeout): "
@@ -355,6 +365,35 @@ class Cluster:
             request_cpu_devices(spec.cpu_devices_per_process(self.cpu_devices, self._count))
         self.beat("starting the backend")
         return self
+
+    def agree(self, facts: dict) -> None:
+        """Every process must run the same thing: exchange `facts` (model, strategy, workload, seed, inputs ...)
+        through the cluster's key-value store and stop every process with exit status 2, naming the first
+        difference, when they disagree. Without this, processes given different meshes or sizes build
+        programs whose collectives do not match, and the runtime aborts with no word on why."""
+        if not self.multi:
+            return
+        import json
+
+        from moe_jax.compat import distributed_client
+
+        client = distributed_client()
+        mine = json.dumps(facts, sort_keys=True, default=str)
+        wait_ms = max(1000, int(self.spec.timeout * 1000))
+        self.beat("checking that every process was started alike")
+        client.key_value_set(f"moe-jax/agree/{self.process_index}", mine)
+        theirs = {i: client.blocking_key_value_get(f"moe-jax/agree/{i}", wait_ms)
+                  for i in range(self.process_count) if i != self.process_index}
+        client.wait_at_barrier("moe-jax/agreed", wait_ms)      # nobody leaves before every process has read
+        for i, text in sorted(theirs.items()):
+            if text != mine:
+                other = json.loads(text)
+                diffs = [f"{k}={facts.get(k)!r} here, {other.get(k)!r} on process {i}"
+                         for k in sorted(set(facts) | set(other)) if json.dumps(facts.get(k), sort_keys=True,
+                                                                                default=str)
+                         != json.dumps(other.get(k), sort_keys=True, default=str)]
+                _die(f"{self.who}: the processes were not started alike: {'; '.join(diffs[:4])}. Every process of "
+                     "a run must be given the same model, mesh, sizes, seed, weights and prompt", 2)
 
     def check_devices(self, needed: int) -> None:
         """Across processes, jax must see exactly the mesh's devices (each process its share)."""

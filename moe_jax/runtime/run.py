@@ -17,6 +17,7 @@ from pathlib import Path
 from moe_jax.config import ModelConfig
 from moe_jax.costs.compile import Workload
 from moe_jax.errors import MoeJaxError
+from moe_jax.names import AUTO, Backend
 from moe_jax.parallel.mesh import Strategy
 
 
@@ -119,7 +120,7 @@ def _full_prefill_logits(sm, params, tokens, batch: int, cache_len: int):
 
 
 def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
-        prompt: list[list[int]] | None = None, seed: int = 0, hardware=None, backend: str = "cpu",
+        prompt: list[list[int]] | None = None, seed: int = 0, hardware=None, backend: str = Backend.CPU,
         repeats: int = 3, predict: bool = True, max_steps: int | None = None, keep_logits: bool = False,
         progress=None) -> RunResult:
     """Initialise (or load) the sharded model, prefill, decode greedily, time both, and predict.
@@ -209,14 +210,14 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
                        workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist(),
                        processes=jax.process_count(), prefill_logits=logits)
-    if device.platform == "cpu":
+    if device.platform == Backend.CPU:
         result.notes.append("emulated CPU devices share the host's cores: a functional check, not a timing claim")
     if predict and hardware is not None:
         from moe_jax.perf.analysis import analyze
 
         step_done("predicting (compiling the program ahead of time)")
         # on real devices the program that ran is compiled; otherwise the hardware's own compiler (auto)
-        a = analyze(cfg, strategy, hardware, workload, backend="real" if backend == "real" else "auto")
+        a = analyze(cfg, strategy, hardware, workload, backend=Backend.REAL if backend == Backend.REAL else AUTO)
         if a.prediction is not None:
             result.predicted = {"ttft_s": a.prediction.ttft_s, "tpot_s": a.prediction.tpot_s,
                                 "throughput_tok_s": a.prediction.throughput_tok_s,
