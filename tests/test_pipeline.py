@@ -159,3 +159,15 @@ def test_last_stage_hand_back_is_bit_exact_in_bf16():
     f = jax.shard_map(program, mesh=mesh, in_specs=P(), out_specs=P(), axis_names={"pp"}, check_vma=False)
     got = jax.jit(f)(jax.device_put(x, NamedSharding(mesh, P("dp"))))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(x * jnp.bfloat16(4)))
+
+
+def test_without_stages_there_are_no_microbatches():
+    """pp = 1 runs the layer scan once over the batch: the schedule (and the planner's estimate, which reads
+    each tick's weights) must not count 4 prefill microbatches that the program does not have."""
+    from moe_jax.config import get_model
+
+    cfg = get_model("tiny")
+    s = Strategy(ep=2, tp=2, dp=2)
+    for decode in (False, True):
+        sched = schedule(cfg, s, batch=16, length=8, decode=decode)
+        assert (sched.microbatches, sched.ticks, sched.bubble_fraction) == (1, 1, 0)

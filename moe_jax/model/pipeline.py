@@ -92,7 +92,8 @@ def schedule(cfg: ModelConfig, strategy: Strategy, batch: int, length: int, *, d
     """
     layout = Layout.for_strategy(cfg, strategy)
     shards = layout.shards("batch", batch)
-    M = microbatches or default_microbatches(batch, strategy.pp, shards, decode=decode)
+    # without stages the program runs the layers once over the whole batch: no microbatches
+    M = 1 if strategy.pp == 1 else microbatches or default_microbatches(batch, strategy.pp, shards, decode=decode)
     check_microbatches(M, batch)
     Bm = batch // M
     local_mb = Bm // layout.shards("batch", Bm)
