@@ -88,3 +88,17 @@ def test_console_script_sets_up_its_own_devices():
     assert "PASS" in ok.stdout
     bad = subprocess.run(cmd + ["describe", "--strategy", "EP5"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "valid ep" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["analyze", "--model", "tiny", "--mesh", "EP8", "--dispatch", "dropless", "--capacity-factor", "2"],
+     "--capacity-factor 2 applies to capacity dispatch; this run uses dropless"),
+    (["analyze", "--model", "tiny", "--mesh", "EP8", "--capacity-factor", "0"], "--capacity-factor 0 must be > 0"),
+    (["plan", "--model", "tiny", "--devices", "8", "--hardware", "h100", "--capacity-factor", "100"],
+     "at most the expert count 8"),
+])
+def test_capacity_factor_is_checked_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err

@@ -197,3 +197,26 @@ def test_prefill_logits_match_transformers(checkpoint):
     assert last.shape == (B, 1, cfg.vocab_size) and every.shape == (B, S, cfg.vocab_size)
     assert np.max(np.abs(every - ref)) / np.max(np.abs(ref)) < 1e-4
     assert np.max(np.abs(last - ref[:, -1:])) / np.max(np.abs(ref)) < 1e-4
+
+
+def test_run_on_a_checkpoint_generates_transformers_tokens_by_default(checkpoint, tmp_path, capsys):
+    """As a new user would: `moe-jax run --model DIR --weights DIR` with no dispatch flag runs the checkpoint the
+    way its reference does (dropless: nothing dropped) and generates transformers' greedy tokens; capacity
+    dispatch at a small factor drops assignments, and the run says how many."""
+    _, d, _, tokens, _, generated = checkpoint
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps({"prompt": tokens[:, :6].tolist()}))
+    common = ["run", "--model", str(d), "--weights", str(d), "--prompt-file", str(prompt), "--gen-len", "16",
+              "--mesh", "EP2-TP2-DP2", "--repeats", "1", "--json", "-"]
+    main(common)
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == generated.tolist()
+    assert out["dropped"]["total"] == 0 and out["dropped"]["assignments"] == 4 * (6 + 15) * 2 * 4
+    main(common + ["--dispatch", "capacity", "--capacity-factor", "0.5"])
+    out = json.loads(capsys.readouterr().out)
+    dropped = out["dropped"]
+    assert dropped["total"] > 0 and dropped["total"] == dropped["prefill"] + dropped["decode"]
+    assert any("dropped" in n and "token-expert assignments" in n for n in out["notes"])
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--capacity-factor", "2"])                   # dropless: the factor does not apply
+    assert e.value.code == 2 and "applies to capacity dispatch" in capsys.readouterr().err

@@ -119,10 +119,26 @@ buffer_option = click.option(
 """--dropless-buffer: a bound on dropless dispatch's receive buffers."""
 
 
-def apply_dispatch(cfg, dispatch: str | None, buffer: float | None = None):
-    """`cfg` with --dispatch and --dropless-buffer applied (``both`` keeps the model's dispatch)."""
+capacity_option = click.option(
+    "--capacity-factor", type=float, help="Capacity dispatch: each expert gets ceil(factor x Sg x k / E) slots per "
+    "token group of Sg tokens; assignments past them are dropped (E/k drops nothing). Default: the model's "
+    "(1.25 for presets).")
+"""--capacity-factor: capacity dispatch's slots per expert."""
+
+
+def apply_dispatch(cfg, dispatch: str | None, buffer: float | None = None, capacity_factor: float | None = None):
+    """`cfg` with --dispatch, --dropless-buffer and --capacity-factor applied (``both`` keeps the model's
+    dispatch)."""
     if dispatch not in (None, "both"):
         cfg = cfg.replace(dispatch=dispatch)
+    if capacity_factor is not None:
+        if cfg.dispatch != Dispatch.CAPACITY and dispatch != "both":
+            raise MoeJaxError(f"--capacity-factor {capacity_factor:g} applies to capacity dispatch; this run uses "
+                              f"{cfg.dispatch} (add --dispatch capacity)")
+        if not (capacity_factor > 0 and capacity_factor <= cfg.num_experts):
+            raise MoeJaxError(f"--capacity-factor {capacity_factor:g} must be > 0 and at most the expert count "
+                              f"{cfg.num_experts} (E/k = {cfg.num_experts / cfg.top_k:g} already drops nothing)")
+        cfg = cfg.replace(capacity_factor=capacity_factor)
     if buffer is not None:
         if cfg.dispatch != Dispatch.DROPLESS and dispatch != "both":
             raise MoeJaxError(f"--dropless-buffer {buffer:g} applies to dropless dispatch; add --dispatch dropless")

@@ -13,6 +13,7 @@ from moe_jax.cli.options import (
     apply_dispatch,
     backend_option,
     buffer_option,
+    capacity_option,
     choice,
     cluster_from,
     cluster_options,
@@ -50,16 +51,18 @@ DERIVED = (".memory.png", ".baseline.md", ".baseline.memory.png", ".pareto.png")
 @click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
 @dispatch_option()
 @buffer_option
+@capacity_option
 @cluster_options
 def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
-            md_path, dump_dir, dispatch, dropless_buffer, coordinator, num_processes, process_id, timeout):
+            md_path, dump_dir, dispatch, dropless_buffer, capacity_factor, coordinator, num_processes, process_id,
+            timeout):
     """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
     from moe_jax.costs.compile import Workload
     from moe_jax.hardware.presets import get_hardware
     from moe_jax.parallel.devices import MAX_CPU_DEVICES, request_cpu_devices
     from moe_jax.parallel.mesh import validate
 
-    cfg = apply_dispatch(get_model(model_name), dispatch, dropless_buffer)
+    cfg = apply_dispatch(get_model(model_name), dispatch, dropless_buffer, capacity_factor)
     strategy = Strategy.load(strategy_spec)
     hw = get_hardware(hardware_spec)
     workload = Workload(batch, prompt_len, gen_len)
@@ -131,8 +134,10 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
                 "Write the best strategy's report here (baseline and plots beside it).")
 @dispatch_option(both=True)
 @buffer_option
+@capacity_option
 def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objective, slo_ttft, slo_tpot,
-         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path, dispatch, dropless_buffer):
+         baseline_spec, top, backend, topology, workers, cache_dir, json_path, md_path, dispatch, dropless_buffer,
+         capacity_factor):
     """Search every (ep, tp, pp, dp) for a device count, compile the best, and recommend one."""
     from pathlib import Path
 
@@ -145,7 +150,7 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
     from moe_jax.reporting.charts import memory_chart_from
     from moe_jax.reporting.markdown import baseline_markdown, plan_markdown
 
-    cfg = apply_dispatch(get_model(model_name), dispatch, dropless_buffer)
+    cfg = apply_dispatch(get_model(model_name), dispatch, dropless_buffer, capacity_factor)
     hw = get_hardware(hardware_spec)
     workload = Workload(batch, prompt_len, gen_len)
     baseline = Strategy.load(baseline_spec) if baseline_spec else None

@@ -12,6 +12,7 @@ from moe_jax.cli.options import (
     VERIFY_WORKLOAD,
     apply_dispatch,
     buffer_option,
+    capacity_option,
     choice,
     cluster_from,
     cluster_options,
@@ -88,10 +89,11 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch
 @click.option("--progress", "show_progress", is_flag=True, help="Print each step to stderr (every process).")
 @dispatch_option()
 @buffer_option
+@capacity_option
 @cluster_options
 def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, hardware_spec,
-            backend, seed, repeats, json_path, logits_path, show_progress, dispatch, dropless_buffer, coordinator,
-            num_processes, process_id, timeout):
+            backend, seed, repeats, json_path, logits_path, show_progress, dispatch, dropless_buffer, capacity_factor,
+            coordinator, num_processes, process_id, timeout):
     """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction.
 
     With --coordinator, --num-processes and --process-id (or their MOE_JAX_* variables, or a
@@ -107,7 +109,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
 
     if weights_dir and not Path(weights_dir).is_dir():
         raise MoeJaxError(f"--weights {weights_dir!r} is not a directory")
-    cfg = apply_dispatch(get_model(model_name or weights_dir or "tiny"), dispatch, dropless_buffer)
+    cfg = apply_dispatch(get_model(model_name or weights_dir or "tiny"), dispatch, dropless_buffer, capacity_factor)
     if dtype:
         cfg = cfg.replace(dtype=DTYPE_BY_SHORT[dtype].name)
     strategy = Strategy.load(strategy_spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moe_jax.config.model import ModelConfig
 from moe_jax.errors import ConfigError
-from moe_jax.names import DTYPES
+from moe_jax.names import DTYPES, Dispatch
 
 FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 
@@ -60,7 +60,11 @@ def _experts(data: dict) -> int:
 
 
 def from_hf_dict(data: dict, name: str = "hf-model") -> ModelConfig:
-    """`ModelConfig` from the parsed config.json."""
+    """`ModelConfig` from the parsed config.json.
+
+    The model runs the way its reference implementation does: every routed token-expert assignment
+    is computed (dropless dispatch), so its tokens equal transformers'. Capacity dispatch, which
+    drops assignments past each expert's slots, is a choice (``--dispatch capacity``)."""
     family = data.get("model_type")
     if family not in FAMILIES:
         raise ConfigError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
@@ -74,7 +78,7 @@ def from_hf_dict(data: dict, name: str = "hf-model") -> ModelConfig:
         num_kv_heads=data.get("num_key_value_heads") or H, head_dim=data.get("head_dim") or D // H,
         vocab_size=data["vocab_size"], norm_eps=float(data.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(data),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-        dtype=_dtype(data),
+        dtype=_dtype(data), dispatch=Dispatch.DROPLESS,
         top_k=data["num_experts_per_tok"])
     if family == "qwen3_moe":
         _unsupported(data, "use_sliding_window", (False, None), "no sliding-window attention")

@@ -17,7 +17,7 @@ from pathlib import Path
 from moe_jax.config import ModelConfig
 from moe_jax.costs.compile import Workload
 from moe_jax.errors import MoeJaxError
-from moe_jax.names import AUTO, Backend
+from moe_jax.names import AUTO, Backend, Dispatch
 from moe_jax.parallel.mesh import Strategy
 
 
@@ -86,6 +86,10 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     processes: int = 1
     """Processes that ran the program together (jax.distributed), each on its share of the mesh."""
+    dropped: dict | None = None
+    """Token-expert assignments the run's programs dropped (capacity dispatch past its slots, or a bounded
+    dropless buffer): ``{"prefill", "decode", "total", "assignments", "fraction"}``, counted from the
+    programs' own outputs (decode summed over its steps)."""
     prefill_logits: object | None = None
     """Prefill logits [B, S, V] (every prompt position) as a numpy array when asked for (`keep_logits`);
     not in the JSON."""
@@ -107,7 +111,7 @@ class RunResult:
                 "device_kind": self.device_kind, "processes": self.processes, "workload": self.workload,
                 "measured": self.measured,
                 "timing": {"ttft": self.ttft.to_dict(), "tpot": self.tpot.to_dict()}, "predicted": self.predicted,
-                "error": self.error, "tokens": self.tokens, "notes": self.notes}
+                "error": self.error, "dropped": self.dropped, "tokens": self.tokens, "notes": self.notes}
 
 
 def _full_prefill_logits(sm, params, tokens, batch: int, cache_len: int):
@@ -195,6 +199,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     cache = out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
     generated, steps = [to_host(token)], []
+    dropped_prefill, dropped_decode = int(to_host(out.dropped).sum()), 0
     last = S + G - 1 if max_steps is None else min(S + G - 1, S + max_steps)
     for pos in range(S, last):
         step_done(f"decode step {pos - S + 1} of {last - S}" + (" (compiling)" if pos == S else ""))
@@ -205,11 +210,24 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         steps.append(time.perf_counter() - start)
         cache = step.cache
         generated.append(to_host(token))
+        dropped_decode += int(to_host(step.dropped).sum())
     decode = Timing(steps[1:])                                   # the first step compiles: warm-up
     device = jax.devices()[0]
     result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
                        workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist(),
                        processes=jax.process_count(), prefill_logits=logits)
+    steps_run = len(generated) - 1
+    assignments = B * (S + steps_run) * cfg.top_k * cfg.num_layers
+    total = dropped_prefill + dropped_decode
+    result.dropped = {"prefill": dropped_prefill, "decode": dropped_decode, "total": total,
+                      "assignments": assignments, "fraction": total / assignments}
+    if total:
+        result.notes.append(
+            f"{cfg.dispatch} dispatch dropped {total:,} of {assignments:,} token-expert assignments "
+            f"({total / assignments:.2%}; prefill {dropped_prefill:,}, decode {dropped_decode:,}): those tokens skip "
+            "the dropped experts, so the generated tokens can differ from a dropless run or the reference "
+            + ("(--capacity-factor raises the slots; E/k drops nothing)" if cfg.dispatch == Dispatch.CAPACITY
+               else "(--dropless-buffer bounds the receive buffer)"))
     if device.platform == Backend.CPU:
         result.notes.append("emulated CPU devices share the host's cores: a functional check, not a timing claim")
     if predict and hardware is not None:
