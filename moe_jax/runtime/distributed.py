@@ -392,8 +392,25 @@ class Cluster:
                          for k in sorted(set(facts) | set(other)) if json.dumps(facts.get(k), sort_keys=True,
                                                                                 default=str)
                          != json.dumps(other.get(k), sort_keys=True, default=str)]
+                self._leave_together(client, wait_ms)
                 _die(f"{self.who}: the processes were not started alike: {'; '.join(diffs[:4])}. Every process of "
                      "a run must be given the same model, mesh, sizes, seed, weights and prompt", 2)
+
+    def _leave_together(self, client, wait_ms: int) -> None:
+        """Before every process stops on the same finding: the coordinator (process 0) leaves last.
+
+        Its process hosts the coordination service; were it to exit first, jax's client in the others
+        would end them with a native abort before they could say why. So the others mark that they are
+        leaving and go; process 0 waits for every mark, and a moment for those processes to exit."""
+        if self.process_index != 0:
+            client.key_value_set(f"moe-jax/leaving/{self.process_index}", "1")
+            return
+        for i in range(1, self.process_count):
+            try:
+                client.blocking_key_value_get(f"moe-jax/leaving/{i}", wait_ms)
+            except Exception:  # noqa: BLE001  (a peer already gone: nothing to wait for)
+                pass
+        time.sleep(1.0)
 
     def check_devices(self, needed: int) -> None:
         """Across processes, jax must see exactly the mesh's devices (each process its share)."""
