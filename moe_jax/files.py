@@ -156,9 +156,10 @@ def check_derived(paths) -> None:
                               "only as new or regular files. Move it or choose another --markdown name")
         if p.exists():
             try:
-                head = read_bounded(p, "derived output", limit=1 << 30)[:65536]
-            except MoeJaxError as e:
-                raise MoeJaxError(str(e)) from None
+                with open(p, "rb") as f:
+                    head = f.read(65536)                        # the mark is at the start: read no more
+            except OSError as e:
+                raise MoeJaxError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
             if not written_by_us(head):
                 raise MoeJaxError(f"{str(p)!r} exists and was not written by moe-jax; it would be overwritten. "
                                   "Move it or choose another --markdown name")

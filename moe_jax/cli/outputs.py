@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from moe_jax.errors import MoeJaxError
-from moe_jax.files import dumps, write_atomic
+from moe_jax.files import check_derived, check_distinct, dumps, write_atomic
 
 
 def output_path(value: str | None, what: str) -> Path | None:
@@ -26,6 +26,17 @@ def output_path(value: str | None, what: str) -> Path | None:
 def json_file(json_path: str | None) -> Path | None:
     """The file --json names, checked; None for none or for '-' (stdout)."""
     return None if json_path in (None, "-") else output_path(json_path, "--json")
+
+
+def check_outputs(json_path: str | None, md_file: Path | None, derived: dict[str, str]) -> dict[str, Path]:
+    """Before the work: the files derived from --markdown's name (`derived` maps each suffix to how a message
+    names it) may be replaced only if moe-jax wrote them, and no two outputs share a path. Returns each
+    derived file's path by suffix (none without --markdown)."""
+    paths = {suffix: md_file.with_name(md_file.stem + suffix) for suffix in derived} if md_file else {}
+    check_derived(paths.values())
+    check_distinct({"--json": json_file(json_path), "--markdown": md_file,
+                    **{label: paths.get(suffix) for suffix, label in derived.items()}})
+    return paths
 
 
 def emit(data: dict, json_path: str | None, show: Callable[[], None]) -> None:

@@ -25,10 +25,10 @@ from moe_jax.cli.options import (
     strategy_option,
     workload_options,
 )
-from moe_jax.cli.outputs import dump_hlo, emit, json_file, output_path
+from moe_jax.cli.outputs import check_outputs, dump_hlo, emit, json_file, output_path
 from moe_jax.config import get_model
 from moe_jax.errors import MoeJaxError
-from moe_jax.files import check_derived, check_distinct, write_atomic
+from moe_jax.files import write_atomic
 from moe_jax.names import Backend, Objective
 from moe_jax.parallel.mesh import Strategy
 from moe_jax.reporting import tables
@@ -69,10 +69,7 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
     validate(strategy, cfg, batch=batch)
     json_file(json_path)                         # checked before compiling, written after it
     md_file = output_path(md_path, "--markdown")
-    if md_file:
-        check_derived([md_file.with_name(md_file.stem + ".memory.png")])
-    check_distinct({"--json": json_file(json_path), "--markdown": md_file,
-                    "the memory chart": md_file and md_file.with_name(md_file.stem + ".memory.png")})
+    derived = check_outputs(json_path, md_file, {".memory.png": "the memory chart"})
     cluster = cluster_from(coordinator, num_processes, process_id, timeout)
     if cluster.spec is not None and backend != Backend.REAL:
         raise MoeJaxError(f"--backend {backend} compiles in one process; a multi-process analyze "
@@ -105,7 +102,7 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
         return                                   # process 0 reports; the others stay quiet
     emit(a.to_dict(), json_path, lambda: tables.print_analysis(out, a))
     if md_file:
-        chart = md_file.with_name(md_file.stem + ".memory.png")
+        chart = derived[".memory.png"]
         made = memory_chart(a, chart)
         write_atomic(md_file, markdown(a, chart.name if made else None))
     if dump_dir:
@@ -163,11 +160,7 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
             raise MoeJaxError(f"{name} {value} must be a positive number of seconds")
     json_file(json_path)                         # checked before the search, written after it
     md_file = output_path(md_path, "--markdown")
-    if md_file:
-        check_derived([md_file.with_name(f"{md_file.stem}{suffix}") for suffix in DERIVED])
-    check_distinct({"--json": json_file(json_path), "--markdown": md_file,
-                    **{f"the derived {suffix}": md_file and md_file.with_name(f"{md_file.stem}{suffix}")
-                       for suffix in DERIVED}})
+    derived = check_outputs(json_path, md_file, {suffix: f"the derived {suffix}" for suffix in DERIVED})
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
         tasks = {}
@@ -186,15 +179,13 @@ def plan(model_name, devices, hardware_spec, batch, prompt_len, gen_len, objecti
             compare_dispatch(result, progress=progress)
     emit(result.to_dict(), json_path, lambda: tables.print_plan(out, result))
     if md_file:
-        stem = md_file.stem
         if result.best:
-            chart = md_file.with_name(f"{stem}.memory.png")
+            chart = derived[".memory.png"]
             made = memory_chart_from(result.compiled[result.best]["analysis"], chart)
             write_atomic(md_file, plan_markdown(result, chart.name if made else None))
         if result.baseline:
-            chart = md_file.with_name(f"{stem}.baseline.memory.png")
+            chart = derived[".baseline.memory.png"]
             made = memory_chart_from(result.compiled[result.baseline]["analysis"], chart)
-            write_atomic(md_file.with_name(f"{stem}.baseline.md"),
-                         baseline_markdown(result, chart.name if made else None))
-        pareto_plot(result, md_file.with_name(f"{stem}.pareto.png"))
+            write_atomic(derived[".baseline.md"], baseline_markdown(result, chart.name if made else None))
+        pareto_plot(result, derived[".pareto.png"])
     sys.exit(0 if result.best else 3)

@@ -377,8 +377,11 @@ class Cluster:
 
         from moe_jax.compat import distributed_client
 
+        def canonical(value) -> str:
+            return json.dumps(value, sort_keys=True, default=str)
+
         client = distributed_client()
-        mine = json.dumps(facts, sort_keys=True, default=str)
+        mine = canonical(facts)
         wait_ms = max(1000, int(self.spec.timeout * 1000))
         self.beat("checking that every process was started alike")
         client.key_value_set(f"moe-jax/agree/{self.process_index}", mine)
@@ -389,9 +392,7 @@ class Cluster:
             if text != mine:
                 other = json.loads(text)
                 diffs = [f"{k}={facts.get(k)!r} here, {other.get(k)!r} on process {i}"
-                         for k in sorted(set(facts) | set(other)) if json.dumps(facts.get(k), sort_keys=True,
-                                                                                default=str)
-                         != json.dumps(other.get(k), sort_keys=True, default=str)]
+                         for k in sorted(set(facts) | set(other)) if canonical(facts.get(k)) != canonical(other.get(k))]
                 self._leave_together(client, wait_ms)
                 _die(f"{self.who}: the processes were not started alike: {'; '.join(diffs[:4])}. Every process of "
                      "a run must be given the same model, mesh, sizes, seed, weights and prompt", 2)

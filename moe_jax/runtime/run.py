@@ -199,7 +199,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     cache = out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
     generated, steps = [to_host(token)], []
-    dropped_prefill, dropped_decode = int(to_host(out.dropped).sum()), 0
+    dropped_prefill, decode_dropped = int(to_host(out.dropped).sum()), None   # decode's groups: its own shape
     last = S + G - 1 if max_steps is None else min(S + G - 1, S + max_steps)
     for pos in range(S, last):
         step_done(f"decode step {pos - S + 1} of {last - S}" + (" (compiling)" if pos == S else ""))
@@ -210,7 +210,8 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         steps.append(time.perf_counter() - start)
         cache = step.cache
         generated.append(to_host(token))
-        dropped_decode += int(to_host(step.dropped).sum())
+        # summed on the devices: one transfer after the loop
+        decode_dropped = step.dropped if decode_dropped is None else decode_dropped + step.dropped
     decode = Timing(steps[1:])                                   # the first step compiles: warm-up
     device = jax.devices()[0]
     result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
@@ -218,6 +219,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
                        processes=jax.process_count(), prefill_logits=logits)
     steps_run = len(generated) - 1
     assignments = B * (S + steps_run) * cfg.top_k * cfg.num_layers
+    dropped_decode = 0 if decode_dropped is None else int(to_host(decode_dropped).sum())
     total = dropped_prefill + dropped_decode
     result.dropped = {"prefill": dropped_prefill, "decode": dropped_decode, "total": total,
                       "assignments": assignments, "fraction": total / assignments}
