@@ -21,6 +21,7 @@ place their arithmetic is written).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from moe_jax.costs.types import Analytic, AnalyticReport, CollectiveCost, Memory
 from moe_jax.model.moe import group_size, receive_rows
 from moe_jax.model.pipeline import schedule
 from moe_jax.names import Dispatch
-from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_replicated
+from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_copies, kv_replicated
 from moe_jax.parallel.rules import Layout
 
 F32 = 4
@@ -121,8 +122,28 @@ def analytic_report(cfg: ModelConfig, strategy: Strategy, workload: Workload, we
             M = schedule(cfg, strategy, B, length, decode=name == "decode",
                          microbatches=(microbatches or {}).get(name)).microbatches
         per_phase[name] = analytic_flops(cfg, workload, name, layout.shards("batch", B // M), M)
-    return AnalyticReport(per_phase, weights_per_device_placement=weights_per_device,
-                          decode_weights_read=decode_floor_weights(cfg, strategy, weights_per_device, B))
+    read = decode_floor_weights(cfg, strategy, weights_per_device, B)
+    unread = kv_weights_unread(cfg, strategy)
+    if unread:
+        read = dataclasses.replace(read, bytes=read.bytes - unread, detail=(
+            f"{read.detail}; less {unread:,} B of K/V projection weights for the KV heads this tp rank does not "
+            f"hold (tp={strategy.tp} > {cfg.num_kv_heads} KV heads: each rank projects its one head)"))
+    return AnalyticReport(per_phase, weights_per_device_placement=weights_per_device, decode_weights_read=read)
+
+
+def kv_weights_unread(cfg: ModelConfig, strategy: Strategy) -> int:
+    """Bytes of the K/V projection weights (and a per-head K norm) a device holds but never reads.
+
+    When tp exceeds the K KV heads those weights [K, Dh, D] are whole on every tp rank, but a rank
+    projects only the head its query heads read (`moe_jax.model.layers.repeat_kv_heads`): the other
+    K − 1 heads are not part of what a decode step must touch. 0 when tp divides K.
+    """
+    if not kv_replicated(cfg, strategy):
+        return 0
+    held = cfg.num_kv_heads
+    read = cfg.num_kv_heads * kv_copies(cfg, strategy) // strategy.tp
+    per_head = 2 * cfg.head_dim * cfg.d_model + (cfg.head_dim if cfg.qk_norm == "full" else 0)
+    return (cfg.num_layers // strategy.pp) * (held - read) * per_head * cfg.dtype_bytes
 
 
 def axis_group(strategy: Strategy, axes) -> list[int]:
@@ -150,7 +171,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     tok = seqs * S
     Lp = cfg.num_layers // s.pp
     Hl = H // s.tp
-    Kl = K if kv_replicated(cfg, s) else K // s.tp
+    Kl = K * kv_copies(cfg, s) // s.tp                    # KV heads this device projects and caches (1 when tp > K)
     groups = capacity_groups(cfg, Bm * S, shards)
     Sg, C = groups.group_tokens, groups.capacity
     G = groups.groups(tok)                                # token groups on this device

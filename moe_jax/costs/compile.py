@@ -28,7 +28,7 @@ from moe_jax.costs.backends import BACKENDS
 from moe_jax.errors import MoeJaxError
 from moe_jax.names import Backend, Phase
 from moe_jax.parallel.devices import MAX_CPU_DEVICES
-from moe_jax.parallel.mesh import Strategy, validate
+from moe_jax.parallel.mesh import Strategy, kv_copies, validate
 
 PHASES = tuple(Phase)
 
@@ -222,7 +222,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
     validate(strategy, cfg, batch=workload.batch)
     from moe_jax.programs.guards import check_extents
 
-    check_extents(cfg, workload.batch, workload.prompt_len, workload.cache_len)
+    check_extents(cfg, workload.batch, workload.prompt_len, workload.cache_len, kv_copies(cfg, strategy))
     compiled_strategy, notes = strategy, []
     if backend == Backend.CPU and strategy.num_devices > MAX_CPU_DEVICES:
         replica = Strategy(ep=strategy.ep, tp=strategy.tp, pp=strategy.pp, dp=1)
@@ -247,7 +247,8 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
     params = jax.tree.map(lambda s, a: struct(a.shape, a.dtype, s), sm.param_shardings, sm.abstract_params)
-    cache = {k: struct(v.shape, v.dtype, sm.cache_shardings(B, T)[k]) for k, v in cache_shape(cfg, B, T).items()}
+    cache = {k: struct(v.shape, v.dtype, sm.cache_shardings(B, T)[k])
+             for k, v in cache_shape(cfg, B, T, kv_copies=sm.layout.kv_copies).items()}
     weights_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
     cache_bytes = sum(_shard_bytes(x) for x in cache.values())
 

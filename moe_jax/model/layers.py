@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from moe_jax.errors import ShardingError
 from moe_jax.model.execution import Kernels
-from moe_jax.parallel.rules import batch_shards, constrain
+from moe_jax.parallel.rules import batch_shards, constrain, kv_copies_in_force
 
 F32 = jnp.float32
 
@@ -56,6 +57,25 @@ def weight_einsum(spec: str, x, w, *, in_place: bool = False):
     return jnp.transpose(summed, [left.index(c) for c in out]).astype(jnp.result_type(x, w))
 
 
+def repeat_kv_heads(w, copies: int, axes):
+    """w [K, ...] (a KV-head weight, replicated over tp when tp exceeds K) as [K·copies, ...], head e a copy
+    of head e // copies, pinned to logical `axes` (first ``cache_heads``, split over tp).
+
+    Why the parameters stay [K, Dh, D] and are expanded here rather than stored expanded per strategy:
+    checkpoints, the unsharded reference and `ShardedModel.shard_params` keep one layout, and the
+    expansion is nearly free. The repeat's result is constrained to its tp split, so the SPMD
+    partitioner gives each device only its own head, a local slice of the replicated weight with no
+    communication, and the projection that follows computes that head only (prefill and decode do
+    1/K of the K-head projection FLOPs). The price, as XLA:GPU/TPU compile it: each call slices the
+    device's head out of the stacked weight once, ahead of the layer loop, [L, 1, Dh, D] per weight
+    (for qwen3-30b-a3b under TP8, 2 x 25 MB read and written per decode step, 0.6% of the device's
+    7.8 GB of weights), and the device keeps all K heads' weights (K/V weights are small).
+    """
+    if copies == 1:
+        return w
+    return constrain(jnp.repeat(w, copies, axis=0), axes, what="KV-head weight repeated for the cache's heads")
+
+
 class Norm(nnx.Module):
     """RMSNorm or bias-free LayerNorm over the trailing axes of its weight, computed in f32."""
 
@@ -64,13 +84,18 @@ class Norm(nnx.Module):
         self.eps = cfg.norm_eps
         self.scale = param(None, shape, axes, cfg.dtype, init="ones")
 
-    def __call__(self, x):
+    def __call__(self, x, *, kv_copies: int = 1):
+        """kv_copies: x holds K·r KV heads, r copies of each (`repeat_kv_heads`); a per-head scale [K, Dh]
+        is repeated to match. Leave at 1 for any other norm."""
         reduce = tuple(range(x.ndim - self.scale.ndim, x.ndim))
         xf = x.astype(F32)
         if self.kind == "layer":
             xf = xf - jnp.mean(xf, axis=reduce, keepdims=True)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=reduce, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(F32)).astype(x.dtype)
+        scale = self.scale[...]
+        if scale.ndim == 2:                                     # [K, Dh]: one scale per KV head
+            scale = repeat_kv_heads(scale, kv_copies, ("cache_heads", "head_dim"))
+        return (y * scale.astype(F32)).astype(x.dtype)
 
 
 def rope(x, positions, theta: float):
@@ -85,7 +110,11 @@ def rope(x, positions, theta: float):
 
 
 def attend(q, k, v, mask):
-    """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend)."""
+    """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend).
+
+    Query head h reads KV head h // (H / K). With K·r repeated heads (head e a copy of original head
+    e // r) that is expanded head h // (H / (K·r)), a copy of original head h // (H / K): the same
+    keys, so the result does not depend on r."""
     B, S, H, Dh = q.shape
     K = k.shape[2]
     qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
@@ -100,6 +129,11 @@ class Attention(nnx.Module):
     """GQA self-attention with optional QK-norm and qkv clipping; reads and writes a KV cache.
 
     kernels: the target's, fixed when it is built (how a one-row projection reads its weight).
+
+    Under a layout where tp exceeds the K KV heads (`moe_jax.parallel.rules.Layout.kv_copies` r > 1),
+    keys and values have K·r heads, r copies of each, split over tp: each device projects, stores
+    and reads only the one head its H / tp query heads use (the K/V weights are repeated to match,
+    `repeat_kv_heads`), so no device holds the whole cache or computes another device's head.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels):
@@ -120,29 +154,37 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, cache=None, *, decode: bool = False):
         """x [B, S, D], positions [S] (consecutive, start = positions[0]).
 
-        cache: None, or {"k", "v"} of [B, T, K, Dh]; this call writes its keys and values
-        at positions. decode=False attends to this call's own keys (prefill from 0, or
-        a full forward); decode=True attends to the whole cache (positions ≤ the query's).
+        cache: None, or {"k", "v"} of [B, T, K·r, Dh] (r: the layout's `kv_copies`); this call
+        writes its keys and values at positions. decode=False attends to this call's own keys
+        (prefill from 0, or a full forward); decode=True attends to the whole cache (positions
+        ≤ the query's).
         Returns (y [B, S, D], updated cache or None).
         """
         cfg = self.cfg
         B, S, _ = x.shape
         in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum   # one row per device
+        r = kv_copies_in_force()
+        heads = cfg.num_kv_heads * r
+        if cache is not None and cache["k"].shape[2] != heads:
+            raise ShardingError(f"KV cache has {cache['k'].shape[2]} heads; this layout stores {heads} "
+                                f"({cfg.num_kv_heads} KV heads x {r} copies): build it with "
+                                f"cache_shape(..., kv_copies={r})")
+        w_axes = ("cache_heads", "head_dim", "embed")
         q = weight_einsum("bsd,hkd->bshk", x, self.wq_hkd[...], in_place=in_place)
-        k = weight_einsum("bsd,khd->bskh", x, self.wk_kkd[...], in_place=in_place)
-        v = weight_einsum("bsd,khd->bskh", x, self.wv_kkd[...], in_place=in_place)
+        k = weight_einsum("bsd,khd->bskh", x, repeat_kv_heads(self.wk_kkd[...], r, w_axes), in_place=in_place)
+        v = weight_einsum("bsd,khd->bskh", x, repeat_kv_heads(self.wv_kkd[...], r, w_axes), in_place=in_place)
         if cfg.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         if cfg.qk_norm != "none":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k, kv_copies=r)
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
-        k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        k = constrain(rope(k, positions, cfg.rope_theta), ("batch", "length", "cache_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "cache_heads", "head_dim"))
 
         keys, values, key_pos = k, v, positions
         if cache is not None:
             start = positions[0]
-            cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
+            cache_axes = ("batch", "cache_length", "cache_heads", "head_dim")
             cache = {name: constrain(jax.lax.dynamic_update_slice(
                          cache[name], new.astype(cache[name].dtype), (0, start, 0, 0)), cache_axes)
                      for name, new in (("k", k), ("v", v))}

@@ -24,8 +24,8 @@ from moe_jax.model.pipeline import run_pipeline
 from moe_jax.model.stack import Block, run_layers
 from moe_jax.parallel.rules import constrain
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-"""Logical axes of each KV cache array [L, B, T, K, Dh]."""
+CACHE_AXES = ("layers", "batch", "cache_length", "cache_heads", "head_dim")
+"""Logical axes of each KV cache array [L, B, T, K·r, Dh] (r copies of each KV head: `cache_shape`)."""
 
 
 class ModelOutput(NamedTuple):
@@ -34,21 +34,26 @@ class ModelOutput(NamedTuple):
     logits: jax.Array
     """[B, S, V] float32; [B, 1, V] (the last position) from a serving prefill."""
     cache: dict | None
-    """{"k", "v"}: [L, B, T, K, Dh] after this call's writes; None for a cacheless forward."""
+    """{"k", "v"}: [L, B, T, K·r, Dh] after this call's writes; None for a cacheless forward."""
     dropped: jax.Array
     """Token-expert assignments dropped by capacity dispatch, per token group, summed over layers
     (int32 [G]; ``.sum()`` is the total). Kept per group so counting needs no collective."""
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache for `batch` sequences of up to `max_len` positions."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {name: jnp.zeros(shape, dtype or cfg.dtype) for name in ("k", "v")}
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
+    """An empty KV cache for `batch` sequences of up to `max_len` positions (see `cache_shape`)."""
+    return {name: jnp.zeros(s.shape, s.dtype) for name, s in cache_shape(cfg, batch, max_len, dtype,
+                                                                         kv_copies=kv_copies).items()}
 
 
-def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """`init_cache` as ShapeDtypeStructs (nothing allocated)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
+    """`init_cache` as ShapeDtypeStructs (nothing allocated): {"k", "v"} of [L, B, T, K·kv_copies, Dh].
+
+    kv_copies: r, the copies of each KV head, head e of the cache being head e // r; the layout's
+    (`moe_jax.parallel.rules.Layout.kv_copies`: tp / K when tp exceeds the K KV heads, so each tp rank
+    holds one head), 1 for an unsharded model. The model reads r from the layout it runs under.
+    """
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads * kv_copies, cfg.head_dim)
     return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or cfg.dtype)) for name in ("k", "v")}
 
 

@@ -151,8 +151,17 @@ def _valid_tp(cfg: ModelConfig) -> list[int]:
 
 
 def kv_replicated(cfg: ModelConfig, strategy: Strategy) -> bool:
-    """True when tp exceeds the KV heads: then every tp rank holds all K KV heads (stated replication rule)."""
+    """True when tp exceeds the KV heads (K < tp, so tp does not divide K): each KV head is then read by the
+    query heads of tp / K tp ranks and held by each of them (`kv_copies` of it), one head per rank.
+    The K/V projection weights stay whole (replicated over tp); the cache is not."""
     return cfg.num_kv_heads % strategy.tp != 0
+
+
+def kv_copies(cfg: ModelConfig, strategy: Strategy) -> int:
+    """r: how many tp ranks hold each KV head. 1 when tp divides K (each rank holds K / tp heads of its own);
+    tp / K when tp exceeds K: the cache and the k/v activations are laid out with K·r heads, head e a copy
+    of head e // r, split over tp, so each rank holds exactly the one head its H / tp query heads read."""
+    return strategy.tp // cfg.num_kv_heads if kv_replicated(cfg, strategy) else 1
 
 
 def validate(strategy: Strategy, cfg: ModelConfig, *, batch: int | None = None,
@@ -162,8 +171,8 @@ def validate(strategy: Strategy, cfg: ModelConfig, *, batch: int | None = None,
     Every failing constraint is reported, each naming the bad value and the valid choices.
 
     Rules: ep divides E; tp divides H, F and V, and either tp divides K or K divides tp
-    (then each tp rank keeps all K KV heads); pp divides L (at most L stages); dp divides
-    the batch; ep·tp·pp·dp equals the device count.
+    (then each KV head is held by the tp / K ranks that read it: `kv_copies`); pp divides L
+    (at most L stages); dp divides the batch; ep·tp·pp·dp equals the device count.
     """
     problems = []
     E, H, K, L = cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers

@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import ShardingError, nearest
-from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_replicated
+from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_copies, kv_replicated
 
 LOGICAL_AXIS_RULES = MappingProxyType({
     # parameters and activations
@@ -31,7 +31,8 @@ LOGICAL_AXIS_RULES = MappingProxyType({
     "embed": (),                # D: replicated
     "vocab": ("pp", "tp"),      # V: embedding and head split over every stage too (see axis_rules)
     "heads": ("tp",),           # H
-    "kv_heads": ("tp",),        # K (replicated instead when tp does not divide K: see axis_rules)
+    "kv_heads": ("tp",),        # K of the K/V weights (replicated instead when tp does not divide K: see axis_rules)
+    "cache_heads": ("tp",),     # K·r: KV heads as the cache and k/v hold them, r = kv_copies (see axis_rules)
     "head_dim": (),             # Dh
     "mlp": ("tp",),             # F: expert (and shared expert) FFN width
     "expert": ("ep",),          # E
@@ -53,9 +54,11 @@ def axis_rules(cfg: ModelConfig, strategy: Strategy) -> dict[str, tuple[str, ...
     """`LOGICAL_AXIS_RULES` adjusted for one model and strategy.
 
     Two adjustments, both stated rules rather than silent fallbacks:
-    - when tp exceeds the KV heads (K < tp, tp % K == 0), KV projections and the KV
-      cache are replicated over tp, so each tp rank holds all K KV heads
-      (`moe_jax.parallel.mesh.validate` admits only such tp values);
+    - when tp exceeds the KV heads (K < tp, tp % K == 0), the K/V projection weights
+      [K, Dh, D] (and a per-head K norm) are replicated over tp, while the KV cache and the
+      k/v activations are laid out with K·r heads (``cache_heads``, r = tp / K copies of
+      each, `Layout.kv_copies`) split over tp: each rank holds, and projects, only the one
+      head its query heads read (`moe_jax.parallel.mesh.validate` admits only such tp values);
     - the vocabulary (embedding and output head) is split over pp × tp, so no stage
       keeps an idle copy and the head's FLOPs are shared by every stage; when pp × tp
       does not divide V it is split over tp only (replicated over the stages).
@@ -78,6 +81,9 @@ class Layout:
     """Logical axis name → mesh axes."""
     mesh: object = None
     """The `jax.sharding.Mesh` when arrays are really placed; None to only compute specs."""
+    kv_copies: int = 1
+    """r: copies of each KV head along ``cache_heads`` (tp / K when tp exceeds the K KV heads, else 1);
+    the cache holds K·r heads, head e a copy of head e // r (`moe_jax.parallel.mesh.kv_copies`)."""
 
     @property
     def stage_axes(self) -> tuple[str, ...]:
@@ -97,7 +103,7 @@ class Layout:
     @classmethod
     def for_strategy(cls, cfg: ModelConfig, strategy: Strategy, mesh=None) -> Layout:
         """The layout of `cfg` under `strategy`, on `mesh` if given."""
-        return cls(dict(strategy.mesh_shape), axis_rules(cfg, strategy), mesh)
+        return cls(dict(strategy.mesh_shape), axis_rules(cfg, strategy), mesh, kv_copies(cfg, strategy))
 
     def _axes_for(self, name, what: str) -> tuple[str, ...]:
         if name is None:
@@ -244,5 +250,11 @@ def batch_shards(batch: int) -> int:
     return activation_shards("batch", batch)
 
 
+def kv_copies_in_force() -> int:
+    """`Layout.kv_copies` of the current layout: copies of each KV head the cache holds (1 without a layout)."""
+    layout = _CURRENT.get()
+    return 1 if layout is None else layout.kv_copies
+
+
 __all__ = ["LOGICAL_AXIS_RULES", "Layout", "axis_rules", "use_layout", "current_layout", "constrain",
-           "activation_shards", "batch_shards", "MESH_AXES"]
+           "activation_shards", "batch_shards", "kv_copies_in_force", "MESH_AXES"]

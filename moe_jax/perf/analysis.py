@@ -161,8 +161,9 @@ def _checks(a: Analysis) -> list[Check]:
     E, H, K, L = cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
     checks.append(Check("experts_split_evenly", E % s.ep == 0,
                         f"{E} experts / ep={s.ep} = {E / s.ep:g} per device per layer"))
-    kv = (f"KV heads {K} < tp={s.tp}: each tp rank keeps all {K} (replicated)" if kv_replicated(cfg, s)
-          else f"{K} KV heads / tp={s.tp} = {K // s.tp}")
+    kv = (f"KV heads {K} < tp={s.tp}: each tp rank keeps the 1 KV head its query heads read, each head shared "
+          f"by {s.tp // K} ranks" if kv_replicated(cfg, s) and s.tp % K == 0
+          else f"{K} KV heads / tp={s.tp} = {K // s.tp}" if K % s.tp == 0 else f"{K} KV heads, tp={s.tp}")
     checks.append(Check("heads_split_evenly", H % s.tp == 0 and (K % s.tp == 0 or s.tp % K == 0),
                         f"{H} query heads / tp={s.tp} = {H / s.tp:g}; {kv}"))
     checks.append(Check("expert_width_split_evenly", cfg.expert_ffn % s.tp == 0,

@@ -24,12 +24,15 @@ class DoesNotFitHere(MoeJaxError):
     exit_status = 3
 
 
-def check_extents(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int) -> None:
-    """Refuse workloads whose global arrays XLA cannot index (logits, attention scores, KV cache)."""
+def check_extents(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int, kv_copies: int = 1) -> None:
+    """Refuse workloads whose global arrays XLA cannot index (logits, attention scores, KV cache).
+
+    kv_copies: copies of each KV head the global cache array holds (`moe_jax.parallel.mesh.kv_copies`:
+    tp / K when tp exceeds the K KV heads, so each tp rank holds one)."""
     arrays = {
         "prefill logits [B, S, V]": batch * prompt_len * cfg.vocab_size,
         "attention scores [B, H, S, S]": batch * cfg.num_heads * prompt_len * prompt_len,
-        "KV cache [L, B, T, K, Dh]": cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim,
+        "KV cache [L, B, T, K, Dh]": cfg.num_layers * batch * cache_len * cfg.num_kv_heads * kv_copies * cfg.head_dim,
         "routing one-hots [B, S, E, k]": batch * prompt_len * cfg.num_experts * cfg.top_k,
     }
     name, n = max(arrays.items(), key=lambda kv: kv[1])

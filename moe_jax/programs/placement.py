@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from moe_jax.config import ModelConfig
 from moe_jax.model.transformer import CACHE_AXES
-from moe_jax.parallel.mesh import Strategy, kv_replicated, validate
+from moe_jax.parallel.mesh import Strategy, kv_copies, kv_replicated, validate
 from moe_jax.parallel.rules import Layout
 
 
@@ -104,12 +104,14 @@ class Placement:
 
     @property
     def kv_cache_shape_per_device(self) -> tuple[int, ...] | None:
-        """[L, B, T, K, Dh] of the KV cache shard one device holds (k or v)."""
+        """[L, B, T, K, Dh] of the KV cache shard one device holds (k or v): of the cache's K·r heads
+        (r = `kv_copies`, tp / K when tp exceeds K), split over tp, the K / tp heads (or the one head) its
+        query heads read."""
         if self.batch is None or self.cache_len is None:
             return None
         cfg = self.cfg
-        shape = (cfg.num_layers, self.batch, self.cache_len, cfg.num_kv_heads, cfg.head_dim)
         layout = Layout.for_strategy(cfg, self.strategy)
+        shape = (cfg.num_layers, self.batch, self.cache_len, cfg.num_kv_heads * layout.kv_copies, cfg.head_dim)
         return local_shape(shape, layout.spec(CACHE_AXES, shape, strict=False), layout.axis_sizes)
 
     @property
@@ -121,7 +123,8 @@ class Placement:
     def facts(self) -> dict:
         """The exact shard, in words a person checks: layers, experts, expert slice, heads, vocabulary."""
         cfg, s = self.cfg, self.strategy
-        K_local = cfg.num_kv_heads if kv_replicated(cfg, s) else cfg.num_kv_heads // s.tp
+        copies = kv_copies(cfg, s)
+        K_local = cfg.num_kv_heads * copies // s.tp              # 1 when tp exceeds K: each rank's own head
         vocab_split = Layout.for_strategy(cfg, s).shards("vocab", cfg.vocab_size)
         facts = {
             "layers_per_stage": cfg.num_layers // s.pp,
@@ -131,7 +134,11 @@ class Placement:
                                           f"{cfg.expert_ffn // s.tp}/{cfg.expert_ffn} FFN columns",
             "query_heads_per_device": cfg.num_heads // s.tp,
             "kv_heads_per_device": K_local,
+            # True when tp exceeds K: each KV head (cache and projection) is held by kv_head_copies tp ranks,
+            # those whose query heads read it; a rank never holds the other heads' cache. The K/V weights
+            # [K, Dh, D] themselves are whole on every rank (see `moe_jax.model.layers.repeat_kv_heads`).
             "kv_heads_replicated_over_tp": kv_replicated(cfg, s),
+            "kv_head_copies": copies,
             "vocab_rows_per_device": cfg.vocab_size // vocab_split,
             "vocab_split": vocab_split,
             "weight_bytes_per_device": self.weight_bytes_per_device,

@@ -90,13 +90,13 @@ class ShardedModel:
 
     def cache_shardings(self, batch: int, max_len: int) -> dict:
         """Shardings of the KV cache arrays for `batch` sequences of `max_len` positions."""
-        shape = cache_shape(self.cfg, batch, max_len)["k"].shape
+        shape = cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies)["k"].shape
         sharding = self.layout.sharding(CACHE_AXES, shape, what="KV cache", strict=False)
         return {"k": sharding, "v": sharding}
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         """An empty KV cache, created in its shards."""
-        shapes = cache_shape(self.cfg, batch, max_len)
+        shapes = cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies)
         make = jax.jit(lambda: {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()},
                        out_shardings=self.cache_shardings(batch, max_len))
         return make()

@@ -66,7 +66,8 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
             "from that compiled program", ""]
     out += [f"- Note: {n}" for n in a.cost.notes] + ([""] if a.cost.notes else [])
 
-    kv = (f"all {cfg.num_kv_heads} (replicated: tp > KV heads)" if f["kv_heads_replicated_over_tp"]
+    kv = (f"1 of {cfg.num_kv_heads} (one head shared by {f.get('kv_head_copies', s.tp // cfg.num_kv_heads)} "
+          "devices: tp > KV heads)" if f["kv_heads_replicated_over_tp"]
           else f"{f['kv_heads_per_device']} of {cfg.num_kv_heads}")
     out += ["## Parallel dimensions: what each device holds", "",
             "| dimension | size | splits | per device |", "|---|---:|---|---|",

@@ -66,7 +66,8 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
     shard.add_column("item")
     shard.add_column("per device", justify="right")
     shard.add_column("how", justify="left")
-    kv_how = (f"all {cfg.num_kv_heads} (tp={s.tp} > {cfg.num_kv_heads} KV heads: replicated over tp)"
+    kv_how = (f"1 of {cfg.num_kv_heads} (tp={s.tp} > {cfg.num_kv_heads} KV heads: one head shared by "
+              f"{f.get('kv_head_copies', s.tp // cfg.num_kv_heads)} devices, those whose query heads read it)"
               if f["kv_heads_replicated_over_tp"] else f"{cfg.num_kv_heads} / tp={s.tp}")
     rows = [
         ("layers", str(f["layers_per_stage"]), f"{cfg.num_layers} / pp={s.pp}"),
