@@ -86,3 +86,28 @@ def distributed_client():
 
 CLIENT_METHODS = ("key_value_set", "blocking_key_value_get", "wait_at_barrier")
 """What `distributed_client` callers use of the client (checked by tests/test_compat.py)."""
+
+
+class _PluginErrorAsNote:
+    """A logging filter: jax's "plugin configuration error" (a GPU plugin installed for deviceless compiles on a
+    machine without the CUDA runtime) becomes one line naming the cause, without its traceback."""
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith("Jax plugin configuration error") or not record.exc_info:
+            return True
+        cause = record.exc_info[1]
+        record.msg = (f"{record.getMessage()}: {type(cause).__name__}: {cause} (jax uses the platforms that "
+                      "did load; this machine has no runtime for that plugin)")
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def quiet_plugin_errors() -> None:
+    """Report a jax plugin that fails to initialise in one line, not a traceback (the logger name is jax's
+    xla_bridge module's, where the message is logged)."""
+    import logging
+
+    log = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _PluginErrorAsNote) for f in log.filters):
+        log.addFilter(_PluginErrorAsNote())
+

@@ -74,3 +74,22 @@ def test_distributed_client_has_the_methods_used():
     assert hasattr(distributed.global_state, "client")
     missing = [m for m in compat.CLIENT_METHODS if not hasattr(_jax.DistributedRuntimeClient, m)]
     assert not missing, f"jax {jax.__version__}: the distributed client lost {missing}; update moe_jax/compat.py"
+
+
+def test_a_plugin_that_fails_to_load_is_one_line_not_a_traceback(caplog):
+    import logging
+
+    from moe_jax.compat import quiet_plugin_errors
+
+    quiet_plugin_errors()
+    quiet_plugin_errors()                                         # idempotent: one filter
+    log = logging.getLogger("jax._src.xla_bridge")
+    assert len(log.filters) == 1
+    try:
+        raise RuntimeError("Unable to load cuDNN. Is it installed?")
+    except RuntimeError:
+        with caplog.at_level(logging.WARNING, logger="jax._src.xla_bridge"):
+            log.exception("Jax plugin configuration error: Exception when calling %s.initialize()", "xla_cuda13")
+    record = caplog.records[-1]
+    assert record.exc_info is None and "Traceback" not in caplog.text
+    assert "xla_cuda13.initialize(): RuntimeError: Unable to load cuDNN" in record.getMessage()

@@ -12,6 +12,7 @@ import sys
 import click
 from rich.console import Console
 
+from moe_jax.compat import quiet_plugin_errors
 from moe_jax.errors import MoeJaxError
 
 # Tables keep their columns when printed to a file or a pipe (rich would otherwise assume 80).
@@ -26,6 +27,7 @@ def cli():
 
 def main(argv=None) -> None:
     """Console-script entry point: user errors → message on stderr, exit status 2."""
+    quiet_plugin_errors()
     try:
         cli.main(args=argv, prog_name="moe-jax", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Exit as e:
