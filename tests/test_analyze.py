@@ -28,7 +28,8 @@ def seed(tmp_path_factory):
     done = subprocess.run(_cli() + ["analyze", "--model", "seed-30b", "--mesh", mesh,
                                     "--hardware", "seed-gpu", "--batch", "128", "--prompt-len", "2048",
                                     "--gen-len", "256", "--json", str(d / "seed.json"), "--markdown",
-                                    str(d / "seed.md")], capture_output=True, text=True, env=env, timeout=900)
+                                    str(d / "seed.md"), "--trace", str(d / "seed.trace.json")],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((d / "seed.json").read_text())
     return data, (d / "seed.md").read_text(), done.stdout, d
@@ -84,8 +85,34 @@ def test_3_tpot_at_or_above_the_floor_with_its_parts(seed):
     assert t["floor"] == pytest.approx(floor, rel=1e-6)
     assert data["tpot_s"] >= floor > 0
     assert t["total"] == pytest.approx(data["tpot_s"])
-    assert t["compute"] + t["memory"] + t["comm"] == pytest.approx(t["no_overlap"])
+    assert t["compute"] + t["memory"] + t["overhead"] + t["comm"] + t["call"] == pytest.approx(t["no_overlap"])
     assert _check(data, "tpot_at_or_above_floor")["passed"]
+
+
+def test_the_quoted_time_is_the_compiled_schedule_between_its_bounds(seed):
+    data, md = seed[0], seed[1]
+    for phase in ("prefill", "decode"):
+        t = data["phases"][phase]["time"]
+        assert t["full_overlap"] * (1 - 1e-9) <= t["scheduled"] <= t["no_overlap"] * (1 + 1e-9)
+        assert 0 <= t["exposed_comm"] <= t["comm"] * (1 + 1e-9)
+        assert t["total"] == pytest.approx(max(t["scheduled"], t["floor"]))
+    assert "over the compiled schedule" in md and "no-overlap bound" in md
+
+
+def test_trace_holds_each_phase_as_a_process_with_its_streams(seed):
+    data, d = seed[0], seed[3]
+    trace = json.loads((d / "seed.trace.json").read_text())
+    events = trace["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(name.split(":")[0] for name in processes.values()) == ["decode", "prefill"]
+    tracks = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"compute", "collectives"} <= tracks
+    decode = next(pid for pid, name in processes.items() if name.startswith("decode"))
+    spans = [e for e in events if e["ph"] == "X" and e["pid"] == decode]
+    assert spans and all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    end = max(e["ts"] + e["dur"] for e in spans) * 1e-6      # µs: the last op ends when the step does
+    assert end == pytest.approx(data["phases"]["decode"]["time"]["scheduled"], rel=1e-6)
+    assert {e["cat"] for e in spans} & {"attention", "experts", "dispatch"}
 
 
 def test_4_workload_stated_and_numbers_from_the_program(seed):
@@ -169,6 +196,8 @@ def test_not_fitting_strategy_exits_3_with_both_numbers(tmp_path, capsys):
     (["--mesh", "EP3-TP8-PP2"], "ep=3 does not divide 64 experts"),
     (["--json", "/nonexistent-dir/x.json"], "directory '/nonexistent-dir' does not exist"),
     (["--backend", "quantum"], "Invalid value for '--backend'"),
+    (["--trace", "/nonexistent-dir/t.json"], "--trace '/nonexistent-dir/t.json': directory '/nonexistent-dir'"),
+    (["--json", "same.json", "--trace", "same.json"], "--trace and --json both write 'same.json'"),
 ])
 def test_bad_input_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as e:

@@ -12,7 +12,7 @@ Importing this module registers every command on `cli`.
 
 from __future__ import annotations
 
-from moe_jax.cli import listing, predict, running  # noqa: F401  (each registers its commands on `cli`)
+from moe_jax.cli import calibrate, listing, predict, running  # noqa: F401  (each registers its commands on `cli`)
 from moe_jax.cli.app import cli, main
 
 __all__ = ["cli", "main"]

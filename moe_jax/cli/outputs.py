@@ -28,14 +28,15 @@ def json_file(json_path: str | None) -> Path | None:
     return None if json_path in (None, "-") else output_path(json_path, "--json")
 
 
-def check_outputs(json_path: str | None, md_file: Path | None, derived: dict[str, str]) -> dict[str, Path]:
+def check_outputs(json_path: str | None, md_file: Path | None, derived: dict[str, str],
+                  others: dict[str, Path | None] | None = None) -> dict[str, Path]:
     """Before the work: the files derived from --markdown's name (`derived` maps each suffix to how a message
-    names it) may be replaced only if moe-jax wrote them, and no two outputs share a path. Returns each
-    derived file's path by suffix (none without --markdown)."""
+    names it) may be replaced only if moe-jax wrote them, and no two outputs (with `others`, by option) share a
+    path. Returns each derived file's path by suffix (none without --markdown)."""
     paths = {suffix: md_file.with_name(md_file.stem + suffix) for suffix in derived} if md_file else {}
     check_derived(paths.values())
     check_distinct({"--json": json_file(json_path), "--markdown": md_file,
-                    **{label: paths.get(suffix) for suffix, label in derived.items()}})
+                    **{label: paths.get(suffix) for suffix, label in derived.items()}, **(others or {})})
     return paths
 
 

@@ -49,13 +49,15 @@ DERIVED = (".memory.png", ".baseline.md", ".baseline.memory.png", ".pareto.png")
 @output_options("Write the analysis as JSON to this file ('-' for stdout).",
                 "Write the Markdown report here (and the memory chart beside it).")
 @click.option("--dump-hlo", "dump_dir", help="Write each phase's optimized HLO and raw statistics to this directory.")
+@click.option("--trace", "trace_path", help="Write the predicted timeline of prefill and decode (the compiled "
+              "schedule, a track per stream) as a Chrome / Perfetto trace JSON file.")
 @dispatch_option()
 @buffer_option
 @capacity_option
 @cluster_options
 def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len, backend, topology, json_path,
-            md_path, dump_dir, dispatch, dropless_buffer, capacity_factor, coordinator, num_processes, process_id,
-            timeout):
+            md_path, dump_dir, trace_path, dispatch, dropless_buffer, capacity_factor, coordinator, num_processes,
+            process_id, timeout):
     """Compile a strategy, read its cost, predict its latency; exit 0 if it fits, 3 if it does not."""
     from moe_jax.costs.compile import Workload
     from moe_jax.hardware.presets import get_hardware
@@ -69,7 +71,8 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
     validate(strategy, cfg, batch=batch)
     json_file(json_path)                         # checked before compiling, written after it
     md_file = output_path(md_path, "--markdown")
-    derived = check_outputs(json_path, md_file, {".memory.png": "the memory chart"})
+    trace_file = output_path(trace_path, "--trace")
+    derived = check_outputs(json_path, md_file, {".memory.png": "the memory chart"}, {"--trace": trace_file})
     cluster = cluster_from(coordinator, num_processes, process_id, timeout)
     if cluster.spec is not None and backend != Backend.REAL:
         raise MoeJaxError(f"--backend {backend} compiles in one process; a multi-process analyze "
@@ -107,6 +110,11 @@ def analyze(model_name, strategy_spec, hardware_spec, batch, prompt_len, gen_len
         write_atomic(md_file, markdown(a, chart.name if made else None))
     if dump_dir:
         dump_hlo(a, dump_dir)
+    if trace_file:
+        from moe_jax.files import dumps
+        from moe_jax.perf.timemodel import program_trace
+
+        write_atomic(trace_file, dumps(program_trace(a.cost, hw, cfg.dtype)))
     sys.exit(0 if a.fits else 3)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_jax.errors import MoeJaxError, nearest
+from moe_jax.hardware.calibration import Calibration
 
 GB = 1e9
 TB = 1e12
@@ -25,16 +26,35 @@ TB = 1e12
 
 @dataclass(frozen=True)
 class LinkTier:
-    """One level of the interconnect, as a device sees it."""
+    """One level of the interconnect, as a device sees it, and how a collective library drives it.
+
+    Two protocols, as NCCL has (LL/LL128 and Simple): a low-latency one for small messages
+    (`latency_s` per step, `small_efficiency` of the bandwidth) and a bulk one (`bulk_latency_s`
+    per step, `efficiency` of the bandwidth); a call takes whichever is faster
+    (`moe_jax.perf.collectives`). With small_efficiency 0 there is one protocol.
+    """
 
     name: str
     """e.g. NVLink4, InfiniBand NDR, ICI, DCN."""
     bandwidth: float
-    """Bytes/s one device can send into a collective (one direction)."""
+    """Bytes/s one device can send into a collective (one direction, line rate)."""
     latency_s: float
-    """Seconds per hop (per ring step)."""
+    """Seconds per algorithm step (ring step, tree level) of the low-latency protocol."""
     call_overhead_s: float = 0.0
     """Fixed seconds per collective call (launch, synchronisation)."""
+    efficiency: float = 1.0
+    """Fraction of `bandwidth` the bulk protocol reaches on large messages (bus bandwidth over line rate)."""
+    source: str = ""
+    """The published measurements the latency, overhead and efficiencies come from."""
+    bulk_latency_s: float = 0.0
+    """Seconds per step of the bulk protocol (0: the same as latency_s)."""
+    small_efficiency: float = 0.0
+    """Fraction of `bandwidth` the low-latency protocol reaches (0: no such protocol)."""
+    all_reduce_efficiency: float = 0.0
+    """For all-reduce only, the bulk protocol's fraction when the fabric reduces in the switch (NVLink SHARP
+    reaches a bus bandwidth above line rate); 0: `efficiency`."""
+    per_peer_s: float = 0.0
+    """Seconds per peer of a pairwise exchange (all-to-all): the cost of addressing each one."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,9 @@ class Hardware:
     """Where the figures come from."""
     assumptions: str = ""
     """What the preset assumes where its source says nothing."""
+    calibration: Calibration | None = None
+    """Measurements of this machine (``moe-jax calibrate``): matmul and memory curves, op overhead, collective
+    fits; None for a datasheet preset."""
 
     @property
     def achievable_flops(self) -> float:
@@ -85,61 +108,99 @@ class Hardware:
         return dataclasses.asdict(self)
 
 
-def _nvlink(bw, name="NVLink"):
-    return LinkTier(name, bw, 1e-6, 5e-6)
+# Link constants: fitted to published measurements, each named (bench/published_collectives.toml holds every
+# point, bench/collectives_published.py holds the model against them).
+_AZURE = "Azure/AI-benchmarking-guide ND_H100_v5/ND_H200_v5 results (nccl-tests all_reduce_perf, NVLS)"
+_MLENG = "stas00/ml-engineering network/benchmarks (nccl-tests on 8x H200, 8x A100, B200)"
+_NCCL212 = "NVIDIA/nccl-tests#212 (NCCL maintainer: 450 GB/s line rate, ~370 GB/s effective, ~480 GB/s NVLS busBw)"
+
+
+def _nvlink4(name="NVLink4"):
+    # 8x H100/H200: small all-reduce 18-30 us (ml-engineering 32 KiB 17.9 us; Azure 1 KB 26-30 us); ring,
+    # all-gather, reduce-scatter reach 361-367 GB/s bus bandwidth (82% of 450); NVLS all-reduce 480 GB/s
+    # (107%); 16 MiB all-reduce 121-125 us (the low-latency protocol gives way to the bulk one near 1-2 MiB).
+    return LinkTier(name, 450 * GB, 1e-6, 16e-6, efficiency=0.82, bulk_latency_s=4e-6, small_efficiency=0.4,
+                    all_reduce_efficiency=1.07, source=f"{_MLENG}; {_AZURE}; {_NCCL212}")
+
+
+def _nvlink3():
+    # 8x A100: 32 KiB all-reduce 43.8 us, 1 MiB 101.9 us, 16 MiB 276.6 us, 16 GiB at 234.9 GB/s busBw (78%)
+    return LinkTier("NVLink3", 300 * GB, 1e-6, 38e-6, efficiency=0.78, bulk_latency_s=8e-6, small_efficiency=0.12,
+                    source=_MLENG)
+
+
+def _nvlink5():
+    # 8x B200: 32 KiB all-reduce 47.8 us; 16 GiB at 846 GB/s busBw (94% of 900). The low-latency protocol's
+    # share and the per-step latencies are not published for B200: taken as H100's.
+    return LinkTier("NVLink5", 900 * GB, 1e-6, 41e-6, efficiency=0.82, bulk_latency_s=4e-6, small_efficiency=0.4,
+                    all_reduce_efficiency=0.94, source=f"{_MLENG}; per-step latencies as NVLink4 (assumed)")
+
+
+def _infinity_fabric():
+    return LinkTier("Infinity Fabric", 448 * GB, 1e-6, 16e-6, efficiency=0.82, bulk_latency_s=4e-6,
+                    small_efficiency=0.4, source="not measured: NVLink4's protocol figures assumed")
 
 
 def _ib(bw=50 * GB, name="InfiniBand NDR 400 Gb/s"):
-    return LinkTier(name, bw, 5e-6, 10e-6)
+    # ConnectX-7 400 Gb/s, ~50 GB/s per GPU (DeepEP). DeepEP's low-latency dispatch of 7.6 MB per GPU takes
+    # 155-194 us at EP32-EP256 (combine, 14.7 MB: 273-369 us): 92% of 50 GB/s, plus ~0.1 us per peer; a
+    # 16-rank all-reduce of 512 B takes 46.6 us (NVIDIA/nccl#1244: 2 x 8 H20, CX7 NDR).
+    return LinkTier(name, bw, 5e-6, 10e-6, efficiency=0.92, per_peer_s=0.1e-6,
+                    source="deepseek-ai/DeepEP docs (low-latency kernel tables, CX7 400 Gb/s ~50 GB/s); "
+                           "NVIDIA/nccl#1244 (2x8 H20 small all-reduce)")
 
 
 def _ici(per_link, links_per_axis=2):
-    # a torus axis is a bidirectional ring: two links per device carry a ring collective
+    # a torus axis with wraparound is a bidirectional ring: two links per device carry a ring collective; an
+    # axis without wraparound (v5e/v6e slices smaller than the full 16) has one. Scaling-book sharding.md:
+    # ~1 us per hop; v5e all-gather of 32 MiB over an axis of 4 measured 680 us against 560 us at line rate
+    # (82%), 128 KiB in ~8 us.
     name = f"ICI ({links_per_axis} x {per_link / GB:.0f} GB/s per axis)"
-    return LinkTier(name, links_per_axis * per_link, 1e-6, 1e-6)
+    return LinkTier(name, links_per_axis * per_link, 1e-6, 4e-6, efficiency=0.82,
+                    source="jax-ml/scaling-book sharding.md (measured v5e all-gather, per-hop latency)")
 
 
 def _dcn(bw=25 * GB):
-    return LinkTier("DCN", bw, 10e-6, 10e-6)
+    return LinkTier("DCN", bw, 10e-6, 10e-6, source="not measured: assumed")
 
 
 # NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
 # which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
 _PRESETS = {h.name: h for h in [
-    Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink(450 * GB, "assumed NVLink-class"), _ib(),
+    Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink4("assumed NVLink-class (as NVLink4)"), _ib(),
              source="the seed report (64 GB, 400 TFLOP/s, 1.8 TB/s)",
              assumptions="links not given: assumed 8 GPUs per node on a 450 GB/s NVLink-class fabric and "
                          "50 GB/s per GPU between nodes (H100-class); achievable 80% of peak FLOP/s and 90% of "
                          "HBM bandwidth, as measured on an H200; compiled for an H100 target "
                          "(the seed names no GPU; same "
                          "80 GiB-class Hopper part as the nearest shipped description)", compile_target="h100"),
-    Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink(300 * GB, "NVLink3"), _ib(25 * GB, "HDR IB"),
+    Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink3(), _ib(25 * GB, "HDR IB"),
              source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
                     "jax-ml/scaling-book gpus.md", compile_target="a100", sm_count=108, compute_capability="8.0"),
-    Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+    Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "jax-ml/scaling-book gpus.md",
              compile_target="h100", sm_count=132, compute_capability="9.0"),
-    Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink(450 * GB, "NVLink4"), _ib(),
+    Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "scaling-book; MLCommons H200 "
                     "system description; achievable fractions measured on one H200 (bf16 matmul 788 TFLOP/s, "
                     "copy 4.3 TB/s)", compile_target="h200", sm_count=132, compute_capability="9.0"),
-    Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink(900 * GB, "NVLink5"), _ib(),
+    Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink5(), _ib(),
              source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); "
                     "jax-ml/scaling-book gpus.md",
              compile_target="b200", sm_count=148, compute_capability="10.0"),
-    Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _nvlink(448 * GB, "Infinity Fabric"), _ib(),
+    Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _infinity_fabric(), _ib(),
              source="secondary sources (AMD MI300X figures)", compile_target="mi300", vendor="amd"),
     Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book tpus.md (3D torus, 6 links of 45 GB/s per direction)",
              compile_target="v4"),
-    Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
+    Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB, 1), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs (2D torus, 4 links of 45 GB/s per direction)", compile_target="v5e"),
     Hardware("tpu-v5p", 95 * GB, 459 * TB, 2.77 * TB, 8960, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book (3D torus, 6 links of 90 GB/s per direction)",
              compile_target="v5p"),
-    Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
+    Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB, 1), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs (2D torus, 4 links of 90 GB/s per direction)", compile_target="v6e"),
 ]}
 
@@ -159,6 +220,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "call_overhead_s": (0.0, 1.0),
     "flops_efficiency": (0.0, 1.0),
     "hbm_efficiency": (0.0, 1.0),
+    "efficiency": (0.0, 1.0),
+    "bulk_latency_s": (0.0, 1.0),
+    "small_efficiency": (0.0, 1.0),
+    "all_reduce_efficiency": (0.0, 2.0),
+    "per_peer_s": (0.0, 1.0),
 }
 """Accepted range of each figure of a hardware file: wide enough for any accelerator, past or
 foreseeable (1 MB to 1 PB of memory, 1 GFLOP/s to 10 EFLOP/s, link latency up to a second), and
@@ -176,6 +242,12 @@ def _from_toml(path: Path) -> Hardware:
         raise MoeJaxError(f"hardware file {str(path)!r}: [hardware] must be a table of keys, "
                           f"not {type(table).__name__} {table!r}"[:300])
     table = dict(table)
+    calibration = table.pop("calibration", None)
+    if "hardware" in data and "calibration" in data:          # [calibration] beside a [hardware] table
+        if calibration is not None:
+            raise MoeJaxError(f"hardware file {str(path)!r}: two calibrations ([calibration] and "
+                              "[hardware.calibration]); keep one")
+        calibration = data["calibration"]
     links = {}
     for tier in ("node_link", "network_link"):
         link = table.pop(tier, None)
@@ -219,6 +291,11 @@ def _from_toml(path: Path) -> Hardware:
         number(link.bandwidth, f"[{tier}] bandwidth", "bandwidth")
         number(link.latency_s, f"[{tier}] latency_s", "latency_s", low_open=False)
         number(link.call_overhead_s, f"[{tier}] call_overhead_s", "call_overhead_s", low_open=False)
+        number(link.efficiency, f"[{tier}] efficiency", "efficiency")
+        for key in ("bulk_latency_s", "small_efficiency", "all_reduce_efficiency", "per_peer_s"):
+            number(getattr(link, key), f"[{tier}] {key}", key, low_open=False)
+        if not isinstance(link.source, str):
+            raise MoeJaxError(f"hardware file {str(path)!r}: [{tier}] source={link.source!r} must be a string")
     for key, valid in (("kind", ("gpu", "tpu")), ("vendor", ("nvidia", "amd", "google"))):
         if key in table and table[key] not in valid:
             raise MoeJaxError(f"hardware file {str(path)!r}: {key}={table[key]!r}; valid: {', '.join(valid)}")
@@ -234,6 +311,8 @@ def _from_toml(path: Path) -> Hardware:
     if target.endswith(".txtpb") and not Path(target).expanduser().is_absolute():
         table["compile_target"] = str(path.parent / target)     # a description beside the TOML file
     table.setdefault("source", f"user file {path}")
+    if calibration is not None:
+        table["calibration"] = Calibration.from_toml_table(calibration, f"hardware file {str(path)!r}")
     try:
         return Hardware(**table, **links)
     except TypeError as e:

@@ -79,7 +79,8 @@ class Analysis:
                 "time": None if t is None else {
                     "compute": t.compute_s, "memory": t.memory_s, "comm": t.comm_s, "total": t.total_s,
                     "no_overlap": t.no_overlap_s, "full_overlap": t.full_overlap_s, "floor": t.floor_s,
-                    "floor_detail": t.floor_detail, "comm_breakdown": t.comm_breakdown},
+                    "floor_detail": t.floor_detail, "comm_breakdown": t.comm_breakdown, "overhead": t.overhead_s,
+                    "scheduled": t.scheduled_s, "exposed_comm": t.exposed_comm_s, "call": t.call_s},
             }
         return {
             "schema": "moe-jax.analyze/1",
@@ -203,13 +204,14 @@ def _recommendations(a: Analysis) -> list[str]:
                     "more requests per device; no search was run here (`moe-jax plan` compares strategies).")
     if p is not None:
         for name, t in (("Prefill", p.prefill), ("Decode", p.decode)):
-            parts = {"compute": t.compute_s, "HBM traffic": t.memory_s, "communication": t.comm_s}
+            exposed = t.comm_s if t.exposed_comm_s is None else t.exposed_comm_s
+            parts = {"compute": t.compute_s, "HBM traffic": t.memory_s, "communication": exposed}
             top = max(parts, key=parts.get)
             total = t.no_overlap_s or 1.0
             line = f"{name} is dominated by {top} ({parts[top] / total:.0%} of {t.no_overlap_s * 1e3:.2f} ms)"
             if top == "communication" and t.comm_breakdown:
                 c = t.comm_breakdown[0]
-                line += (f"; the largest is {c['kind']} over {'x'.join(c['axes']) or 'all'} on {c['link']} "
+                line += (f"; the largest is {c['kind']} over {'x'.join(c['axes']) or 'all'} ({c['link']}) "
                          f"({c['share']:.0%}): keep that axis inside a node or shrink it")
             elif top == "HBM traffic" and name == "Decode":
                 line += "; a larger batch per device raises throughput at little TPOT cost (memory-bound)"
@@ -273,7 +275,7 @@ def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: 
     memory = _memory(cost, hardware)
     compiled_all = all(p.fits for p in cost.phases.values())
     fits = compiled_all and memory["total"] is not None and memory["total"] <= hardware.memory_bytes
-    prediction = (predict(cost, hardware, workload.batch, workload.gen_len)
+    prediction = (predict(cost, hardware, workload.batch, workload.gen_len, cfg.dtype)
                   if compiled_all else None)
     a = Analysis(cfg, strategy, hardware, workload, cost, placement, prediction, fits, memory)
     a.fit_confirmed = _fit_confirmed(cost, memory, hardware)

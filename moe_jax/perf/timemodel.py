@@ -1,17 +1,21 @@
 """The time model: compiled cost × hardware → TTFT, TPOT, throughput, MFU, MBU, with the assumptions stated.
 
-- Per op (from the compiled HLO, loop trip counts included):
-  ``max(flops / achievable FLOP/s, bytes / achievable HBM bandwidth)``, summed. An op
-  whose first term wins is compute time, otherwise memory time.
-- Per collective: ``call overhead + hops × hop latency + bytes × factor / link bandwidth``
-  on the link tier its replica group spans (inside one node, or across nodes; device
-  ids are mesh positions and ``tp`` is innermost, so tp groups stay inside a node first).
-  Factors (ring algorithms): all-reduce 2(n−1)/n, all-gather and reduce-scatter (n−1)/n,
-  all-to-all (n−1)/n of the local buffer, collective-permute 1.
+- Per op (from the compiled HLO, loop trip counts included): ``max(flops / achievable FLOP/s,
+  bytes / achievable HBM bandwidth)``. On a calibrated hardware file (``moe-jax calibrate``)
+  the op's matmul FLOPs and bytes are timed on the measured curves instead (small matmuls
+  and copies run far below peak), and no op takes less than the measured cost of one tiny
+  op. An op whose compute term wins is compute time, else memory time (or overhead time).
+- Per collective: its own algorithm on the link tiers its replica group spans
+  (`moe_jax.perf.collectives`: pairwise all-to-all, ring or tree all-reduce by size,
+  hierarchical across nodes; a calibrated fit where measured). Device ids are mesh
+  positions mapped to the topology (`physical_order`).
+- The program's schedule (`moe_jax.perf.schedule`): ops run in the compiled order on one
+  compute stream, a collective the compiler started asynchronously runs beside them until
+  its ``done``; the prediction quoted is that critical path. The no-overlap bound (compute
+  + memory + communication) and the full-overlap bound (the larger of the two) stay beside
+  it. Without the program text (a cached plan), the no-overlap bound is quoted.
 - The pipeline schedule is inside the compiled program: every tick of M + pp − 1 runs,
   so the bubble is already in the time; its fraction is reported beside it.
-- Two bounds: no overlap (compute + memory + communication) and full overlap (the
-  larger of the two). The prediction quoted is the no-overlap bound.
 - Floors: decode must read every local weight and the local KV cache once from HBM at
   the datasheet bandwidth; prefill must do its useful FLOPs at peak. No prediction is
   reported below its floor; when the model's raw number is lower, the check says so.
@@ -22,17 +26,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from moe_jax.costs.types import CollectiveCost, CostReport, PhaseCost, WeightsRead
+from moe_jax.costs.types import CollectiveCost, CostReport, OpCost, PhaseCost, WeightsRead
 from moe_jax.hardware.presets import Hardware, LinkTier
 from moe_jax.names import Backend
-
-_HOPS = {"all-reduce": lambda n: 2 * (n - 1), "all-gather": lambda n: n - 1, "reduce-scatter": lambda n: n - 1,
-         "all-to-all": lambda n: n - 1, "collective-permute": lambda n: 1, "ragged-all-to-all": lambda n: n - 1,
-         "collective-broadcast": lambda n: n - 1}
-_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
-           "reduce-scatter": lambda n: (n - 1) / n, "all-to-all": lambda n: (n - 1) / n,
-           "ragged-all-to-all": lambda n: (n - 1) / n, "collective-permute": lambda n: 1.0,
-           "collective-broadcast": lambda n: (n - 1) / n}
+from moe_jax.perf.collectives import collective_seconds, collective_time, group_span
 
 
 def op_time(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
@@ -40,6 +37,24 @@ def op_time(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
     compute = flops / hw.achievable_flops
     memory = nbytes / hw.achievable_hbm
     return (compute, "compute") if compute >= memory else (memory, "memory")
+
+
+def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float, str]:
+    """Seconds of one execution of a compiled op and what bounds it ('compute', 'memory' or 'overhead').
+
+    Datasheet presets: the roofline of `op_time`. Calibrated hardware: matmul FLOPs on the measured curve of
+    `dtype` (other FLOPs at the achievable peak), bytes on the measured copy curve, and never less than the
+    measured cost of one tiny op."""
+    cal = hw.calibration
+    if cal is None:
+        return op_time(op.flops, op.bytes, hw)
+    compute = (cal.matmul_seconds(op.matmul_flops, dtype) if op.matmul_flops > 0 else 0.0) \
+        + max(op.flops - op.matmul_flops, 0) / hw.achievable_flops
+    memory = cal.memory_seconds(op.bytes) if op.bytes > 0 else 0.0
+    seconds, bound = (compute, "compute") if compute >= memory else (memory, "memory")
+    if seconds < cal.op_overhead_s:
+        return cal.op_overhead_s, "overhead"
+    return seconds, bound
 
 
 def link_for(group: list[int], hw: Hardware, physical_order: list[int] | None = None) -> LinkTier:
@@ -56,15 +71,6 @@ def link_for(group: list[int], hw: Hardware, physical_order: list[int] | None = 
     return hw.node_link if len(nodes) == 1 else hw.network_link
 
 
-def collective_time(kind: str, nbytes: float, group_size: int, link: LinkTier) -> float:
-    """Seconds for one call of a collective moving `nbytes` (payload per device) over `link`."""
-    n = max(group_size, 2) if kind == "collective-permute" else group_size
-    if n <= 1:
-        return 0.0
-    return (link.call_overhead_s + _HOPS[kind](n) * link.latency_s
-            + nbytes * _FACTOR[kind](n) / link.bandwidth)
-
-
 @dataclass
 class PhaseTime:
     """Predicted time of one program run on one device."""
@@ -76,27 +82,37 @@ class PhaseTime:
     """Ops bound by HBM bytes."""
     comm_s: float
     comm_breakdown: list[dict] = field(default_factory=list)
-    """Per (kind, mesh axes, link): calls, bytes, seconds, share of the no-overlap time."""
+    """Per (kind, mesh axes, algorithm and links): calls, bytes, seconds, share of the no-overlap time."""
     floor_s: float = 0.0
     floor_detail: str = ""
+    overhead_s: float = 0.0
+    """Ops shorter than the measured cost of one tiny op, counted at that cost (calibrated hardware only)."""
+    scheduled_s: float | None = None
+    """The critical path of the compiled schedule (collectives overlapping the compute the program runs
+    beside them); None when the program text was not kept."""
+    exposed_comm_s: float | None = None
+    """Of comm_s, the seconds the compute stream waits for collectives in that schedule."""
+    call_s: float = 0.0
+    """The host's cost of calling the program and waiting for it (calibrated hardware only: a fixed cost plus
+    one per argument array); in every bound."""
 
     @property
     def no_overlap_s(self) -> float:
-        return self.compute_s + self.memory_s + self.comm_s
+        return self.compute_s + self.memory_s + self.overhead_s + self.comm_s + self.call_s
 
     @property
     def full_overlap_s(self) -> float:
-        return max(self.compute_s + self.memory_s, self.comm_s)
+        return max(self.compute_s + self.memory_s + self.overhead_s, self.comm_s) + self.call_s
 
     @property
     def raw_s(self) -> float:
-        """The model's prediction before the floor (no-overlap bound)."""
-        return self.no_overlap_s
+        """The model's prediction before the floor: the scheduled critical path, else the no-overlap bound."""
+        return self.no_overlap_s if self.scheduled_s is None else self.scheduled_s + self.call_s
 
     @property
     def total_s(self) -> float:
-        """The prediction: the no-overlap bound, never below the floor."""
-        return max(self.no_overlap_s, self.floor_s)
+        """The prediction, never below the floor."""
+        return max(self.raw_s, self.floor_s)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,31 +120,74 @@ class PhaseTime:
         return d
 
 
+def phase_timing(cost: PhaseCost, hw: Hardware, physical_order: list[int] | None = None,
+                 dtype: str = "bfloat16") -> tuple[dict[str, tuple[float, str]], dict[str, tuple[float, str]]]:
+    """Per HLO instruction name: (seconds of one execution, bound) of each op, and (seconds of one call,
+    algorithm) of each collective (`moe_jax.perf.collectives`)."""
+    ops = {op.name: op_seconds(op, hw, dtype) for op in cost.ops if not op.collective}
+    colls = {}
+    for c in cost.collectives:
+        span = group_span(c.group, hw, physical_order, c.group_size)
+        colls[c.name] = collective_seconds(c.kind, c.bytes_per_call, span, hw)
+    return ops, colls
+
+
 def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail: str = "",
-               physical_order: list[int] | None = None) -> PhaseTime:
-    """Roofline over the compiled ops plus the collectives on their link tiers (see `link_for`)."""
-    compute = memory = 0.0
+               physical_order: list[int] | None = None, dtype: str = "bfloat16", schedule: bool = True) -> PhaseTime:
+    """Ops and collectives timed one by one (see `phase_timing`), summed by bound, and the compiled schedule
+    simulated over them when the program text is there (`moe_jax.perf.schedule.simulate`)."""
+    op_times, coll_times = phase_timing(cost, hw, physical_order, dtype)
+    parts = {"compute": 0.0, "memory": 0.0, "overhead": 0.0}
     for op in cost.ops:
-        if op.collective:
-            continue
-        seconds, bound = op_time(op.flops, op.bytes, hw)
-        if bound == "compute":
-            compute += seconds * op.count
-        else:
-            memory += seconds * op.count
+        if not op.collective:
+            seconds, bound = op_times[op.name]
+            parts[bound] += seconds * op.count
     comm, groups = 0.0, defaultdict(lambda: {"calls": 0, "bytes": 0, "seconds": 0.0})
     for c in cost.collectives:
-        link = link_for(c.group, hw, physical_order)
-        seconds = collective_time(c.kind, c.bytes_per_call, c.group_size, link) * c.calls
+        one, algorithm = coll_times[c.name]
+        seconds = one * c.calls
         comm += seconds
-        g = groups[(c.kind, tuple(c.axes), link.name)]
+        g = groups[(c.kind, tuple(c.axes), algorithm)]
         g["calls"] += c.calls
         g["bytes"] += c.total_bytes
         g["seconds"] += seconds
-    total = compute + memory + comm
-    breakdown = [{"kind": k, "axes": list(a), "link": link, **v, "share": v["seconds"] / total if total else 0.0}
-                 for (k, a, link), v in sorted(groups.items(), key=lambda kv: -kv[1]["seconds"])]
-    return PhaseTime(cost.phase, compute, memory, comm, breakdown, floor_s, floor_detail)
+    total = sum(parts.values()) + comm
+    breakdown = [{"kind": k, "axes": list(a), "link": algo, **v, "share": v["seconds"] / total if total else 0.0}
+                 for (k, a, algo), v in sorted(groups.items(), key=lambda kv: -kv[1]["seconds"])]
+    scheduled = exposed = None
+    if schedule and cost.hlo_text:
+        sim = simulate_phase(cost, op_times, coll_times)
+        scheduled, exposed = sim.total_s, sim.exposed_comm_s
+    call = 0.0
+    if hw.calibration is not None and cost.hlo_text:
+        call = hw.calibration.call_seconds(program_arguments(cost.hlo_text))
+    return PhaseTime(cost.phase, parts["compute"], parts["memory"], comm, breakdown, floor_s, floor_detail,
+                     parts["overhead"], scheduled, exposed, call)
+
+
+def program_arguments(hlo_text: str) -> int:
+    """The argument arrays of a compiled program: the parameters of its ENTRY computation."""
+    count, inside = 0, False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY"):
+            inside = True
+        elif inside and line.startswith("}"):
+            break
+        elif inside and " parameter(" in line:
+            count += 1
+    return count
+
+
+def simulate_phase(cost: PhaseCost, op_times: dict, coll_times: dict, *, max_events: int = 200_000):
+    """The compiled program of `cost` simulated over its schedule with these per-op and per-collective times
+    (`phase_timing`): a `moe_jax.perf.schedule.Schedule`."""
+    from moe_jax.perf.schedule import simulate
+
+    scopes = {op.name: op.scope for op in cost.ops}
+    scopes.update({c.name: c.phase for c in cost.collectives})
+    return simulate(cost.hlo_text, lambda name: op_times.get(name, (0.0, ""))[0],
+                    lambda name: coll_times.get(name, (0.0, ""))[0],
+                    scope_of=lambda name: scopes.get(name, "other"), max_events=max_events)
 
 
 @dataclass
@@ -160,7 +219,29 @@ class Prediction:
         return d
 
 
-def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Prediction:
+def program_trace(report: CostReport, hw: Hardware, dtype: str = "bfloat16") -> dict:
+    """The predicted timeline of each compiled phase as one Chrome / Perfetto trace (a process per phase, a
+    track per stream, ops named by instruction and model scope); phases without program text are left out."""
+    from moe_jax.perf.schedule import chrome_trace, merge_traces
+
+    traces = []
+    for pid, (name, cost) in enumerate(report.phases.items()):
+        if not (cost.fits and cost.hlo_text):
+            continue
+        op_times, coll_times = phase_timing(cost, hw, report.physical_order, dtype)
+        sim = simulate_phase(cost, op_times, coll_times)
+        traces.append(chrome_trace(sim, process_name=f"{name}: {report.model} {report.strategy} on {hw.name} "
+                                                     f"({report.backend} compile)", pid=pid))
+    return merge_traces(traces)
+
+
+def _link_text(link: LinkTier) -> str:
+    eff = f" (collectives reach {link.efficiency:.0%})" if link.efficiency < 1 else ""
+    return (f"{link.name} {link.bandwidth / 1e9:.0f} GB/s{eff}, {link.latency_s * 1e6:g} us per step + "
+            f"{link.call_overhead_s * 1e6:g} us per call")
+
+
+def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: str = "bfloat16") -> Prediction:
     """Time the compiled prefill and decode of `report` on `hw`.
 
     batch: sequences over all replicas (when the cpu backend compiled one replica, the report's
@@ -175,16 +256,27 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Predi
     stream = read.bytes + dec.memory.kv_cache
     dec_floor = stream / hw.hbm_bandwidth
     prefill = phase_time(pre, hw, pre_floor, f"useful FLOPs per device {useful_pre / n:.3e} / peak "
-                                             f"{hw.peak_flops:.3e} FLOP/s", report.physical_order)
+                                             f"{hw.peak_flops:.3e} FLOP/s", report.physical_order, dtype)
     decode = phase_time(dec, hw, dec_floor, f"(weights read {read.bytes:,} B: {read.detail}; + local KV "
                                             f"cache {dec.memory.kv_cache:,} B) / peak HBM "
-                                            f"{hw.hbm_bandwidth:.3e} B/s", report.physical_order)
+                                            f"{hw.hbm_bandwidth:.3e} B/s", report.physical_order, dtype)
     ttft, tpot = prefill.total_s, decode.total_s
+    cal = hw.calibration
+    scheduled = pre.hlo_text and dec.hlo_text
     assumptions = [
-        f"achievable {hw.flops_efficiency:.0%} of peak FLOP/s and {hw.hbm_efficiency:.0%} of HBM bandwidth",
-        f"links: {hw.node_link.name} {hw.node_link.bandwidth / 1e9:.0f} GB/s inside a node of "
-        f"{hw.devices_per_node}, {hw.network_link.name} {hw.network_link.bandwidth / 1e9:.0f} GB/s across nodes",
-        "no overlap of communication with compute in the quoted numbers (the full-overlap bound is shown beside)",
+        (f"ops timed on the curves measured by moe-jax calibrate ({cal.meta.get('date', 'undated')}, "
+         f"{cal.meta.get('machine', 'machine not named')}): matmuls by their FLOPs ({dtype}), HBM traffic by its "
+         f"bytes, at least {cal.op_overhead_s * 1e6:.1f} us per op" if cal is not None else
+         f"achievable {hw.flops_efficiency:.0%} of peak FLOP/s and {hw.hbm_efficiency:.0%} of HBM bandwidth "
+         "for every op, whatever its size"),
+        f"links: {_link_text(hw.node_link)} inside a node of {hw.devices_per_node}, "
+        f"{_link_text(hw.network_link)} across nodes; each collective by its algorithm (pairwise all-to-all, "
+        "ring or tree all-reduce by size, hierarchical across nodes)",
+        ("communication overlaps compute where the compiled schedule starts a collective before the ops it runs "
+         "beside (the critical path of that schedule is quoted; the no-overlap and full-overlap bounds are shown "
+         "beside)" if scheduled else
+         "no overlap of communication with compute in the quoted numbers (the program text was not kept, so its "
+         "schedule was not simulated; the full-overlap bound is shown beside)"),
         f"FLOPs, bytes and collectives from the {report.backend} compile ({report.target})",
     ]
     if hw.assumptions:
@@ -200,5 +292,5 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int) -> Predi
         decode_mfu=useful_dec / (n * hw.peak_flops * tpot), assumptions=assumptions)
 
 
-__all__ = ["op_time", "link_for", "collective_time", "phase_time", "predict", "PhaseTime", "Prediction",
-           "CollectiveCost"]
+__all__ = ["op_time", "op_seconds", "link_for", "collective_time", "phase_timing", "phase_time", "simulate_phase",
+           "predict", "program_trace", "PhaseTime", "Prediction", "CollectiveCost"]

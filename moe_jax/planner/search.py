@@ -79,7 +79,7 @@ def estimate(cfg: ModelConfig, strategy: Strategy, hw: Hardware, workload: Workl
     phases = {ph: estimate_phase(cfg, strategy, workload, ph, weights, kv) for ph in ("prefill", "decode")}
     report = CostReport(cfg.name, strategy.name, strategy.name, workload.to_dict(), "analytic", "estimate",
                         strategy.num_devices, phases, [], analytic_report(cfg, strategy, workload, weights, phases))
-    pred = predict(report, hw, workload.batch, workload.gen_len)
+    pred = predict(report, hw, workload.batch, workload.gen_len, cfg.dtype)
     total = max(ph.memory.peak for ph in phases.values())
     return Estimate(strategy, total <= hw.memory_bytes, total, pred.ttft_s, pred.tpot_s, pred.throughput_tok_s)
 

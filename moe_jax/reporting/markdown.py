@@ -39,6 +39,19 @@ def compiled_by(a: Analysis) -> str:
     return f"{name}, {own}, for {where}{mine}"
 
 
+def _terms(t) -> str:
+    """How a phase's time is made: its terms, and the schedule's overlap when it was simulated."""
+    text = (f"compute {_ms(t.compute_s)} + HBM {_ms(t.memory_s)}"
+            + (f" + per-op overhead {_ms(t.overhead_s)}" if t.overhead_s else "")
+            + f" + communication {_ms(t.comm_s)}")
+    if t.scheduled_s is not None:
+        text += (f"; over the compiled schedule {_ms(t.scheduled_s)} ({_ms(t.exposed_comm_s)} of the communication "
+                 "not hidden behind compute)")
+    if t.call_s:
+        text += f"; + the host's call of the program {_ms(t.call_s)} (calibrated)"
+    return text + f"; floor {_ms(t.floor_s)}"
+
+
 def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     """The Markdown report for one analysed strategy (`chart`: file name of the memory chart, if any)."""
     from moe_jax.perf.analysis import unconfirmed_fit_note
@@ -128,17 +141,16 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
         out += ["Not predicted: the program did not compile within device memory.", ""]
     else:
         out += ["| metric | value | from |", "|---|---:|---|",
-                f"| TTFT (prefill of the batch) | {_ms(p.ttft_s)} | compiled prefill: compute "
-                f"{_ms(p.prefill.compute_s)} + HBM {_ms(p.prefill.memory_s)} + communication {_ms(p.prefill.comm_s)}"
-                f"; floor {_ms(p.prefill.floor_s)} |",
-                f"| TPOT (one decode step) | {_ms(p.tpot_s)} | compiled decode: compute {_ms(p.decode.compute_s)} + "
-                f"HBM {_ms(p.decode.memory_s)} + communication {_ms(p.decode.comm_s)}; floor {_ms(p.decode.floor_s)} |",
+                f"| TTFT (prefill of the batch) | {_ms(p.ttft_s)} | compiled prefill: {_terms(p.prefill)} |",
+                f"| TPOT (one decode step) | {_ms(p.tpot_s)} | compiled decode: {_terms(p.decode)} |",
                 f"| decode throughput | {p.throughput_tok_s:,.0f} tokens/s | batch {w.batch} / TPOT |",
                 f"| request latency | {_ms(p.request_latency_s)} | TTFT + {w.gen_len} x TPOT |",
                 f"| MFU (prefill) | {p.mfu:.1%} | useful FLOPs / ({s.num_devices} devices x "
                 f"{hw.peak_flops / 1e12:,.0f} TFLOP/s peak x TTFT) |",
                 f"| MBU (decode) | {p.mbu:.1%} | (weights a step reads + local KV cache) / "
                 f"({hw.hbm_bandwidth / 1e12:.2f} TB/s peak x TPOT) |",
+                f"| no-overlap bound | TTFT {_ms(p.prefill.no_overlap_s)}, TPOT {_ms(p.decode.no_overlap_s)} | "
+                "compute + HBM + communication |",
                 f"| full-overlap bound | TTFT {_ms(p.prefill.full_overlap_s)}, TPOT {_ms(p.decode.full_overlap_s)} | "
                 "max(compute + HBM, communication) |", ""]
         for name, t in (("Prefill", p.prefill), ("Decode", p.decode)):
