@@ -4,7 +4,9 @@ For each model that fits on the one device (seed-30b, qwen3-30b-a3b, mixtral-8x7
 random bf16 weights) at batch 1, 8 and 64, prompt 2048, 128 generated tokens: measure
 TTFT and a few decode steps (TPOT), derive MFU (prefill) and MBU (decode), and predict
 the same program with `analyze` on the `real` backend and on the deviceless `gpu`
-target. Writes bench/RESULTS-gpu.md (predicted, measured, error per case). Goal: TPOT
+target, with the preset's figures, and on the `real` backend with this GPU's own
+calibration (`moe-jax calibrate`, run first and written beside the results as a
+hardware TOML). Writes bench/RESULTS-gpu.md (predicted, measured, error per case). Goal: TPOT
 error under 10%, TTFT under 15%. Then qwen3-30b-a3b at batch 8 and 64 again with dropless
 dispatch: capacity against dropless, measured side by side.
 
@@ -66,14 +68,16 @@ def case(cfg, hw, batch, prompt_len, gen_len, steps, backends):
     row["mfu"] = useful / (hw.peak_flops * r.ttft.median)
     row["mbu"] = (cfg.params_total * cfg.dtype_bytes + batch * workload.cache_len * cfg.kv_bytes_per_token) / (
         hw.hbm_bandwidth * r.tpot.median)
-    for backend in backends:
+    for label in backends:
+        backend, hw_used = (label, hw) if isinstance(label, str) else (label[0], label[1])
+        label = backend if isinstance(label, str) else f"{backend} on {hw_used.name}"
         try:
-            a = analyze(cfg, Strategy(), hw, workload, backend=backend)
+            a = analyze(cfg, Strategy(), hw_used, workload, backend=backend)
         except Exception as e:
-            row[backend] = f"analyze failed: {str(e).splitlines()[0][:100]}"
+            row[label] = f"analyze failed: {str(e).splitlines()[0][:100]}"
             continue
         p = a.prediction
-        row[backend] = None if p is None else {
+        row[label] = None if p is None else {
             "ttft": p.ttft_s, "tpot": p.tpot_s,
             "terms": {"prefill": (p.prefill.compute_s, p.prefill.memory_s, p.prefill.comm_s),
                       "decode": (p.decode.compute_s, p.decode.memory_s, p.decode.comm_s)}}
@@ -85,6 +89,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny model on CPU, same code path")
     ap.add_argument("--out", default=str(ROOT / "bench" / "RESULTS-gpu.md"))
     ap.add_argument("--steps", type=int, default=6, help="decode steps timed per case")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="skip `moe-jax calibrate` of this GPU (its predictions are shown beside the preset's)")
     args = ap.parse_args()
     if args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -109,6 +115,15 @@ def main() -> None:
         cfg_list, backends = [get_model(m) for m in MODELS], ("real", "gpu")
         batches, prompt_len, gen_len = BATCHES, 2048, 128
         dispatch_cases = DISPATCH_CASES
+    if not args.no_calibrate:       # this device measured first (moe-jax calibrate), predicted on beside the preset
+        from moe_jax.hardware.calibration import write_hardware_toml
+        from moe_jax.runtime.calibrate import calibrate, calibrated_hardware
+
+        hw_cal = calibrated_hardware(calibrate(quick=args.dry_run), base=None if args.dry_run else hw)
+        where = Path(args.out).with_name(f"{hw_cal.name}.toml")
+        write_hardware_toml(hw_cal, hw_cal.calibration, where, overwrite=True)
+        print(f"calibrated: {where}", flush=True)
+        backends = (*backends, ("real", hw_cal))
     start = time.perf_counter()
     rows = []
     for cfg in cfg_list:
@@ -133,7 +148,8 @@ def main() -> None:
         if "skip" in row:
             lines.append(f"| {row['model']} | {row['dispatch']} | {row['batch']} | - | {row['skip']} | | | | | | | | |")
             continue
-        for backend in backends:
+        for label in backends:
+            backend = label if isinstance(label, str) else f"{label[0]} on {label[1].name}"
             p = row.get(backend)
             if not isinstance(p, dict):
                 lines.append(f"| {row['model']} | {row['dispatch']} | {row['batch']} | {backend} | "

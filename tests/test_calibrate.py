@@ -79,7 +79,8 @@ def _calibration(**kw):
     fields = dict(matmul={"bfloat16": Curve(((1e6, 1e-5), (1e9, 2e-3))), "float32": Curve(((1e6, 2e-5), (1e9, 8e-3)))},
                   memory=Curve(((1e4, 2e-6), (1e8, 1e-3))), read_reduce=Curve(((1e4, 3e-6), (1e8, 6e-4))),
                   op_overhead_s=2e-6, collectives=fits, meta={"date": "2026-01-01T00:00:00+00:00", "jax_version": "x"},
-                  call_s=3e-5, call_per_argument_s=1e-6)
+                  call_s=3e-5, call_per_argument_s=1e-6, kinds={"convert": Curve(((1e4, 1e-5), (1e8, 1e-2)))},
+                  transcendental=Curve(((1e3, 1e-6), (1e6, 1e-3))))
     fields.update(kw)
     return Calibration(**fields)
 
@@ -102,6 +103,8 @@ def test_matmul_and_memory_lookups():
     assert only32.matmul_seconds(1e6, "bfloat16") == pytest.approx(2e-5)   # the nearest dtype measured
     assert cal.memory_seconds(2e8) == pytest.approx(2e-3)
     assert cal.call_seconds(100) == pytest.approx(3e-5 + 100 * 1e-6)
+    assert cal.kind_seconds("convert", 1e8) == pytest.approx(1e-2)           # its own, slower curve
+    assert cal.kind_seconds("transpose", 1e8) == pytest.approx(cal.memory_seconds(1e8))   # not measured: a copy
     assert hash(cal) == hash(_calibration())
 
 
@@ -132,6 +135,7 @@ def _mutate(path, value):
     (("memory",), KeyError, "unknown key 'memoryx'"),
     (("op_overhead_s",), 0, "op_overhead_s=0 must be a finite number > 0"),
     (("call_per_argument_s",), -1e-6, "call_per_argument_s=-1e-06 must be a finite number >= 0"),
+    (("kinds", "gather"), [[1, 1]], "kinds.gather: unknown op kind"),
     (("matmul", "bf16"), [[1, 1]], "matmul.bf16: unknown dtype"),
     (("collective", 0, "kind"), "all_to_all", "kind='all_to_all' (did you mean 'all-to-all'?)"),
     (("collective", 0, "tier"), "rack", "tier='rack'; valid: node, network"),
@@ -203,6 +207,8 @@ def test_calibrate_end_to_end_on_emulated_cpu_devices(tmp_path):
     assert set(cal.matmul) == {"bfloat16", "float32"} and all(len(c.points) >= 2 for c in cal.matmul.values())
     assert len(cal.memory.points) >= 2 and len(cal.read_reduce.points) >= 2 and cal.op_overhead_s > 0
     assert cal.call_s + 100 * cal.call_per_argument_s > 0 and cal.meta["samples_program_call"]
+    assert set(cal.kinds) == {"convert", "transpose"} and all(len(c.points) >= 2 for c in cal.kinds.values())
+    assert cal.transcendental is not None and len(cal.transcendental.points) >= 2
     for kind in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
         for g in (2, 4):
             fit = cal.collective(kind, "node", g)

@@ -9,7 +9,7 @@ from moe_jax.costs.types import CollectiveCost, OpCost, PhaseCost
 from moe_jax.errors import MoeJaxError
 from moe_jax.hardware.presets import LinkTier, get_hardware, hardware_names
 from moe_jax.perf.collectives import collective_seconds, group_span, one_tier
-from moe_jax.perf.timemodel import collective_time, link_for, op_seconds, op_time, phase_time
+from moe_jax.perf.timemodel import collective_time, link_for, memory_kind, op_seconds, op_time, phase_time
 
 H200 = get_hardware("h200")
 
@@ -208,6 +208,16 @@ def test_calibrated_hardware_times_ops_on_its_curves():
     assert op_seconds(big, hw) == (pytest.approx(1e-2), "compute")             # on the curve, not at 80% of peak
     copy = OpCost("copy", "copy", "other", 0, 0, 0, 1e9, 1)
     assert op_seconds(copy, hw) == (pytest.approx(1e-2), "memory")
+    assert memory_kind(OpCost("wrapped_convert", "fusion", "other", 0, 0, 0, 1, 1)) == "convert"
+    assert memory_kind(OpCost("transpose_copy_fusion", "fusion", "other", 0, 0, 0, 1, 1)) == "transpose"
+    assert memory_kind(copy) == "copy"
+    slow = dataclasses.replace(hw, calibration=dataclasses.replace(cal, kinds={"convert": Curve(((1e3, 1e-6),
+                                                                                                  (1e9, 5e-2)))}))
+    assert op_seconds(OpCost("wrapped_convert", "fusion", "other", 0, 0, 0, 1e9, 1), slow)[0] == pytest.approx(5e-2)
+    exp = OpCost("softmax", "fusion", "attention", 0, 0, 1e6, 8e6, 1)
+    timed = dataclasses.replace(hw, calibration=dataclasses.replace(cal, transcendental=Curve(((1e3, 1e-6),
+                                                                                                (1e9, 1.0)))))
+    assert op_seconds(exp, timed) == (pytest.approx(1e-3), "compute")         # 1e6 exp at 1e9 per second
     tiny = OpCost("add", "fusion", "other", 10, 0, 0, 16, 1)
     assert op_seconds(tiny, hw) == (5e-7, "overhead")                           # never under one tiny op
     hlo = ("HloModule m, is_scheduled=true\n\nENTRY %main (a: f32[4], b: f32[4]) -> f32[4] {\n"

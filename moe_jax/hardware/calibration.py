@@ -215,6 +215,10 @@ class CollectiveFit:
                 "bandwidth": self.bandwidth, "samples": [[b, t] for b, t in self.samples]}
 
 
+OP_KINDS = ("convert", "transpose")
+"""Memory-op kinds with a curve of their own (`Calibration.kinds`)."""
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What `moe-jax calibrate` measured on one machine; see the module docstring."""
@@ -236,6 +240,18 @@ class Calibration:
     synchronisation), beyond the ops it runs; 0: not measured."""
     call_per_argument_s: float = 0.0
     """Host cost per argument array of such a call (a model's program takes hundreds: every weight)."""
+    kinds: dict[str, Curve] = field(default_factory=dict)
+    """Memory ops of a kind that runs at its own rate, time against bytes read + written: ``convert``
+    (bf16 <-> f32, slow on a CPU) and ``transpose`` (a strided copy); see `OP_KINDS`."""
+
+    transcendental: Curve | None = None
+    """Time of an op evaluating n transcendental functions (exp: softmax, SiLU), against n; None: not
+    measured (they are then timed as elementwise FLOPs)."""
+
+    def kind_seconds(self, kind: str, nbytes: float) -> float:
+        """Seconds of a memory op of `kind` moving `nbytes`: its own curve where measured, else the copy's."""
+        curve = self.kinds.get(kind)
+        return (curve or self.memory).seconds(nbytes)
 
     def call_seconds(self, arguments: int) -> float:
         """Host seconds of one program call with `arguments` argument arrays."""
@@ -253,7 +269,8 @@ class Calibration:
     def __hash__(self):
         # frozen, but with dict fields: hash what identifies the measurements (meta only describes them)
         return hash((tuple(sorted(self.matmul.items())), self.memory, self.read_reduce, self.op_overhead_s,
-                     self.collectives, self.call_s, self.call_per_argument_s))
+                     self.collectives, self.call_s, self.call_per_argument_s, tuple(sorted(self.kinds.items())),
+                     self.transcendental))
 
     def matmul_curve(self, dtype: str) -> Curve:
         """The curve of `dtype`, else that of the nearest dtype measured: the same element width first (float16
@@ -293,7 +310,7 @@ class Calibration:
         if not isinstance(table, dict):
             raise MoeJaxError(f"{where} must be a table, not {type(table).__name__}")
         keys = ("matmul", "memory", "read_reduce", "op_overhead_s", "collective", "meta", "call_s",
-                "call_per_argument_s")
+                "call_per_argument_s", "kinds", "transcendental")
         bad = [k for k in table if k not in keys]
         if bad:
             raise MoeJaxError(f"{where}: unknown key {bad[0]!r}{nearest(bad[0], keys)}; valid: {', '.join(keys)}")
@@ -335,7 +352,18 @@ class Calibration:
         call = _number(table.get("call_s", 0.0), f"{where} call_s", 0.0, 1.0, low_open=False)
         per_arg = _number(table.get("call_per_argument_s", 0.0), f"{where} call_per_argument_s", 0.0, 1.0,
                           low_open=False)
-        return cls(curves, memory, read_reduce, overhead, tuple(fits), dict(meta), call, per_arg)
+        kinds = table.get("kinds", {})
+        if not isinstance(kinds, dict):
+            raise MoeJaxError(f"{where}: kinds must be a table of curves by op kind ({', '.join(OP_KINDS)})")
+        for kind in kinds:
+            if kind not in OP_KINDS:
+                raise MoeJaxError(f"{where}: kinds.{kind}: unknown op kind{nearest(kind, OP_KINDS)}; "
+                                  f"valid: {', '.join(OP_KINDS)}")
+        kind_curves = {k: Curve(_points(v, f"{where} kinds.{k}")) for k, v in kinds.items()}
+        transcendental = (Curve(_points(table["transcendental"], f"{where} transcendental"))
+                          if "transcendental" in table else None)
+        return cls(curves, memory, read_reduce, overhead, tuple(fits), dict(meta), call, per_arg, kind_curves,
+                   transcendental)
 
     def to_toml_table(self) -> dict:
         """The ``[calibration]`` table: curves as arrays of [size, seconds], the fits as ``[[calibration.collective]]``
@@ -345,6 +373,8 @@ class Calibration:
                 "call_per_argument_s": self.call_per_argument_s,
                 "memory": self.memory.to_toml(),
                 "read_reduce": self.read_reduce.to_toml(),
+                "kinds": {k: c.to_toml() for k, c in self.kinds.items()},
+                **({"transcendental": self.transcendental.to_toml()} if self.transcendental else {}),
                 "matmul": {d: c.to_toml() for d, c in self.matmul.items()},
                 "meta": dict(self.meta),
                 "collective": [c.to_toml_table() for c in self.collectives]}

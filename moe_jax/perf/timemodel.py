@@ -39,18 +39,33 @@ def op_time(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
 
+def memory_kind(op: OpCost) -> str:
+    """Which measured memory curve an op's bytes run at: ``convert`` for a dtype conversion, ``transpose`` for a
+    transpose, else ``copy``. Read from the instruction's name, which XLA builds from the ops it fused
+    (``wrapped_convert``, ``dynamic-update-slice_convert_fusion``, ``transpose_copy_fusion``)."""
+    if op.matmul_flops:
+        return "copy"
+    if "convert" in op.name:
+        return "convert"
+    if "transpose" in op.name or op.opcode == "transpose":
+        return "transpose"
+    return "copy"
+
+
 def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float, str]:
     """Seconds of one execution of a compiled op and what bounds it ('compute', 'memory' or 'overhead').
 
     Datasheet presets: the roofline of `op_time`. Calibrated hardware: matmul FLOPs on the measured curve of
-    `dtype` (other FLOPs at the achievable peak), bytes on the measured copy curve, and never less than the
-    measured cost of one tiny op."""
+    `dtype` (other FLOPs at the achievable peak, transcendentals on their measured curve), bytes on the
+    measured curve of the op's kind
+    (`memory_kind`), and never less than the measured cost of one tiny op."""
     cal = hw.calibration
     if cal is None:
         return op_time(op.flops, op.bytes, hw)
     compute = (cal.matmul_seconds(op.matmul_flops, dtype) if op.matmul_flops > 0 else 0.0) \
-        + max(op.flops - op.matmul_flops, 0) / hw.achievable_flops
-    memory = cal.memory_seconds(op.bytes) if op.bytes > 0 else 0.0
+        + max(op.flops - op.matmul_flops, 0) / hw.achievable_flops \
+        + (cal.transcendental.seconds(op.transcendentals) if cal.transcendental and op.transcendentals else 0.0)
+    memory = cal.kind_seconds(memory_kind(op), op.bytes) if op.bytes > 0 else 0.0
     seconds, bound = (compute, "compute") if compute >= memory else (memory, "memory")
     if seconds < cal.op_overhead_s:
         return cal.op_overhead_s, "overhead"
@@ -292,5 +307,5 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
         decode_mfu=useful_dec / (n * hw.peak_flops * tpot), assumptions=assumptions)
 
 
-__all__ = ["op_time", "op_seconds", "link_for", "collective_time", "phase_timing", "phase_time", "simulate_phase",
-           "predict", "program_trace", "PhaseTime", "Prediction", "CollectiveCost"]
+__all__ = ["op_time", "memory_kind", "op_seconds", "link_for", "collective_time", "phase_timing", "phase_time",
+           "simulate_phase", "predict", "program_trace", "PhaseTime", "Prediction", "CollectiveCost"]

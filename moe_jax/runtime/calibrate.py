@@ -12,11 +12,13 @@ sees, dispatch included). What is measured, and how:
 - memory: a stream copy (``x + 1`` on a float32 array: size = bytes read + written) and a read-reduce
   (``sum(x)``: size = bytes read), from 256 bytes up to ``max_bytes`` (capped by the device's memory),
   timed inside one program the same way, each iteration reading another array of a 256 MB pool, so that
-  the reads come from memory and not from a cache (a model's weights are read once per step).
+  the reads come from memory and not from a cache (a model's weights are read once per step); and the
+  memory ops that run at their own rate: a bf16 -> f32 conversion (slow on a CPU) and a transpose.
 - op overhead: a chain of k dependent 16x16 matmuls in one program (XLA fuses elementwise chains, even
   through ``lax.optimization_barrier``, but keeps every dot its own kernel), timed at two lengths;
   the slope (t(k2) − t(k1)) / (k2 − k1) is the fixed cost of one op inside a program, launch included,
   the tiny matmul's own work being negligible.
+- transcendental: ``exp`` over n elements (softmax, SiLU), time against n, inputs read cold.
 - program call: the host's cost of calling one compiled program and waiting for it, fitted to
   a + b·(argument arrays) (a model's programs take every weight as an argument).
 - collectives: all-reduce (psum), all-gather, reduce-scatter (psum_scatter), all-to-all and
@@ -221,44 +223,94 @@ COLD_POOL_BYTES = 256 << 20
 comes from device memory, not a cache (as a model's weights do: each is read once per step)."""
 
 
-def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve, Curve, list[str]]:
-    """The stream-copy curve (bytes read + written by one ``y = x + 1`` inside a program), the read-reduce
-    curve (bytes read by one sum), and a line per sample. Each iteration reads the next array of a pool of
-    `COLD_POOL_BYTES` (or two arrays, when one is larger), so the reads are cold."""
+def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve, Curve, dict[str, Curve], list[str]]:
+    """Curves of time against bytes for memory ops inside a program, and a line per sample: the stream copy
+    (``y = x + 1``, f32: bytes read + written), the read-reduce (a sum: bytes read), and the kinds that run at
+    their own rate (`moe_jax.hardware.calibration.OP_KINDS`): a bf16 -> f32 conversion and a 2-D f32
+    transpose (bytes read + written). Each iteration reads the next array of a pool of `COLD_POOL_BYTES`
+    (or two arrays, when one is larger), so the reads are cold."""
+    import math as _math
+
     import jax
     import jax.numpy as jnp
 
-    steps = _Steps(progress, "memory", 2 * len(plan.memory_bytes))
-    copy, reduce, raw = [], [], []
+    def pick(pool, i):
+        return jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
 
     def copy_step(carry, pool):
         i, y = carry
-        x = jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
-        return i + 1, (x + y[:1]) + 1                     # y[:1]: the next copy depends on this one
+        return i + 1, (pick(pool, i) + y[:1]) + 1              # y[:1]: the next copy depends on this one
 
     def reduce_step(carry, pool):
         i, s = carry
-        x = jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
-        return i + 1, s * 0.5 + jnp.sum(x)
+        return i + 1, s * 0.5 + jnp.sum(pick(pool, i))
 
-    for name, step, moved, out in (("copy", copy_step, 2, copy), ("read_reduce", reduce_step, 1, reduce)):
+    def convert_step(carry, pool):
+        i, y = carry
+        return i + 1, pick(pool, i).astype(jnp.float32) + y[:1]
+
+    def transpose_step(carry, pool):
+        i, y = carry
+        return i + 1, pick(pool, i).T + y[:1, :1]
+
+    def square(elems):
+        side = max(int(_math.isqrt(elems)), 1)
+        return (side, side)
+
+    # name, step, element shape from the element count, pool dtype, bytes moved per element, init of the carry
+    kinds = (("copy", copy_step, lambda n: (n,), jnp.float32, 8, lambda sh: jnp.zeros(sh, jnp.float32)),
+             ("read_reduce", reduce_step, lambda n: (n,), jnp.float32, 4, lambda sh: jnp.float32(0)),
+             ("convert", convert_step, lambda n: (n,), jnp.bfloat16, 6, lambda sh: jnp.zeros(sh, jnp.float32)),
+             ("transpose", transpose_step, square, jnp.float32, 8,
+              lambda sh: jnp.zeros(sh[::-1], jnp.float32)))
+    steps = _Steps(progress, "memory", len(kinds) * len(plan.memory_bytes))
+    found: dict[str, list] = {name: [] for name, *_ in kinds}
+    raw = []
+    for name, step, shape_of, dtype, per_elem, init_of in kinds:
         for nbytes in plan.memory_bytes:
-            elems = max(nbytes // 4, 1)
+            shape = shape_of(max(nbytes // 4, 1))
+            elems = _math.prod(shape)
             arrays = max(2, min(COLD_POOL_BYTES // (4 * elems), 4096))
-            pool = jnp.ones((arrays, elems), jnp.float32)
-            init = (jnp.int32(0), jnp.zeros((elems,), jnp.float32) if name == "copy" else jnp.float32(0))
-            per, timed, (k1, k2) = time_per_iteration(step, init, (pool,), plan)
-            size = float(moved * 4 * elems)
-            out.append((size, per))
-            raw.append(f"{name} array_bytes={4 * elems} pool_arrays={arrays} bytes_moved={size:.6g} "
-                       f"per_op_s={per:.6g} "
+            pool = jnp.ones((arrays, *shape), dtype)
+            per, timed, (k1, k2) = time_per_iteration(step, (jnp.int32(0), init_of(shape)), (pool,), plan)
+            size = float(per_elem * elems)
+            found[name].append((size, per))
+            raw.append(f"{name} shape={list(shape)} dtype={jnp.dtype(dtype).name} pool_arrays={arrays} "
+                       f"bytes_moved={size:.6g} per_op_s={per:.6g} "
                        + " ".join(f"loop_{k}_s={t.median_s:.6g}" for k, t in zip((k1, k2), timed, strict=False)))
-            steps.step(f"{name} {4 * elems / 2**20:.2f} MiB: {size / per / 1e9:.1f} GB/s")
+            steps.step(f"{name} {size / 2**20:.2f} MiB: {size / per / 1e9:.1f} GB/s")
             del pool
             if per > plan.max_sample_s:
                 break
     steps.finish()
-    return Curve.fit(copy), Curve.fit(reduce), raw
+    return (Curve.fit(found["copy"]), Curve.fit(found["read_reduce"]),
+            {k: Curve.fit(found[k]) for k in ("convert", "transpose")}, raw)
+
+
+def measure_transcendental(plan: Plan, progress: Progress | None = None) -> tuple[Curve, list[str]]:
+    """Time of ``exp`` over n float32 elements inside a program (what softmax and SiLU evaluate), against n,
+    the inputs read cold like the memory ops'; a line per sample."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(carry, pool):
+        i, y = carry
+        x = jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
+        return i + 1, jnp.exp(x + y[:1])
+
+    sizes = [b for b in plan.memory_bytes if b <= 64 << 20]
+    steps = _Steps(progress, "transcendental", len(sizes))
+    found, raw = [], []
+    for nbytes in sizes:
+        elems = max(nbytes // 4, 1)
+        pool = jnp.zeros((max(2, min(COLD_POOL_BYTES // (4 * elems), 4096)), elems), jnp.float32)
+        per, timed, _ = time_per_iteration(step, (jnp.int32(0), jnp.zeros((elems,), jnp.float32)), (pool,), plan)
+        found.append((float(elems), per))
+        raw.append(f"exp elements={elems} per_op_s={per:.6g}")
+        steps.step(f"exp of {elems} elements: {elems / per / 1e9:.2f} G/s")
+        del pool
+    steps.finish()
+    return Curve.fit(found), raw
 
 
 def measure_program_call(plan: Plan, progress: Progress | None = None) -> tuple[float, float, list[str]]:
@@ -467,9 +519,10 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
     for d in dtypes:
         matmul[d], lines = measure_matmul(d, plan, progress)
         raw["samples_matmul"] += lines
-    copy, reduce, raw["samples_memory"] = measure_memory(plan, progress)
+    copy, reduce, kinds, raw["samples_memory"] = measure_memory(plan, progress)
     overhead, raw["samples_op_overhead"] = measure_op_overhead(plan, progress)
     call_s, per_argument_s, raw["samples_program_call"] = measure_program_call(plan, progress)
+    transcendental, raw["samples_transcendental"] = measure_transcendental(plan, progress)
     notes = []
     emulated = backend == "cpu" and len(devices) > 1
     groups = collective_groups(devices, jax.devices(), processes)
@@ -510,7 +563,8 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
     }
     if device_memory:
         meta["device_memory_bytes"] = device_memory
-    return Calibration(matmul, copy, reduce, overhead, tuple(fits), meta, call_s, per_argument_s)
+    return Calibration(matmul, copy, reduce, overhead, tuple(fits), meta, call_s, per_argument_s, kinds,
+                       transcendental)
 
 
 def _version(package: str) -> str:

@@ -1,0 +1,51 @@
+"""bench/host_validate.py: the calibrated time model against measurements on this host (its quick form)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("host_validate", ROOT / "bench" / "host_validate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(**kw):
+    terms = {"compute_s": 1e-3, "memory_s": 3e-3, "overhead_s": 0.0, "comm_s": 0.0, "call_s": 1e-4,
+             "scheduled_s": 4e-3, "floor_s": 0.0, "total_s": 4.1e-3}
+    row = {"model": "m", "batch": 1, "prompt_len": 8, "ttft": 0.01, "tpot": 0.004, "ttft_pred": 0.012,
+           "tpot_pred": 0.003, "terms": {"prefill": terms, "decode": terms}}
+    row.update(kw)
+    return row
+
+
+def test_table_errors_and_the_term_that_decides():
+    bench = _bench()
+    text, summary = bench.table([_row(), _row(ttft_pred=0.009, tpot_pred=0.004), _row(error="over 1800 s")])
+    assert "| +20% |" in text and "| -25% |" in text and "memory 73%" in text and "failed: over 1800 s" in text
+    assert summary["ttft"] == {"median": pytest.approx(0.15), "worst": pytest.approx(0.2)}
+    assert summary["tpot"] == {"median": pytest.approx(0.125), "worst": pytest.approx(0.25)}
+
+
+def test_category_table_names_ops_the_trace_did_not_reach():
+    bench = _bench()
+    cats = [{"category": "matmul", "ops": 3, "measured_s": 2e-3, "predicted_s": 1e-3, "bytes": 1, "flops": 1},
+            {"category": "small op", "ops": 2, "measured_s": 0.0, "predicted_s": 1e-6, "bytes": 1, "flops": 1}]
+    text = bench.category_table([_row(by_category={"decode": cats})])
+    assert "| decode | matmul | 3 | 2.000 ms | 1.000 ms | 0.50 |" in text and "not traced" in text
+
+
+def test_quick_run_calibrates_measures_and_predicts(capsys):
+    summary = _bench().main(["--quick", "--no-append", "--steps", "4"])
+    out = capsys.readouterr().out
+    assert set(summary) == {"ttft", "tpot"}
+    for metric in summary.values():
+        assert 0 <= metric["median"] <= metric["worst"] < 100           # finite: both sides were numbers
+    assert out.count("| tiny |") == 2 and "TTFT median |error|" in out
