@@ -87,10 +87,10 @@ def test_tp_above_kv_heads_equals_single_device(tiny32, variant, strategy):
     L, Dh = cfg.num_layers, cfg.head_dim
     want = _unsharded_prefill(cfg, state, prompt).cache
     for name in ("k", "v"):
-        c = out.cache[name]
-        assert c.shape == (L, BATCH, TOTAL, cfg.num_kv_heads * r, Dh)
-        assert {sh.data.shape[3] for sh in c.addressable_shards} == {1}
-        np.testing.assert_allclose(np.asarray(c), np.repeat(np.asarray(want[name]), r, axis=3), atol=1e-5, rtol=1e-5)
+        c = out.cache[name]                    # keys [L, B, K·r, T, Dh], values [L, B, K·r, Dh, T]
+        assert c.shape == (L, BATCH, cfg.num_kv_heads * r, *((TOTAL, Dh) if name == "k" else (Dh, TOTAL)))
+        assert {sh.data.shape[2] for sh in c.addressable_shards} == {1}
+        np.testing.assert_allclose(np.asarray(c), np.repeat(np.asarray(want[name]), r, axis=2), atol=1e-5, rtol=1e-5)
 
     cache = out.cache
     for pos in range(PROMPT, TOTAL):
@@ -124,7 +124,7 @@ def test_placement_one_kv_head_per_device():
     p = describe(qwen, Strategy(tp=8), batch=64, cache_len=2048 + 256)
     f = p.to_dict()["facts"]
     assert f["kv_heads_per_device"] == 1 and f["kv_head_copies"] == 2 and f["kv_heads_replicated_over_tp"]
-    assert f["kv_cache_shape_per_device"] == [48, 64, 2304, 1, 128]
+    assert f["kv_cache_shape_per_device"] == [48, 64, 1, 2304, 128]
     whole = 2 * 48 * 64 * 2304 * 4 * 128 * 2                                       # k and v, bf16, 14.5 GB
     assert f["kv_cache_bytes_per_device"] * 4 == whole
     # tp dividing K: as before, K / tp heads and no copies

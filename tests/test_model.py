@@ -62,9 +62,11 @@ def test_decode_after_prefill_equals_full_forward(tiny32, variant):
         step = model.decode(tokens[:, pos:pos + 1], pos, cache)
         cache = step.cache
         np.testing.assert_allclose(step.logits[:, 0], full[:, pos], atol=2e-5, rtol=1e-5)
-    # the cache holds exactly the written positions; the rest is untouched
-    assert np.all(np.asarray(cache["k"])[:, :, 14:] == 0)
-    assert np.any(np.asarray(cache["k"])[:, :, :14] != 0)
+    # the cache holds exactly the written positions; the rest is untouched (keys [L, B, K, T, Dh], values [.., Dh, T])
+    assert np.all(np.asarray(cache["k"])[:, :, :, 14:] == 0)
+    assert np.any(np.asarray(cache["k"])[:, :, :, :14] != 0)
+    assert np.all(np.asarray(cache["v"])[..., 14:] == 0)
+    assert np.any(np.asarray(cache["v"])[..., :14] != 0)
 
 
 def test_bf16_decode_tracks_forward(tiny32):

@@ -46,8 +46,8 @@ def test_seed_weights_per_device_exceed_the_naive_division(seed_placement):
 
 
 def test_seed_kv_cache_per_device(seed_placement):
-    # [L/pp, B/(dp*ep), T, K/tp, Dh] for k and v, bf16
-    assert seed_placement.kv_cache_shape_per_device == (8, 2, 2304, 1, 128)
+    # [L/pp, B/(dp*ep), K/tp, T, Dh] for k (v: [.., Dh, T]), bf16
+    assert seed_placement.kv_cache_shape_per_device == (8, 2, 1, 2304, 128)
     assert seed_placement.kv_cache_bytes_per_device == 2 * 8 * 2 * 2304 * 128 * 2
 
 

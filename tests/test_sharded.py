@@ -77,8 +77,8 @@ def _compiled_collectives(cfg, strategy, phase):
                           sm.param_shardings, sm.abstract_params)
     tokens = jax.ShapeDtypeStruct((BATCH, PROMPT if phase == "prefill" else 1), jnp.int32,
                                   sharding=sm.token_sharding(BATCH, PROMPT if phase == "prefill" else 1))
-    cache = {k: jax.ShapeDtypeStruct((cfg.num_layers, BATCH, TOTAL, cfg.num_kv_heads, cfg.head_dim),
-                                     jnp.dtype(cfg.dtype), sharding=s)
+    shapes = cache_shape(cfg, BATCH, TOTAL, kv_copies=sm.layout.kv_copies)
+    cache = {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype, sharding=s)
              for k, s in sm.cache_shardings(BATCH, TOTAL).items()}
     if phase == "prefill":
         lowered = sm.prefill.lower(params, tokens, cache)

@@ -13,6 +13,7 @@ mis-shaped tensor is an error naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class Source:
     """How many split dims each HF dim became (e.g. (2, 1): HF dim 0 → two split dims)."""
     per_layer: bool = True
     per_expert: bool = False
+    first_layer: int = 0
+    """The Hugging Face index of our stack's layer 0 (DeepSeek-V3's MoE stack follows its dense layers)."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -59,18 +62,85 @@ class Source:
         return tuple(math.prod(self.split[k:k + c]) for k, c in zip(starts, self.groups, strict=True))
 
 
+def stack_layers(src: Source, cfg: ModelConfig) -> range:
+    """The Hugging Face layer indices of a per-layer source's stack (its parameter's leading axis, in order)."""
+    count = cfg.first_dense_layers if src.path.startswith("dense_blocks/") else cfg.num_layers - src.first_layer
+    return range(src.first_layer, src.first_layer + count)
+
+
+def _global_sources(cfg: ModelConfig) -> list[Source]:
+    """Embedding, final norm and (unless tied) the output head: the same names in every family."""
+    V, D = cfg.vocab_size, cfg.d_model
+    out = [Source("embed_vd", "model.embed_tokens.weight", (V, D), (0, 1), (1, 1), per_layer=False),
+           Source("final_norm/scale", "model.norm.weight", (D,), (0,), (1,), per_layer=False)]
+    if not cfg.tie_embeddings:
+        out.append(Source("head_dv", "lm_head.weight", (V, D), (1, 0), (1, 1), per_layer=False))
+    return out
+
+
+def _mla_sources(cfg: ModelConfig, stack: str, first: int) -> list[Source]:
+    """One stack's MLA attention and its pre-attention norm (`moe_jax.model.mla.MLAttention`)."""
+    D, H, Dh = cfg.d_model, cfg.num_heads, cfg.head_dim
+    R, Rq, Dr, Dv = cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim
+    attn = "model.layers.{l}.self_attn"
+    out = [Source(f"{stack}/attn_norm/scale", "model.layers.{l}.input_layernorm.weight", (D,), (0,), (1,)),
+           Source(f"{stack}/attn/wkv_a_cd", f"{attn}.kv_a_proj_with_mqa.weight", (R + Dr, D), (0, 1), (1, 1)),
+           Source(f"{stack}/attn/kv_norm/scale", f"{attn}.kv_a_layernorm.weight", (R,), (0,), (1,)),
+           Source(f"{stack}/attn/wkv_b_hkr", f"{attn}.kv_b_proj.weight", (H, Dh - Dr + Dv, R), (0, 1, 2), (2, 1)),
+           Source(f"{stack}/attn/wo_dhv", f"{attn}.o_proj.weight", (D, H, Dv), (0, 1, 2), (1, 2))]
+    if Rq:
+        out += [Source(f"{stack}/attn/wq_a_rd", f"{attn}.q_a_proj.weight", (Rq, D), (0, 1), (1, 1)),
+                Source(f"{stack}/attn/q_norm/scale", f"{attn}.q_a_layernorm.weight", (Rq,), (0,), (1,)),
+                Source(f"{stack}/attn/wq_b_hkr", f"{attn}.q_b_proj.weight", (H, Dh, Rq), (0, 1, 2), (2, 1))]
+    else:
+        out.append(Source(f"{stack}/attn/wq_hkd", f"{attn}.q_proj.weight", (H, Dh, D), (0, 1, 2), (2, 1)))
+    return [dataclasses.replace(src, first_layer=first) for src in out]
+
+
+def _deepseek_v3_sources(cfg: ModelConfig) -> list[Source]:
+    """DeepSeek-V3: MLA in every layer; dense SwiGLU FFNs in the first ``first_dense_layers`` (our ``dense_blocks``
+    stack), then MoE layers with a sigmoid router, its score-correction bias and shared experts (``blocks``)."""
+    D, E, F, Fs, Fd = (cfg.d_model, cfg.num_experts, cfg.expert_ffn, cfg.num_shared_experts * cfg.expert_ffn,
+                       cfg.dense_ffn)
+    k = cfg.first_dense_layers
+    mlp = "model.layers.{l}.mlp"
+    moe = [Source("blocks/moe_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
+           Source("blocks/moe/router_de", f"{mlp}.gate.weight", (E, D), (1, 0), (1, 1)),
+           Source("blocks/moe/router_bias_e", f"{mlp}.gate.e_score_correction_bias", (E,), (0,), (1,)),
+           Source("blocks/moe/w_gate_up_epfd", (f"{mlp}.experts.{{e}}.gate_proj.weight",
+                                               f"{mlp}.experts.{{e}}.up_proj.weight"), (F, D), (0, 1), (1, 1),
+                  per_expert=True),
+           Source("blocks/moe/w_down_edf", f"{mlp}.experts.{{e}}.down_proj.weight", (D, F), (0, 1), (1, 1),
+                  per_expert=True)]
+    if Fs:
+        moe += [Source("blocks/moe/shared_gate_up_pfd", (f"{mlp}.shared_experts.gate_proj.weight",
+                                                        f"{mlp}.shared_experts.up_proj.weight"), (Fs, D), (0, 1),
+                       (1, 1)),
+                Source("blocks/moe/shared_down_df", f"{mlp}.shared_experts.down_proj.weight", (D, Fs), (0, 1), (1, 1))]
+    out = _global_sources(cfg) + _mla_sources(cfg, "blocks", k) + [dataclasses.replace(s, first_layer=k) for s in moe]
+    if k:
+        out += _mla_sources(cfg, "dense_blocks", 0) + [
+            Source("dense_blocks/ffn_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
+            Source("dense_blocks/ffn/w_gate_up_pfd", (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), (Fd, D),
+                   (0, 1), (1, 1)),
+            Source("dense_blocks/ffn/w_down_df", f"{mlp}.down_proj.weight", (D, Fd), (0, 1), (1, 1))]
+    return out
+
+
 def sources(cfg: ModelConfig) -> list[Source]:
     """The name and layout mapping of `cfg`'s family."""
     D, H, K, Dh, E, F, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts,
                             cfg.expert_ffn, cfg.vocab_size)
     layer = "model.layers.{l}"
+    if cfg.family == "deepseek_v3":
+        return _deepseek_v3_sources(cfg)
     if cfg.family == "mixtral":
         moe, gate, up, down, router = ("block_sparse_moe", "w1", "w3", "w2", "block_sparse_moe.gate")
     elif cfg.family in ("qwen3_moe", "olmoe"):
         moe, gate, up, down, router = ("mlp", "gate_proj", "up_proj", "down_proj", "mlp.gate")
     else:
         raise MoeJaxError(f"model family {cfg.family!r} has no Hugging Face checkpoint format; "
-                          "supported: qwen3_moe, mixtral, olmoe")
+                          "supported: qwen3_moe, mixtral, olmoe, deepseek_v3")
     out = [
         Source("embed_vd", "model.embed_tokens.weight", (V, D), (0, 1), (1, 1), per_layer=False),
         Source("final_norm/scale", "model.norm.weight", (D,), (0,), (1,), per_layer=False),
@@ -173,7 +243,7 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
     """Every expected tensor is present with its shape, and nothing else is there."""
     expected = {}
     for src in sources(cfg):
-        layers = range(cfg.num_layers) if src.per_layer else [None]
+        layers = stack_layers(src, cfg) if src.per_layer else [None]
         experts = range(cfg.num_experts) if src.per_expert else [None]
         for layer in layers:
             for e in experts:
@@ -192,9 +262,17 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
                           f"must be floating point ({', '.join(FLOAT_DTYPES)}): an integer tensor would be cast "
                           "silently, and a quantized checkpoint needs its own loader")
     unexpected = sorted(set(ckpt.location) - set(expected))
+    if cfg.family == "deepseek_v3":   # the multi-token-prediction module past the last layer: unused (as transformers)
+        unexpected = [n for n in unexpected if not _is_mtp(n, cfg.num_layers)]
     if unexpected:
         raise MoeJaxError(f"checkpoint has {len(unexpected)} tensor(s) this model does not use, first "
                           f"{unexpected[0]!r}")
+
+
+def _is_mtp(name: str, num_layers: int) -> bool:
+    """Whether `name` belongs to a layer past the model's (DeepSeek-V3's MTP module, ``model.layers.61.*``)."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
 
 
 def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstract_params):
@@ -230,11 +308,12 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
             layers = range(*index[0].indices(var.shape[0]))
             blocks = []
             for layer in layers:
+                hf_layer = layer + src.first_layer
                 if src.per_expert:
                     experts = range(*index[1].indices(var.shape[1]))
-                    blocks.append(np.stack([block(index, l=layer, e=e) for e in experts]))
+                    blocks.append(np.stack([block(index, l=hf_layer, e=e) for e in experts]))
                 else:
-                    blocks.append(block(index, l=layer))
+                    blocks.append(block(index, l=hf_layer))
             return np.stack(blocks).astype(dtype)
 
         return jax.make_array_from_callback(var.shape, sharding, shard)
@@ -265,9 +344,9 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
     tensors = {}
     for src in sources(cfg):
         value = arrays[src.path]
-        layers = range(cfg.num_layers) if src.per_layer else [None]
+        layers = stack_layers(src, cfg) if src.per_layer else [None]
         for layer in layers:
-            per_layer = value[layer] if layer is not None else value
+            per_layer = value[layer - src.first_layer] if layer is not None else value
             experts = range(cfg.num_experts) if src.per_expert else [None]
             for e in experts:
                 block = per_layer[e] if e is not None else per_layer

@@ -21,11 +21,14 @@ from moe_jax.names import DTYPES, Dispatch
 
 _QK_NORMS = ("none", "head", "full")
 _NORMS = ("rms", "layer")
+_ATTENTIONS = ("gqa", "mla")
+_ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only MoE transformer; every layer is attention + MoE block."""
+    """A decoder-only MoE transformer; every layer is attention + MoE block, except the first
+    ``first_dense_layers`` (attention + a dense SwiGLU FFN, DeepSeek-V3)."""
 
     name: str
     """Preset name, or a user's label."""
@@ -79,6 +82,48 @@ class ModelConfig:
     """Capacity dispatch: C = ceil(capacity_factor · Sg · k / E) slots per expert per group, clipped to [1, Sg]."""
     moe_group_size: int = 256
     """Capacity dispatch: at most this many tokens are routed together, so dispatch cost grows linearly in tokens."""
+    # --- DeepSeek-V3 (MLA attention, sigmoid group routing, dense first layers); defaults: off ---
+    attention: str = "gqa"
+    """``gqa`` (grouped-query attention, K/V heads cached) or ``mla`` (multi-head latent attention, DeepSeek-V2/V3:
+    the compressed latent and one decoupled RoPE key cached). With ``mla``, head_dim is the query/key width
+    (no-RoPE part + ``qk_rope_head_dim``) and num_kv_heads equals num_heads (keys are per head once expanded)."""
+    q_lora_rank: int = 0
+    """MLA: rank of the low-rank query projection (D → q_lora_rank → H·head_dim); 0 for a full-rank one."""
+    kv_lora_rank: int = 0
+    """MLA: width of the compressed KV latent the cache holds per token and layer."""
+    qk_rope_head_dim: int = 0
+    """MLA: the part of each query/key head that carries RoPE (the key part is one head shared by all)."""
+    v_head_dim: int = 0
+    """MLA: width of one value head."""
+    rope_interleave: bool = False
+    """RoPE on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout) instead of the two halves."""
+    router_score: str = "softmax"
+    """``softmax`` over the experts, or ``sigmoid`` per expert with a learned score-correction bias added for
+    the choice only (DeepSeek-V3); sigmoid weights are the unbiased scores of the chosen experts."""
+    router_groups: int = 1
+    """Experts fall in this many equal groups; a token picks among the experts of its ``router_topk_groups`` best
+    groups (a group's score: the sum of its top two biased scores). 1: no group limit."""
+    router_topk_groups: int = 1
+    """Groups each token may pick experts from (with ``router_groups`` > 1)."""
+    routed_scaling: float = 1.0
+    """Routed experts' weights are multiplied by this (after any renormalisation; DeepSeek-V3: 2.5)."""
+    rope_yarn_factor: float = 1.0
+    """YaRN context extension of the RoPE frequencies by this factor (DeepSeek-V3: 40); 1 for plain RoPE.
+    Implemented for MLA's RoPE part only."""
+    rope_yarn_original_len: int = 0
+    """YaRN: the pretraining context (``original_max_position_embeddings``) the correction range is computed for."""
+    rope_yarn_beta_fast: float = 32.0
+    """YaRN: rotations bounding the dimensions kept unscaled (extrapolated)."""
+    rope_yarn_beta_slow: float = 1.0
+    """YaRN: rotations bounding the dimensions fully interpolated."""
+    rope_yarn_mscale: float = 0.0
+    """YaRN ``mscale`` (0: absent). With ``rope_yarn_mscale_all_dim`` it sets the cos/sin factor."""
+    rope_yarn_mscale_all_dim: float = 0.0
+    """YaRN ``mscale_all_dim`` (0: absent); when set, the softmax scale is multiplied by its mscale squared."""
+    first_dense_layers: int = 0
+    """The first this-many layers have a dense SwiGLU FFN of width ``dense_ffn`` instead of the MoE block."""
+    dense_ffn: int = 0
+    """Hidden width of the dense layers' FFN (with ``first_dense_layers`` > 0)."""
 
     def __post_init__(self):
         positive = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -105,6 +150,61 @@ class ModelConfig:
                               "(multiples of the expected rows) or None (worst case, nothing dropped)")
         if not self.capacity_factor > 0:
             raise ConfigError(f"model {self.name!r}: capacity_factor={self.capacity_factor} must be > 0")
+        self._check_deepseek_fields()
+
+    def _check_deepseek_fields(self) -> None:
+        """MLA, sigmoid group routing and dense first layers: consistent values or an error naming the field."""
+        name = self.name
+        for field, allowed in (("attention", _ATTENTIONS), ("router_score", _ROUTER_SCORES)):
+            if getattr(self, field) not in allowed:
+                raise ConfigError(f"model {name!r}: {field}={getattr(self, field)!r}; valid: {', '.join(allowed)}")
+        for field in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "first_dense_layers",
+                      "dense_ffn"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"model {name!r}: {field}={value!r} must be an integer >= 0")
+        if self.attention == "mla":
+            for field in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, field) < 1:
+                    raise ConfigError(f"model {name!r}: {field}={getattr(self, field)} must be >= 1 with "
+                                      "attention='mla'")
+            if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim >= self.head_dim:
+                raise ConfigError(f"model {name!r}: qk_rope_head_dim={self.qk_rope_head_dim} must be even and below "
+                                  f"head_dim={self.head_dim} (the query/key head: no-RoPE part + RoPE part)")
+            if self.num_kv_heads != self.num_heads:
+                raise ConfigError(f"model {name!r}: num_kv_heads={self.num_kv_heads} must equal num_heads="
+                                  f"{self.num_heads} with attention='mla' (each head's keys come from the latent)")
+            if self.qk_norm != "none" or self.clip_qkv is not None:
+                raise ConfigError(f"model {name!r}: qk_norm={self.qk_norm!r} / clip_qkv={self.clip_qkv!r} are GQA "
+                                  "options; with attention='mla' use qk_norm='none', clip_qkv=None")
+        elif any(getattr(self, f) for f in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")):
+            raise ConfigError(f"model {name!r}: q_lora_rank/kv_lora_rank/qk_rope_head_dim/v_head_dim apply to "
+                              f"attention='mla' only (attention={self.attention!r})")
+        groups, chosen = self.router_groups, self.router_topk_groups
+        if not (isinstance(groups, int) and isinstance(chosen, int) and groups >= 1 and 1 <= chosen <= groups):
+            raise ConfigError(f"model {name!r}: router_groups={groups!r}, router_topk_groups={chosen!r}: need "
+                              "1 <= router_topk_groups <= router_groups")
+        if self.num_experts % groups:
+            raise ConfigError(f"model {name!r}: router_groups={groups} must divide num_experts={self.num_experts}")
+        if groups > 1 and (self.num_experts // groups < 2 or self.top_k > chosen * self.num_experts // groups):
+            raise ConfigError(f"model {name!r}: router_groups={groups}, router_topk_groups={chosen}: each group needs "
+                              f">= 2 experts and the {chosen} chosen groups >= top_k={self.top_k} experts")
+        if not (isinstance(self.routed_scaling, (int, float)) and 0 < self.routed_scaling < float("inf")):
+            raise ConfigError(f"model {name!r}: routed_scaling={self.routed_scaling!r} must be a positive number")
+        if self.rope_yarn_factor != 1:
+            if self.attention != "mla":
+                raise ConfigError(f"model {name!r}: rope_yarn_factor={self.rope_yarn_factor} (YaRN) is implemented for "
+                                  f"attention='mla' only (attention={self.attention!r})")
+            if not (self.rope_yarn_factor > 1 and self.rope_yarn_original_len >= 1):
+                raise ConfigError(f"model {name!r}: rope_yarn_factor={self.rope_yarn_factor}, rope_yarn_original_len="
+                                  f"{self.rope_yarn_original_len}: YaRN needs a factor > 1 and an original "
+                                  "length >= 1")
+        if self.first_dense_layers >= self.num_layers:
+            raise ConfigError(f"model {name!r}: first_dense_layers={self.first_dense_layers} must be below "
+                              f"num_layers={self.num_layers} (at least one MoE layer)")
+        if (self.first_dense_layers > 0) != (self.dense_ffn > 0):
+            raise ConfigError(f"model {name!r}: first_dense_layers={self.first_dense_layers} and dense_ffn="
+                              f"{self.dense_ffn} go together (both > 0, or both 0)")
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -134,22 +234,46 @@ class ModelConfig:
     # --- parameter counts (match the Flax model's parameters exactly) ----------------
 
     @property
+    def moe_layers(self) -> int:
+        """Layers with an MoE block (all but the first ``first_dense_layers``)."""
+        return self.num_layers - self.first_dense_layers
+
+    @property
     def attention_proj_params(self) -> int:
-        """One layer's attention projections: q (D × H·Dh), k and v (D × K·Dh each), o (H·Dh × D)."""
+        """One layer's attention projections. GQA: q (D × H·Dh), k and v (D × K·Dh each), o (H·Dh × D).
+        MLA: q (D × Rq and Rq × H·Dh, or D × H·Dh), the latent and RoPE key (D × (R + Dr)), the latent's
+        per-head key and value expansion (R × H·(Dh − Dr + Dv)), o (H·Dv × D)."""
         D, H, K, Dh = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+        if self.attention == "mla":
+            R, Rq, Dr, Dv = self.kv_lora_rank, self.q_lora_rank, self.qk_rope_head_dim, self.v_head_dim
+            q = D * Rq + Rq * H * Dh if Rq else D * H * Dh
+            return q + D * (R + Dr) + R * H * (Dh - Dr + Dv) + H * Dv * D
         return D * H * Dh + 2 * D * K * Dh + H * Dh * D
 
     @property
     def attention_params(self) -> int:
-        """One layer's attention: q, k, v, o projections, QK-norm weights, and the pre-attention norm."""
+        """One layer's attention: projections, QK-norm weights (MLA: the query and latent norms), and the
+        pre-attention norm."""
         H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.attention == "mla":
+            return self.attention_proj_params + self.q_lora_rank + self.kv_lora_rank + self.d_model
         qk = {"none": 0, "head": 2 * Dh, "full": H * Dh + K * Dh}[self.qk_norm]
         return self.attention_proj_params + qk + self.d_model
 
     @property
     def router_params(self) -> int:
-        """One layer's router (D × E)."""
+        """One layer's router (D × E, and the E score-correction biases of sigmoid routing)."""
+        return self.d_model * self.num_experts + (self.num_experts if self.router_score == "sigmoid" else 0)
+
+    @property
+    def router_matmul_params(self) -> int:
+        """The router's matmul parameters (D × E)."""
         return self.d_model * self.num_experts
+
+    @property
+    def dense_layer_params(self) -> int:
+        """One dense (first_dense_layers) layer: attention, the pre-FFN norm and a SwiGLU FFN of width dense_ffn."""
+        return self.attention_params + self.d_model + 3 * self.d_model * self.dense_ffn
 
     @property
     def expert_params(self) -> int:
@@ -174,19 +298,21 @@ class ModelConfig:
 
     @property
     def layer_params(self) -> int:
-        """One full layer: attention + MoE (all experts)."""
+        """One full MoE layer: attention + MoE (all experts)."""
         return self.attention_params + self.moe_dense_params + self.num_experts * self.expert_params
 
     @property
     def params_total(self) -> int:
         """Every parameter."""
-        return self.num_layers * self.layer_params + self.embedding_params
+        return (self.moe_layers * self.layer_params + self.first_dense_layers * self.dense_layer_params
+                + self.embedding_params)
 
     @property
     def params_active(self) -> int:
-        """Parameters one token uses: attention, router, shared experts, top-k experts, embeddings."""
+        """Parameters one token uses: attention, router, shared experts, top-k experts, dense layers, embeddings."""
         per_layer = self.attention_params + self.moe_dense_params + self.top_k * self.expert_params
-        return self.num_layers * per_layer + self.embedding_params
+        return (self.moe_layers * per_layer + self.first_dense_layers * self.dense_layer_params
+                + self.embedding_params)
 
     # --- FLOPs the model needs (matmuls only: norms, softmax and routing arithmetic are not counted) ----
 
@@ -194,9 +320,10 @@ class ModelConfig:
     def matmul_params_per_token(self) -> int:
         """Matmul parameters one token multiplies in the layers: attention projections, router, shared and
         top-k experts, over all L layers (the embedding is a lookup; the output head is `head_params`)."""
-        per_layer = (self.attention_proj_params + self.router_params + self.shared_params
+        per_layer = (self.attention_proj_params + self.router_matmul_params + self.shared_params
                      + self.top_k * self.expert_params)
-        return self.num_layers * per_layer
+        dense = self.attention_proj_params + 3 * self.d_model * self.dense_ffn
+        return self.moe_layers * per_layer + self.first_dense_layers * dense
 
     @property
     def head_params(self) -> int:
@@ -210,12 +337,22 @@ class ModelConfig:
 
     def attention_flops(self, batch: int, queries: int, keys: int) -> int:
         """QKᵀ and PV over all layers for `batch` sequences of `queries` positions against `keys` cached
-        positions, as computed (every key, masked or not): 2 matmuls × 2 × H × S × T × Dh per sequence."""
+        positions, as computed (every key, masked or not): 2 matmuls × 2 × H × S × T × Dh per sequence.
+
+        MLA: a one-position call (decode) runs the absorbed form, scores over the latent and the RoPE key
+        (2 × H × T × (R + Dr)) and values in the latent (2 × H × T × R); longer calls (prefill) expand the
+        latent into per-head keys and values: 2 × H × S × T × (Dh + Dv)."""
+        if self.attention == "mla":
+            R, Dr, Dv = self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim
+            width = (2 * R + Dr) if queries == 1 else (self.head_dim + Dv)
+            return self.num_layers * 2 * batch * self.num_heads * queries * keys * width
         return self.num_layers * 4 * batch * self.num_heads * queries * keys * self.head_dim
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV cache bytes for one token over all layers (k and v)."""
+        """KV cache bytes for one token over all layers: k and v (GQA), or the latent and the RoPE key (MLA)."""
+        if self.attention == "mla":
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     def summary(self) -> dict:

@@ -82,7 +82,9 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     (2 × D × vocab) once per sequence: the serving prefill computes the last position's logits
     only (every prompt position with `full_logits`); decode's one token is its last. The
     embedding lookup is not a matmul (`ModelConfig.useful_flops`).
-    attention: QKᵀ and PV as computed (prefill: full S×S, masked; decode: all T cache positions).
+    attention: QKᵀ and PV as computed (prefill: the blocks at and below the diagonal that the blockwise
+    causal attention computes, `moe_jax.model.attention.causal_flops`; MLA's prefill: full S×S; decode:
+    all T cache positions).
     capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
     the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
     is split `batch_shards` ways.
@@ -93,13 +95,17 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     tokens = B * S
     useful = cfg.useful_flops(tokens, head_tokens=tokens if full_logits else B)
     attention = cfg.attention_flops(B, S, T)
+    if phase == "prefill" and cfg.attention != "mla":       # blockwise causal: blocks above the diagonal skipped
+        from moe_jax.model.attention import causal_flops
+
+        attention = cfg.num_layers * causal_flops(B, S, cfg.num_heads, cfg.head_dim)
     capacity = 0
     if cfg.dispatch == Dispatch.CAPACITY:
         mb_tokens = tokens // microbatches
         groups = capacity_groups(cfg, mb_tokens, batch_shards)
         G = microbatches * groups.groups(mb_tokens)
-        padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_params * cfg.num_layers
-        capacity = padded + groups.dispatch_combine_flops(cfg, G) * cfg.num_layers
+        padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_params * cfg.moe_layers
+        capacity = padded + groups.dispatch_combine_flops(cfg, G) * cfg.moe_layers
     return Analytic(useful, attention, capacity)
 
 
@@ -146,6 +152,26 @@ def kv_weights_unread(cfg: ModelConfig, strategy: Strategy) -> int:
     return (cfg.num_layers // strategy.pp) * (held - read) * per_head * cfg.dtype_bytes
 
 
+def _mla_ops(cfg: ModelConfig, Hl: int, seqs: int, S: int, T: int, *, decode: bool) -> list[tuple[str, int, int]]:
+    """Multi-head latent attention's per-layer (name, FLOPs, bytes) on one device holding Hl of the heads, for
+    `seqs` sequences of S queries against T keys (`moe_jax.model.mla`): the query and latent projections, the
+    latent's expansion (prefill: into every key position's per-head keys and values; decode, absorbed: the
+    query into the latent space and the output back out of it), the output projection; then the scores and
+    the weighted sum, over the latent and RoPE key as cached (R + Dr per position, read once)."""
+    D, Dh, b = cfg.d_model, cfg.head_dim, cfg.dtype_bytes
+    R, Rq, Dr, Dv = cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim
+    tok = seqs * S
+    q_params = D * Rq + Rq * Hl * Dh if Rq else D * Hl * Dh
+    expand_params = Hl * R * (Dh - Dr + Dv)
+    expanded_rows = tok if decode else seqs * T          # absorbed: per query; expanded: per key position
+    proj_flops = 2 * tok * (q_params + D * (R + Dr) + Hl * Dv * D) + 2 * expanded_rows * expand_params
+    proj_bytes = ((q_params + D * (R + Dr) + expand_params + Hl * Dv * D) * b
+                  + tok * (2 * D + Hl * Dh + R + Dr + Hl * Dv) * b)
+    width = 2 * R + Dr if decode else Dh + Dv
+    scores_bytes = seqs * T * (R + Dr) * b + seqs * Hl * S * T * F32 * 2
+    return [("qkvo", proj_flops, proj_bytes), ("scores", 2 * seqs * Hl * S * T * width, scores_bytes)]
+
+
 def axis_group(strategy: Strategy, axes) -> list[int]:
     """Partition ids of the devices that differ from device 0 only along `axes` (mesh order dp, pp, ep, tp)."""
     shape = tuple(strategy.mesh_shape.values())
@@ -169,20 +195,23 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     shards = layout.shards("batch", Bm)
     seqs = Bm // shards                                   # sequences per device per tick
     tok = seqs * S
-    Lp = cfg.num_layers // s.pp
+    Lp = cfg.moe_layers // s.pp                           # pp splits the MoE layers; dense ones run on every stage
     Hl = H // s.tp
     Kl = K * kv_copies(cfg, s) // s.tp                    # KV heads this device projects and caches (1 when tp > K)
     groups = capacity_groups(cfg, Bm * S, shards)
     Sg, C = groups.group_tokens, groups.capacity
     G = groups.groups(tok)                                # token groups on this device
     El, Fl = E // s.ep, F // s.tp
-    layer_ops = [
-        ("qkvo", 2 * tok * D * (Hl + 2 * Kl) * Dh + 2 * tok * Hl * Dh * D,
-         (D * (Hl + 2 * Kl) * Dh + Hl * Dh * D) * b + 2 * tok * D * b + 2 * tok * (Hl + 2 * Kl) * Dh * b),
-        ("scores", 4 * seqs * Hl * S * T * Dh,
-         2 * seqs * T * Kl * Dh * b + seqs * Hl * S * T * F32 * 2),
-        ("router", 2 * tok * D * E, D * E * b + tok * (D * b + E * F32)),
-    ]
+    if cfg.attention == "mla":
+        attention_ops = _mla_ops(cfg, Hl, seqs, S, T, decode=phase == "decode")
+    else:
+        attention_ops = [
+            ("qkvo", 2 * tok * D * (Hl + 2 * Kl) * Dh + 2 * tok * Hl * Dh * D,
+             (D * (Hl + 2 * Kl) * Dh + Hl * Dh * D) * b + 2 * tok * D * b + 2 * tok * (Hl + 2 * Kl) * Dh * b),
+            ("scores", 4 * seqs * Hl * S * T * Dh,
+             2 * seqs * T * Kl * Dh * b + seqs * Hl * S * T * F32 * 2),
+        ]
+    layer_ops = [*attention_ops, ("router", 2 * tok * D * E, D * E * b + tok * (D * b + E * F32))]
     k = cfg.top_k
     if cfg.dispatch == Dispatch.DROPLESS:
         # Each device routes its tok tokens (its token shard: padded up when dp·ep does not split the
@@ -213,6 +242,12 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         layer_ops.append(("shared_experts", 2 * 3 * tok * D * Fs, 3 * D * Fs * b + tok * (2 * D + 3 * Fs) * b))
     runs = Lp * ticks
     ops = [OpCost(name, "estimate", name, flops, flops, 0, nbytes, runs) for name, flops, nbytes in layer_ops]
+    if cfg.first_dense_layers:   # ahead of the pipeline, once per call over the device's whole batch (M microbatches)
+        Fd = cfg.dense_ffn // s.tp
+        dense_ops = [(f"dense_{name}", flops * M, nbytes) for name, flops, nbytes in attention_ops]
+        dense_ops.append(("dense_ffn", 2 * 3 * tok * M * D * Fd, 3 * D * Fd * b + tok * M * (2 * D + 3 * Fd) * b))
+        ops += [OpCost(name, "estimate", name, flops, flops, 0, nbytes, cfg.first_dense_layers)
+                for name, flops, nbytes in dense_ops]
     local_seqs = B // layout.shards("batch", B)
     total_tok = local_seqs * S
     V_local = cfg.vocab_size // layout.shards("vocab", cfg.vocab_size)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import ShardingError
+from moe_jax.model.attention import attend, causal_attend
 from moe_jax.model.execution import Kernels
 from moe_jax.parallel.rules import batch_shards, constrain, kv_copies_in_force
 
@@ -109,22 +110,6 @@ def rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(q, k, v, mask):
-    """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend).
-
-    Query head h reads KV head h // (H / K). With K·r repeated heads (head e a copy of original head
-    e // r) that is expanded head h // (H / (K·r)), a copy of original head h // (H / K): the same
-    keys, so the result does not depend on r."""
-    B, S, H, Dh = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
-    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(B, S, H, Dh)
-
-
 class Attention(nnx.Module):
     """GQA self-attention with optional QK-norm and qkv clipping; reads and writes a KV cache.
 
@@ -154,19 +139,19 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, cache=None, *, decode: bool = False):
         """x [B, S, D], positions [S] (consecutive, start = positions[0]).
 
-        cache: None, or {"k", "v"} of [B, T, K·r, Dh] (r: the layout's `kv_copies`); this call
-        writes its keys and values at positions. decode=False attends to this call's own keys
-        (prefill from 0, or a full forward); decode=True attends to the whole cache (positions
-        ≤ the query's).
-        Returns (y [B, S, D], updated cache or None).
+        cache: None, or this layer's `moe_jax.model.kv_cache.LayerCache` (K·r heads, r: the layout's
+        `kv_copies`); this call writes its keys and values at positions, in place. decode=False attends to
+        this call's own keys (prefill from 0, or a full forward); decode=True attends to the whole cache
+        (positions ≤ the query's).
+        Returns (y [B, S, D], the LayerCache after the write, or None).
         """
         cfg = self.cfg
         B, S, _ = x.shape
         in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum   # one row per device
         r = kv_copies_in_force()
         heads = cfg.num_kv_heads * r
-        if cache is not None and cache["k"].shape[2] != heads:
-            raise ShardingError(f"KV cache has {cache['k'].shape[2]} heads; this layout stores {heads} "
+        if cache is not None and cache.heads != heads:
+            raise ShardingError(f"KV cache has {cache.heads} heads; this layout stores {heads} "
                                 f"({cfg.num_kv_heads} KV heads x {r} copies): build it with "
                                 f"cache_shape(..., kv_copies={r})")
         w_axes = ("cache_heads", "head_dim", "embed")
@@ -183,15 +168,13 @@ class Attention(nnx.Module):
 
         keys, values, key_pos = k, v, positions
         if cache is not None:
-            start = positions[0]
-            cache_axes = ("batch", "cache_length", "cache_heads", "head_dim")
-            cache = {name: constrain(jax.lax.dynamic_update_slice(
-                         cache[name], new.astype(cache[name].dtype), (0, start, 0, 0)), cache_axes)
-                     for name, new in (("k", k), ("v", v))}
-            if decode:
-                keys, values = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
-                key_pos = jnp.arange(keys.shape[1])
-        mask = key_pos[None, :] <= positions[:, None]                          # [S, T]
-        out = attend(q, keys, values, mask)                                    # [B, S, H, Dh]
+            cache = cache.write(k, v, positions[0])                            # in place: the new positions only
+            if decode:                                                         # [B, T, K·r, Dh] views of the cache
+                keys, values = cache.read("k").astype(q.dtype), cache.read("v").astype(q.dtype)
+                key_pos = jnp.arange(cache.length)
+        if decode:                                                             # the cache, masked by position
+            out = attend(q, keys, values, key_pos[None, :] <= positions[:, None])  # [B, S, H, Dh]
+        else:                                                                  # this call's own keys: causal
+            out = causal_attend(q, keys, values)                               # blockwise, no S x S
         y = weight_einsum("bshk,dhk->bsd", out, self.wo_dhk[...], in_place=in_place)
         return constrain(y, ("batch", "length", "embed")), cache

@@ -125,7 +125,8 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
     """The layer stack of a `Transformer` built for `pipeline`, pipelined over the layout's stage axis.
 
     Same contract as `moe_jax.model.stack.run_layers`: x [B, S, D], cache None or
-    {"k", "v"} of [L, B, T, K, Dh] → (x, cache, dropped). Must run under `use_layout` with
+    {"k": [L, B, K, T, Dh], "v": [L, B, K, Dh, T]} → (x, cache, dropped). Each stage updates its share of the
+    cache in place. Must run under `use_layout` with
     the mesh of `pipeline.stages` stages: the layout says which mesh axis the stages are and
     how the batch is split; the model was built knowing it pipelines, and with how many
     microbatches.
@@ -163,11 +164,12 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
             def put(a, value, m, axis_):
                 return jax.lax.dynamic_update_index_in_dim(a, value, m, axis_)
 
-            def run(inp, mb_cache):
-                return run_layers(blocks, inp, positions, mb_cache, decode)
+            def run(inp, cm, m, valid):
+                # microbatch m's sequences are [:, m] of the stage's cache: written there in place, and not
+                # at all (rewritten as they were) in a tick of the bubble
+                return run_layers(blocks, inp, positions, cm, decode, microbatch=m, keep=valid)
 
-            first_cache = None if cm is None else {k: take(v, 0, 2) for k, v in cm.items()}
-            dropped_shape = jax.eval_shape(run, take(xm, 0, 1), first_cache)[2]
+            dropped_shape = jax.eval_shape(run, take(xm, 0, 1), cm, jnp.int32(0), jnp.bool_(True))[2]
 
             def tick(carry, t):
                 incoming, outputs, cm, dropped = carry
@@ -175,11 +177,8 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
                 valid = (m >= 0) & (m < M)
                 mc = jnp.clip(m, 0, M - 1)
                 inp = jnp.where(stage == 0, take(xm, mc, 1), incoming)
-                mb_cache = None if cm is None else {k: take(v, mc, 2) for k, v in cm.items()}
                 with jax.named_scope(scopes.STAGE):
-                    out, new_cache, mb_dropped = run(inp, mb_cache)
-                if cm is not None:   # ticks in the bubble leave the cache as it was
-                    cm = {k: put(cm[k], jnp.where(valid, new_cache[k], mb_cache[k]), mc, 2) for k in cm}
+                    out, cm, mb_dropped = run(inp, cm, mc, valid)
                 keep = valid & (stage == pp - 1)
                 kept = out[:, -1:] if last_only else out
                 outputs = put(outputs, jnp.where(keep, kept, take(outputs, mc, 1)), mc, 1)

@@ -12,6 +12,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
+from moe_jax.model.kv_cache import NAMES, LayerCache
 from moe_jax.model.layers import Attention, Norm
 from moe_jax.model.moe import MoE
 from moe_jax.parallel.rules import constrain
@@ -22,7 +23,8 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels):
         self.attn_norm = Norm((cfg.d_model,), ("embed",), cfg)
-        self.attn = Attention(cfg, rngs=rngs, kernels=kernels)
+        from moe_jax.model.mla import MLAttention  # the attention the config asks for: GQA or latent (MLA)
+        self.attn = (MLAttention if cfg.attention == "mla" else Attention)(cfg, rngs=rngs, kernels=kernels)
         self.moe_norm = Norm((cfg.d_model,), ("embed",), cfg)
         self.moe = MoE(cfg, rngs=rngs, kernels=kernels)
 
@@ -35,18 +37,29 @@ class Block(nnx.Module):
         return constrain(x + y, ("batch", "length", "embed")), cache, dropped
 
 
-def run_layers(blocks: Block, x, positions, cache, decode: bool):
+def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=None, keep=None):
     """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan`.
 
-    cache: None or {"k", "v"} of [L, B, T, K, Dh] for these layers.
+    cache: None or these layers' {"k": [L, B, K·r, T, Dh], "v": [L, B, K·r, Dh, T]} (`moe_jax.model.kv_cache`);
+    with `microbatch` m, a pipeline stage's, its batch axis split [Bm, M], of which x is microbatch m.
+    keep: a traced bool; False leaves the cache as it was (a pipeline tick in the bubble).
     Returns (x, updated cache or None, dropped per token group summed over the layers).
+
+    The cache is carried through the scan, not scanned over: each layer writes its new keys and values
+    into the carried arrays at its own index, so XLA updates the (donated) cache in place rather than
+    building a new [L, ...] cache as the scan's output every call.
     """
+    attention = blocks.attn.cfg.attention
     graphdef, stacked = nnx.split(blocks)
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
 
-    def layer(x, per_layer):
-        params, layer_cache = per_layer
-        x, layer_cache, dropped = nnx.merge(graphdef, params)(x, positions, layer_cache, decode=decode)
-        return x, (layer_cache, dropped)
+    def layer(carry, per_layer):
+        x, kv = carry
+        params, index = per_layer
+        view = None if kv is None else LayerCache(kv["k"], kv["v"], index, microbatch, keep, attention)
+        x, view, dropped = nnx.merge(graphdef, params)(x, positions, view, decode=decode)
+        return (x, None if view is None else {"k": view.k, "v": view.v}), dropped
 
-    x, (new_cache, dropped) = jax.lax.scan(layer, x, (stacked, None if cache is None else dict(cache)))
-    return x, new_cache, jnp.sum(dropped, axis=0)
+    kv = None if cache is None else {name: cache[name] for name in NAMES}
+    (x, kv), dropped = jax.lax.scan(layer, (x, kv), (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x, kv, jnp.sum(dropped, axis=0)

@@ -17,15 +17,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.model import scopes
+from moe_jax.model import kv_cache, scopes
+from moe_jax.model.dense_layers import dense_cache_shape, join_cache, make_dense_blocks, run_dense_layers, split_cache
 from moe_jax.model.execution import Execution
+from moe_jax.model.kv_cache import NAMES, array_shape, axes
 from moe_jax.model.layers import F32, Norm, param
 from moe_jax.model.pipeline import run_pipeline
 from moe_jax.model.stack import Block, run_layers
 from moe_jax.parallel.rules import constrain
 
-CACHE_AXES = ("layers", "batch", "cache_length", "cache_heads", "head_dim")
-"""Logical axes of each KV cache array [L, B, T, K·r, Dh] (r copies of each KV head: `cache_shape`)."""
+CACHE_AXES = kv_cache.CACHE_AXES
+"""Logical axes the KV cache arrays are sharded by (`moe_jax.model.kv_cache`: keys [L, B, K·r, T, Dh], values
+[L, B, K·r, Dh, T]; one sharding serves both)."""
 
 
 class ModelOutput(NamedTuple):
@@ -34,7 +37,8 @@ class ModelOutput(NamedTuple):
     logits: jax.Array
     """[B, S, V] float32; [B, 1, V] (the last position) from a serving prefill."""
     cache: dict | None
-    """{"k", "v"}: [L, B, T, K·r, Dh] after this call's writes; None for a cacheless forward."""
+    """{"k": [L, B, K·r, T, Dh], "v": [L, B, K·r, Dh, T]} after this call's writes (`cache_shape`); None for a
+    cacheless forward."""
     dropped: jax.Array
     """Token-expert assignments dropped by capacity dispatch, per token group, summed over layers
     (int32 [G]; ``.sum()`` is the total). Kept per group so counting needs no collective."""
@@ -47,14 +51,27 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_cop
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
-    """`init_cache` as ShapeDtypeStructs (nothing allocated): {"k", "v"} of [L, B, T, K·kv_copies, Dh].
+    """`init_cache` as ShapeDtypeStructs (nothing allocated): keys {"k": [L, B, K·kv_copies, T, Dh]} and
+    values {"v": [L, B, K·kv_copies, Dh, T]}.
+
+    Heads before positions, and each array's contracted dimension minor: the layout the decode
+    attention's products read without a transpose (`moe_jax.model.kv_cache`). Both arrays are sharded
+    alike (logical axes `CACHE_AXES`: layers, batch and heads are the split ones).
 
     kv_copies: r, the copies of each KV head, head e of the cache being head e // r; the layout's
     (`moe_jax.parallel.rules.Layout.kv_copies`: tp / K when tp exceeds the K KV heads, so each tp rank
     holds one head), 1 for an unsharded model. The model reads r from the layout it runs under.
     """
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads * kv_copies, cfg.head_dim)
-    return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or cfg.dtype)) for name in ("k", "v")}
+    dt = jnp.dtype(dtype or cfg.dtype)
+    if cfg.attention == "mla":   # `moe_jax.model.mla`: "k" holds the latent (one head of width R), "v" the RoPE key
+        shapes = {name: jax.ShapeDtypeStruct(array_shape(name, cfg.moe_layers, batch, 1, max_len, width,
+                                                         attention=cfg.attention), dt)
+                  for name, width in (("k", cfg.kv_lora_rank), ("v", cfg.qk_rope_head_dim))}
+    else:
+        dims = (cfg.moe_layers, batch, cfg.num_kv_heads * kv_copies, max_len, cfg.head_dim)
+        shapes = {name: jax.ShapeDtypeStruct(array_shape(name, *dims), dt) for name in NAMES}
+    # the leading dense layers' own arrays, "dense_k" and "dense_v" (`moe_jax.model.dense_layers`)
+    return {**shapes, **dense_cache_shape(shapes, cfg)} if cfg.first_dense_layers else shapes
 
 
 class Transformer(nnx.Module):
@@ -71,12 +88,14 @@ class Transformer(nnx.Module):
         D, V = cfg.d_model, cfg.vocab_size
         self.embed_vd = param(rngs, (V, D), ("vocab", "embed"), cfg.dtype, fan_in=1)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.split_rngs(splits=cfg.moe_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "axes": "layers"})
         def make_blocks(rngs: nnx.Rngs):
             return Block(cfg, rngs=rngs, kernels=execution.kernels)
 
         self.blocks = make_blocks(rngs)
+        if cfg.first_dense_layers:   # DeepSeek-V3's leading dense layers: a stack of their own, run first
+            self.dense_blocks = make_dense_blocks(cfg, rngs, execution.kernels)
         self.final_norm = Norm((D,), ("embed",), cfg)
         if not cfg.tie_embeddings:
             self.head_dv = param(rngs, (D, V), ("embed", "vocab"), cfg.dtype, fan_in=D)
@@ -87,9 +106,14 @@ class Transformer(nnx.Module):
         B, S = tokens.shape
         positions = start + jnp.arange(S, dtype=jnp.int32)
         tokens = constrain(tokens, ("batch", "length"))
+        cache, dense_cache = split_cache(cache)                 # the dense layers' arrays, if any, apart
+        if cache is not None:
+            cache = {name: constrain(c, axes(cfg.attention, name), what="KV cache") for name, c in cache.items()}
         with jax.named_scope(scopes.EMBED):
             x = constrain(jnp.take(self.embed_vd[...], tokens, axis=0), ("batch", "length", "embed"))
 
+        if cfg.first_dense_layers:
+            x, dense_cache = run_dense_layers(self.dense_blocks, x, positions, dense_cache, decode, cfg)
         if self.execution.pipeline is not None:
             x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, self.execution.pipeline,
                                                  last_only=last_only)
@@ -98,7 +122,9 @@ class Transformer(nnx.Module):
             if last_only:
                 x = x[:, -1:]                                   # [B, 1, D]
         if new_cache is not None:
-            new_cache = {name: constrain(c, CACHE_AXES) for name, c in new_cache.items()}
+            new_cache = {name: constrain(c, axes(cfg.attention, name), what="KV cache")
+                         for name, c in new_cache.items()}
+            new_cache = join_cache(new_cache, dense_cache)
 
         with jax.named_scope(scopes.HEAD):
             x = self.final_norm(x)

@@ -175,7 +175,7 @@ def validate(strategy: Strategy, cfg: ModelConfig, *, batch: int | None = None,
     (at most L stages); dp divides the batch; ep·tp·pp·dp equals the device count.
     """
     problems = []
-    E, H, K, L = cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
+    E, H, K, L = cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.moe_layers   # pp splits the MoE layers
     if E % strategy.ep:
         problems.append(f"ep={strategy.ep} does not divide {E} experts; valid ep: "
                         f"{', '.join(map(str, divisors(E)))}")

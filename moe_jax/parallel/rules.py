@@ -28,6 +28,7 @@ from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_copies, kv_replicated
 LOGICAL_AXIS_RULES = MappingProxyType({
     # parameters and activations
     "layers": ("pp",),          # L: stacked layers, one slice per pipeline stage
+    "dense_layers": (),         # leading dense layers (DeepSeek-V3), run ahead of the pipeline: never split
     "embed": (),                # D: replicated
     "vocab": ("pp", "tp"),      # V: embedding and head split over every stage too (see axis_rules)
     "heads": ("tp",),           # H

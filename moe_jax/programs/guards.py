@@ -32,7 +32,7 @@ def check_extents(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int,
     arrays = {
         "prefill logits [B, S, V]": batch * prompt_len * cfg.vocab_size,
         "attention scores [B, H, S, S]": batch * cfg.num_heads * prompt_len * prompt_len,
-        "KV cache [L, B, T, K, Dh]": cfg.num_layers * batch * cache_len * cfg.num_kv_heads * kv_copies * cfg.head_dim,
+        "KV cache [L, B, K, T, Dh]": cfg.num_layers * batch * cache_len * cfg.num_kv_heads * kv_copies * cfg.head_dim,
         "routing one-hots [B, S, E, k]": batch * prompt_len * cfg.num_experts * cfg.top_k,
     }
     name, n = max(arrays.items(), key=lambda kv: kv[1])

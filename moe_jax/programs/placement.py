@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.transformer import CACHE_AXES
+from moe_jax.model.transformer import CACHE_AXES, cache_shape
 from moe_jax.parallel.mesh import Strategy, kv_copies, kv_replicated, validate
 from moe_jax.parallel.rules import Layout
 
@@ -104,14 +104,15 @@ class Placement:
 
     @property
     def kv_cache_shape_per_device(self) -> tuple[int, ...] | None:
-        """[L, B, T, K, Dh] of the KV cache shard one device holds (k or v): of the cache's K·r heads
+        """[L, B, K, T, Dh] of the KV cache shard one device holds (the keys; the values are [L, B, K, Dh, T],
+        `moe_jax.model.transformer.cache_shape`): of the cache's K·r heads
         (r = `kv_copies`, tp / K when tp exceeds K), split over tp, the K / tp heads (or the one head) its
         query heads read."""
         if self.batch is None or self.cache_len is None:
             return None
         cfg = self.cfg
         layout = Layout.for_strategy(cfg, self.strategy)
-        shape = (cfg.num_layers, self.batch, self.cache_len, cfg.num_kv_heads * layout.kv_copies, cfg.head_dim)
+        shape = cache_shape(cfg, self.batch, self.cache_len, kv_copies=layout.kv_copies)["k"].shape
         return local_shape(shape, layout.spec(CACHE_AXES, shape, strict=False), layout.axis_sizes)
 
     @property

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from moe_jax.model.dense_layers import dense_cache_axes
 from moe_jax.model.execution import Execution, Kernels, Pipeline
 from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
 from moe_jax.parallel.mesh import Strategy, build_mesh, validate
@@ -68,7 +69,8 @@ class ShardedModel:
         self.graphdef, self.abstract_params = abstract_model(cfg, self.execution)
         self.param_shardings = self.layout.param_shardings(self.abstract_params)
         self.forward = jax.jit(self._forward)
-        self.prefill = jax.jit(self._prefill)
+        # the cache is donated to both: each writes its new positions into it in place (`moe_jax.model.kv_cache`)
+        self.prefill = jax.jit(self._prefill, donate_argnums=(2,))
         self.decode = jax.jit(self._decode, donate_argnums=(3,))
 
     # --- placement ----------------------------------------------------------------
@@ -90,9 +92,13 @@ class ShardedModel:
 
     def cache_shardings(self, batch: int, max_len: int) -> dict:
         """Shardings of the KV cache arrays for `batch` sequences of `max_len` positions."""
-        shape = cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies)["k"].shape
-        sharding = self.layout.sharding(CACHE_AXES, shape, what="KV cache", strict=False)
-        return {"k": sharding, "v": sharding}
+        shapes = cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies)
+        sharding = self.layout.sharding(CACHE_AXES, shapes["k"].shape, what="KV cache", strict=False)
+        out = {"k": sharding, "v": sharding}
+        for name in sorted(shapes.keys() - out.keys()):   # the leading dense layers' arrays (DeepSeek-V3)
+            out[name] = self.layout.sharding(dense_cache_axes(CACHE_AXES), shapes[name].shape, what="KV cache",
+                                             strict=False)
+        return out
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         """An empty KV cache, created in its shards."""

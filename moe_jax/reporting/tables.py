@@ -84,7 +84,7 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
          f"sum of the shards below (whole model / devices would be {_mb(p.weight_bytes_total / s.num_devices)}: "
          "replicated attention, norms and router make it more)"),
         ("KV cache", _mb(f["kv_cache_bytes_per_device"]),
-         "2 x " + " x ".join(map(str, f["kv_cache_shape_per_device"])) + f" x {cfg.dtype_bytes} B [L, B, T, K, Dh]"),
+         "2 x " + " x ".join(map(str, f["kv_cache_shape_per_device"])) + f" x {cfg.dtype_bytes} B [L, B, K, T, Dh]"),
     ]
     for phase in ("prefill", "decode"):
         sched = f.get(f"pipeline_{phase}")

@@ -77,7 +77,7 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     C = cfg.capacity(Sg)
     x = constrain(x_bsd.reshape(G, Sg, D), ("group", "group_tokens", "embed"))
     with jax.named_scope(scopes.ROUTE):
-        weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk)
+        weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk, cfg)
         dispatch, combine, dropped = capacity_masks(weights, experts, cfg.num_experts, C)
     with jax.named_scope(scopes.DISPATCH):
         # Pack locally (every expert's slots for this shard's groups), then move: the

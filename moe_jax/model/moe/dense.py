@@ -16,7 +16,7 @@ def dense_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, ke
 
     No drops, E times the FLOPs. kernels: unused (plain einsums); taken so every dispatch has one signature.
     """
-    weights, experts = route(x_bsd, router_de, cfg.top_k, cfg.router_norm_topk)
+    weights, experts = route(x_bsd, router_de, cfg.top_k, cfg.router_norm_topk, cfg)
     gates = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts, dtype=F32) * weights[..., None], axis=-2)
     gate = jnp.einsum("bsd,efd->bsef", x_bsd, w_gate_up_epfd[:, 0])
     up = jnp.einsum("bsd,efd->bsef", x_bsd, w_gate_up_epfd[:, 1])

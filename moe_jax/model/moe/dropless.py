@@ -99,7 +99,7 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelCo
         first = jax.lax.axis_index(token_axes) * T
     real = (first + jnp.arange(T)) < real_tokens                               # [T]
     with jax.named_scope(scopes.ROUTE):
-        weights, experts = route(x_td, router_de, k, cfg.router_norm_topk)        # [T, k]
+        weights, experts = route(x_td, router_de, k, cfg.router_norm_topk, cfg)   # [T, k]
         experts = jnp.where(real[:, None], experts, E)
         order, sorted_ids, sizes = sort_assignments(experts, E)                # [T·k], [T·k], [E]
     with jax.named_scope(scopes.DISPATCH):

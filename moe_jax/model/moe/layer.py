@@ -12,6 +12,7 @@ and relays out both weights to concatenate them.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
@@ -40,6 +41,8 @@ class MoE(nnx.Module):
         self.kernels = kernels
         self.routed_experts = ROUTED_EXPERTS[Dispatch(cfg.dispatch)]
         self.router_de = param(rngs, (D, E), ("embed", "expert_all"), dt, fan_in=D)
+        if cfg.router_score == "sigmoid":   # DeepSeek-V3's score-correction bias (added for the choice only)
+            self.router_bias_e = nnx.Param(jnp.zeros((E,), dt), axes=("expert_all",))
         self.w_gate_up_epfd = param(rngs, (E, 2, F, D), ("expert", "gate_up", "mlp", "embed"), dt, fan_in=D)
         self.w_down_edf = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, fan_in=F)
         if cfg.num_shared_experts:
@@ -49,7 +52,10 @@ class MoE(nnx.Module):
 
     def __call__(self, x_bsd):
         """x [B, S, D] → (y [B, S, D], dropped token-expert assignments per token group [G])."""
-        y, dropped = self.routed_experts(x_bsd, self.router_de[...], self.w_gate_up_epfd[...], self.w_down_edf[...],
+        router = self.router_de[...]
+        if self.cfg.router_score == "sigmoid":
+            router = (router, self.router_bias_e[...])
+        y, dropped = self.routed_experts(x_bsd, router, self.w_gate_up_epfd[...], self.w_down_edf[...],
                                          self.cfg, self.kernels)
         if self.cfg.num_shared_experts:
             with jax.named_scope(scopes.SHARED_EXPERTS):

@@ -1,4 +1,12 @@
-"""The router: a softmax over the experts and each token's top k of them."""
+"""The router: each token's top k experts and their weights.
+
+Two scorings (``ModelConfig.router_score``):
+- ``softmax`` over the experts, top k of the probabilities (Mixtral, Qwen3, OLMoE, DBRX);
+- ``sigmoid`` per expert (DeepSeek-V3): a learned score-correction bias is added for the choice only,
+  the choice may be limited to the best ``router_topk_groups`` of ``router_groups`` expert groups (a
+  group's score: the sum of its two best biased scores), and the weights are the chosen experts'
+  unbiased scores, renormalised (``router_norm_topk``) and multiplied by ``routed_scaling``.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +16,45 @@ import jax.numpy as jnp
 from moe_jax.model.layers import F32
 
 
-def route(x, router_de, top_k: int, norm_topk: bool):
-    """Softmax router in f32. x [..., D] → (weights [..., k] f32, experts [..., k] int32)."""
+def route(x, router, top_k: int, norm_topk: bool, cfg=None):
+    """Router in f32. x [..., D] → (weights [..., k] f32, experts [..., k] int32).
+
+    router: the router weight [D, E], or (weight [D, E], score-correction bias [E]) for sigmoid routing.
+    cfg: the `ModelConfig` whose ``router_score``, groups and ``routed_scaling`` apply; None (or a softmax
+    config with scaling 1) routes as a plain top-k softmax.
+    """
+    router_de, bias_e = router if isinstance(router, tuple) else (router, None)
     logits = jnp.einsum("...d,de->...e", x.astype(F32), router_de.astype(F32))
+    if cfg is not None and cfg.router_score == "sigmoid":
+        return _sigmoid_route(logits, bias_e, top_k, norm_topk, cfg)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = _top_k(probs, top_k)
     if norm_topk:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if cfg is not None and cfg.routed_scaling != 1:
+        weights = weights * cfg.routed_scaling
     return weights, experts
+
+
+def _sigmoid_route(logits, bias_e, top_k: int, norm_topk: bool, cfg):
+    """DeepSeek-V3's routing (see the module docstring); logits [..., E] f32."""
+    if bias_e is None:
+        raise ValueError("sigmoid routing needs the router's score-correction bias: pass (router_de, bias_e)")
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + bias_e.astype(F32)
+    groups = cfg.router_groups
+    if groups > 1:
+        E = choice.shape[-1]
+        grouped = choice.reshape(*choice.shape[:-1], groups, E // groups)
+        group_score = jnp.sum(_top_k(grouped, 2)[0], axis=-1)                    # [..., groups]
+        _, best = _top_k(group_score, cfg.router_topk_groups)                   # [..., topk_groups]
+        keep = jnp.any(jax.nn.one_hot(best, groups, dtype=jnp.bool_), axis=-2)  # [..., groups]
+        choice = jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
+    _, experts = _top_k(choice, top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if norm_topk:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling, experts
 
 
 def _top_k(probs, k: int):

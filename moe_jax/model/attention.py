@@ -1,0 +1,142 @@
+"""Grouped-query attention: the plain masked form (decode: one query row against the cache) and a
+blockwise causal form for prefill that never builds S x S scores and skips the key blocks a query
+block cannot see.
+
+Shape letters: see `moe_jax.config`; here G = H / K query heads per KV head, T keys.
+
+Why the prefill form is written in jnp/lax rather than as a fused kernel: it compiles for every
+backend deviceless (cpu, gpu, tpu), and the cost walk reads what it does from the HLO (loops'
+trip counts included), so the FLOPs counted are the causal ones the program computes. cuDNN's
+flash attention (`jax.nn.dot_product_attention(..., implementation="cudnn")`) does not trace
+without the cuDNN library loaded ("cuDNN not found", jax 0.10.2): a deviceless GPU compile in a
+process without cuDNN cannot build it, so this form is used on every backend.
+
+How `causal_attend` is laid out (Bq queries per block, at most 16 blocks, so the unrolled program
+stays small): query block i sees keys [0, (i+1)·Bq). Keys before the block's first query are
+visible to all of it and need no mask; they are taken in chunks of Kc keys by a `lax.scan` with
+an online softmax (running max and sum, the output rescaled as the max grows). The rest, up to the
+block's last query (fewer than Kc + Bq keys, the diagonal among them), is one masked piece. When a
+block's whole prefix fits in one piece (prompts up to Kc + Bq), its softmax is exact, computed as
+the plain form computes it. Blocks wholly above the diagonal are never computed: the FLOPs are
+the lower triangle plus half of each diagonal block, (1 + Bq/S) x the causal S(S+1)/2 pairs. The
+largest scores array is [B, K, G, Bq, < Kc + Bq] f32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+MIN_QUERY_BLOCK = 128
+"""Smallest query block (a multiple of the GPU/TPU matmul tiles); shorter prompts are one block."""
+MAX_QUERY_BLOCKS = 16
+"""Most query blocks: longer prompts get larger blocks (the diagonal's waste stays under 1/16)."""
+KEY_CHUNK = 2048
+"""Keys per online-softmax step before a block's diagonal: bounds the scores of one step."""
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend).
+
+    Query head h reads KV head h // (H / K). With K·r repeated heads (head e a copy of original head
+    e // r) that is expanded head h // (H / (K·r)), a copy of original head h // (H / K): the same
+    keys, so the result does not depend on r."""
+    B, S, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
+    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(B, S, H, Dh)
+
+
+def query_block(S: int) -> int:
+    """Bq for a prompt of S positions: S itself up to `MIN_QUERY_BLOCK`, else the smallest multiple of it
+    that makes at most `MAX_QUERY_BLOCKS` blocks."""
+    if S <= MIN_QUERY_BLOCK:
+        return S
+    return MIN_QUERY_BLOCK * math.ceil(S / (MIN_QUERY_BLOCK * MAX_QUERY_BLOCKS))
+
+
+def causal_flops(batch: int, S: int, heads: int, head_dim: int, *, q_block: int | None = None) -> int:
+    """QKᵀ and PV FLOPs `causal_attend` computes for one layer (blocks above the diagonal skipped,
+    diagonal blocks whole): 4 × H × Dh per (query, key) pair computed."""
+    bq = q_block or query_block(S)
+    pairs = sum(min(S, start + bq) * (min(S, start + bq) - start) for start in range(0, S, bq))
+    return 4 * batch * heads * head_dim * pairs
+
+
+def _scores(qg, k, q_start: int, k_start: int, masked: bool, scale: float):
+    """Scaled f32 scores [B, K, G, s, t] of query rows from position q_start against keys from k_start;
+    masked: keys after a query's position get the f32 minimum (as `attend` masks them)."""
+    s = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * scale
+    if masked:
+        rows = q_start + jnp.arange(qg.shape[1])[:, None]
+        cols = k_start + jnp.arange(k.shape[1])[None, :]
+        s = jnp.where(cols <= rows, s, jnp.finfo(F32).min)
+    return s
+
+
+def _online_step(state, s, v):
+    """Fold scores s [B, K, G, s, t] and values v [B, t, K, Dh] into (max, sum, unnormalised out)."""
+    m, total, acc = state                                                    # [B,K,G,s], [B,K,G,s], [B,s,K,G,Dh]
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    fix = jnp.exp(m - m_new)                                                 # rescales what was summed so far
+    total = total * fix + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgst,btkd->bskgd", p.astype(v.dtype), v, preferred_element_type=F32)
+    acc = acc * jnp.moveaxis(fix, 3, 1)[..., None] + pv
+    return m_new, total, acc
+
+
+def _block(qg, k, v, q_start: int, key_chunk: int, scale: float):
+    """Outputs [B, s, K, G, Dv] of one query block (rows from q_start) against keys [0, q_start + s)."""
+    end = q_start + qg.shape[1]
+    chunks = q_start // key_chunk                                            # unmasked chunks before the diagonal
+    tail = chunks * key_chunk
+    if chunks == 0:                                                          # one piece: the exact softmax
+        scores = _scores(qg, k[:, :end], q_start, 0, masked=True, scale=scale)
+        return jnp.einsum("bkgst,btkd->bskgd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v[:, :end])
+    B, s, K, G, _ = qg.shape
+    state = (jnp.full((B, K, G, s), jnp.finfo(F32).min, F32), jnp.zeros((B, K, G, s), F32),
+             jnp.zeros((B, s, K, G, v.shape[-1]), F32))
+
+    def chunk(state, c):
+        start = c * key_chunk
+        kc = jax.lax.dynamic_slice_in_dim(k, start, key_chunk, axis=1)
+        vc = jax.lax.dynamic_slice_in_dim(v, start, key_chunk, axis=1)
+        return _online_step(state, _scores(qg, kc, q_start, 0, masked=False, scale=scale), vc), None
+
+    if chunks == 1:
+        state, _ = chunk(state, 0)
+    else:                                                                    # a loop: the HLO stays one chunk long
+        state, _ = jax.lax.scan(chunk, state, jnp.arange(chunks))
+    scores = _scores(qg, k[:, tail:end], q_start, tail, masked=True, scale=scale)   # the rest, diagonal included
+    _, total, acc = _online_step(state, scores, v[:, tail:end])
+    return (acc / jnp.moveaxis(total, 3, 1)[..., None]).astype(v.dtype)
+
+
+def causal_attend(q, k, v, *, q_block: int | None = None, key_chunk: int = KEY_CHUNK, scale: float | None = None):
+    """Causal grouped-query attention of S positions over their own keys, blockwise (see the module).
+
+    q [B, S, H, Dh], k [B, S, K, Dh], v [B, S, K, Dv] (query i sees keys 0..i); heads grouped as in `attend`.
+    q_block: Bq, by default `query_block(S)`; key_chunk: Kc, keys per online-softmax step; scale: of the
+    scores, by default Dh^-1/2.
+    Equals `attend(q, k, v, causal mask)` within bf16 rounding (exactly its formula where a block's
+    keys are one piece). Returns [B, S, H, Dv].
+    """
+    B, S, H, Dh = q.shape
+    K, Dv = k.shape[2], v.shape[-1]
+    if k.shape[1] != S or v.shape[1] != S:
+        raise ValueError(f"causal_attend: {S} queries need as many keys and values, got {k.shape[1]}, {v.shape[1]}")
+    bq = q_block or query_block(S)
+    qg = q.reshape(B, S, K, H // K, Dh)
+    scale = Dh ** -0.5 if scale is None else scale
+    blocks = [_block(qg[:, start:start + bq], k, v, start, key_chunk, scale) for start in range(0, S, bq)]
+    out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+    return out.reshape(B, S, H, Dv)

@@ -1,0 +1,131 @@
+"""The KV cache's layout, and one layer's view of it that reads and writes the stacked cache in place.
+
+Layout: keys [L, B, K·r, T, Dh], values [L, B, K·r, Dh, T] (r copies of each KV head:
+`moe_jax.model.transformer.cache_shape`), each head's keys and values contiguous and each array's
+contracted dimension minor. Why: the decode attention's two products are batched over (sequence,
+KV head); the first contracts head_dim against the keys, the second positions against the
+values, and XLA:GPU lays a matmul operand out with its batch dimensions major and its contracted
+dimension minor. An operand inside the layer loop takes whatever layout the matmul asks for, so
+a cache stored otherwise was transposed whole into that layout ahead of every decode step and
+back after it (the compiled program's largest copies: [.., T, K, Dh] moved both arrays,
+[.., K, T, Dh] values still moved the values). Stored as the products read them, nothing moves.
+
+Why a view of the stacked cache rather than each layer's slice: a layer scan that takes the cache as
+its scanned input and returns the updated slices as its output builds a new [L, ...] cache every step
+(XLA allocates the output stack, a temporary as large as the cache, and copies it back into the donated
+input). `moe_jax.model.stack.run_layers` carries the whole cache through the scan instead; each layer
+writes only its new keys and values, at its own layer index, with a small ``dynamic_update_slice`` that
+XLA performs in the carried (donated) buffer, and reads its keys and values from that buffer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.parallel.rules import constrain
+
+NAMES = ("k", "v")
+
+KEYS = (0, 2, 1, 3)
+"""Per-layer order of keys, as a permutation of [B, S, K·r, Dh]: [B, K·r, T, Dh], head_dim (contracted
+against the queries) minor."""
+VALUES = (0, 2, 3, 1)
+"""Per-layer order of values: [B, K·r, Dh, T], positions (contracted against the probabilities) minor."""
+
+_AXES = ("batch", "length", "cache_heads", "head_dim")
+
+
+def orders(attention: str) -> dict[str, tuple[int, ...]]:
+    """Each cache array's per-layer order (`KEYS` or `VALUES`) under `attention` (`ModelConfig.attention`).
+
+    Latent attention (`moe_jax.model.mla`) caches the latent as "k", read as keys and as values, and
+    the RoPE key as "v", read as keys: both keep the keys' order (positions major)."""
+    return {"k": KEYS, "v": KEYS if attention == "mla" else VALUES}
+
+
+def axes(attention: str, name: str) -> tuple[str, ...]:
+    """Logical axes of the cache's `name` array: ("layers", "batch", "cache_heads", then positions and
+    head_dim in its order). Only layers, batch and heads are ever split: one sharding serves every array."""
+    return ("layers", *(("cache_length" if a == "length" else a) for a in (_AXES[i] for i in orders(attention)[name])))
+
+
+def array_shape(name: str, layers: int, batch: int, heads: int, length: int, width: int, *,
+                attention: str = "gqa") -> tuple[int, ...]:
+    """The shape of the cache's `name` array for `layers` layers of `batch` sequences, `heads` heads,
+    `length` positions of `width` (head_dim) each: keys [L, B, K·r, T, Dh], values [L, B, K·r, Dh, T]
+    (`orders`)."""
+    return (layers, *((batch, length, heads, width)[i] for i in orders(attention)[name]))
+
+
+CACHE_AXES = axes("gqa", "k")
+"""Logical axes the KV cache arrays are sharded by, as the keys name them ([L, B, K·r, T, Dh]; the values'
+sharding is the same)."""
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values inside the stacked cache, for one microbatch of a pipeline stage or all
+    sequences: what `moe_jax.model.layers.Attention` reads and writes.
+
+    With `microbatch`, the cache's batch axis is split [Bm, M] (sequence b of a pipeline stage's batch
+    at [b // M, b % M], so microbatch m is the sequences with b mod M = m, `moe_jax.model.pipeline`).
+    """
+
+    k: jax.Array
+    """The whole stacked keys [L, B, K·r, T, Dh], or a pipeline stage's [L, Bm, M, K·r, T, Dh]."""
+    v: jax.Array
+    """The whole stacked values [L, B, K·r, Dh, T], or a pipeline stage's [L, Bm, M, K·r, Dh, T]."""
+    layer: jax.Array
+    """int32 scalar: this layer's index on the cache's leading axis."""
+    microbatch: jax.Array | None = None
+    """int32 scalar m with the cache's batch split [Bm, M]; None: the batch axis is whole."""
+    keep: jax.Array | None = None
+    """Traced bool: False leaves the cache as it was on `write` (a pipeline tick in the bubble); None: always write."""
+    attention: str = "gqa"
+    """`ModelConfig.attention`: which order each array is stored in (`orders`)."""
+
+    @property
+    def heads(self) -> int:
+        """K·r: the KV heads the cache holds."""
+        return self.k.shape[-3]
+
+    @property
+    def length(self) -> int:
+        """T: the positions the cache holds."""
+        return self.k.shape[-2]
+
+    def _lead(self) -> tuple:
+        return (self.layer, 0) if self.microbatch is None else (self.layer, 0, self.microbatch)
+
+    def read(self, name: str) -> jax.Array:
+        """This layer's keys or values as the attention reads them, [B, T, K·r, Dh]: a transposed view of the
+        stored slice, which XLA folds into the products' operand layout (no data moves)."""
+        a = getattr(self, name)
+        lead, tail = self._lead(), a.shape[-3:]
+        size = (1, a.shape[1], *([1] * (len(lead) - 2)), *tail)
+        stored = jax.lax.dynamic_slice(a, (*lead, 0, 0, 0), size).reshape(a.shape[1], *tail)
+        stored = constrain(stored, axes(self.attention, name)[1:], what="KV cache")
+        order = orders(self.attention)[name]
+        return jnp.transpose(stored, [order.index(i) for i in range(4)])
+
+    def write(self, k, v, start) -> LayerCache:
+        """The cache with this layer's keys and values k, v [B, S, K·r, Dh] stored at positions [start, start + S).
+
+        Only the new positions are written (in place in a donated or scan-carried buffer); under `keep`
+        False, the positions are rewritten with what they held.
+        """
+        out = {}
+        for name, new in zip(NAMES, (k, v), strict=True):
+            a = getattr(self, name)
+            order = orders(self.attention)[name]
+            new = constrain(jnp.transpose(new.astype(a.dtype), order), axes(self.attention, name)[1:],
+                            what="KV cache")
+            lead = self._lead()
+            new = new.reshape(1, new.shape[0], *([1] * (len(lead) - 2)), *new.shape[1:])
+            index = (*lead, *(start if i == 1 else 0 for i in order[1:]))
+            if self.keep is not None:
+                new = jnp.where(self.keep, new, jax.lax.dynamic_slice(a, index, new.shape))
+            out[name] = jax.lax.dynamic_update_slice(a, new, index)
+        return self._replace(**out)
