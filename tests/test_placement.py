@@ -74,3 +74,12 @@ def test_seed_pipeline_schedule(seed_placement):
     assert pre["microbatches"] == 2 and pre["ticks"] == 3
     assert pre["bubble_fraction"] == pytest.approx(1 / 3)
     assert pre["handoff_bytes_per_tick"] == 1 * 2048 * 4096 * 2     # one sequence's activations, bf16
+
+
+def test_kv_cache_bytes_count_every_cache_array():
+    """MLA's two arrays differ in width (the latent and the RoPE key) and DeepSeek's dense first layers
+    have their own: the bytes are the cache's, not two of the keys' array."""
+    for name in ("deepseek-v3-tiny", "qwen3-30b-a3b"):
+        cfg = get_model(name)
+        whole = describe(cfg, Strategy(), batch=4, cache_len=96).kv_cache_bytes_per_device
+        assert whole == 4 * 96 * cfg.kv_bytes_per_token, name

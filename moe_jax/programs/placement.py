@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from moe_jax.config import ModelConfig
+from moe_jax.model.dense_layers import dense_cache_axes
 from moe_jax.model.transformer import CACHE_AXES, cache_shape
 from moe_jax.parallel.mesh import Strategy, kv_copies, kv_replicated, validate
 from moe_jax.parallel.rules import Layout
@@ -117,9 +118,18 @@ class Placement:
 
     @property
     def kv_cache_bytes_per_device(self) -> int | None:
-        """KV cache bytes one device holds (k and v)."""
-        shape = self.kv_cache_shape_per_device
-        return None if shape is None else 2 * math.prod(shape) * self.cfg.dtype_bytes
+        """KV cache bytes one device holds: every array of `cache_shape` (k and v; MLA's latent and RoPE key,
+        which differ in width; the dense first layers' arrays), each as its sharding splits it."""
+        if self.batch is None or self.cache_len is None:
+            return None
+        cfg = self.cfg
+        layout = Layout.for_strategy(cfg, self.strategy)
+        total = 0
+        for name, array in cache_shape(cfg, self.batch, self.cache_len, kv_copies=layout.kv_copies).items():
+            axes = CACHE_AXES if name in ("k", "v") else dense_cache_axes(CACHE_AXES)
+            local = local_shape(array.shape, layout.spec(axes, array.shape, strict=False), layout.axis_sizes)
+            total += math.prod(local) * array.dtype.itemsize
+        return total
 
     def facts(self) -> dict:
         """The exact shard, in words a person checks: layers, experts, expert slice, heads, vocabulary."""
