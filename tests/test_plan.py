@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 
 import pytest
 
@@ -112,6 +113,11 @@ def test_plan_cli_with_baseline(tmp_path, capsys):
     assert {"strategy", "fits", "ttft_s", "tpot_s", "throughput_tok_s", "compiled"} <= set(data["candidates"][0])
     text = md.read_text()
     assert "Compared with the baseline EP2-TP2-PP2-DP1" in text and "x the best" in text
+    # the ranked table, as the terminal shows it: every searched strategy (up to 20), the compiled ones marked
+    assert f"## Strategies searched: {data['searched']}, 3 compiled" in text
+    ranked = [line for line in text.splitlines() if re.match(r"\| \d+ \| EP", line)]
+    assert len(ranked) == min(20, data["searched"])
+    assert sum("| compiled" in line for line in ranked) == 3 and "EP2-TP2-PP2-DP1 (baseline)" in text
     for name in ("best.baseline.md", "best.pareto.png", "best.memory.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "best:" in capsys.readouterr().out

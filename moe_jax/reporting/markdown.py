@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from moe_jax.files import MARKDOWN_MARK
 from moe_jax.names import Backend, Dispatch
-from moe_jax.reporting.rows import comparison_rows, dispatch_cells
+from moe_jax.reporting.rows import RANKED_COLUMNS, comparison_rows, dispatch_cells, ranked_cells
 from moe_jax.units import gb as _gb
 from moe_jax.units import human_bytes as _bytes
 from moe_jax.units import ms as _ms
@@ -193,8 +193,23 @@ def plan_markdown(result, chart: str | None) -> str:
     comparison with the baseline and the dispatch methods when the plan has them.
 
     `result` is a `moe_jax.planner.result.PlanResult` with a best strategy."""
-    return (_with_chart(result.compiled[result.best]["markdown"], chart) + comparison_markdown(result)
-            + dispatch_markdown(result))
+    return (_with_chart(result.compiled[result.best]["markdown"], chart) + ranked_markdown(result)
+            + comparison_markdown(result) + dispatch_markdown(result))
+
+
+def ranked_markdown(result, top: int = 20) -> str:
+    """The "Strategies searched" section of a plan's report: the ranked candidates (the first `top`), as the
+    terminal shows them."""
+    d = result.to_dict()
+    lines = ["", f"## Strategies searched: {d['searched']}, {d['compiled']} compiled, objective {result.objective}",
+             "", "| " + " | ".join(RANKED_COLUMNS) + " |", "|" + "---|" * len(RANKED_COLUMNS)]
+    lines += ["| " + " | ".join(ranked_cells(result, i, r)) + " |" for i, r in enumerate(result.candidates[:top], 1)]
+    if len(result.candidates) > top:
+        lines.append(f"\n{len(result.candidates) - top} more in the JSON (`candidates`).")
+    if result.estimate_bias is not None:
+        lines.append(f"\nCompiled rows rank on compiled numbers; estimate rows were not compiled (on this backend the "
+                     f"estimates ran {result.estimate_bias:+.0%}, median, against the compiled TPOT).")
+    return "\n".join(lines) + "\n"
 
 
 def baseline_markdown(result, chart: str | None) -> str:

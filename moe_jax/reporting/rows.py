@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from moe_jax.units import gb
+
 
 def comparison_rows(result) -> list[tuple[str, str, str, str]]:
     """(metric, best, baseline, baseline relative to best) with both numbers; empty without a best and a baseline."""
@@ -27,6 +29,22 @@ def comparison_rows(result) -> list[tuple[str, str, str, str]]:
     if mb and mbase:
         rows.append(("memory per device (GB)", f"{mb / 1e9:.2f}", f"{mbase / 1e9:.2f}", f"{mbase / mb:.2f}x the best"))
     return rows
+
+
+RANKED_COLUMNS = ("rank", "strategy", "devices", "fits", "TTFT", "TPOT", "tok/s", "tok/s/device", "memory/device",
+                  "source", "estimate vs compiled (TPOT)")
+"""The columns of a plan's ranked table (`ranked_cells`)."""
+
+
+def ranked_cells(result, rank: int, r) -> tuple[str, ...]:
+    """One ranked candidate `r` of a plan (`moe_jax.planner.candidate.Candidate`) as the cells of
+    `RANKED_COLUMNS`: compiled rows rank on compiled numbers, estimate rows on the estimate."""
+    diff = r.tpot_estimate_error
+    return (str(rank), r.strategy + (" (baseline)" if r.strategy == result.baseline else ""), str(r.devices),
+            "yes" if r.fits else "no", f"{r.ttft_s * 1e3:,.1f} ms", f"{r.tpot_s * 1e3:,.2f} ms",
+            f"{r.throughput_tok_s:,.0f}", f"{r.throughput_per_device:,.1f}", gb(r.memory_bytes),
+            ("compiled" + (" (cached)" if r.cached else "")) if r.compiled else "estimate",
+            "" if diff is None else f"{diff:+.0%}")
 
 
 def dispatch_cells(m: dict) -> tuple[str, ...] | None:

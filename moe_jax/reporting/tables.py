@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_jax.reporting.markdown import compiled_by
-from moe_jax.reporting.rows import comparison_rows, dispatch_cells
+from moe_jax.reporting.rows import RANKED_COLUMNS, comparison_rows, dispatch_cells, ranked_cells
 from moe_jax.units import gb as _gb
 from moe_jax.units import human_bytes as _bytes
 from moe_jax.units import mb as _mb
@@ -176,17 +176,10 @@ def print_plan(out: Console, result) -> None:
     compiled, the comparison with the baseline and the dispatch methods when the plan has them."""
     table = Table(title=f"{result.to_dict()['searched']} strategies searched, {result.to_dict()['compiled']} "
                         f"compiled, objective {result.objective} ({result.seconds:.1f} s)")
-    for col in ("rank", "strategy", "devices", "fits", "TTFT", "TPOT", "tok/s", "tok/s/device", "memory/device",
-                "source", "estimate vs compiled (TPOT)"):
+    for col in RANKED_COLUMNS:
         table.add_column(col)
     for i, r in enumerate(result.candidates[:20], 1):
-        diff = r.tpot_estimate_error
-        table.add_row(str(i), r.strategy + (" (baseline)" if r.strategy == result.baseline else ""),
-                      str(r.devices), "yes" if r.fits else "no",
-                      f"{r.ttft_s * 1e3:,.1f} ms", f"{r.tpot_s * 1e3:,.2f} ms",
-                      f"{r.throughput_tok_s:,.0f}", f"{r.throughput_per_device:,.1f}",
-                      _gb(r.memory_bytes), "compiled" + (" (cached)" if r.cached else "")
-                      if r.compiled else "estimate", "" if diff is None else f"{diff:+.0%}")
+        table.add_row(*ranked_cells(result, i, r))
     out.print(table)
     if result.estimate_bias is not None:
         out.print(f"Compiled rows rank on compiled numbers; estimate rows were not compiled. On this backend the "
