@@ -45,7 +45,7 @@ MAX_GROUP = 1 << 20
 _META_SCALARS = (str, int, float, bool)
 
 
-def _number(value, where: str, low: float, high: float, *, low_open: bool = True) -> float:
+def check_number(value, where: str, low: float, high: float, *, low_open: bool = True) -> float:
     """`value` as a float if it is a finite number in the range; else a MoeJaxError naming `where`."""
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
           and (value > low if low_open else value >= low) and value <= high)
@@ -53,6 +53,27 @@ def _number(value, where: str, low: float, high: float, *, low_open: bool = True
         bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
         raise MoeJaxError(f"{where}={value!r} must be a finite number {bound}"[:400])
     return float(value)
+
+
+def _check_keys(table: dict, where: str, keys: tuple[str, ...], *, required: int) -> None:
+    """Refuse a key of `table` not in `keys` (naming the nearest) and any of the first `required` keys missing."""
+    bad = [k for k in table if k not in keys]
+    if bad:
+        raise MoeJaxError(f"{where}: unknown key {bad[0]!r}{nearest(bad[0], keys)}; valid: {', '.join(keys)}")
+    missing = [k for k in keys[:required] if k not in table]
+    if missing:
+        raise MoeJaxError(f"{where}: missing {', '.join(missing)}")
+
+
+def _curves_by(value, where: str, name: str, valid: tuple[str, ...], what: str, *, required: bool) -> dict:
+    """A table of curves keyed by one of `valid` (`what` names them: a dtype, an op kind), validated."""
+    if not isinstance(value, dict) or (required and not value):
+        raise MoeJaxError(f"{where}: {name} must be a table of curves by {what} ({', '.join(valid)})")
+    for key in value:
+        if key not in valid:
+            raise MoeJaxError(f"{where}: {name}.{key}: unknown {what}{nearest(key, valid)}; "
+                              f"valid: {', '.join(valid)}")
+    return {k: Curve(_points(v, f"{where} {name}.{k}")) for k, v in value.items()}
 
 
 def _points(value, where: str) -> tuple[tuple[float, float], ...]:
@@ -63,8 +84,8 @@ def _points(value, where: str) -> tuple[tuple[float, float], ...]:
     for i, pair in enumerate(value):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise MoeJaxError(f"{where}[{i}]={pair!r} must be a [size, seconds] pair"[:400])
-        size = _number(pair[0], f"{where}[{i}] size", 0.0, MAX_SIZE)
-        seconds = _number(pair[1], f"{where}[{i}] seconds", 0.0, MAX_SECONDS)
+        size = check_number(pair[0], f"{where}[{i}] size", 0.0, MAX_SIZE)
+        seconds = check_number(pair[1], f"{where}[{i}] seconds", 0.0, MAX_SECONDS)
         if out and size <= out[-1][0]:
             raise MoeJaxError(f"{where}[{i}] size {size:g} must be larger than the size before it ({out[-1][0]:g}): "
                               "points are sorted by size, each size once")
@@ -182,13 +203,7 @@ class CollectiveFit:
     def from_toml_table(cls, table, where: str) -> CollectiveFit:
         if not isinstance(table, dict):
             raise MoeJaxError(f"{where} must be a table, not {table!r}"[:400])
-        keys = ("kind", "tier", "group_size", "latency_s", "bandwidth", "samples")
-        bad = [k for k in table if k not in keys]
-        if bad:
-            raise MoeJaxError(f"{where}: unknown key {bad[0]!r}{nearest(bad[0], keys)}; valid: {', '.join(keys)}")
-        missing = [k for k in keys[:5] if k not in table]
-        if missing:
-            raise MoeJaxError(f"{where}: missing {', '.join(missing)}")
+        _check_keys(table, where, ("kind", "tier", "group_size", "latency_s", "bandwidth", "samples"), required=5)
         kind, tier, group = table["kind"], table["tier"], table["group_size"]
         if kind not in COLLECTIVE_KINDS:
             raise MoeJaxError(f"{where}: kind={kind!r}{nearest(str(kind), COLLECTIVE_KINDS)}; "
@@ -197,8 +212,8 @@ class CollectiveFit:
             raise MoeJaxError(f"{where}: tier={tier!r}; valid: {', '.join(TIERS)}"[:400])
         if not isinstance(group, int) or isinstance(group, bool) or not 2 <= group <= MAX_GROUP:
             raise MoeJaxError(f"{where}: group_size={group!r} must be a whole number from 2 to {MAX_GROUP}"[:400])
-        latency = _number(table["latency_s"], f"{where} latency_s", 0.0, 1.0, low_open=False)
-        bandwidth = _number(table["bandwidth"], f"{where} bandwidth", MIN_BANDWIDTH, MAX_BANDWIDTH)
+        latency = check_number(table["latency_s"], f"{where} latency_s", 0.0, 1.0, low_open=False)
+        bandwidth = check_number(table["bandwidth"], f"{where} bandwidth", MIN_BANDWIDTH, MAX_BANDWIDTH)
         raw = table.get("samples", [])
         if not isinstance(raw, list):
             raise MoeJaxError(f"{where}: samples={raw!r} must be an array of [bytes, seconds] pairs"[:400])
@@ -206,8 +221,8 @@ class CollectiveFit:
         for i, pair in enumerate(raw):
             if not isinstance(pair, list) or len(pair) != 2:
                 raise MoeJaxError(f"{where} samples[{i}]={pair!r} must be a [bytes, seconds] pair"[:400])
-            samples.append((_number(pair[0], f"{where} samples[{i}] bytes", 0.0, MAX_SIZE),
-                            _number(pair[1], f"{where} samples[{i}] seconds", 0.0, MAX_SECONDS)))
+            samples.append((check_number(pair[0], f"{where} samples[{i}] bytes", 0.0, MAX_SIZE),
+                            check_number(pair[1], f"{where} samples[{i}] seconds", 0.0, MAX_SECONDS)))
         return cls(kind, tier, group, latency, bandwidth, tuple(samples))
 
     def to_toml_table(self) -> dict:
@@ -309,25 +324,12 @@ class Calibration:
         where = f"{where} [calibration]"
         if not isinstance(table, dict):
             raise MoeJaxError(f"{where} must be a table, not {type(table).__name__}")
-        keys = ("matmul", "memory", "read_reduce", "op_overhead_s", "collective", "meta", "call_s",
-                "call_per_argument_s", "kinds", "transcendental")
-        bad = [k for k in table if k not in keys]
-        if bad:
-            raise MoeJaxError(f"{where}: unknown key {bad[0]!r}{nearest(bad[0], keys)}; valid: {', '.join(keys)}")
-        missing = [k for k in keys[:4] if k not in table]
-        if missing:
-            raise MoeJaxError(f"{where}: missing {', '.join(missing)}")
-        matmul = table["matmul"]
-        if not isinstance(matmul, dict) or not matmul:
-            raise MoeJaxError(f"{where}: matmul must be a table of curves by dtype ({', '.join(DTYPES)})")
-        for dtype in matmul:
-            if dtype not in DTYPES:
-                raise MoeJaxError(f"{where}: matmul.{dtype}: unknown dtype{nearest(dtype, DTYPES)}; "
-                                  f"valid: {', '.join(DTYPES)}")
-        curves = {d: Curve(_points(v, f"{where} matmul.{d}")) for d, v in matmul.items()}
+        _check_keys(table, where, ("matmul", "memory", "read_reduce", "op_overhead_s", "collective", "meta", "call_s",
+                                   "call_per_argument_s", "kinds", "transcendental"), required=4)
+        curves = _curves_by(table["matmul"], where, "matmul", tuple(DTYPES), "dtype", required=True)
         memory = Curve(_points(table["memory"], f"{where} memory"))
         read_reduce = Curve(_points(table["read_reduce"], f"{where} read_reduce"))
-        overhead = _number(table["op_overhead_s"], f"{where} op_overhead_s", 0.0, 1.0)
+        overhead = check_number(table["op_overhead_s"], f"{where} op_overhead_s", 0.0, 1.0)
         raw = table.get("collective", [])
         if not isinstance(raw, list):
             raise MoeJaxError(f"{where}: collective must be an array of tables ([[calibration.collective]])")
@@ -349,17 +351,10 @@ class Calibration:
             if not ok:
                 raise MoeJaxError(f"{where}: meta.{k}={v!r} must be a string, number, boolean or an array "
                                   "of them"[:400])
-        call = _number(table.get("call_s", 0.0), f"{where} call_s", 0.0, 1.0, low_open=False)
-        per_arg = _number(table.get("call_per_argument_s", 0.0), f"{where} call_per_argument_s", 0.0, 1.0,
+        call = check_number(table.get("call_s", 0.0), f"{where} call_s", 0.0, 1.0, low_open=False)
+        per_arg = check_number(table.get("call_per_argument_s", 0.0), f"{where} call_per_argument_s", 0.0, 1.0,
                           low_open=False)
-        kinds = table.get("kinds", {})
-        if not isinstance(kinds, dict):
-            raise MoeJaxError(f"{where}: kinds must be a table of curves by op kind ({', '.join(OP_KINDS)})")
-        for kind in kinds:
-            if kind not in OP_KINDS:
-                raise MoeJaxError(f"{where}: kinds.{kind}: unknown op kind{nearest(kind, OP_KINDS)}; "
-                                  f"valid: {', '.join(OP_KINDS)}")
-        kind_curves = {k: Curve(_points(v, f"{where} kinds.{k}")) for k, v in kinds.items()}
+        kind_curves = _curves_by(table.get("kinds", {}), where, "kinds", OP_KINDS, "op kind", required=False)
         transcendental = (Curve(_points(table["transcendental"], f"{where} transcendental"))
                           if "transcendental" in table else None)
         return cls(curves, memory, read_reduce, overhead, tuple(fits), dict(meta), call, per_arg, kind_curves,

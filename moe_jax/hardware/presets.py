@@ -13,12 +13,11 @@ collective whose group stays inside one node uses the first.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_jax.errors import MoeJaxError, nearest
-from moe_jax.hardware.calibration import Calibration
+from moe_jax.hardware.calibration import Calibration, check_number
 
 GB = 1e9
 TB = 1e12
@@ -273,12 +272,7 @@ def _from_toml(path: Path) -> Hardware:
     if missing:
         raise MoeJaxError(f"hardware file {str(path)!r}: missing {', '.join(missing)}")
     def number(value, where: str, key: str, low_open: bool = True) -> None:
-        low, high = RANGES[key]
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-              and (value > low if low_open else value >= low) and value <= high)
-        if not ok:
-            bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
-            raise MoeJaxError(f"hardware file {str(path)!r}: {where}={value!r} must be a finite number {bound}")
+        check_number(value, f"hardware file {str(path)!r}: {where}", *RANGES[key], low_open=low_open)
 
     for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "flops_efficiency", "hbm_efficiency"):
         if key in table:
