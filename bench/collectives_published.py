@@ -15,7 +15,6 @@ as one or the other.
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import statistics
 import sys
@@ -102,42 +101,21 @@ def _tier(point: dict) -> str:
     return point.get("link") or ("node" if point["group_size"] <= point["devices_per_node"] else "network")
 
 
-def _model():
-    """The time model's entry points, whichever this checkout has: (span-based seconds, Span) or None, and
-    the per-tier collective_time."""
-    import moe_jax.perf.timemodel as tm
-
-    try:
-        from moe_jax.perf.collectives import Span, collective_seconds
-    except ImportError:
-        Span = collective_seconds = None
-    return (collective_seconds, Span), tm.collective_time
-
-
 def predict_seconds(point: dict, hw, nbytes: float | None = None) -> tuple[float, str]:
     """The model's seconds for one call of the point's collective on preset `hw` (or at `nbytes`), and the
-    algorithm and tier it assumed.
+    algorithm and tiers it assumed (`moe_jax.perf.collectives.collective_seconds`).
 
-    With the span-based model (moe_jax.perf.collectives) the group is laid out as the measured system was:
-    `devices_per_node` per node, or one per node where the point says the library used the network tier
-    throughout. Otherwise collective_time on the tier the point implies (node_link when the group fits in
-    one node), passing `hw` / `devices_per_node` where its signature takes them.
+    The group is laid out as the measured system was: `devices_per_node` per node (hierarchical when the
+    group spans several nodes), or one per node where the point says the library used the network tier
+    throughout (its `link`).
     """
+    from moe_jax.perf.collectives import Span, collective_seconds
+
     nbytes = point["bytes_per_device"] if nbytes is None else nbytes
-    kind, n = point["kind"], point["group_size"]
-    tier = _tier(point)
-    (seconds_fn, span_cls), time_fn = _model()
-    if seconds_fn is not None and span_cls is not None:
-        # one member per node when the library sent everything over the network (the point's `link`);
-        # otherwise the measured layout, hierarchical when the group spans several nodes
-        per_node = 1 if point.get("link") == "network" else min(n, point["devices_per_node"])
-        span = span_cls(n, math.ceil(n / per_node), per_node)
-        seconds, algo = seconds_fn(kind, nbytes, span, hw)
-        return float(seconds), algo
-    link = hw.node_link if tier == "node" else hw.network_link
-    params = inspect.signature(time_fn).parameters
-    extra = {k: v for k, v in (("hw", hw), ("devices_per_node", point["devices_per_node"])) if k in params}
-    return float(time_fn(kind, nbytes, n, link, **extra)), f"{tier} ({link.name})"
+    n = point["group_size"]
+    per_node = 1 if point.get("link") == "network" else min(n, point["devices_per_node"])
+    seconds, algo = collective_seconds(point["kind"], nbytes, Span(n, math.ceil(n / per_node), per_node), hw)
+    return float(seconds), algo
 
 
 def predictions(points: list[dict]) -> list[dict]:

@@ -84,20 +84,18 @@ def test_rows_carry_predicted_over_measured(monkeypatch):
     assert "| synthetic | h100 | all-reduce | 8 | 1 MiB | 4.0 | 2.0 |" in table
 
 
-def test_the_fallback_picks_the_tier_and_passes_what_the_signature_takes(monkeypatch):
-    calls = []
+def test_the_group_is_laid_out_as_the_measured_system_was():
+    from moe_jax.perf.collectives import Span, collective_seconds
 
-    def time_fn(kind, nbytes, group_size, link, hw=None):
-        calls.append((link, hw))
-        return 1e-5
-
-    monkeypatch.setattr(cp, "_model", lambda: ((None, None), time_fn))
     hw = get_hardware("h100")
-    cp.predict_seconds(_point(group_size=8), hw)
-    cp.predict_seconds(_point(group_size=16), hw)
-    cp.predict_seconds(_point(group_size=8, link="network"), hw)
-    assert [c[0] for c in calls] == [hw.node_link, hw.network_link, hw.network_link]
-    assert all(c[1] is hw for c in calls)
+    inside = cp.predict_seconds(_point(group_size=8), hw)                    # one node of 8
+    across = cp.predict_seconds(_point(group_size=16), hw)                   # two nodes of 8: hierarchical
+    network = cp.predict_seconds(_point(group_size=8, link="network"), hw)  # every byte over the network
+    nbytes = _point()["bytes_per_device"]
+    assert inside == collective_seconds("all-reduce", nbytes, Span(8, 1, 8), hw)
+    assert across == collective_seconds("all-reduce", nbytes, Span(16, 2, 8), hw)
+    assert network == collective_seconds("all-reduce", nbytes, Span(8, 8, 1), hw)
+    assert hw.node_link.name in inside[1] and hw.network_link.name in network[1]
 
 
 def test_the_model_gives_a_time_for_every_shipped_point(points):

@@ -81,9 +81,7 @@ def link_for(group: list[int], hw: Hardware, physical_order: list[int] | None = 
     """
     if not group:
         return hw.network_link
-    where = (lambda d: physical_order[d]) if physical_order else (lambda d: d)
-    nodes = {where(d) // hw.devices_per_node for d in group}
-    return hw.node_link if len(nodes) == 1 else hw.network_link
+    return hw.node_link if group_span(group, hw, physical_order).nodes == 1 else hw.network_link
 
 
 @dataclass
@@ -171,7 +169,7 @@ def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail
                  for (k, a, algo), v in sorted(groups.items(), key=lambda kv: -kv[1]["seconds"])]
     scheduled = exposed = None
     if schedule and cost.hlo_text:
-        sim = simulate_phase(cost, op_times, coll_times)
+        sim = simulate_phase(cost, op_times, coll_times, max_events=0)    # the times only (`program_trace` draws)
         scheduled, exposed = sim.total_s, sim.exposed_comm_s
     call = 0.0
     if hw.calibration is not None and cost.hlo_text:
