@@ -223,6 +223,19 @@ COLD_POOL_BYTES = 256 << 20
 comes from device memory, not a cache (as a model's weights do: each is read once per step)."""
 
 
+def _pool_arrays(elems: int) -> int:
+    """How many arrays of `elems` 4-byte elements make the cold pool (at least two: one read while the
+    other is evicted)."""
+    return max(2, min(COLD_POOL_BYTES // (4 * elems), 4096))
+
+
+def _pick(pool, i):
+    """The pool's array for iteration `i` (the next one each iteration, round the pool)."""
+    import jax
+
+    return jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
+
+
 def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve, Curve, dict[str, Curve], list[str]]:
     """Curves of time against bytes for memory ops inside a program, and a line per sample: the stream copy
     (``y = x + 1``, f32: bytes read + written), the read-reduce (a sum: bytes read), and the kinds that run at
@@ -231,27 +244,23 @@ def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve,
     (or two arrays, when one is larger), so the reads are cold."""
     import math as _math
 
-    import jax
     import jax.numpy as jnp
-
-    def pick(pool, i):
-        return jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
 
     def copy_step(carry, pool):
         i, y = carry
-        return i + 1, (pick(pool, i) + y[:1]) + 1              # y[:1]: the next copy depends on this one
+        return i + 1, (_pick(pool, i) + y[:1]) + 1              # y[:1]: the next copy depends on this one
 
     def reduce_step(carry, pool):
         i, s = carry
-        return i + 1, s * 0.5 + jnp.sum(pick(pool, i))
+        return i + 1, s * 0.5 + jnp.sum(_pick(pool, i))
 
     def convert_step(carry, pool):
         i, y = carry
-        return i + 1, pick(pool, i).astype(jnp.float32) + y[:1]
+        return i + 1, _pick(pool, i).astype(jnp.float32) + y[:1]
 
     def transpose_step(carry, pool):
         i, y = carry
-        return i + 1, pick(pool, i).T + y[:1, :1]
+        return i + 1, _pick(pool, i).T + y[:1, :1]
 
     def square(elems):
         side = max(int(_math.isqrt(elems)), 1)
@@ -270,12 +279,11 @@ def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve,
         for nbytes in plan.memory_bytes:
             shape = shape_of(max(nbytes // 4, 1))
             elems = _math.prod(shape)
-            arrays = max(2, min(COLD_POOL_BYTES // (4 * elems), 4096))
-            pool = jnp.ones((arrays, *shape), dtype)
+            pool = jnp.ones((_pool_arrays(elems), *shape), dtype)
             per, timed, (k1, k2) = time_per_iteration(step, (jnp.int32(0), init_of(shape)), (pool,), plan)
             size = float(per_elem * elems)
             found[name].append((size, per))
-            raw.append(f"{name} shape={list(shape)} dtype={jnp.dtype(dtype).name} pool_arrays={arrays} "
+            raw.append(f"{name} shape={list(shape)} dtype={jnp.dtype(dtype).name} pool_arrays={pool.shape[0]} "
                        f"bytes_moved={size:.6g} per_op_s={per:.6g} "
                        + " ".join(f"loop_{k}_s={t.median_s:.6g}" for k, t in zip((k1, k2), timed, strict=False)))
             steps.step(f"{name} {size / 2**20:.2f} MiB: {size / per / 1e9:.1f} GB/s")
@@ -290,20 +298,18 @@ def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve,
 def measure_transcendental(plan: Plan, progress: Progress | None = None) -> tuple[Curve, list[str]]:
     """Time of ``exp`` over n float32 elements inside a program (what softmax and SiLU evaluate), against n,
     the inputs read cold like the memory ops'; a line per sample."""
-    import jax
     import jax.numpy as jnp
 
     def step(carry, pool):
         i, y = carry
-        x = jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
-        return i + 1, jnp.exp(x + y[:1])
+        return i + 1, jnp.exp(_pick(pool, i) + y[:1])
 
     sizes = [b for b in plan.memory_bytes if b <= 64 << 20]
     steps = _Steps(progress, "transcendental", len(sizes))
     found, raw = [], []
     for nbytes in sizes:
         elems = max(nbytes // 4, 1)
-        pool = jnp.zeros((max(2, min(COLD_POOL_BYTES // (4 * elems), 4096)), elems), jnp.float32)
+        pool = jnp.zeros((_pool_arrays(elems), elems), jnp.float32)
         per, timed, _ = time_per_iteration(step, (jnp.int32(0), jnp.zeros((elems,), jnp.float32)), (pool,), plan)
         found.append((float(elems), per))
         raw.append(f"exp elements={elems} per_op_s={per:.6g}")
