@@ -49,3 +49,25 @@ def test_quick_run_calibrates_measures_and_predicts(capsys):
     for metric in summary.values():
         assert 0 <= metric["median"] <= metric["worst"] < 100           # finite: both sides were numbers
     assert out.count("| tiny |") == 2 and "TTFT median |error|" in out
+
+
+def test_ops_are_joined_with_their_prediction_and_summed_by_category():
+    from moe_jax.costs.types import OpCost
+    from moe_jax.runtime.oprofile import category, compare_ops
+
+    ops = [OpCost("ynn_fusion.1", "fusion", "experts", 2e9, 2e9, 0, 1 << 20, 4),
+           OpCost("wrapped_convert", "fusion", "other", 0, 0, 0, 1 << 22, 1),
+           OpCost("dynamic-update-slice_fusion", "fusion", "attention", 0, 0, 0, 1 << 12, 4),
+           OpCost("transpose_copy_fusion", "fusion", "other", 0, 0, 0, 1 << 22, 2),
+           OpCost("add.1", "add", "other", 64, 0, 0, 512, 8),
+           OpCost("all-reduce-start", "all-reduce-start", "moe", 0, 0, 0, 1 << 20, 4, collective=True)]
+    assert [category(o) for o in ops[:5]] == ["matmul", "dtype conversion", "in-place update", "copy / transpose",
+                                              "small op"]
+    predicted = {"ynn_fusion.1": 1e-3, "wrapped_convert": 2e-3, "transpose_copy_fusion": 5e-4, "add.1": 1e-6}
+    measured = {"ynn_fusion.1": 8e-3, "wrapped_convert": 1e-3, "transpose_copy_fusion": 3e-3}   # per call, traced
+    rows = {c.category: c for c in compare_ops(ops, predicted, measured)}
+    assert sum(c.ops for c in rows.values()) == 5                     # the collective is not an op here
+    assert rows["matmul"].predicted_s == pytest.approx(4e-3) and rows["matmul"].measured_s == 8e-3   # x 4 runs
+    assert rows["copy / transpose"].predicted_s == pytest.approx(1e-3)
+    assert rows["in-place update"].measured_s == 0.0 and rows["small op"].predicted_s == pytest.approx(8e-6)
+    assert list(rows)[0] == "matmul"                                  # largest first

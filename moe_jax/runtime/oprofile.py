@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe_jax.costs.types import OpCost
+from moe_jax.perf.timemodel import memory_kind
 
 
 def measure_ops(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
@@ -51,11 +52,12 @@ def category(op: OpCost) -> str:
     name = op.name
     if op.matmul_flops:
         return "matmul"
-    if "convert" in name:
+    kind = memory_kind(op)                     # the time model's own reading of the name: what it is timed as
+    if kind == "convert":
         return "dtype conversion"
     if "dynamic-update-slice" in name or "scatter" in name:
         return "in-place update"
-    if "transpose" in name or op.opcode in ("copy", "transpose") or name.startswith("copy"):
+    if kind == "transpose" or op.opcode == "copy" or name.startswith("copy"):
         return "copy / transpose"
     if op.bytes < 64 << 10 and op.flops < 1 << 16:
         return "small op"
