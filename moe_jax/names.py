@@ -84,8 +84,16 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("bfloat16", "bf16", 2, "bf16"),
     DType("float16", "f16", 2, "f16"),
     DType("float32", "f32", 4, "f32"),
+    DType("float8_e4m3fn", "f8e4m3fn", 1, "fp8"),
 )}
 """Model dtypes by config name."""
+
+FP8 = "float8_e4m3fn"
+"""OCP FP8 E4M3 (no infinities; largest finite 448): the 8-bit dtype weights and the KV cache may be stored in.
+It is a storage dtype only: activations compute in one of `COMPUTE_DTYPES`."""
+
+COMPUTE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+"""Dtypes activations (and norms, router, embedding) may compute in."""
 
 DTYPE_BY_SHORT: dict[str, DType] = {d.short: d for d in DTYPES.values()}
 """The same, by CLI spelling."""

@@ -235,11 +235,14 @@ def test_bad_deepseek_fields_are_named(change, message):
         get_model("deepseek-v3-tiny").replace(**change)
 
 
-def test_yarn_is_refused_for_gqa():
-    with pytest.raises(ConfigError, match="rope_yarn_factor=4.0 \\(YaRN\\) is implemented for attention='mla' only"):
-        ModelConfig(name="x", family="tiny", num_layers=2, d_model=64, num_heads=8, num_kv_heads=4, head_dim=16,
-                    vocab_size=256, num_experts=8, top_k=2, expert_ffn=32, rope_yarn_factor=4.0,
-                    rope_yarn_original_len=32)
+def test_yarn_on_gqa_needs_an_original_length():
+    """YaRN applies to GQA too since gpt-oss (tests/test_gpt_oss.py: parity with transformers); an incomplete YaRN
+    configuration is still refused, naming the fields."""
+    gqa = dict(name="x", family="tiny", num_layers=2, d_model=64, num_heads=8, num_kv_heads=4, head_dim=16,
+               vocab_size=256, num_experts=8, top_k=2, expert_ffn=32, rope_yarn_factor=4.0)
+    assert ModelConfig(**gqa, rope_yarn_original_len=32).rope_yarn_factor == 4.0
+    with pytest.raises(ConfigError, match="rope_yarn_factor=4.0, rope_yarn_original_len=0: YaRN needs"):
+        ModelConfig(**gqa)
 
 
 def test_mla_flops_match_the_compiled_program():

@@ -159,8 +159,8 @@ def test_checkpoint_errors(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "gpt_oss"}, "model_type 'gpt_oss' is not supported; supported: qwen3_moe, mixtral, olmoe, "
-                                "deepseek_v3"),
+    ({"model_type": "jamba"}, "model_type 'jamba' is not supported; supported: qwen3_moe, mixtral, olmoe, "
+                              "deepseek_v3"),
     ({"model_type": "mixtral", "sliding_window": 4096}, "sliding_window=4096 is not supported"),
     ({"model_type": "qwen3_moe", "use_sliding_window": True}, "use_sliding_window=True is not supported"),
     ({"model_type": "qwen3_moe", "mlp_only_layers": [0]}, "mlp_only_layers=[0] is not supported"),

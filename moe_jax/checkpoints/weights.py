@@ -97,9 +97,34 @@ def _mla_sources(cfg: ModelConfig, stack: str, first: int) -> list[Source]:
     return [dataclasses.replace(src, first_layer=first) for src in out]
 
 
+def _gqa_sources(cfg: ModelConfig, stack: str, first: int = 0) -> list[Source]:
+    """One stack's GQA attention (`moe_jax.model.layers.Attention`: projections, their biases, QK-norm) and its
+    pre-attention norm, as Qwen3-MoE, Mixtral, OLMoE and GLM-4.5 name them."""
+    D, H, K, Dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn = "model.layers.{l}.self_attn"
+    out = [Source(f"{stack}/attn_norm/scale", "model.layers.{l}.input_layernorm.weight", (D,), (0,), (1,)),
+           Source(f"{stack}/attn/wq_hkd", f"{attn}.q_proj.weight", (H, Dh, D), (0, 1, 2), (2, 1)),
+           Source(f"{stack}/attn/wk_kkd", f"{attn}.k_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
+           Source(f"{stack}/attn/wv_kkd", f"{attn}.v_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
+           Source(f"{stack}/attn/wo_dhk", f"{attn}.o_proj.weight", (D, H, Dh), (0, 1, 2), (1, 2))]
+    if cfg.attention_bias:                                  # q, k, v (o_proj's: gpt-oss, `_gpt_oss_sources`)
+        out += [Source(f"{stack}/attn/bq_hk", f"{attn}.q_proj.bias", (H, Dh), (0, 1), (2,)),
+                Source(f"{stack}/attn/bk_kk", f"{attn}.k_proj.bias", (K, Dh), (0, 1), (2,)),
+                Source(f"{stack}/attn/bv_kk", f"{attn}.v_proj.bias", (K, Dh), (0, 1), (2,))]
+    if cfg.qk_norm == "head":
+        out += [Source(f"{stack}/attn/q_norm/scale", f"{attn}.q_norm.weight", (Dh,), (0,), (1,)),
+                Source(f"{stack}/attn/k_norm/scale", f"{attn}.k_norm.weight", (Dh,), (0,), (1,))]
+    elif cfg.qk_norm == "full":
+        out += [Source(f"{stack}/attn/q_norm/scale", f"{attn}.q_norm.weight", (H, Dh), (0, 1), (2,)),
+                Source(f"{stack}/attn/k_norm/scale", f"{attn}.k_norm.weight", (K, Dh), (0, 1), (2,))]
+    return [dataclasses.replace(src, first_layer=first) for src in out]
+
+
 def _deepseek_v3_sources(cfg: ModelConfig) -> list[Source]:
-    """DeepSeek-V3: MLA in every layer; dense SwiGLU FFNs in the first ``first_dense_layers`` (our ``dense_blocks``
-    stack), then MoE layers with a sigmoid router, its score-correction bias and shared experts (``blocks``)."""
+    """DeepSeek-V3 and GLM-4.5: MLA (DeepSeek-V3) or GQA (GLM-4.5) attention in every layer; dense SwiGLU FFNs in
+    the first ``first_dense_layers`` (our ``dense_blocks`` stack), then MoE layers with a sigmoid router, its
+    score-correction bias and shared experts (``blocks``). The two families name these tensors alike."""
+    attention = _mla_sources if cfg.attention == "mla" else _gqa_sources
     D, E, F, Fs, Fd = (cfg.d_model, cfg.num_experts, cfg.expert_ffn, cfg.num_shared_experts * cfg.expert_ffn,
                        cfg.dense_ffn)
     k = cfg.first_dense_layers
@@ -117,9 +142,9 @@ def _deepseek_v3_sources(cfg: ModelConfig) -> list[Source]:
                                                         f"{mlp}.shared_experts.up_proj.weight"), (Fs, D), (0, 1),
                        (1, 1)),
                 Source("blocks/moe/shared_down_df", f"{mlp}.shared_experts.down_proj.weight", (D, Fs), (0, 1), (1, 1))]
-    out = _global_sources(cfg) + _mla_sources(cfg, "blocks", k) + [dataclasses.replace(s, first_layer=k) for s in moe]
+    out = _global_sources(cfg) + attention(cfg, "blocks", k) + [dataclasses.replace(s, first_layer=k) for s in moe]
     if k:
-        out += _mla_sources(cfg, "dense_blocks", 0) + [
+        out += attention(cfg, "dense_blocks", 0) + [
             Source("dense_blocks/ffn_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
             Source("dense_blocks/ffn/w_gate_up_pfd", (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), (Fd, D),
                    (0, 1), (1, 1)),
@@ -127,29 +152,69 @@ def _deepseek_v3_sources(cfg: ModelConfig) -> list[Source]:
     return out
 
 
+def _gpt_oss_sources(cfg: ModelConfig) -> list[Source]:
+    """gpt-oss (transformers' ``GptOss*`` modules): GQA with q/k/v/o biases and per-head ``sinks``; the router
+    (``mlp.router``, weight and bias); the experts fused per layer, with biases: ``gate_up_proj`` [E, D, 2F] whose
+    last dim interleaves gate and up (column 2f the gate, 2f + 1 the up of unit f: transformers' ``_apply_gate``
+    takes ``[..., ::2]`` and ``[..., 1::2]``), ``gate_up_proj_bias`` [E, 2F] alike, ``down_proj`` [E, F, D],
+    ``down_proj_bias`` [E, D]. Unquantized tensors only (MXFP4 ``_blocks``/``_scales`` are refused with
+    the config, `moe_jax.config.hf`)."""
+    D, E, F, H = cfg.d_model, cfg.num_experts, cfg.expert_ffn, cfg.num_heads
+    attn, mlp = "model.layers.{l}.self_attn", "model.layers.{l}.mlp"
+    out = _global_sources(cfg) + _gqa_sources(cfg, "blocks") + [
+        Source("blocks/attn/sinks_h", f"{attn}.sinks", (H,), (0,), (1,)),
+        Source("blocks/moe_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
+        Source("blocks/moe/router_de", f"{mlp}.router.weight", (E, D), (1, 0), (1, 1)),
+        Source("blocks/moe/router_bias_e", f"{mlp}.router.bias", (E,), (0,), (1,)),
+        # [E, D, 2F] split (E, D, F, 2): ours [E, 2, F, D] = split dims (0, 3, 2, 1)
+        Source("blocks/moe/w_gate_up_epfd", f"{mlp}.experts.gate_up_proj", (E, D, F, 2), (0, 3, 2, 1), (1, 1, 2)),
+        Source("blocks/moe/w_down_edf", f"{mlp}.experts.down_proj", (E, F, D), (0, 2, 1), (1, 1, 1)),
+        Source("blocks/moe/b_gate_up_epf", f"{mlp}.experts.gate_up_proj_bias", (E, F, 2), (0, 2, 1), (1, 2)),
+        Source("blocks/moe/b_down_ed", f"{mlp}.experts.down_proj_bias", (E, D), (0, 1), (1, 1))]
+    if cfg.attention_out_bias:
+        out.append(Source("blocks/attn/bo_d", f"{attn}.o_proj.bias", (D,), (0,), (1,)))
+    return out
+
+
+def _llama4_sources(cfg: ModelConfig) -> list[Source]:
+    """Llama 4 text (transformers' ``Llama4ForCausalLM``): GQA without biases (the L2 qk-norm has no weight; the
+    checkpoint's q/k rows pair up interleaved, which `moe_jax.model.layers.rope` rotates as they are), the MoE
+    under ``feed_forward``: ``router`` [E, D], the experts fused per layer, ``gate_up_proj`` [E, D, 2F] (the first F
+    columns the gate, the last F the up: transformers' ``chunk(2)``), ``down_proj`` [E, F, D], and the shared
+    expert's gate/up/down projections. Every layer MoE (Scout)."""
+    D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn
+    Fs = cfg.num_shared_experts * F
+    ff = "model.layers.{l}.feed_forward"
+    return _global_sources(cfg) + _gqa_sources(cfg, "blocks") + [
+        Source("blocks/moe_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
+        Source("blocks/moe/router_de", f"{ff}.router.weight", (E, D), (1, 0), (1, 1)),
+        # [E, D, 2F] split (E, D, 2, F): ours [E, 2, F, D] = split dims (0, 2, 3, 1)
+        Source("blocks/moe/w_gate_up_epfd", f"{ff}.experts.gate_up_proj", (E, D, 2, F), (0, 2, 3, 1), (1, 1, 2)),
+        Source("blocks/moe/w_down_edf", f"{ff}.experts.down_proj", (E, F, D), (0, 2, 1), (1, 1, 1)),
+        Source("blocks/moe/shared_gate_up_pfd", (f"{ff}.shared_expert.gate_proj.weight",
+                                                f"{ff}.shared_expert.up_proj.weight"), (Fs, D), (0, 1), (1, 1)),
+        Source("blocks/moe/shared_down_df", f"{ff}.shared_expert.down_proj.weight", (D, Fs), (0, 1), (1, 1))]
+
+
 def sources(cfg: ModelConfig) -> list[Source]:
     """The name and layout mapping of `cfg`'s family."""
-    D, H, K, Dh, E, F, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts,
-                            cfg.expert_ffn, cfg.vocab_size)
+    D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn
     layer = "model.layers.{l}"
-    if cfg.family == "deepseek_v3":
+    if cfg.family in ("deepseek_v3", "glm4_moe"):
         return _deepseek_v3_sources(cfg)
+    if cfg.family == "gpt_oss":
+        return _gpt_oss_sources(cfg)
+    if cfg.family == "llama4_text":
+        return _llama4_sources(cfg)
     if cfg.family == "mixtral":
         moe, gate, up, down, router = ("block_sparse_moe", "w1", "w3", "w2", "block_sparse_moe.gate")
     elif cfg.family in ("qwen3_moe", "olmoe"):
         moe, gate, up, down, router = ("mlp", "gate_proj", "up_proj", "down_proj", "mlp.gate")
     else:
         raise MoeJaxError(f"model family {cfg.family!r} has no Hugging Face checkpoint format; "
-                          "supported: qwen3_moe, mixtral, olmoe, deepseek_v3")
-    out = [
-        Source("embed_vd", "model.embed_tokens.weight", (V, D), (0, 1), (1, 1), per_layer=False),
-        Source("final_norm/scale", "model.norm.weight", (D,), (0,), (1,), per_layer=False),
-        Source("blocks/attn_norm/scale", f"{layer}.input_layernorm.weight", (D,), (0,), (1,)),
+                          "supported: qwen3_moe, mixtral, olmoe, deepseek_v3, glm4_moe, gpt_oss, llama4_text")
+    return _global_sources(cfg) + _gqa_sources(cfg, "blocks") + [
         Source("blocks/moe_norm/scale", f"{layer}.post_attention_layernorm.weight", (D,), (0,), (1,)),
-        Source("blocks/attn/wq_hkd", f"{layer}.self_attn.q_proj.weight", (H, Dh, D), (0, 1, 2), (2, 1)),
-        Source("blocks/attn/wk_kkd", f"{layer}.self_attn.k_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
-        Source("blocks/attn/wv_kkd", f"{layer}.self_attn.v_proj.weight", (K, Dh, D), (0, 1, 2), (2, 1)),
-        Source("blocks/attn/wo_dhk", f"{layer}.self_attn.o_proj.weight", (D, H, Dh), (0, 1, 2), (1, 2)),
         Source("blocks/moe/router_de", f"{layer}.{router}.weight", (E, D), (1, 0), (1, 1)),
         Source("blocks/moe/w_gate_up_epfd", (f"{layer}.{moe}.experts.{{e}}.{gate}.weight",
                                             f"{layer}.{moe}.experts.{{e}}.{up}.weight"), (F, D), (0, 1), (1, 1),
@@ -157,15 +222,6 @@ def sources(cfg: ModelConfig) -> list[Source]:
         Source("blocks/moe/w_down_edf", f"{layer}.{moe}.experts.{{e}}.{down}.weight", (D, F), (0, 1), (1, 1),
                per_expert=True),
     ]
-    if not cfg.tie_embeddings:
-        out.append(Source("head_dv", "lm_head.weight", (V, D), (1, 0), (1, 1), per_layer=False))
-    if cfg.qk_norm == "head":
-        out += [Source("blocks/attn/q_norm/scale", f"{layer}.self_attn.q_norm.weight", (Dh,), (0,), (1,)),
-                Source("blocks/attn/k_norm/scale", f"{layer}.self_attn.k_norm.weight", (Dh,), (0,), (1,))]
-    elif cfg.qk_norm == "full":
-        out += [Source("blocks/attn/q_norm/scale", f"{layer}.self_attn.q_norm.weight", (H, Dh), (0, 1), (2,)),
-                Source("blocks/attn/k_norm/scale", f"{layer}.self_attn.k_norm.weight", (K, Dh), (0, 1), (2,))]
-    return out
 
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -215,28 +271,34 @@ class Checkpoint:
         return np.asarray(self._handles[self.location[name]].get_slice(name)[index])
 
 
-def _hf_index(src: Source, ours: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
-    """Map a slice of our (per-layer) dims to a slice of the HF tensor, and the sliced split shape."""
+def _hf_index(src: Source, ours: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[int, ...], tuple[slice, ...]]:
+    """Map a slice of our (per-layer) dims to a slice of the HF tensor, the split shape it reads, and the slice
+    of that to keep. An HF dim whose inner split dims are sliced (Llama 4's fused [E, D, 2F] experts split (2, F),
+    F over tp) is read whole and sliced after the reshape; otherwise only the slice is read."""
     split_slices = [slice(None)] * len(src.split)
     for our_dim, split_dim in enumerate(src.perm):
         split_slices[split_dim] = ours[our_dim]
     bounds = [s.indices(n) for s, n in zip(split_slices, src.split, strict=True)]
-    hf, k = [], 0
+    hf, k, shape, keep = [], 0, [], []
     for count in src.groups:
         dims = list(range(k, k + count))
-        for inner in dims[1:]:                              # inner split dims are never sliced (Dh)
-            if bounds[inner][:2] != (0, src.split[inner]):
-                raise MoeJaxError(f"{src.path}: a shard slices inside {src.name}'s split dimension {inner}")
-        inner_size = math.prod(src.split[i] for i in dims[1:])
-        start, stop, _ = bounds[dims[0]]
-        hf.append(slice(start * inner_size, stop * inner_size))
+        if any(bounds[i][:2] != (0, src.split[i]) for i in dims[1:]):        # an inner dim sliced: read it whole
+            hf.append(slice(None))
+            shape += [src.split[i] for i in dims]
+            keep += [slice(*bounds[i][:2]) for i in dims]
+        else:
+            inner_size = math.prod(src.split[i] for i in dims[1:])
+            start, stop, _ = bounds[dims[0]]
+            hf.append(slice(start * inner_size, stop * inner_size))
+            shape += [bounds[i][1] - bounds[i][0] for i in dims]
+            keep += [slice(None)] * count
         k += count
-    return tuple(hf), tuple(b[1] - b[0] for b in bounds)
+    return tuple(hf), tuple(shape), tuple(keep)
 
 
 def _layer_block(ckpt: Checkpoint, src: Source, name: str, ours: tuple[slice, ...]) -> np.ndarray:
-    index, shape = _hf_index(src, ours)
-    return ckpt.read(name, index).reshape(shape).transpose(src.perm)
+    index, shape, keep = _hf_index(src, ours)
+    return ckpt.read(name, index).reshape(shape)[keep].transpose(src.perm)
 
 
 def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
@@ -262,7 +324,7 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
                           f"must be floating point ({', '.join(FLOAT_DTYPES)}): an integer tensor would be cast "
                           "silently, and a quantized checkpoint needs its own loader")
     unexpected = sorted(set(ckpt.location) - set(expected))
-    if cfg.family == "deepseek_v3":   # the multi-token-prediction module past the last layer: unused (as transformers)
+    if cfg.family in ("deepseek_v3", "glm4_moe"):   # their multi-token-prediction layers past the last: unused
         unexpected = [n for n in unexpected if not _is_mtp(n, cfg.num_layers)]
     if unexpected:
         raise MoeJaxError(f"checkpoint has {len(unexpected)} tensor(s) this model does not use, first "
@@ -270,7 +332,9 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
 
 
 def _is_mtp(name: str, num_layers: int) -> bool:
-    """Whether `name` belongs to a layer past the model's (DeepSeek-V3's MTP module, ``model.layers.61.*``)."""
+    """Whether `name` belongs to a layer past the model's: the multi-token-prediction (MTP) layers of DeepSeek-V3
+    (``model.layers.61.*``) and GLM-4.5 (``num_nextn_predict_layers``: ``model.layers.92.*``, Air's ``46.*``), which
+    only speculative decoding uses; the served model, as transformers', ignores them."""
     parts = name.split(".")
     return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
 
@@ -279,16 +343,27 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
     """Parameters of `cfg` from a checkpoint, each device reading only its shard.
 
     param_shardings/abstract_params: from `ShardedModel` (or any matching trees).
+
+    FP8 weights (``cfg.weight_dtype``): a weight's ``q`` and ``scale`` (`moe_jax.model.quant`) are computed from
+    the checkpoint's tensor as stored (bf16, f16 or f32). A device's shard of ``q`` needs its matrices' scales,
+    which depend on whole matrices: it reads the whole matrices its shard cuts into (tp-split attention and
+    expert weights are read whole by each device of the split, once).
     """
     import jax
+
+    from moe_jax.model.quant import quantize
 
     ckpt = Checkpoint(directory)
     check_checkpoint(ckpt, cfg)
     by_path = {src.path: src for src in sources(cfg)}
     dtype = np.dtype(jax.numpy.dtype(cfg.dtype))
+    whole = (slice(None), slice(None))
 
     def build(path, var, sharding):
         src = by_path.get(path)
+        part = None
+        if src is None and path.rpartition("/")[2] in ("q", "scale"):     # an FP8 weight's values or scales
+            src, part = by_path.get(path.rpartition("/")[0]), path.rpartition("/")[2]
         if src is None:
             raise MoeJaxError(f"no checkpoint tensor maps to parameter {path}")
 
@@ -303,9 +378,10 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
                              for i in parts])
 
         def shard(index):
+            """Our block `index` of the weight, in the checkpoint's dtype."""
             if not src.per_layer:
-                return block(index).astype(dtype)
-            layers = range(*index[0].indices(var.shape[0]))
+                return block(index)
+            layers = range(*index[0].indices(var.shape[0]))     # (an FP8 weight's scales: its leading dims too)
             blocks = []
             for layer in layers:
                 hf_layer = layer + src.first_layer
@@ -314,9 +390,19 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
                     blocks.append(np.stack([block(index, l=hf_layer, e=e) for e in experts]))
                 else:
                     blocks.append(block(index, l=hf_layer))
-            return np.stack(blocks).astype(dtype)
+            return np.stack(blocks)
 
-        return jax.make_array_from_callback(var.shape, sharding, shard)
+        def quantized(index):
+            """The FP8 values (part "q") or scales ([..., 1]) of the whole matrices `index` cuts into, then the
+            shard's part."""
+            index = tuple(index)
+            matrices = index[:-2] if part == "q" else index[:-1]
+            q, scale = quantize(shard((*matrices, *whole)).astype(np.float32))
+            return q[(..., *index[-2:])] if part == "q" else scale
+
+        if part is not None:
+            return jax.make_array_from_callback(var.shape, sharding, quantized)
+        return jax.make_array_from_callback(var.shape, sharding, lambda index: shard(index).astype(dtype))
 
     from moe_jax.parallel.rules import _path_str, map_params
 
@@ -330,8 +416,11 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
     """Write parameters as a Hugging Face checkpoint (config.json + model.safetensors).
 
     Each tensor keeps its parameter's own dtype: a bf16 model is written as bf16 (safetensors' ``BF16``,
-    as released checkpoints are) and loads back bit for bit; f32 norms and router stay f32.
+    as released checkpoints are) and loads back bit for bit; f32 norms and router stay f32. FP8 weights are
+    written dequantized, in the compute dtype (``cfg.dtype``): exact, their scales being powers of two, so an
+    FP8 model loads back to the same FP8 values, and a bf16 model reads the checkpoint as any other.
     """
+    import jax.numpy as jnp
     from safetensors.numpy import save_file
 
     from moe_jax.config.hf import to_hf_dict
@@ -343,6 +432,9 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
     map_params(params, lambda path, var: arrays.__setitem__(path, np.asarray(var[...])))
     tensors = {}
     for src in sources(cfg):
+        if src.path not in arrays and f"{src.path}/q" in arrays:       # an FP8 weight (`moe_jax.model.quant`)
+            q, scale = arrays[f"{src.path}/q"], arrays[f"{src.path}/scale"]
+            arrays[src.path] = (q.astype(np.float32) * scale[..., None]).astype(jnp.dtype(cfg.dtype))
         value = arrays[src.path]
         layers = stack_layers(src, cfg) if src.per_layer else [None]
         for layer in layers:

@@ -17,12 +17,14 @@ import math
 from dataclasses import dataclass
 
 from moe_jax.errors import ConfigError, nearest
-from moe_jax.names import DTYPES, Dispatch
+from moe_jax.names import COMPUTE_DTYPES, DTYPES, FP8, Dispatch
 
-_QK_NORMS = ("none", "head", "full")
+_QK_NORMS = ("none", "head", "full", "l2")
 _NORMS = ("rms", "layer")
 _ATTENTIONS = ("gqa", "mla")
-_ROUTER_SCORES = ("softmax", "sigmoid")
+_ROUTER_SCORES = ("softmax", "sigmoid", "topk_softmax", "sigmoid_input")
+_EXPERT_ACTIVATIONS = ("swiglu", "swiglu_clamped")
+_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class ModelConfig:
     name: str
     """Preset name, or a user's label."""
     family: str
-    """Architecture family (``seed``, ``qwen3_moe``, ``mixtral``, ``olmoe``, ``dbrx``, ``tiny``)."""
+    """Architecture family (``seed``, ``qwen3_moe``, ``mixtral``, ``olmoe``, ``dbrx``, ``deepseek_v3``, ``glm4_moe``,
+    ``gpt_oss``, ``llama4_text``, ``tiny``)."""
     num_layers: int
     """L: decoder layers, every one with an MoE block."""
     d_model: int
@@ -57,7 +60,8 @@ class ModelConfig:
     router_norm_topk: bool = True
     """Renormalise the top-k softmax probabilities to sum to 1 (Mixtral, Qwen3, DBRX) or keep them (OLMoE)."""
     qk_norm: str = "none"
-    """RMSNorm on queries and keys: ``none``, ``head`` (per head, over Dh: Qwen3) or ``full`` (over H·Dh: OLMoE)."""
+    """RMSNorm on queries and keys: ``none``, ``head`` (per head, over Dh: Qwen3), ``full`` (over H·Dh: OLMoE) or
+    ``l2`` (per head, no weight, after RoPE and on RoPE layers only: Llama 4's ``use_qk_norm``)."""
     norm: str = "rms"
     """Layer norm kind: ``rms`` (RMSNorm) or ``layer`` (LayerNorm without bias: DBRX)."""
     norm_eps: float = 1e-5
@@ -69,7 +73,15 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     dtype: str = "bfloat16"
-    """Parameter, activation and KV cache dtype; router, softmax and norms compute in f32 regardless."""
+    """Activation (compute) dtype, and that of every parameter and the KV cache unless `weight_dtype` /
+    `kv_dtype` say otherwise; router, softmax and norms compute in f32 regardless."""
+    weight_dtype: str | None = None
+    """Dtype the matmul weights of the layers are stored in (attention projections, routed, shared and dense
+    experts): None for `dtype`, or ``float8_e4m3fn`` (FP8, with an f32 scale per matrix, dequantized to `dtype`
+    before each matmul: `moe_jax.model.quant`). Embedding, output head, norms and router stay in `dtype`."""
+    kv_dtype: str | None = None
+    """Dtype the KV cache is stored in: None for `dtype`, another compute dtype, or ``float8_e4m3fn`` (a plain,
+    saturating cast, read back to `dtype`: `moe_jax.model.kv_cache`)."""
     dispatch: str = Dispatch.CAPACITY
     """Expert path: ``capacity`` (GShard dispatch/combine, drops overflow), ``dropless`` (sort by expert,
     grouped matmul, ragged all-to-all; nothing dropped) or ``dense`` (all experts on all tokens, reference)."""
@@ -99,7 +111,9 @@ class ModelConfig:
     """RoPE on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout) instead of the two halves."""
     router_score: str = "softmax"
     """``softmax`` over the experts, or ``sigmoid`` per expert with a learned score-correction bias added for
-    the choice only (DeepSeek-V3); sigmoid weights are the unbiased scores of the chosen experts."""
+    the choice only (DeepSeek-V3); sigmoid weights are the unbiased scores of the chosen experts.
+    ``topk_softmax``: softmax over the top-k logits (gpt-oss). ``sigmoid_input`` (Llama 4): the top-k logits'
+    sigmoids, which multiply the chosen experts' INPUT rows (not their outputs; no renormalisation)."""
     router_groups: int = 1
     """Experts fall in this many equal groups; a token picks among the experts of its ``router_topk_groups`` best
     groups (a group's score: the sum of its top two biased scores). 1: no group limit."""
@@ -109,7 +123,7 @@ class ModelConfig:
     """Routed experts' weights are multiplied by this (after any renormalisation; DeepSeek-V3: 2.5)."""
     rope_yarn_factor: float = 1.0
     """YaRN context extension of the RoPE frequencies by this factor (DeepSeek-V3: 40); 1 for plain RoPE.
-    Implemented for MLA's RoPE part only."""
+    Applies to MLA's RoPE part and to GQA's RoPE (gpt-oss: 32)."""
     rope_yarn_original_len: int = 0
     """YaRN: the pretraining context (``original_max_position_embeddings``) the correction range is computed for."""
     rope_yarn_beta_fast: float = 32.0
@@ -124,6 +138,57 @@ class ModelConfig:
     """The first this-many layers have a dense SwiGLU FFN of width ``dense_ffn`` instead of the MoE block."""
     dense_ffn: int = 0
     """Hidden width of the dense layers' FFN (with ``first_dense_layers`` > 0)."""
+    # --- GLM-4.5 (GQA with projection biases and partial RoPE; its MoE is DeepSeek-V3's); defaults: off ---
+    attention_bias: bool = False
+    """GQA: a learned bias on the q, k and v projections (not o), H·Dh + 2·K·Dh values per layer (GLM-4.5)."""
+    rotary_dim: int = 0
+    """GQA: RoPE rotates only the first this-many dims of each query/key head (half-split layout within them;
+    GLM-4.5: Dh / 2), the rest pass through; 0 for the whole head."""
+    # --- gpt-oss (sinks, sliding-window layers, biases everywhere, clamped SwiGLU); defaults: off ---
+    rope_yarn_truncate: bool = True
+    """YaRN: round the correction range's bounds to whole dimensions (transformers' ``truncate``, default True;
+    gpt-oss: False)."""
+    attention_out_bias: bool = False
+    """GQA: a learned bias on the output projection (D values per layer; gpt-oss)."""
+    attention_sinks: bool = False
+    """GQA: one learned logit per query head that joins each softmax's denominator and carries no value
+    (H values per layer; gpt-oss's attention sinks)."""
+    sliding_window: int = 0
+    """W: a ``sliding_attention`` layer's query at position p sees keys p − W < t ≤ p; 0 for none."""
+    layer_types: tuple[str, ...] = ()
+    """Per layer, ``full_attention``, ``sliding_attention`` (window ``sliding_window``) or ``chunked_attention``
+    (chunks of ``attention_chunk``); empty: all full."""
+    # --- Llama 4 text (chunked attention, NoPE full layers, L2 qk-norm, temperature tuning); defaults: off ---
+    attention_chunk: int = 0
+    """C: a ``chunked_attention`` layer's query at position p sees keys C·⌊p/C⌋ ≤ t ≤ p (its own chunk; Llama 4's
+    ``attention_chunk_size``); 0 for none."""
+    full_layers_nope: bool = False
+    """Llama 4: the ``full_attention`` layers take no RoPE (and no ``l2`` qk-norm); the other layers take both."""
+    attn_temperature_tuning: bool = False
+    """Llama 4: on NoPE layers, queries at position p are scaled by 1 + attn_scale·ln(1 + ⌊(p + 1)/floor⌋)."""
+    attn_floor_scale: float = 8192.0
+    """Temperature tuning's floor (Llama 4's ``floor_scale``)."""
+    attn_scale: float = 0.1
+    """Temperature tuning's strength (Llama 4's ``attn_scale``)."""
+    rope_llama3_factor: float = 1.0
+    """Llama 3 RoPE scaling (``rope_type: llama3``): low frequencies divided by this factor; 1 for none."""
+    rope_llama3_low_freq: float = 1.0
+    """Llama 3 RoPE scaling's ``low_freq_factor``."""
+    rope_llama3_high_freq: float = 4.0
+    """Llama 3 RoPE scaling's ``high_freq_factor``."""
+    rope_llama3_original_len: int = 0
+    """Llama 3 RoPE scaling's ``original_max_position_embeddings``."""
+    expert_activation: str = "swiglu"
+    """Routed experts' gate: ``swiglu`` (silu(gate)·up) or ``swiglu_clamped`` (gpt-oss: gate ≤ limit, up in
+    [−limit, limit], gate·sigmoid(alpha·gate)·(up + 1)), `moe_jax.model.moe.activation`."""
+    swiglu_alpha: float = 1.702
+    """``swiglu_clamped``: the sigmoid's slope alpha."""
+    swiglu_limit: float = 7.0
+    """``swiglu_clamped``: the clamp limit."""
+    expert_bias: bool = False
+    """Routed experts carry biases on gate/up (E·2F) and down (E·D) (gpt-oss)."""
+    router_bias: bool = False
+    """A learned bias on the router logits (E per layer; gpt-oss), used for the choice and the weights."""
 
     def __post_init__(self):
         positive = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
@@ -140,7 +205,7 @@ class ModelConfig:
             raise ConfigError(f"model {self.name!r}: num_kv_heads={self.num_kv_heads} must divide "
                               f"num_heads={self.num_heads}")
         for field, allowed in (("qk_norm", _QK_NORMS), ("norm", _NORMS), ("dispatch", tuple(Dispatch)),
-                               ("dtype", tuple(DTYPES))):
+                               ("dtype", COMPUTE_DTYPES)):
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"model {self.name!r}: {field}={getattr(self, field)!r}; "
                                   f"valid: {', '.join(allowed)}")
@@ -151,6 +216,10 @@ class ModelConfig:
         if not self.capacity_factor > 0:
             raise ConfigError(f"model {self.name!r}: capacity_factor={self.capacity_factor} must be > 0")
         self._check_deepseek_fields()
+        self._check_storage_dtypes()
+        self._check_gqa_extras()
+        self._check_gpt_oss_fields()
+        self._check_llama4_fields()
 
     def _check_deepseek_fields(self) -> None:
         """MLA, sigmoid group routing and dense first layers: consistent values or an error naming the field."""
@@ -192,9 +261,6 @@ class ModelConfig:
         if not (isinstance(self.routed_scaling, (int, float)) and 0 < self.routed_scaling < float("inf")):
             raise ConfigError(f"model {name!r}: routed_scaling={self.routed_scaling!r} must be a positive number")
         if self.rope_yarn_factor != 1:
-            if self.attention != "mla":
-                raise ConfigError(f"model {name!r}: rope_yarn_factor={self.rope_yarn_factor} (YaRN) is implemented for "
-                                  f"attention='mla' only (attention={self.attention!r})")
             if not (self.rope_yarn_factor > 1 and self.rope_yarn_original_len >= 1):
                 raise ConfigError(f"model {name!r}: rope_yarn_factor={self.rope_yarn_factor}, rope_yarn_original_len="
                                   f"{self.rope_yarn_original_len}: YaRN needs a factor > 1 and an original "
@@ -205,6 +271,108 @@ class ModelConfig:
         if (self.first_dense_layers > 0) != (self.dense_ffn > 0):
             raise ConfigError(f"model {name!r}: first_dense_layers={self.first_dense_layers} and dense_ffn="
                               f"{self.dense_ffn} go together (both > 0, or both 0)")
+
+    def _check_gqa_extras(self) -> None:
+        """GLM-4.5's attention options (projection biases, partial RoPE): GQA only, consistent values."""
+        name = self.name
+        if not isinstance(self.attention_bias, bool):
+            raise ConfigError(f"model {name!r}: attention_bias={self.attention_bias!r} must be True or False")
+        dim = self.rotary_dim
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0 or dim % 2 or dim > self.head_dim:
+            raise ConfigError(f"model {name!r}: rotary_dim={dim!r} must be an even integer from 0 to head_dim="
+                              f"{self.head_dim} (0: RoPE on the whole head)")
+        if self.attention == "mla" and (self.attention_bias or dim):
+            raise ConfigError(f"model {name!r}: attention_bias={self.attention_bias!r} / rotary_dim={dim} are GQA "
+                              "options; with attention='mla' the RoPE part is qk_rope_head_dim and projections have "
+                              "no bias")
+
+    def _check_gpt_oss_fields(self) -> None:
+        """gpt-oss's options (sinks, output bias, sliding windows, clamped SwiGLU, expert and router biases)."""
+        name = self.name
+        for field in ("rope_yarn_truncate", "attention_out_bias", "attention_sinks", "expert_bias", "router_bias"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"model {name!r}: {field}={getattr(self, field)!r} must be True or False")
+        if self.attention == "mla" and (self.attention_out_bias or self.attention_sinks or self.sliding_window
+                                        or not self.rope_yarn_truncate):
+            raise ConfigError(f"model {name!r}: attention_out_bias / attention_sinks / sliding_window / "
+                              "rope_yarn_truncate=False are GQA options (attention='mla')")
+        window = self.sliding_window
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ConfigError(f"model {name!r}: sliding_window={window!r} must be an integer >= 0 (0: none)")
+        if not isinstance(self.layer_types, tuple):     # a JSON list, or any sequence: stored as a tuple
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        types = self.layer_types
+        if types:
+            bad = next((t for t in types if t not in _LAYER_TYPES), None)
+            if bad is not None:
+                raise ConfigError(f"model {name!r}: layer_types holds {bad!r}; valid: {', '.join(_LAYER_TYPES)}")
+            if len(types) != self.num_layers:
+                raise ConfigError(f"model {name!r}: layer_types has {len(types)} entries; need num_layers="
+                                  f"{self.num_layers}")
+            if "sliding_attention" in types and not window:
+                raise ConfigError(f"model {name!r}: layer_types has sliding_attention layers but sliding_window=0")
+            if "chunked_attention" in types and not self.attention_chunk:
+                raise ConfigError(f"model {name!r}: layer_types has chunked_attention layers but attention_chunk=0")
+            if ("sliding_attention" in types or "chunked_attention" in types) and self.first_dense_layers:
+                raise ConfigError(f"model {name!r}: sliding_attention layers with first_dense_layers="
+                                  f"{self.first_dense_layers} are not implemented (dense layers run full attention)")
+        if self.expert_activation not in _EXPERT_ACTIVATIONS:
+            raise ConfigError(f"model {name!r}: expert_activation={self.expert_activation!r}; valid: "
+                              f"{', '.join(_EXPERT_ACTIVATIONS)}")
+        for field in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+                raise ConfigError(f"model {name!r}: {field}={value!r} must be a positive number")
+        if self.router_bias and self.router_score == "sigmoid":
+            raise ConfigError(f"model {name!r}: router_bias applies to softmax routing; sigmoid routing has its "
+                              "score-correction bias already (router_score='sigmoid')")
+        if self.router_score == "topk_softmax" and self.routed_scaling != 1:
+            raise ConfigError(f"model {name!r}: routed_scaling={self.routed_scaling} with router_score="
+                              "'topk_softmax' is not implemented; use 1")
+
+    def _check_llama4_fields(self) -> None:
+        """Llama 4's options: chunked attention, NoPE full layers, L2 qk-norm, temperature tuning, input-weighted
+        sigmoid routing, Llama 3 RoPE scaling."""
+        name = self.name
+        chunk = self.attention_chunk
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise ConfigError(f"model {name!r}: attention_chunk={chunk!r} must be an integer >= 0 (0: none)")
+        for field in ("full_layers_nope", "attn_temperature_tuning"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"model {name!r}: {field}={getattr(self, field)!r} must be True or False")
+        for field in ("attn_floor_scale", "rope_llama3_factor", "rope_llama3_low_freq", "rope_llama3_high_freq"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")):
+                raise ConfigError(f"model {name!r}: {field}={value!r} must be a positive number")
+        if not (isinstance(self.attn_scale, (int, float)) and math.isfinite(self.attn_scale)):
+            raise ConfigError(f"model {name!r}: attn_scale={self.attn_scale!r} must be a finite number")
+        if self.attention == "mla" and (chunk or self.full_layers_nope or self.attn_temperature_tuning
+                                        or self.qk_norm == "l2"):
+            raise ConfigError(f"model {name!r}: attention_chunk / full_layers_nope / attn_temperature_tuning / "
+                              "qk_norm='l2' are GQA options (attention='mla')")
+        if (self.qk_norm == "l2" or self.attn_temperature_tuning) and not self.full_layers_nope:
+            raise ConfigError(f"model {name!r}: qk_norm='l2' / attn_temperature_tuning=True need "
+                              "full_layers_nope=True (Llama 4: they apply to the RoPE / NoPE layers)")
+        if self.router_score == "sigmoid_input" and (self.expert_bias or self.router_bias or self.routed_scaling != 1
+                                                     or self.router_groups > 1):
+            raise ConfigError(f"model {name!r}: router_score='sigmoid_input' takes no expert_bias, router_bias, "
+                              "routed_scaling or router_groups (Llama 4's router has none)")
+        if self.rope_llama3_factor != 1:
+            if not (self.rope_llama3_factor > 1 and self.rope_llama3_original_len >= 1
+                    and self.rope_llama3_high_freq >= self.rope_llama3_low_freq):
+                raise ConfigError(f"model {name!r}: rope_llama3_factor={self.rope_llama3_factor}, "
+                                  f"rope_llama3_original_len={self.rope_llama3_original_len}: Llama 3 scaling needs "
+                                  "a factor > 1, an original length >= 1 and rope_llama3_high_freq >= low_freq")
+            if self.rope_yarn_factor != 1:
+                raise ConfigError(f"model {name!r}: rope_llama3_factor and rope_yarn_factor both set; choose one")
+
+    def _check_storage_dtypes(self) -> None:
+        """weight_dtype and kv_dtype: None, or a dtype they may be stored in."""
+        for field, allowed in (("weight_dtype", (*COMPUTE_DTYPES, FP8)), ("kv_dtype", (*COMPUTE_DTYPES, FP8))):
+            value = getattr(self, field)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"model {self.name!r}: {field}={value!r}; valid: None (as dtype), "
+                                  f"{', '.join(allowed)}")
 
     def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -218,13 +386,38 @@ class ModelConfig:
 
     @property
     def dtype_bytes(self) -> int:
-        """Bytes per element of parameters, activations and KV cache."""
+        """Bytes per element of activations (and of parameters kept in the compute dtype)."""
         return DTYPES[self.dtype].bytes
+
+    @property
+    def param_dtype(self) -> str:
+        """The dtype the layers' matmul weights are stored in (`weight_dtype`, else `dtype`)."""
+        return self.weight_dtype or self.dtype
+
+    @property
+    def cache_dtype(self) -> str:
+        """The dtype the KV cache is stored in (`kv_dtype`, else `dtype`)."""
+        return self.kv_dtype or self.dtype
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        """Bytes per element of the KV cache."""
+        return DTYPES[self.cache_dtype].bytes
 
     @property
     def q_per_kv(self) -> int:
         """Query heads sharing one KV head (H / K)."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each MoE layer's attention window in keys (`sliding_window` for a ``sliding_attention`` layer, 0 for full
+        attention, −`attention_chunk` for a ``chunked_attention`` layer: a negative window is a chunk, its start
+        aligned to multiples of the chunk, `moe_jax.model.attention.window_mask`), in layer order (the
+        ``first_dense_layers`` dense layers, always full, are not in it)."""
+        types = self.layer_types or ("full_attention",) * self.num_layers
+        by_type = {"sliding_attention": self.sliding_window, "chunked_attention": -self.attention_chunk}
+        return tuple(by_type.get(t, 0) for t in types[self.first_dense_layers:])
 
     def capacity(self, group_tokens: int) -> int:
         """C: slots per expert for a group of `group_tokens` tokens (capacity dispatch)."""
@@ -251,19 +444,29 @@ class ModelConfig:
         return D * H * Dh + 2 * D * K * Dh + H * Dh * D
 
     @property
+    def attention_bias_params(self) -> int:
+        """One layer's projection biases and sinks: q, k and v (H·Dh + 2·K·Dh with ``attention_bias``), o (D with
+        ``attention_out_bias``) and the H sink logits (``attention_sinks``)."""
+        qkv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        return (qkv + (self.d_model if self.attention_out_bias else 0)
+                + (self.num_heads if self.attention_sinks else 0))
+
+    @property
     def attention_params(self) -> int:
-        """One layer's attention: projections, QK-norm weights (MLA: the query and latent norms), and the
-        pre-attention norm."""
+        """One layer's attention: projections and their biases, QK-norm weights (MLA: the query and latent norms),
+        and the pre-attention norm."""
         H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         if self.attention == "mla":
             return self.attention_proj_params + self.q_lora_rank + self.kv_lora_rank + self.d_model
-        qk = {"none": 0, "head": 2 * Dh, "full": H * Dh + K * Dh}[self.qk_norm]
-        return self.attention_proj_params + qk + self.d_model
+        qk = {"none": 0, "l2": 0, "head": 2 * Dh, "full": H * Dh + K * Dh}[self.qk_norm]
+        return self.attention_proj_params + self.attention_bias_params + qk + self.d_model
 
     @property
     def router_params(self) -> int:
-        """One layer's router (D × E, and the E score-correction biases of sigmoid routing)."""
-        return self.d_model * self.num_experts + (self.num_experts if self.router_score == "sigmoid" else 0)
+        """One layer's router (D × E, and the E score-correction biases of sigmoid routing or the E logit biases of
+        ``router_bias``)."""
+        biased = self.router_score == "sigmoid" or self.router_bias
+        return self.d_model * self.num_experts + (self.num_experts if biased else 0)
 
     @property
     def router_matmul_params(self) -> int:
@@ -277,13 +480,19 @@ class ModelConfig:
 
     @property
     def expert_params(self) -> int:
-        """One routed SwiGLU expert: gate, up (D × F each) and down (F × D)."""
+        """One routed SwiGLU expert: gate, up (D × F each) and down (F × D), and with ``expert_bias`` their
+        biases (2F + D)."""
+        return self.expert_matmul_params + ((2 * self.expert_ffn + self.d_model) if self.expert_bias else 0)
+
+    @property
+    def expert_matmul_params(self) -> int:
+        """One routed expert's matmul weights: gate, up (D × F each) and down (F × D)."""
         return 3 * self.d_model * self.expert_ffn
 
     @property
     def shared_params(self) -> int:
-        """One layer's shared experts (all of them)."""
-        return self.num_shared_experts * self.expert_params
+        """One layer's shared experts (all of them; never biased)."""
+        return self.num_shared_experts * self.expert_matmul_params
 
     @property
     def moe_dense_params(self) -> int:
@@ -321,7 +530,7 @@ class ModelConfig:
         """Matmul parameters one token multiplies in the layers: attention projections, router, shared and
         top-k experts, over all L layers (the embedding is a lookup; the output head is `head_params`)."""
         per_layer = (self.attention_proj_params + self.router_matmul_params + self.shared_params
-                     + self.top_k * self.expert_params)
+                     + self.top_k * self.expert_matmul_params)
         dense = self.attention_proj_params + 3 * self.d_model * self.dense_ffn
         return self.moe_layers * per_layer + self.first_dense_layers * dense
 
@@ -338,6 +547,8 @@ class ModelConfig:
     def attention_flops(self, batch: int, queries: int, keys: int) -> int:
         """QKᵀ and PV over all layers for `batch` sequences of `queries` positions against `keys` cached
         positions, as computed (every key, masked or not): 2 matmuls × 2 × H × S × T × Dh per sequence.
+        A sliding-window layer (`layer_windows`) reads only the cache's last W + S − 1 positions (a
+        decode step: W keys), so its T is at most that; a chunked layer (chunk C) reads at most C + S − 1.
 
         MLA: a one-position call (decode) runs the absorbed form, scores over the latent and the RoPE key
         (2 × H × T × (R + Dr)) and values in the latent (2 × H × T × R); longer calls (prefill) expand the
@@ -346,20 +557,53 @@ class ModelConfig:
             R, Dr, Dv = self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim
             width = (2 * R + Dr) if queries == 1 else (self.head_dim + Dv)
             return self.num_layers * 2 * batch * self.num_heads * queries * keys * width
-        return self.num_layers * 4 * batch * self.num_heads * queries * keys * self.head_dim
+        per_key = 4 * batch * self.num_heads * queries * self.head_dim
+        windowed = sum(min(keys, abs(w) + queries - 1) if w else keys for w in self.layer_windows)
+        return per_key * (self.first_dense_layers * keys + windowed)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes for one token over all layers: k and v (GQA), or the latent and the RoPE key (MLA)."""
         if self.attention == "mla":
-            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * self.kv_dtype_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    @property
+    def stored_matmul_params(self) -> int:
+        """The parameters stored in `param_dtype`: every matmul weight of the layers (attention projections,
+        routed, shared and dense experts); the rest (embedding, output head, norms, router, biases) are in `dtype`."""
+        per_moe = self.attention_proj_params + self.shared_params + self.num_experts * self.expert_matmul_params
+        dense = self.attention_proj_params + 3 * self.d_model * self.dense_ffn
+        return self.moe_layers * per_moe + self.first_dense_layers * dense
+
+    @property
+    def weight_scales(self) -> int:
+        """FP8 weights: the f32 scales stored beside them, one per matrix (the weight's dimensions but its
+        last two, `moe_jax.model.quant`); 0 otherwise."""
+        if self.param_dtype != FP8:
+            return 0
+        D, H, K, E = self.d_model, self.num_heads, self.num_kv_heads, self.num_experts
+        shared = 3 if self.num_shared_experts else 0                    # gate and up [2, Fs, D], down [D, Fs]
+        if self.attention == "mla":       # wq_a and wq_b (H) or wq (H); wkv_a (1), wkv_b (H), wo (D)
+            attention = (1 + H if self.q_lora_rank else H) + 1 + H + D
+        else:                                                           # wq (H), wk and wv (K), wo (D)
+            attention = H + 2 * K + D
+        return (self.moe_layers * (attention + 3 * E + shared)
+                + self.first_dense_layers * (attention + 3))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter as stored: matmul weights in `param_dtype` (and their FP8 scales), the rest
+        in `dtype`. Parameter counts do not depend on the dtypes."""
+        stored = self.stored_matmul_params
+        return (stored * DTYPES[self.param_dtype].bytes + (self.params_total - stored) * self.dtype_bytes
+                + 4 * self.weight_scales)
 
     def summary(self) -> dict:
         """The fields and derived counts as plain JSON-ready values."""
         out = dataclasses.asdict(self)
         out.update(params_total=self.params_total, params_active=self.params_active,
                    layers=self.num_layers, experts=self.num_experts,
-                   weight_bytes=self.params_total * self.dtype_bytes,
+                   weight_bytes=self.weight_bytes,
                    kv_bytes_per_token=self.kv_bytes_per_token)
         return out

@@ -34,6 +34,10 @@ class OpCost:
     count: int
     """Executions per program run (loop trip counts included)."""
     collective: bool = False
+    matmul_dtype: str = ""
+    """The dtype its matmul multiplies in, as `moe_jax.names.DTYPES` names it (``bfloat16``, ``float8_e4m3fn``):
+    both operands' when they agree, else the wider one's (an FP8 weight multiplied by bf16 activations runs at
+    the bf16 rate); empty for an op without a matmul."""
 
 
 @dataclass

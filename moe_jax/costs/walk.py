@@ -155,6 +155,35 @@ def _dot_flops(instr: Instruction, comp) -> int:
     return 2 * instr.elements * contracting
 
 
+_DTYPE_BY_HLO = {d.hlo: d.name for d in DTYPES.values()}
+
+
+def dot_dtype(instr: Instruction, comp, module: Module | None = None) -> str:
+    """The dtype a dot, convolution or grouped matmul multiplies in (`OpCost.matmul_dtype`): its operands' element
+    type when both agree, else the wider one's; for a fusion, that of the first such op inside; "" for none."""
+    if instr.opcode == "fusion" and module is not None:
+        for role, callee in module.calls(instr):
+            if role == "calls":
+                inner = module.computations[callee]
+                for i in inner.instructions:
+                    found = dot_dtype(i, inner, module)
+                    if found:
+                        return found
+        return ""
+    if instr.opcode not in ("dot", "convolution", "ragged-dot") and not _is_grouped_kernel(instr):
+        return ""
+    types = []
+    for name in instr.operands[:2]:
+        operand = comp.by_name.get(name)
+        found = arrays(operand.shape)[:1] if operand is not None else []
+        if found:
+            types.append(found[0][0])
+    if not types:
+        return ""
+    widest = max(types, key=dtype_bytes)
+    return _DTYPE_BY_HLO.get(widest, widest)
+
+
 def _valid_taps(out: int, size: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int,
                 size_in: int) -> int:
     """(output position, kernel tap) pairs of one spatial dimension that land on a real input element."""
@@ -572,6 +601,28 @@ def _conversion_only(instr: Instruction, module: Module) -> bool:
     return "convert" in ops and ops <= _CONVERSION_ONLY
 
 
+def _converted_update_bytes(instr: Instruction, comp, module: Module) -> int | None:
+    """XLA:CPU updates a bf16 buffer in f32: a fusion convert(dynamic-update-slice(convert(buffer), update))
+    reads and writes the whole buffer, where a GPU or TPU program writes the update in place (as `walk` drops
+    XLA:CPU's conversion-only fusions; this one also computes the update, e.g. a KV cache write of a projection
+    scaled by its FP8 weight's scales). Its bytes as in place: the other operands read, the update written;
+    None for any other op."""
+    callee = [c for role, c in module.calls(instr) if role == "calls"]
+    fused = module.computations[callee[0]] if callee else None
+    root = fused.root if fused else None
+    dus = fused.by_name.get(root.operands[0]) if root is not None and root.opcode == "convert" else None
+    buffer = fused.by_name.get(dus.operands[0]) if dus is not None and dus.opcode == "dynamic-update-slice" else None
+    if buffer is None or buffer.opcode != "convert" or len(fused.users(buffer.name)) != 1:
+        return None
+    index = next((i for i in range(len(instr.operands)) if getattr(fused.parameter(i), "name", None)
+                  == buffer.operands[0]), None)
+    update = fused.by_name.get(dus.operands[1])
+    if index is None or update is None or len(fused.users(buffer.operands[0])) != 1:
+        return None
+    others = sum(comp.by_name[n].bytes for i, n in enumerate(instr.operands) if i != index and n in comp.by_name)
+    return others + update.elements * root.bytes // max(root.elements, 1)
+
+
 def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
           hints: RaggedHints | None = None) -> WalkResult:
     """One pass over the module's control computations (see `walk`); raw_hbm_bytes is this pass's own."""
@@ -623,6 +674,8 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
                     moved = _grouped_matmul_bytes(instr, comp, moved, hints)
                 elif op == "ragged-all-to-all":   # reads the rows it sends, writes them at the receiver
                     moved = 2 * _ragged_bytes(instr, comp, _result_bytes(instr, comp, module))[1]
+                elif skip_conversions and op == "fusion":
+                    moved = min(moved, _converted_update_bytes(instr, comp, module) or moved)
             if not (flops or trans or moved):
                 continue
             scope = model_phase(instr.op_name)
@@ -633,7 +686,8 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
             bytes_by_scope[scope] += n * moved
             base = op[:-len("-start")] if op.endswith("-start") else op
             is_collective = base in _COLLECTIVE_KINDS
-            ops.append(OpCost(instr.name, op, scope, flops, matmul, trans, moved, n, is_collective))
+            ops.append(OpCost(instr.name, op, scope, flops, matmul, trans, moved, n, is_collective,
+                              dot_dtype(instr, comp, module) if matmul else ""))
             if is_collective:
                 groups = parse_replica_groups(instr.opcode + " " + instr.attrs)
                 c = Collective(base, instr.name, instr.shape, tuple(tuple(g) for g in groups), instr.op_name)

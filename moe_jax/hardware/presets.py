@@ -18,6 +18,7 @@ from pathlib import Path
 
 from moe_jax.errors import MoeJaxError, nearest
 from moe_jax.hardware.calibration import Calibration, check_number
+from moe_jax.names import FP8
 
 GB = 1e9
 TB = 1e12
@@ -93,10 +94,23 @@ class Hardware:
     calibration: Calibration | None = None
     """Measurements of this machine (``moe-jax calibrate``): matmul and memory curves, op overhead, collective
     fits; None for a datasheet preset."""
+    peak_flops_fp8: float = 0.0
+    """Dense FP8 (E4M3) matmul FLOP/s per device (datasheet); 0 where the chip has no FP8 matmul units (A100,
+    TPU v4/v5e/v5p/v6e, whose 8-bit peaks are int8): there FP8 weights are dequantized and multiplied at the
+    bf16 rate."""
 
     @property
     def achievable_flops(self) -> float:
         return self.peak_flops * self.flops_efficiency
+
+    def matmul_peak(self, dtype: str = "bfloat16") -> float:
+        """Datasheet FLOP/s of a matmul multiplying in `dtype`: the FP8 peak for ``float8_e4m3fn`` operands where
+        the chip has one, else `peak_flops` (a chip without FP8 units, and every wider dtype)."""
+        return self.peak_flops_fp8 if dtype == FP8 and self.peak_flops_fp8 > 0 else self.peak_flops
+
+    def achievable_matmul_flops(self, dtype: str = "bfloat16") -> float:
+        """`matmul_peak` at the achievable fraction (`flops_efficiency`, measured for bf16, taken for FP8 too)."""
+        return self.matmul_peak(dtype) * self.flops_efficiency
 
     @property
     def achievable_hbm(self) -> float:
@@ -178,29 +192,33 @@ _PRESETS = {h.name: h for h in [
                     "jax-ml/scaling-book gpus.md", compile_target="a100", sm_count=108, compute_capability="8.0"),
     Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
-                    "jax-ml/scaling-book gpus.md",
-             compile_target="h100", sm_count=132, compute_capability="9.0"),
+                    "jax-ml/scaling-book gpus.md; FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity)",
+             compile_target="h100", sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB),
     Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "scaling-book; MLCommons H200 "
                     "system description; achievable fractions measured on one H200 (bf16 matmul 788 TFLOP/s, "
-                    "copy 4.3 TB/s)", compile_target="h200", sm_count=132, compute_capability="9.0"),
+                    "copy 4.3 TB/s); FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity)", compile_target="h200",
+             sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB),
     Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink5(), _ib(),
              source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); "
-                    "jax-ml/scaling-book gpus.md",
-             compile_target="b200", sm_count=148, compute_capability="10.0"),
+                    "jax-ml/scaling-book gpus.md; FP8 4.5 PFLOP/s dense (datasheet 9 with sparsity)",
+             compile_target="b200", sm_count=148, compute_capability="10.0", peak_flops_fp8=4500 * TB),
     Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _infinity_fabric(), _ib(),
-             source="secondary sources (AMD MI300X figures)", compile_target="mi300", vendor="amd"),
+             source="secondary sources (AMD MI300X figures); FP8 2615 TFLOP/s dense (AMD MI300X data sheet, 5230 "
+                    "with sparsity)", compile_target="mi300", vendor="amd", peak_flops_fp8=2615 * TB),
     Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book tpus.md (3D torus, 6 links of 45 GB/s per direction)",
              compile_target="v4"),
     Hardware("tpu-v5e", 16 * GB, 197 * TB, 0.82 * TB, 256, _ici(45 * GB, 1), _dcn(), kind="tpu", vendor="google",
-             source="Cloud TPU docs (2D torus, 4 links of 45 GB/s per direction)", compile_target="v5e"),
+             source="Cloud TPU docs (2D torus, 4 links of 45 GB/s per direction; 8-bit peak: int8 393 TOPS, no FP8 "
+                    "listed)", compile_target="v5e"),
     Hardware("tpu-v5p", 95 * GB, 459 * TB, 2.77 * TB, 8960, _ici(90 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book (3D torus, 6 links of 90 GB/s per direction)",
              compile_target="v5p"),
     Hardware("tpu-v6e", 32 * GB, 918 * TB, 1.64 * TB, 256, _ici(90 * GB, 1), _dcn(), kind="tpu", vendor="google",
-             source="Cloud TPU docs (2D torus, 4 links of 90 GB/s per direction)", compile_target="v6e"),
+             source="Cloud TPU docs (2D torus, 4 links of 90 GB/s per direction; 8-bit peak: int8 1836 TOPS, no FP8 "
+                    "listed)", compile_target="v6e"),
 ]}
 
 
@@ -213,6 +231,7 @@ _TOML_KEYS = {f.name for f in dataclasses.fields(Hardware)} - {"node_link", "net
 RANGES: dict[str, tuple[float, float]] = {
     "memory_bytes": (1e6, 1e15),
     "peak_flops": (1e9, 1e19),
+    "peak_flops_fp8": (0.0, 1e19),
     "hbm_bandwidth": (1e8, 1e16),
     "bandwidth": (1e6, 1e15),
     "latency_s": (0.0, 1.0),
@@ -277,6 +296,8 @@ def _from_toml(path: Path) -> Hardware:
     for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "flops_efficiency", "hbm_efficiency"):
         if key in table:
             number(table[key], key, key)
+    if "peak_flops_fp8" in table:                                   # 0: no FP8 matmul units
+        number(table["peak_flops_fp8"], "peak_flops_fp8", "peak_flops_fp8", low_open=False)
     if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \
             or not 1 <= table["devices_per_node"] <= MAX_DEVICES_PER_NODE:
         raise MoeJaxError(f"hardware file {str(path)!r}: devices_per_node={table['devices_per_node']!r} must be a "

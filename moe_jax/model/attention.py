@@ -20,6 +20,13 @@ block's whole prefix fits in one piece (prompts up to Kc + Bq), its softmax is e
 the plain form computes it. Blocks wholly above the diagonal are never computed: the FLOPs are
 the lower triangle plus half of each diagonal block, (1 + Bq/S) x the causal S(S+1)/2 pairs. The
 largest scores array is [B, K, G, Bq, < Kc + Bq] f32.
+
+Two gpt-oss options. A sliding window W (query p sees keys p − W < t ≤ p): with W a Python int, a
+block's keys start at its first query's window (earlier blocks are skipped, so a sliding layer
+computes about S × (W + Bq) pairs, not S²/2); a traced W (a layer stack whose windows are scanned data)
+only masks. Llama 4's chunked layers are a window −C (query p sees keys of its own chunk of C,
+C·⌊p/C⌋ ≤ t ≤ p), skipped and masked the same way. Attention sinks: a per-head logit in every softmax's
+denominator with no value; the online softmax starts from it (running max the sink, running sum 1).
 """
 
 from __future__ import annotations
@@ -39,8 +46,36 @@ KEY_CHUNK = 2048
 """Keys per online-softmax step before a block's diagonal: bounds the scores of one step."""
 
 
-def attend(q, k, v, mask):
+def first_visible(rows, window):
+    """The first key position a query at `rows` sees: rows − W + 1 for a sliding window W > 0; for a chunked
+    layer (window −C < 0, Llama 4) the start of the query's chunk, rows − rows mod C; 0 for full attention (0).
+    window: a Python int or a traced int32 scalar; rows: ints or an int array."""
+    if isinstance(window, int):
+        if window > 0:
+            return rows - window + 1
+        return rows - rows % -window if window < 0 else 0 * rows
+    chunk = jnp.maximum(-window, 1)
+    return jnp.where(window > 0, rows - window + 1, jnp.where(window < 0, rows - rows % chunk, 0))
+
+
+def window_mask(rows, cols, window):
+    """True where key position `cols` is visible to query position `rows`: causal, and from `first_visible` on
+    (a sliding window's last W keys, or a chunked layer's own chunk) unless the window is 0.
+    window: a Python int or a traced int32 scalar."""
+    ok = cols <= rows
+    if isinstance(window, int) and not window:
+        return ok
+    return ok & (cols >= first_visible(rows, window))
+
+
+def _sink_logits(sinks, K: int):
+    """Sinks [H] as f32 [K, G] (query head h = kv head h // G, as `attend` groups them)."""
+    return sinks.astype(F32).reshape(K, -1)
+
+
+def attend(q, k, v, mask, *, sinks=None):
     """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend).
+    sinks: None, or [H] logits that join each query head's softmax denominator (gpt-oss) and carry no value.
 
     Query head h reads KV head h // (H / K). With K·r repeated heads (head e a copy of original head
     e // r) that is expanded head h // (H / (K·r)), a copy of original head h // (H / K): the same
@@ -50,9 +85,18 @@ def attend(q, k, v, mask):
     qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
     scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(B, S, H, Dh)
+    probs = _softmax(scores, None if sinks is None else _sink_logits(sinks, K)[None, :, :, None, None])
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
+    return out.reshape(B, S, H, v.shape[-1])
+
+
+def _softmax(scores, sink):
+    """Softmax over the last axis; with `sink` (broadcastable to scores[..., :1]) in the denominator."""
+    if sink is None:
+        return jax.nn.softmax(scores, axis=-1)
+    m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    p = jnp.exp(scores - m)
+    return p / (jnp.sum(p, axis=-1, keepdims=True) + jnp.exp(sink - m))
 
 
 def query_block(S: int) -> int:
@@ -63,22 +107,31 @@ def query_block(S: int) -> int:
     return MIN_QUERY_BLOCK * math.ceil(S / (MIN_QUERY_BLOCK * MAX_QUERY_BLOCKS))
 
 
-def causal_flops(batch: int, S: int, heads: int, head_dim: int, *, q_block: int | None = None) -> int:
+def causal_flops(batch: int, S: int, heads: int, head_dim: int, *, q_block: int | None = None,
+                 window: int = 0) -> int:
     """QKᵀ and PV FLOPs `causal_attend` computes for one layer (blocks above the diagonal skipped,
-    diagonal blocks whole): 4 × H × Dh per (query, key) pair computed."""
+    diagonal blocks whole; with a static sliding `window`, keys before a block's first query's window
+    skipped too): 4 × H × Dh per (query, key) pair computed."""
     bq = q_block or query_block(S)
-    pairs = sum(min(S, start + bq) * (min(S, start + bq) - start) for start in range(0, S, bq))
+    pairs = sum((min(S, start + bq) - _first_key(start, window)) * (min(S, start + bq) - start)
+                for start in range(0, S, bq))
     return 4 * batch * heads * head_dim * pairs
 
 
-def _scores(qg, k, q_start: int, k_start: int, masked: bool, scale: float):
+def _first_key(q_start: int, window) -> int:
+    """The first key a query block from q_start can see: 0, or with a static window its first query's
+    `first_visible` key (its window's first, or its chunk's start)."""
+    return max(0, first_visible(q_start, window)) if isinstance(window, int) and window else 0
+
+
+def _scores(qg, k, q_start: int, k_start: int, masked: bool, scale: float, window=0):
     """Scaled f32 scores [B, K, G, s, t] of query rows from position q_start against keys from k_start;
-    masked: keys after a query's position get the f32 minimum (as `attend` masks them)."""
+    masked: keys after a query's position, or outside its `window`, get the f32 minimum (as `attend` masks them)."""
     s = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * scale
     if masked:
         rows = q_start + jnp.arange(qg.shape[1])[:, None]
         cols = k_start + jnp.arange(k.shape[1])[None, :]
-        s = jnp.where(cols <= rows, s, jnp.finfo(F32).min)
+        s = jnp.where(window_mask(rows, cols, window), s, jnp.finfo(F32).min)
     return s
 
 
@@ -94,39 +147,47 @@ def _online_step(state, s, v):
     return m_new, total, acc
 
 
-def _block(qg, k, v, q_start: int, key_chunk: int, scale: float):
-    """Outputs [B, s, K, G, Dv] of one query block (rows from q_start) against keys [0, q_start + s)."""
+def _block(qg, k, v, q_start: int, key_chunk: int, scale: float, window=0, sink=None):
+    """Outputs [B, s, K, G, Dv] of one query block (rows from q_start) against keys [lo, q_start + s): lo 0, or
+    with a static window the block's first query's first key. sink: None or f32 [K, G] logits."""
     end = q_start + qg.shape[1]
-    chunks = q_start // key_chunk                                            # unmasked chunks before the diagonal
-    tail = chunks * key_chunk
+    lo = _first_key(q_start, window)
+    windowed = not (isinstance(window, int) and window == 0)                 # chunks need the window's mask too
+    chunks = (q_start - lo) // key_chunk                                     # chunks before the diagonal
+    tail = lo + chunks * key_chunk
     if chunks == 0:                                                          # one piece: the exact softmax
-        scores = _scores(qg, k[:, :end], q_start, 0, masked=True, scale=scale)
-        return jnp.einsum("bkgst,btkd->bskgd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v[:, :end])
+        scores = _scores(qg, k[:, lo:end], q_start, lo, masked=True, scale=scale, window=window)
+        probs = _softmax(scores, None if sink is None else sink[None, :, :, None, None])
+        return jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v[:, lo:end])
     B, s, K, G, _ = qg.shape
-    state = (jnp.full((B, K, G, s), jnp.finfo(F32).min, F32), jnp.zeros((B, K, G, s), F32),
-             jnp.zeros((B, s, K, G, v.shape[-1]), F32))
+    first = (jnp.full((B, K, G, s), jnp.finfo(F32).min, F32), jnp.zeros((B, K, G, s), F32)) if sink is None else (
+        jnp.broadcast_to(sink[None, :, :, None], (B, K, G, s)), jnp.ones((B, K, G, s), F32))  # the sink: exp(0)
+    state = (*first, jnp.zeros((B, s, K, G, v.shape[-1]), F32))
 
     def chunk(state, c):
-        start = c * key_chunk
+        start = lo + c * key_chunk
         kc = jax.lax.dynamic_slice_in_dim(k, start, key_chunk, axis=1)
         vc = jax.lax.dynamic_slice_in_dim(v, start, key_chunk, axis=1)
-        return _online_step(state, _scores(qg, kc, q_start, 0, masked=False, scale=scale), vc), None
+        scores = _scores(qg, kc, q_start, start, masked=windowed, scale=scale, window=window)
+        return _online_step(state, scores, vc), None
 
     if chunks == 1:
         state, _ = chunk(state, 0)
     else:                                                                    # a loop: the HLO stays one chunk long
         state, _ = jax.lax.scan(chunk, state, jnp.arange(chunks))
-    scores = _scores(qg, k[:, tail:end], q_start, tail, masked=True, scale=scale)   # the rest, diagonal included
+    scores = _scores(qg, k[:, tail:end], q_start, tail, masked=True, scale=scale, window=window)   # diagonal too
     _, total, acc = _online_step(state, scores, v[:, tail:end])
     return (acc / jnp.moveaxis(total, 3, 1)[..., None]).astype(v.dtype)
 
 
-def causal_attend(q, k, v, *, q_block: int | None = None, key_chunk: int = KEY_CHUNK, scale: float | None = None):
+def causal_attend(q, k, v, *, q_block: int | None = None, key_chunk: int = KEY_CHUNK, scale: float | None = None,
+                  window=0, sinks=None):
     """Causal grouped-query attention of S positions over their own keys, blockwise (see the module).
 
     q [B, S, H, Dh], k [B, S, K, Dh], v [B, S, K, Dv] (query i sees keys 0..i); heads grouped as in `attend`.
     q_block: Bq, by default `query_block(S)`; key_chunk: Kc, keys per online-softmax step; scale: of the
-    scores, by default Dh^-1/2.
+    scores, by default Dh^-1/2; window: keys per query (0: all before it), a Python int (blocks outside it
+    skipped) or a traced int32; sinks: None or [H] sink logits.
     Equals `attend(q, k, v, causal mask)` within bf16 rounding (exactly its formula where a block's
     keys are one piece). Returns [B, S, H, Dv].
     """
@@ -137,6 +198,8 @@ def causal_attend(q, k, v, *, q_block: int | None = None, key_chunk: int = KEY_C
     bq = q_block or query_block(S)
     qg = q.reshape(B, S, K, H // K, Dh)
     scale = Dh ** -0.5 if scale is None else scale
-    blocks = [_block(qg[:, start:start + bq], k, v, start, key_chunk, scale) for start in range(0, S, bq)]
+    sink = None if sinks is None else _sink_logits(sinks, K)
+    blocks = [_block(qg[:, start:start + bq], k, v, start, key_chunk, scale, window, sink)
+              for start in range(0, S, bq)]
     out = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
     return out.reshape(B, S, H, Dv)

@@ -18,7 +18,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import Attention, Norm, param, weight_einsum
+from moe_jax.model.layers import Attention, Norm, weight, weight_einsum
 from moe_jax.parallel.rules import batch_shards, constrain
 
 DENSE_NAMES = {"k": "dense_k", "v": "dense_v"}
@@ -29,10 +29,10 @@ class DenseFFN(nnx.Module):
     """A dense SwiGLU FFN of width ``cfg.dense_ffn``, split over tp on its width (as the shared experts are)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels):
-        D, F, dt = cfg.d_model, cfg.dense_ffn, cfg.dtype
+        D, F = cfg.d_model, cfg.dense_ffn
         self.kernels = kernels
-        self.w_gate_up_pfd = param(rngs, (2, F, D), ("gate_up", "mlp", "embed"), dt, fan_in=D)
-        self.w_down_df = param(rngs, (D, F), ("embed", "mlp"), dt, fan_in=F)
+        self.w_gate_up_pfd = weight(rngs, (2, F, D), ("gate_up", "mlp", "embed"), cfg, fan_in=D)
+        self.w_down_df = weight(rngs, (D, F), ("embed", "mlp"), cfg, fan_in=F)
 
     def __call__(self, x_bsd):
         """x [B, S, D] → [B, S, D]."""

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_jax.model.quant import E4M3_MAX
 from moe_jax.parallel.rules import constrain
 
 NAMES = ("k", "v")
@@ -58,6 +59,17 @@ def array_shape(name: str, layers: int, batch: int, heads: int, length: int, wid
     `length` positions of `width` (head_dim) each: keys [L, B, K·r, T, Dh], values [L, B, K·r, Dh, T]
     (`orders`)."""
     return (layers, *((batch, length, heads, width)[i] for i in orders(attention)[name]))
+
+
+def stored_as(x, dtype):
+    """x cast to the cache's `dtype`. An FP8 (E4M3) cache is a plain cast, as vLLM's fp8 cache with its default
+    scales of 1: keys and values keep 3 mantissa bits (at most 2^-4 relative error each, rounded to nearest),
+    and values past ±448, which E4M3 cannot hold (a cast would give NaN), saturate there. Attention reads the
+    cache back to the compute dtype (`LayerCache.read` callers), so only storage is in FP8."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float8_e4m3fn:
+        x = jnp.clip(x, -E4M3_MAX, E4M3_MAX)
+    return x.astype(dtype)
 
 
 CACHE_AXES = axes("gqa", "k")
@@ -120,7 +132,7 @@ class LayerCache(NamedTuple):
         for name, new in zip(NAMES, (k, v), strict=True):
             a = getattr(self, name)
             order = orders(self.attention)[name]
-            new = constrain(jnp.transpose(new.astype(a.dtype), order), axes(self.attention, name)[1:],
+            new = constrain(jnp.transpose(stored_as(new, a.dtype), order), axes(self.attention, name)[1:],
                             what="KV cache")
             lead = self._lead()
             new = new.reshape(1, new.shape[0], *([1] * (len(lead) - 2)), *new.shape[1:])

@@ -31,7 +31,7 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import F32, Norm, param, weight_einsum
+from moe_jax.model.layers import F32, Norm, weight, weight_einsum
 from moe_jax.parallel.rules import batch_shards, constrain
 
 LATENT_NORM_EPS = 1e-6
@@ -100,23 +100,23 @@ class MLAttention(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels):
-        D, H, Dh, dt = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.dtype
+        D, H, Dh = cfg.d_model, cfg.num_heads, cfg.head_dim
         R, Rq, Dr, Dv = cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.cfg = cfg
         self.kernels = kernels
         # Latent widths take the replicated "head_dim" axis rule: they are never split.
         if Rq:
-            self.wq_a_rd = param(rngs, (Rq, D), ("head_dim", "embed"), dt, fan_in=D)
+            self.wq_a_rd = weight(rngs, (Rq, D), ("head_dim", "embed"), cfg, fan_in=D)
             self.q_norm = Norm((Rq,), ("head_dim",), cfg)
             self.q_norm.eps = LATENT_NORM_EPS
-            self.wq_b_hkr = param(rngs, (H, Dh, Rq), ("heads", "head_dim", "head_dim"), dt, fan_in=Rq)
+            self.wq_b_hkr = weight(rngs, (H, Dh, Rq), ("heads", "head_dim", "head_dim"), cfg, fan_in=Rq)
         else:
-            self.wq_hkd = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), dt, fan_in=D)
-        self.wkv_a_cd = param(rngs, (R + Dr, D), ("head_dim", "embed"), dt, fan_in=D)      # latent, then RoPE key
+            self.wq_hkd = weight(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), cfg, fan_in=D)
+        self.wkv_a_cd = weight(rngs, (R + Dr, D), ("head_dim", "embed"), cfg, fan_in=D)      # latent, then RoPE key
         self.kv_norm = Norm((R,), ("head_dim",), cfg)
         self.kv_norm.eps = LATENT_NORM_EPS
-        self.wkv_b_hkr = param(rngs, (H, Dh - Dr + Dv, R), ("heads", "head_dim", "head_dim"), dt, fan_in=R)
-        self.wo_dhv = param(rngs, (D, H, Dv), ("embed", "heads", "head_dim"), dt, fan_in=H * Dv)
+        self.wkv_b_hkr = weight(rngs, (H, Dh - Dr + Dv, R), ("heads", "head_dim", "head_dim"), cfg, fan_in=R)
+        self.wo_dhv = weight(rngs, (D, H, Dv), ("embed", "heads", "head_dim"), cfg, fan_in=H * Dv)
 
     def __call__(self, x, positions, cache=None, *, decode: bool = False):
         """x [B, S, D], positions [S] (consecutive, start = positions[0]).

@@ -121,17 +121,22 @@ def _from_last_stage(x, axis: str, is_last):
     return jax.lax.bitcast_convert_type(jax.lax.psum(bits, axis), x.dtype).reshape(x.shape)
 
 
-def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, *, last_only: bool = False):
+def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, *, last_only: bool = False,
+                 windows: tuple[int, ...] | None = None):
     """The layer stack of a `Transformer` built for `pipeline`, pipelined over the layout's stage axis.
 
     Same contract as `moe_jax.model.stack.run_layers`: x [B, S, D], cache None or
-    {"k": [L, B, K, T, Dh], "v": [L, B, K, Dh, T]} → (x, cache, dropped). Each stage updates its share of the
-    cache in place. Must run under `use_layout` with
+    {"k": [L, B, K, T, Dh], "v": [L, B, K, Dh, T]} → (x, cache, dropped [L, G]). Each stage updates its share of
+    the cache in place, and counts its own layers' drops ([L/pp, G], its microbatches summed), which the
+    stage axis lays end to end in layer order. Must run under `use_layout` with
     the mesh of `pipeline.stages` stages: the layout says which mesh axis the stages are and
     how the batch is split; the model was built knowing it pipelines, and with how many
     microbatches.
     last_only: the last stage keeps, and the stages share, only each sequence's last
     position: x comes back as [B, 1, D].
+    windows: each layer's sliding window (`run_layers`), all L of them. Where every stage's share has the same
+    pattern (gpt-oss's alternation with an even L/pp) each stage runs it as static windows; otherwise a stage
+    reads its own as scanned data, and sliding layers mask rather than skip.
     """
     from jax.sharding import PartitionSpec as P
 
@@ -149,11 +154,18 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
     Bm = B // M
     inner = layout.without_axes(layout.stage_axes)
     graphdef, stacked = nnx.split(blocks)
+    windows = windows or (0,) * jax.tree.leaves(stacked)[0].shape[0]
+    per_stage = len(windows) // pp
+    shares = {windows[s * per_stage:(s + 1) * per_stage] for s in range(pp)}
 
     def stage_program(stacked, x, positions, cache):
         with use_layout(inner):
             stage = jax.lax.axis_index(axis)
             blocks = nnx.merge(graphdef, stacked)                              # this stage's L/pp layers
+            if len(shares) == 1:
+                (mine,) = shares
+            else:
+                mine = jax.lax.dynamic_slice_in_dim(jnp.asarray(windows, jnp.int32), stage * per_stage, per_stage)
             xm = x.reshape(Bm, M, *x.shape[1:])                                # microbatch m = xm[:, m]
             cm = None if cache is None else {
                 k: v.reshape(v.shape[0], Bm, M, *v.shape[2:]) for k, v in cache.items()}
@@ -167,7 +179,7 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
             def run(inp, cm, m, valid):
                 # microbatch m's sequences are [:, m] of the stage's cache: written there in place, and not
                 # at all (rewritten as they were) in a tick of the bubble
-                return run_layers(blocks, inp, positions, cm, decode, microbatch=m, keep=valid)
+                return run_layers(blocks, inp, positions, cm, decode, microbatch=m, keep=valid, windows=mine)
 
             dropped_shape = jax.eval_shape(run, take(xm, 0, 1), cm, jnp.int32(0), jnp.bool_(True))[2]
 
@@ -198,5 +210,6 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
 
     staged = jax.shard_map(
         stage_program, mesh=layout.mesh, axis_names={axis}, check_vma=False,
+        # dropped: P(axis) on its layer axis, so stage s's rows are layers s·L/pp ... (s+1)·L/pp − 1
         in_specs=(P(axis), P(), P(), P(axis)), out_specs=(P(), P(axis), P(axis)))
     return staged(stacked, x, positions, cache)

@@ -40,8 +40,10 @@ class ModelOutput(NamedTuple):
     """{"k": [L, B, K·r, T, Dh], "v": [L, B, K·r, Dh, T]} after this call's writes (`cache_shape`); None for a
     cacheless forward."""
     dropped: jax.Array
-    """Token-expert assignments dropped by capacity dispatch, per token group, summed over layers
-    (int32 [G]; ``.sum()`` is the total). Kept per group so counting needs no collective."""
+    """Token-expert assignments dropped by capacity dispatch (or a bounded dropless buffer), per MoE layer and
+    token group: int32 [L_moe, G], the layers in order (the ``first_dense_layers`` dense layers, which drop
+    nothing, are not in it); ``.sum()`` is the total, ``.sum(axis=1)`` the count per layer. Kept per group so
+    counting needs no collective."""
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
@@ -62,7 +64,7 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_co
     (`moe_jax.parallel.rules.Layout.kv_copies`: tp / K when tp exceeds the K KV heads, so each tp rank
     holds one head), 1 for an unsharded model. The model reads r from the layout it runs under.
     """
-    dt = jnp.dtype(dtype or cfg.dtype)
+    dt = jnp.dtype(dtype or cfg.cache_dtype)
     if cfg.attention == "mla":   # `moe_jax.model.mla`: "k" holds the latent (one head of width R), "v" the RoPE key
         shapes = {name: jax.ShapeDtypeStruct(array_shape(name, cfg.moe_layers, batch, 1, max_len, width,
                                                          attention=cfg.attention), dt)
@@ -116,9 +118,9 @@ class Transformer(nnx.Module):
             x, dense_cache = run_dense_layers(self.dense_blocks, x, positions, dense_cache, decode, cfg)
         if self.execution.pipeline is not None:
             x, new_cache, dropped = run_pipeline(self.blocks, x, positions, cache, decode, self.execution.pipeline,
-                                                 last_only=last_only)
+                                                 last_only=last_only, windows=cfg.layer_windows)
         else:
-            x, new_cache, dropped = run_layers(self.blocks, x, positions, cache, decode)
+            x, new_cache, dropped = run_layers(self.blocks, x, positions, cache, decode, windows=cfg.layer_windows)
             if last_only:
                 x = x[:, -1:]                                   # [B, 1, D]
         if new_cache is not None:

@@ -28,13 +28,19 @@ from dataclasses import asdict, dataclass, field
 
 from moe_jax.costs.types import CollectiveCost, CostReport, OpCost, PhaseCost, WeightsRead
 from moe_jax.hardware.presets import Hardware, LinkTier
-from moe_jax.names import Backend
+from moe_jax.names import FP8, Backend
 from moe_jax.perf.collectives import collective_seconds, collective_time, group_span
 
 
-def op_time(flops: float, nbytes: float, hw: Hardware) -> tuple[float, str]:
-    """Roofline time of one op execution and what bounds it ('compute' or 'memory')."""
-    compute = flops / hw.achievable_flops
+def op_time(flops: float, nbytes: float, hw: Hardware, matmul_flops: float = 0.0,
+            matmul_dtype: str = "") -> tuple[float, str]:
+    """Roofline time of one op execution and what bounds it ('compute' or 'memory').
+
+    matmul_flops of the flops multiply in `matmul_dtype` (`OpCost.matmul_dtype`): at the hardware's FP8 peak
+    when that is ``float8_e4m3fn`` and the chip has FP8 units (`Hardware.matmul_peak`), else, with the rest,
+    at the achievable bf16 peak."""
+    fp8 = matmul_flops if matmul_dtype == FP8 else 0.0
+    compute = (flops - fp8) / hw.achievable_flops + fp8 / hw.achievable_matmul_flops(FP8)
     memory = nbytes / hw.achievable_hbm
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
@@ -55,14 +61,17 @@ def memory_kind(op: OpCost) -> str:
 def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float, str]:
     """Seconds of one execution of a compiled op and what bounds it ('compute', 'memory' or 'overhead').
 
-    Datasheet presets: the roofline of `op_time`. Calibrated hardware: matmul FLOPs on the measured curve of
-    `dtype` (other FLOPs at the achievable peak, transcendentals on their measured curve), bytes on the
-    measured curve of the op's kind
+    Datasheet presets: the roofline of `op_time` (matmul FLOPs at the rate of the dtype the op's matmul
+    multiplies in). Calibrated hardware: matmul FLOPs on the measured curve of `dtype`, the model's compute
+    dtype, or of FP8 for an op whose matmul multiplies FP8 operands (`OpCost.matmul_dtype`; a CPU-compiled
+    program's f32 matmuls stand for the compute dtype, so no other dtype is taken from the op), other FLOPs at
+    the achievable peak, transcendentals on their measured curve, bytes on the measured curve of the op's kind
     (`memory_kind`), and never less than the measured cost of one tiny op."""
     cal = hw.calibration
     if cal is None:
-        return op_time(op.flops, op.bytes, hw)
-    compute = (cal.matmul_seconds(op.matmul_flops, dtype) if op.matmul_flops > 0 else 0.0) \
+        return op_time(op.flops, op.bytes, hw, op.matmul_flops, op.matmul_dtype)
+    dot_dtype = FP8 if op.matmul_dtype == FP8 else dtype
+    compute = (cal.matmul_seconds(op.matmul_flops, dot_dtype) if op.matmul_flops > 0 else 0.0) \
         + max(op.flops - op.matmul_flops, 0) / hw.achievable_flops \
         + (cal.transcendental.seconds(op.transcendentals) if cal.transcendental and op.transcendentals else 0.0)
     memory = cal.kind_seconds(memory_kind(op), op.bytes) if op.bytes > 0 else 0.0

@@ -1,7 +1,9 @@
 """The MoE block, one module per stage: route (router, top-k), capacity (GShard slots), dropless (sort and
-grouped matmul), exchange (the ragged all-to-all and its dense stand-in), dense (the reference) and
-layer (the `MoE` module that holds the weights and picks the dispatch when it is built)."""
+grouped matmul), exchange (the ragged all-to-all and its dense stand-in), dense (the reference), activation (the
+experts' gated activation every dispatch applies) and layer (the `MoE` module that holds the weights and picks the
+dispatch when it is built)."""
 
+from moe_jax.model.moe.activation import glu
 from moe_jax.model.moe.capacity import capacity_masks, capacity_moe, group_size, swiglu_experts
 from moe_jax.model.moe.dense import dense_moe
 from moe_jax.model.moe.dropless import dropless_moe, grouped_matmul, sort_assignments
@@ -11,4 +13,4 @@ from moe_jax.model.moe.route import route
 
 __all__ = ["MoE", "ROUTED_EXPERTS", "route", "group_size", "capacity_masks", "swiglu_experts", "capacity_moe",
            "dropless_moe", "grouped_matmul", "sort_assignments", "receive_rows", "ragged_all_to_all_dense",
-           "dense_moe"]
+           "dense_moe", "glu"]

@@ -18,7 +18,8 @@ from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32, weight_einsum
-from moe_jax.model.moe.route import route
+from moe_jax.model.moe.activation import glu
+from moe_jax.model.moe.route import route, weights_input
 from moe_jax.parallel.rules import activation_shards, batch_shards, constrain
 
 
@@ -54,19 +55,26 @@ def capacity_masks(weights_gsk, experts_gsk, num_experts: int, capacity: int):
     return dispatch, combine, dropped
 
 
-def swiglu_experts(x_egcd, w_gate_up_epfd, w_down_edf, kernels: Kernels):
-    """Each expert's SwiGLU on its own tokens. x [E, G, C, D] → [E, G, C, D]; weights [E, 2, F, D], [E, D, F]."""
+def swiglu_experts(x_egcd, w_gate_up_epfd, w_down_edf, kernels: Kernels, cfg: ModelConfig | None = None,
+                   biases=None):
+    """Each expert's SwiGLU on its own tokens. x [E, G, C, D] → [E, G, C, D]; weights [E, 2, F, D], [E, D, F].
+    cfg: the activation's (`moe_jax.model.moe.activation.glu`); biases: None or (gate/up [E, 2, F], down [E, D])."""
     E, G, C, D = x_egcd.shape
     one_row = G // activation_shards("expert_group", G) * C == 1           # per expert, per device
     in_place = one_row and kernels.in_place_weight_einsum
     gate_up = weight_einsum("egcd,epfd->egcpf", x_egcd, w_gate_up_epfd, in_place=in_place)  # p, f as stored
-    h = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    if biases is not None:
+        gate_up = gate_up + biases[0][:, None, None]
+    h = glu(gate_up[..., 0, :], gate_up[..., 1, :], cfg)
     h = constrain(h, ("expert", "expert_group", "capacity", "mlp"))
-    return weight_einsum("egcf,edf->egcd", h, w_down_edf, in_place=in_place)
+    y = weight_einsum("egcf,edf->egcd", h, w_down_edf, in_place=in_place)
+    return y if biases is None else y + biases[1][:, None, None]
 
 
-def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None):
+def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None, *,
+                 biases=None):
     """Routed experts with capacity dispatch. x [B, S, D] → (y [B, S, D], dropped assignments [G]).
+    biases: None, or the experts' (gate/up [E, 2, F], down [E, D]) biases (``cfg.expert_bias``).
 
     kernels: the target's (`moe_jax.model.moe.MoE` passes the model's); None for jax's default backend.
     """
@@ -79,6 +87,8 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk, cfg)
         dispatch, combine, dropped = capacity_masks(weights, experts, cfg.num_experts, C)
+        if weights_input(cfg):   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
+            dispatch, combine = combine, dispatch
     with jax.named_scope(scopes.DISPATCH):
         # Pack locally (every expert's slots for this shard's groups), then move: the
         # change from G split over dp×ep to E split over ep is one all-to-all on ep.
@@ -86,7 +96,7 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
         xe = constrain(xe, ("expert_all", "group", "capacity", "embed"))
         xe = constrain(xe, ("expert", "expert_group", "capacity", "embed"))
     with jax.named_scope(scopes.EXPERTS):
-        ye = swiglu_experts(xe, w_gate_up_epfd, w_down_edf, kernels)
+        ye = swiglu_experts(xe, w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
         ye = constrain(ye, ("expert", "expert_group", "capacity", "embed"))
     with jax.named_scope(scopes.COMBINE):
         ye = constrain(ye, ("expert_all", "group", "capacity", "embed"))     # all-to-all back

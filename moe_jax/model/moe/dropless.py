@@ -23,8 +23,10 @@ from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32
+from moe_jax.model.moe.activation import glu, row_experts
 from moe_jax.model.moe.exchange import receive_rows, send_back, send_to_experts
-from moe_jax.model.moe.route import route
+from moe_jax.model.moe.route import route, weights_input
+from moe_jax.model.quant import fp8_source
 from moe_jax.parallel.rules import current_layout
 
 
@@ -57,18 +59,36 @@ def grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
         return jax.lax.scan(one_group, acc, jnp.arange(w.shape[0]))[0]
 
 
-def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels):
+def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels, cfg: ModelConfig | None = None,
+                   biases=None):
     """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
 
-    Rows past sum(sizes) (padding) belong to no expert; callers mask them.
+    Rows past sum(sizes) (padding) belong to no expert; callers mask them. cfg: the activation's
+    (`moe_jax.model.moe.activation.glu`); biases: None or (gate/up [E, 2, F], down [E, D]), each row adding
+    its expert's.
     """
     E, _, F, D = w_gate_up_epfd.shape
     native = kernels.grouped_matmul
+    # FP8 weights read whole (`moe_jax.model.quant.fp8_source`): multiply the FP8 values as stored (the convert
+    # fuses into the kernel's operand) and scale each row's output by its expert's scale (exact: powers of two)
+    sources = (fp8_source(w_gate_up_epfd), fp8_source(w_down_edf))
+    scales = None
+    if None not in sources:
+        dtype = w_gate_up_epfd.dtype
+        (q_gate_up, s_gate_up), (q_down, s_down) = sources
+        w_gate_up_epfd, w_down_edf, scales = q_gate_up.astype(dtype), q_down.astype(dtype), (s_gate_up, s_down)
     with jax.named_scope(scopes.EXPERTS):
+        ids = row_experts(sizes_e, x_md.shape[0]) if biases is not None or scales is not None else None
         gate_up = grouped_matmul(x_md, w_gate_up_epfd.reshape(E, 2 * F, D), sizes_e, native, k_minor=True)
         gate_up = gate_up.reshape(-1, 2, F)                                    # [M, 2, F]
-        h = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-        return grouped_matmul(h, w_down_edf, sizes_e, native, k_minor=True)
+        if scales is not None:
+            gate_up = gate_up * scales[0][ids].astype(gate_up.dtype)          # [M, 2, 1]
+        if biases is not None:
+            gate_up = gate_up + biases[0][ids]
+        y = grouped_matmul(glu(gate_up[:, 0], gate_up[:, 1], cfg), w_down_edf, sizes_e, native, k_minor=True)
+        if scales is not None:
+            y = y * scales[1][ids].astype(y.dtype)                            # [M, 1]
+        return y if biases is None else y + biases[1][ids]
 
 
 def sort_assignments(experts_tk, num_experts: int):
@@ -84,12 +104,12 @@ def sort_assignments(experts_tk, num_experts: int):
     return order, sorted_ids, jnp.diff(bounds).astype(jnp.int32)
 
 
-def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelConfig, kernels: Kernels,
+def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *, cfg: ModelConfig, kernels: Kernels,
                     real_tokens: int, token_axes: tuple, ep_axis: str | None, ep: int, tp_axes: tuple):
     """One shard's dropless MoE (inside shard_map, or the whole problem without a mesh).
 
     x [T, D] this shard's tokens (rows at global index >= real_tokens are padding);
-    expert weights are this shard's E/ep experts (width F/tp). Returns (y [T, D], rows dropped [1]:
+    expert weights (and biases, if any) are this shard's E/ep experts (width F/tp). Returns (y [T, D], rows dropped [1]:
     0 unless ``cfg.dropless_buffer`` bounds the receive buffer).
     """
     T, D = x_td.shape
@@ -104,15 +124,19 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelCo
         order, sorted_ids, sizes = sort_assignments(experts, E)                # [T·k], [T·k], [E]
     with jax.named_scope(scopes.DISPATCH):
         xs = x_td[order // k]                                                  # [T·k, D] by expert
+        if weights_input(cfg):   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
+            xs, weights = xs * weights.reshape(-1)[order].astype(xs.dtype)[:, None], jnp.ones_like(weights)
     dropped = jnp.zeros((1,), jnp.int32)
+    if biases is not None and tp_axes:   # the down projection is a partial sum over tp: its bias added by one rank
+        biases = (biases[0], jnp.where(jax.lax.axis_index(tp_axes) == 0, biases[1], 0))
     if ep == 1:
-        ys = grouped_swiglu(xs, sizes, w_gate_up_epfd, w_down_edf, kernels)
+        ys = grouped_swiglu(xs, sizes, w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
         ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
     else:
         buffer_rows, block_rows = receive_rows(cfg, T, ep)
         move = dict(ep_axis=ep_axis, ep=ep, E_loc=E_loc, block_rows=block_rows, ragged=kernels.ragged_all_to_all)
         recv, routes = send_to_experts(xs, sizes, buffer_rows=buffer_rows, **move)
-        yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels)
+        yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
         ys = send_back(yr, routes, xs.shape[0], xs.dtype, **move)
         dropped = jnp.sum(sizes - routes.send, dtype=jnp.int32)[None]
     with jax.named_scope(scopes.COMBINE):
@@ -124,7 +148,8 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, *, cfg: ModelCo
     return y.astype(x_td.dtype), dropped
 
 
-def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None):
+def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None, *,
+                 biases=None):
     """Routed experts, dropless. x [B, S, D] → (y [B, S, D], rows dropped per token shard: 0 unless
     ``cfg.dropless_buffer`` bounds the receive buffer).
 
@@ -132,6 +157,7 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     three grouped matmuls; otherwise it runs in `jax.shard_map`, manual over the token axes (``batch``: dp × ep),
     the expert axis (ep) and the width axis (tp) of the layout in force; see the module docstring.
     kernels: the target's (`moe_jax.model.moe.MoE` passes the model's); None for jax's default backend.
+    biases: None, or the experts' (gate/up [E, 2, F], down [E, D]) biases (``cfg.expert_bias``), split as the weights.
     XLA:CPU has neither a ragged all-to-all nor a grouped matmul: its program moves the same rows in
     fixed blocks and loops over the local experts.
     """
@@ -149,7 +175,7 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
         if layout is not None and layout.mesh is not None else ((), (), ())
     manual = set(token_axes) | set(ep_axes) | set(tp_axes)
     if not manual:       # nothing to split here (one device, or only pipeline stages, already manual)
-        y, dropped = _dropless_shard(x, router_de, w_gate_up_epfd, w_down_edf, token_axes=(), ep_axis=None,
+        y, dropped = _dropless_shard(x, router_de, w_gate_up_epfd, w_down_edf, biases, token_axes=(), ep_axis=None,
                                      ep=1, tp_axes=(), **kw)
         return y.reshape(B, S, D), dropped
     from jax.sharding import PartitionSpec as P
@@ -166,7 +192,11 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
                              ep=layout.size(ep_axes), tp_axes=tp_axes, **kw)
     tok = P(token_axes or None, None)
+    args, specs = (x, router_de, w_gate_up_epfd, w_down_edf), (tok, P(), gate_up_spec, down_spec)
+    if biases is not None:
+        bias_specs = (layout.spec(("expert", "gate_up", "mlp"), biases[0].shape, what="expert biases"),
+                      layout.spec(("expert", "embed"), biases[1].shape, what="expert biases"))
+        args, specs = (*args, tuple(biases)), (*specs, bias_specs)
     y, dropped = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
-                               in_specs=(tok, P(), gate_up_spec, down_spec), out_specs=(tok, P(token_axes or None)))(
-        x, router_de, w_gate_up_epfd, w_down_edf)
+                               in_specs=specs, out_specs=(tok, P(token_axes or None)))(*args)
     return y[:T].reshape(B, S, D), dropped

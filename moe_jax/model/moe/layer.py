@@ -18,7 +18,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import param, weight_einsum
+from moe_jax.model.layers import param, weight, weight_einsum
 from moe_jax.model.moe.capacity import capacity_moe
 from moe_jax.model.moe.dense import dense_moe
 from moe_jax.model.moe.dropless import dropless_moe
@@ -43,20 +43,26 @@ class MoE(nnx.Module):
         self.router_de = param(rngs, (D, E), ("embed", "expert_all"), dt, fan_in=D)
         if cfg.router_score == "sigmoid":   # DeepSeek-V3's score-correction bias (added for the choice only)
             self.router_bias_e = nnx.Param(jnp.zeros((E,), dt), axes=("expert_all",))
-        self.w_gate_up_epfd = param(rngs, (E, 2, F, D), ("expert", "gate_up", "mlp", "embed"), dt, fan_in=D)
-        self.w_down_edf = param(rngs, (E, D, F), ("expert", "embed", "mlp"), dt, fan_in=F)
+        elif cfg.router_bias:               # gpt-oss: a bias on the router logits
+            self.router_bias_e = param(rngs, (E,), ("expert_all",), dt, fan_in=D)
+        self.w_gate_up_epfd = weight(rngs, (E, 2, F, D), ("expert", "gate_up", "mlp", "embed"), cfg, fan_in=D)
+        self.w_down_edf = weight(rngs, (E, D, F), ("expert", "embed", "mlp"), cfg, fan_in=F)
+        if cfg.expert_bias:                 # gpt-oss: biases on each expert's gate/up and down projections
+            self.b_gate_up_epf = param(rngs, (E, 2, F), ("expert", "gate_up", "mlp"), dt, fan_in=D)
+            self.b_down_ed = param(rngs, (E, D), ("expert", "embed"), dt, fan_in=F)
         if cfg.num_shared_experts:
             Fs = cfg.num_shared_experts * F
-            self.shared_gate_up_pfd = param(rngs, (2, Fs, D), ("gate_up", "mlp", "embed"), dt, fan_in=D)
-            self.shared_down_df = param(rngs, (D, Fs), ("embed", "mlp"), dt, fan_in=Fs)
+            self.shared_gate_up_pfd = weight(rngs, (2, Fs, D), ("gate_up", "mlp", "embed"), cfg, fan_in=D)
+            self.shared_down_df = weight(rngs, (D, Fs), ("embed", "mlp"), cfg, fan_in=Fs)
 
     def __call__(self, x_bsd):
         """x [B, S, D] → (y [B, S, D], dropped token-expert assignments per token group [G])."""
         router = self.router_de[...]
-        if self.cfg.router_score == "sigmoid":
+        if self.cfg.router_score == "sigmoid" or self.cfg.router_bias:
             router = (router, self.router_bias_e[...])
+        extra = {"biases": (self.b_gate_up_epf[...], self.b_down_ed[...])} if self.cfg.expert_bias else {}
         y, dropped = self.routed_experts(x_bsd, router, self.w_gate_up_epfd[...], self.w_down_edf[...],
-                                         self.cfg, self.kernels)
+                                         self.cfg, self.kernels, **extra)
         if self.cfg.num_shared_experts:
             with jax.named_scope(scopes.SHARED_EXPERTS):
                 B, S, _ = x_bsd.shape

@@ -1,11 +1,15 @@
 """The router: each token's top k experts and their weights.
 
-Two scorings (``ModelConfig.router_score``):
+Three scorings (``ModelConfig.router_score``):
 - ``softmax`` over the experts, top k of the probabilities (Mixtral, Qwen3, OLMoE, DBRX);
+- ``topk_softmax``: top k of the logits, then a softmax over the k chosen (gpt-oss);
 - ``sigmoid`` per expert (DeepSeek-V3): a learned score-correction bias is added for the choice only,
   the choice may be limited to the best ``router_topk_groups`` of ``router_groups`` expert groups (a
   group's score: the sum of its two best biased scores), and the weights are the chosen experts'
-  unbiased scores, renormalised (``router_norm_topk``) and multiplied by ``routed_scaling``.
+  unbiased scores, renormalised (``router_norm_topk``) and multiplied by ``routed_scaling``;
+- ``sigmoid_input`` (Llama 4): top k of the logits, their sigmoids the weights, which multiply the chosen
+  experts' input rows rather than their outputs (`weights_input`: each dispatch scales the rows it sends
+  and combines the outputs unweighted).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from moe_jax.model.layers import F32
 def route(x, router, top_k: int, norm_topk: bool, cfg=None):
     """Router in f32. x [..., D] → (weights [..., k] f32, experts [..., k] int32).
 
-    router: the router weight [D, E], or (weight [D, E], score-correction bias [E]) for sigmoid routing.
+    router: the router weight [D, E], or (weight [D, E], bias [E]): sigmoid routing's score-correction bias, or
+    with ``router_bias`` a bias added to the logits (gpt-oss).
     cfg: the `ModelConfig` whose ``router_score``, groups and ``routed_scaling`` apply; None (or a softmax
     config with scaling 1) routes as a plain top-k softmax.
     """
@@ -27,6 +32,14 @@ def route(x, router, top_k: int, norm_topk: bool, cfg=None):
     logits = jnp.einsum("...d,de->...e", x.astype(F32), router_de.astype(F32))
     if cfg is not None and cfg.router_score == "sigmoid":
         return _sigmoid_route(logits, bias_e, top_k, norm_topk, cfg)
+    if bias_e is not None:
+        logits = logits + bias_e.astype(F32)
+    if cfg is not None and cfg.router_score == "sigmoid_input":
+        top, experts = _top_k(logits, top_k)
+        return jax.nn.sigmoid(top), experts
+    if cfg is not None and cfg.router_score == "topk_softmax":
+        top, experts = _top_k(logits, top_k)
+        return jax.nn.softmax(top, axis=-1), experts
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = _top_k(probs, top_k)
     if norm_topk:
@@ -34,6 +47,12 @@ def route(x, router, top_k: int, norm_topk: bool, cfg=None):
     if cfg is not None and cfg.routed_scaling != 1:
         weights = weights * cfg.routed_scaling
     return weights, experts
+
+
+def weights_input(cfg) -> bool:
+    """Whether the routing weights multiply the experts' input rows (``sigmoid_input``, Llama 4) rather than
+    their outputs: expert(w·x) instead of w·expert(x), different for a SwiGLU expert."""
+    return cfg is not None and cfg.router_score == "sigmoid_input"
 
 
 def _sigmoid_route(logits, bias_e, top_k: int, norm_topk: bool, cfg):
