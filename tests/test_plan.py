@@ -96,7 +96,7 @@ def test_cache_second_run_compiles_nothing_and_truncated_entries_recompute(tmp_p
     third = plan(cfg, 8, hw, work, top=2, workers=1, cache_dir=tmp_path)
     redone = next(r for r in third.candidates if r.strategy == first.best)
     assert redone.compiled and not redone.cached
-    assert json.loads(victim.read_text())["payload"]["analysis"]["strategy"]["name"] == first.best
+    assert json.loads(victim.read_text())["payload"]["strategy"] == first.best
 
 
 def test_plan_cli_with_baseline(tmp_path, capsys):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,23 @@ from moe_jax.parallel.mesh import Strategy, kv_copies, validate
 
 PHASES = tuple(Phase)
 
-CPU_ANALYSIS_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-"""XLA options for the cpu backend's analysis compile. XLA:CPU computes bf16 in f32: its
+CPU_ANALYSIS_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+                        "xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+"""XLA options for the cpu backend's analysis compile.
+
+The analysis reads the optimized HLO and the buffer assignment and never runs the machine code, yet
+generating that code was nine tenths of each compile (seed-30b EP64-TP8 prefill on 1024 devices:
+5.1 s, of which 0.6 s HLO passes). ``xla_backend_optimization_level=0`` skips LLVM's optimization
+of it: the HLO and memory_analysis() are identical (same HLO text and every analyze figure on
+seed-30b EP64-TP8-DP2, EP16-TP8-DP8, EP64-TP2-PP4-DP2), compiles take half the time.
+``xla_cpu_use_fusion_emitters=False`` emits XLA:CPU's fusions with its older loop emitters instead of
+the MLIR fusion emitters: compiles take another 2.5x less (planner: bench/plan_speed.py). It leaves
+single ops unwrapped (a top-level ``reduce-window`` instead of a one-op fusion, the same FLOPs and
+bytes) and fuses some ops of the pipeline (pp > 1) programs differently: on the seed search's eight
+strategies, pp=1 figures are identical and pp > 1 ones move by at most 1.2% of peak memory
+(XLA:CPU temporaries) and 0.7% of TPOT, ranking unchanged.
+
+``xla_disable_hlo_passes``: XLA:CPU computes bf16 in f32: its
 FloatNormalization pass (``float-normalization-bf16``) upcasts the bf16 dynamic-slice that picks
 one layer out of the stacked [L, ...] weights (and the KV cache) inside the layer loop by
 converting the whole stacked operand, and ``while-loop-invariant-code-motion`` then hoists that
@@ -41,6 +57,40 @@ loop-invariant convert out of the loop: an f32 copy of every layer's weights (tw
 bytes, 123 GB for qwen3-30b-a3b on one device) among the temporaries. Without the hoist the
 convert fuses into the slice and one layer at a time is upcast. Results are bit-identical (a
 convert is exact wherever it runs); measured in bench/fit_cases.py."""
+
+
+@contextmanager
+def persistent_cache(directory: Path | None):
+    """Within the block, keep jax's compiled executables in `directory` (jax's persistent compilation cache;
+    None: leave jax's setting as it is): a program compiled once, in any process, is read back instead of
+    compiled again (what an interrupted search already compiled, the same program reached by another objective
+    or sweep). The setting before the block is restored after it.
+
+    jax decides once per process, at its first compile, whether its cache is in use, and a changed directory
+    needs `compilation_cache.reset_cache` to be seen: both are done here."""
+    if directory is None:
+        yield
+        return
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    wanted = {names[0]: str(directory),
+              names[1]: 0.0,               # every compile: the analysis compiles take a second or two
+              names[2]: -1}                # no size floor
+    if wanted != before:
+        for name, value in wanted.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        if wanted != before:
+            for name, value in before.items():
+                jax.config.update(name, value)
+            compilation_cache.reset_cache()
 
 
 MAX_BATCH = 1 << 20

@@ -85,13 +85,15 @@ class Analysis:
         return {
             "schema": "moe-jax.analyze/1",
             "model": {"name": cfg.name, "params_total": cfg.params_total, "params_active": cfg.params_active,
-                      "dtype": cfg.dtype, "dispatch": cfg.dispatch, "capacity_factor": cfg.capacity_factor},
+                      "dtype": cfg.dtype, "dispatch": cfg.dispatch, "capacity_factor": cfg.capacity_factor,
+                      "weight_dtype": cfg.param_dtype, "kv_dtype": cfg.cache_dtype, "weight_bytes": cfg.weight_bytes,
+                      "kv_bytes_per_token": cfg.kv_bytes_per_token},
             "strategy": {"name": s.name, "ep": s.ep, "tp": s.tp, "pp": s.pp, "dp": s.dp,
                          "devices": s.num_devices},
             "hardware": {"name": hw.name, "memory_bytes": hw.memory_bytes, "peak_flops": hw.peak_flops,
                          "hbm_bandwidth": hw.hbm_bandwidth, "devices_per_node": hw.devices_per_node,
                          "flops_efficiency": hw.flops_efficiency, "hbm_efficiency": hw.hbm_efficiency,
-                         "source": hw.source, "assumptions": hw.assumptions},
+                         "peak_flops_fp8": hw.peak_flops_fp8, "source": hw.source, "assumptions": hw.assumptions},
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
                          "gen_len": self.workload.gen_len},
             "backend": self.cost.backend, "target": self.cost.target, "compiled_for": self.cost.compiled_for,
@@ -159,7 +161,7 @@ def _checks(a: Analysis) -> list[Check]:
             f"{_gb(mem['kv_cache'])} + activations {_gb(mem['activations'])} + inputs/outputs "
             f"{_gb(mem['outputs_and_inputs'])}) {'<=' if ok else '>'} {_gb(hw.memory_bytes)} per {hw.name}"
             + (f"; {unconfirmed_fit_note(a)}" if not a.fit_confirmed else ""))))
-    E, H, K, L = cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
+    E, H, K, L = cfg.num_experts, cfg.num_heads, cfg.num_kv_heads, cfg.moe_layers   # pp splits the MoE layers
     checks.append(Check("experts_split_evenly", E % s.ep == 0,
                         f"{E} experts / ep={s.ep} = {E / s.ep:g} per device per layer"))
     kv = (f"KV heads {K} < tp={s.tp}: each tp rank keeps the 1 KV head its query heads read, each head shared "
@@ -169,7 +171,10 @@ def _checks(a: Analysis) -> list[Check]:
                         f"{H} query heads / tp={s.tp} = {H / s.tp:g}; {kv}"))
     checks.append(Check("expert_width_split_evenly", cfg.expert_ffn % s.tp == 0,
                         f"expert FFN width {cfg.expert_ffn} / tp={s.tp} = {cfg.expert_ffn / s.tp:g} columns"))
-    checks.append(Check("layers_split_evenly", L % s.pp == 0, f"{L} layers / pp={s.pp} = {L / s.pp:g} per stage"))
+    dense = (f" (+ the {cfg.first_dense_layers} dense first layers, on every stage's devices)"
+             if cfg.first_dense_layers else "")
+    checks.append(Check("layers_split_evenly", L % s.pp == 0,
+                        f"{L} {'MoE ' if dense else ''}layers / pp={s.pp} = {L / s.pp:g} per stage{dense}"))
     checks.append(Check("batch_split_evenly", w.batch % s.dp == 0,
                         f"batch {w.batch} / dp={s.dp} = {w.batch / s.dp:g} sequences per replica; "
                         f"{f['sequences_per_device']} per device in attention (split {f['batch_split']} ways)"))
@@ -182,11 +187,11 @@ def _checks(a: Analysis) -> list[Check]:
                 f"({t.floor_detail})" + ("" if ok else "; the floor is reported instead"))))
     if mem["total"] is not None:
         util = mem["total"] / hw.memory_bytes
-        need = (cfg.params_total * cfg.dtype_bytes + w.batch * w.cache_len * cfg.kv_bytes_per_token)
+        need = (cfg.weight_bytes + w.batch * w.cache_len * cfg.kv_bytes_per_token)
         fewest = max(1, math.ceil(need / hw.memory_bytes))
         checks.append(Check("memory_well_used", util >= WELL_USED, (
             f"{util:.1%} of {_gb(hw.memory_bytes)} used per device (threshold {WELL_USED:.0%}); weights "
-            f"{_gb(cfg.params_total * cfg.dtype_bytes)} + KV cache "
+            f"{_gb(cfg.weight_bytes)} + KV cache "
             f"{_gb(w.batch * w.cache_len * cfg.kv_bytes_per_token)}"
             f" = {_gb(need)} would fit in {fewest} devices' memory before activations and replication "
             f"(this strategy uses {s.num_devices})")))
@@ -266,6 +271,18 @@ def analyze(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: 
     if compiler.backend == Backend.GPU:
         compile_kw.setdefault("gpu_target", compiler.gpu_target)
     cost = analyze_cost(cfg, strategy, workload, compiler.backend, **compile_kw)
+    return analysis_of(cfg, strategy, hardware, workload, cost, compiler)
+
+
+def analysis_of(cfg: ModelConfig, strategy: Strategy, hardware: Hardware, workload: Workload, cost: CostReport,
+                compiler) -> Analysis:
+    """The analysis of an already compiled `cost` (`analyze_cost`, or the planner's cache) on `hardware`: the
+    time model, checks and recommendations, the part that depends on the hardware. `cost` is left unchanged.
+
+    compiler: the `moe_jax.costs.backends.Compiler` that produced `cost`."""
+    from dataclasses import replace
+
+    cost = replace(cost, notes=list(cost.notes))
     cost.compiled_for = {**compiler.to_dict(), "target": cost.target, "topology": cost.topology}
     if compiler.reason:
         cost.notes.insert(0, f"{compiler.reason}: the numbers come from XLA:CPU as a stand-in")
