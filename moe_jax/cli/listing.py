@@ -46,6 +46,7 @@ def describe(model_name, strategy_spec, devices, batch, prompt_len, gen_len, as_
     """Validate a strategy for a model and show exactly what each device holds."""
     from moe_jax.parallel.mesh import validate
     from moe_jax.programs.placement import describe as describe_placement
+    from moe_jax.reporting.architecture import architecture_dict
 
     cfg = get_model(model_name)
     strategy = Strategy.load(strategy_spec)
@@ -55,6 +56,7 @@ def describe(model_name, strategy_spec, devices, batch, prompt_len, gen_len, as_
     if as_json:
         data = placement.to_dict()
         data["workload"] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
+        data["architecture"] = architecture_dict(cfg)
         click.echo(dumps(data, indent=2))
         return
     tables.print_placement(out, placement, prompt_len, gen_len)

@@ -34,7 +34,7 @@ from moe_jax.costs.routing import decode_floor_weights
 from moe_jax.costs.types import Analytic, AnalyticReport, CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
 from moe_jax.model.moe import group_size, receive_rows
 from moe_jax.model.pipeline import schedule
-from moe_jax.names import Dispatch
+from moe_jax.names import DTYPES, Dispatch
 from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_copies, kv_replicated
 from moe_jax.parallel.rules import Layout
 
@@ -83,8 +83,10 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     only (every prompt position with `full_logits`); decode's one token is its last. The
     embedding lookup is not a matmul (`ModelConfig.useful_flops`).
     attention: QKᵀ and PV as computed (prefill: the blocks at and below the diagonal that the blockwise
-    causal attention computes, `moe_jax.model.attention.causal_flops`; MLA's prefill: full S×S; decode:
-    all T cache positions).
+    causal attention computes, `moe_jax.model.attention.causal_flops`, from each sliding layer's window on;
+    MLA's prefill: full S×S; decode: all T cache positions, a sliding layer's last W). A pipeline whose stages'
+    layer patterns differ masks its sliding layers instead (`moe_jax.model.pipeline.run_pipeline`): its program
+    computes more than this counts.
     capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
     the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
     is split `batch_shards` ways.
@@ -98,13 +100,15 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     if phase == "prefill" and cfg.attention != "mla":       # blockwise causal: blocks above the diagonal skipped
         from moe_jax.model.attention import causal_flops
 
-        attention = cfg.num_layers * causal_flops(B, S, cfg.num_heads, cfg.head_dim)
+        # and a sliding layer's blocks before its window (`ModelConfig.layer_windows`; the dense layers are full)
+        windows = (0,) * cfg.first_dense_layers + cfg.layer_windows
+        attention = sum(causal_flops(B, S, cfg.num_heads, cfg.head_dim, window=w) for w in windows)
     capacity = 0
     if cfg.dispatch == Dispatch.CAPACITY:
         mb_tokens = tokens // microbatches
         groups = capacity_groups(cfg, mb_tokens, batch_shards)
         G = microbatches * groups.groups(mb_tokens)
-        padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_params * cfg.moe_layers
+        padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_matmul_params * cfg.moe_layers
         capacity = padded + groups.dispatch_combine_flops(cfg, G) * cfg.moe_layers
     return Analytic(useful, attention, capacity)
 
@@ -138,18 +142,23 @@ def analytic_report(cfg: ModelConfig, strategy: Strategy, workload: Workload, we
 
 
 def kv_weights_unread(cfg: ModelConfig, strategy: Strategy) -> int:
-    """Bytes of the K/V projection weights (and a per-head K norm) a device holds but never reads.
+    """Bytes of the K/V projection weights (and a per-head K norm, and K/V biases) a device holds but never reads.
 
     When tp exceeds the K KV heads those weights [K, Dh, D] are whole on every tp rank, but a rank
     projects only the head its query heads read (`moe_jax.model.layers.repeat_kv_heads`): the other
-    K − 1 heads are not part of what a decode step must touch. 0 when tp divides K.
+    K − 1 heads are not part of what a decode step must touch. 0 when tp divides K. A device holds its
+    stage's L_moe/pp MoE layers and every one of the ``first_dense_layers`` dense layers (they run ahead of
+    the pipeline on every stage: `moe_jax.model.dense_layers`).
     """
     if not kv_replicated(cfg, strategy):
         return 0
     held = cfg.num_kv_heads
     read = cfg.num_kv_heads * kv_copies(cfg, strategy) // strategy.tp
-    per_head = 2 * cfg.head_dim * cfg.d_model + (cfg.head_dim if cfg.qk_norm == "full" else 0)
-    return (cfg.num_layers // strategy.pp) * (held - read) * per_head * cfg.dtype_bytes
+    norm = cfg.head_dim if cfg.qk_norm == "full" else 0
+    biases = 2 * cfg.head_dim if cfg.attention_bias else 0
+    w = DTYPES[cfg.param_dtype].bytes                   # the projections as stored (FP8 weights: 1 byte)
+    layers = cfg.moe_layers // strategy.pp + cfg.first_dense_layers
+    return layers * (held - read) * (2 * cfg.head_dim * cfg.d_model * w + (norm + biases) * cfg.dtype_bytes)
 
 
 def _mla_ops(cfg: ModelConfig, Hl: int, seqs: int, S: int, T: int, *, decode: bool) -> list[tuple[str, int, int]]:
@@ -159,16 +168,17 @@ def _mla_ops(cfg: ModelConfig, Hl: int, seqs: int, S: int, T: int, *, decode: bo
     query into the latent space and the output back out of it), the output projection; then the scores and
     the weighted sum, over the latent and RoPE key as cached (R + Dr per position, read once)."""
     D, Dh, b = cfg.d_model, cfg.head_dim, cfg.dtype_bytes
+    w, kvb = DTYPES[cfg.param_dtype].bytes, cfg.kv_dtype_bytes    # weights and cache as stored
     R, Rq, Dr, Dv = cfg.kv_lora_rank, cfg.q_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim
     tok = seqs * S
     q_params = D * Rq + Rq * Hl * Dh if Rq else D * Hl * Dh
     expand_params = Hl * R * (Dh - Dr + Dv)
     expanded_rows = tok if decode else seqs * T          # absorbed: per query; expanded: per key position
     proj_flops = 2 * tok * (q_params + D * (R + Dr) + Hl * Dv * D) + 2 * expanded_rows * expand_params
-    proj_bytes = ((q_params + D * (R + Dr) + expand_params + Hl * Dv * D) * b
+    proj_bytes = ((q_params + D * (R + Dr) + expand_params + Hl * Dv * D) * w
                   + tok * (2 * D + Hl * Dh + R + Dr + Hl * Dv) * b)
     width = 2 * R + Dr if decode else Dh + Dv
-    scores_bytes = seqs * T * (R + Dr) * b + seqs * Hl * S * T * F32 * 2
+    scores_bytes = seqs * T * (R + Dr) * kvb + seqs * Hl * S * T * F32 * 2
     return [("qkvo", proj_flops, proj_bytes), ("scores", 2 * seqs * Hl * S * T * width, scores_bytes)]
 
 
@@ -184,6 +194,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
                    weights_bytes: int, kv_bytes: int, microbatches: int | None = None) -> PhaseCost:
     """An analytic `PhaseCost` for prefill or decode (per device)."""
     s, b = strategy, cfg.dtype_bytes
+    w, kvb = DTYPES[cfg.param_dtype].bytes, cfg.kv_dtype_bytes    # matmul weights and KV cache as stored
     layout = Layout.for_strategy(cfg, s)
     D, H, K, Dh, E, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.expert_ffn
     S = workload.prompt_len if phase == "prefill" else 1
@@ -202,14 +213,22 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     Sg, C = groups.group_tokens, groups.capacity
     G = groups.groups(tok)                                # token groups on this device
     El, Fl = E // s.ep, F // s.tp
+    # decode: a sliding (chunked) layer reads only the cache's last |W| + S − 1 positions; the layers' mean keys
+    # (`ModelConfig.attention_flops`). Pipeline stages whose window patterns differ scan their windows as data
+    # (`moe_jax.model.pipeline`): masked only, every layer reads the whole cache.
+    windows = cfg.layer_windows
+    per_stage = len(windows) // s.pp
+    static = len({windows[i * per_stage:(i + 1) * per_stage] for i in range(s.pp)}) == 1
+    Tw = T if phase == "prefill" or not static else (
+        sum(min(T, abs(w) + S - 1) if w else T for w in windows) // len(windows))
     if cfg.attention == "mla":
         attention_ops = _mla_ops(cfg, Hl, seqs, S, T, decode=phase == "decode")
     else:
         attention_ops = [
             ("qkvo", 2 * tok * D * (Hl + 2 * Kl) * Dh + 2 * tok * Hl * Dh * D,
-             (D * (Hl + 2 * Kl) * Dh + Hl * Dh * D) * b + 2 * tok * D * b + 2 * tok * (Hl + 2 * Kl) * Dh * b),
-            ("scores", 4 * seqs * Hl * S * T * Dh,
-             2 * seqs * T * Kl * Dh * b + seqs * Hl * S * T * F32 * 2),
+             (D * (Hl + 2 * Kl) * Dh + Hl * Dh * D) * w + 2 * tok * D * b + 2 * tok * (Hl + 2 * Kl) * Dh * b),
+            ("scores", 4 * seqs * Hl * S * Tw * Dh,
+             2 * seqs * Tw * Kl * Dh * kvb + seqs * Hl * S * Tw * F32 * 2),
         ]
     layer_ops = [*attention_ops, ("router", 2 * tok * D * E, D * E * b + tok * (D * b + E * F32))]
     k = cfg.top_k
@@ -227,7 +246,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
             # whole worst-case receive buffer, padding included (about 3 passes of D and 2 of F as
             # compiled for TPU; the cpu program's dense exchange moves more)
             ("receive_buffer", 0, (3 * D + 2 * Fl) * b * buffer if s.ep > 1 else 0),
-            ("experts", 2 * 3 * rows * D * Fl, 3 * El * D * Fl * b + rows * (2 * D + 3 * Fl) * b),
+            ("experts", 2 * 3 * rows * D * Fl, 3 * El * D * Fl * w + rows * (2 * D + 3 * Fl) * b),
             ("combine", 2 * rows * D, rows * D * (b + F32) + tok_shard * D * b),
         ]
     else:
@@ -235,17 +254,17 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
             ("dispatch_combine", groups.dispatch_combine_flops(cfg, G),
              2 * (G * Sg * E * C * F32 + E * G * C * D * b)),
             ("experts", 2 * 3 * El * (G * s.ep) * C * D * Fl,
-             3 * El * D * Fl * b + El * G * s.ep * C * (2 * D + 3 * Fl) * b),
+             3 * El * D * Fl * w + El * G * s.ep * C * (2 * D + 3 * Fl) * b),
         ]
     if cfg.num_shared_experts:
         Fs = cfg.num_shared_experts * F // s.tp
-        layer_ops.append(("shared_experts", 2 * 3 * tok * D * Fs, 3 * D * Fs * b + tok * (2 * D + 3 * Fs) * b))
+        layer_ops.append(("shared_experts", 2 * 3 * tok * D * Fs, 3 * D * Fs * w + tok * (2 * D + 3 * Fs) * b))
     runs = Lp * ticks
     ops = [OpCost(name, "estimate", name, flops, flops, 0, nbytes, runs) for name, flops, nbytes in layer_ops]
     if cfg.first_dense_layers:   # ahead of the pipeline, once per call over the device's whole batch (M microbatches)
         Fd = cfg.dense_ffn // s.tp
         dense_ops = [(f"dense_{name}", flops * M, nbytes) for name, flops, nbytes in attention_ops]
-        dense_ops.append(("dense_ffn", 2 * 3 * tok * M * D * Fd, 3 * D * Fd * b + tok * M * (2 * D + 3 * Fd) * b))
+        dense_ops.append(("dense_ffn", 2 * 3 * tok * M * D * Fd, 3 * D * Fd * w + tok * M * (2 * D + 3 * Fd) * b))
         ops += [OpCost(name, "estimate", name, flops, flops, 0, nbytes, cfg.first_dense_layers)
                 for name, flops, nbytes in dense_ops]
     local_seqs = B // layout.shards("batch", B)

@@ -11,7 +11,7 @@ import math
 
 from moe_jax.config import ModelConfig
 from moe_jax.costs.types import WeightsRead
-from moe_jax.names import Dispatch
+from moe_jax.names import DTYPES, Dispatch
 from moe_jax.parallel.mesh import Strategy
 
 UNIFORM = "uniform routing: each token picks k distinct experts uniformly at random"
@@ -23,10 +23,11 @@ def touched_fraction(cfg: ModelConfig, tokens: int) -> float:
 
 
 def routed_expert_bytes(cfg: ModelConfig, strategy: Strategy) -> int:
-    """Bytes of routed-expert weights one device holds: L/pp layers × E/ep experts × (one expert's
-    parameters) / tp."""
-    return (cfg.num_layers // strategy.pp) * (cfg.num_experts // strategy.ep) * \
-        (cfg.expert_params // strategy.tp) * cfg.dtype_bytes
+    """Bytes of routed-expert weights one device holds: L_moe/pp MoE layers × E/ep experts × (one expert's
+    parameters) / tp, at the bytes of the dtype the weights are stored in (FP8: 1). The ``first_dense_layers``
+    dense layers hold no routed experts (pp splits the MoE layers only: `moe_jax.model.dense_layers`)."""
+    return (cfg.moe_layers // strategy.pp) * (cfg.num_experts // strategy.ep) * \
+        (cfg.expert_params // strategy.tp) * DTYPES[cfg.param_dtype].bytes
 
 
 def shard_imbalance(cfg: ModelConfig, strategy: Strategy, tokens: int) -> float:

@@ -86,7 +86,7 @@ class Placement:
     @property
     def weight_bytes_total(self) -> int:
         """Bytes of the whole model, held once."""
-        return self.cfg.params_total * self.cfg.dtype_bytes
+        return self.cfg.weight_bytes
 
     @property
     def sequences_per_replica(self) -> int | None:
@@ -138,7 +138,8 @@ class Placement:
         K_local = cfg.num_kv_heads * copies // s.tp              # 1 when tp exceeds K: each rank's own head
         vocab_split = Layout.for_strategy(cfg, s).shards("vocab", cfg.vocab_size)
         facts = {
-            "layers_per_stage": cfg.num_layers // s.pp,
+            # the stage's share of the MoE layers (pp splits those) and every dense first layer (each stage holds them)
+            "layers_per_stage": cfg.moe_layers // s.pp + cfg.first_dense_layers,
             "experts_per_device_per_layer": cfg.num_experts // s.ep,
             "expert_ffn_columns_per_device": cfg.expert_ffn // s.tp,
             "expert_fraction_per_device": f"{cfg.num_experts // s.ep}/{cfg.num_experts} experts x "

@@ -12,9 +12,13 @@ class NonFiniteError(MoeJaxError):
 def locate_nonfinite(graphdef, params, tokens) -> str | None:
     """Run the model one layer at a time on `tokens` [B, S]; name the first place values stop being finite.
 
+    Layers are numbered as the model's: the ``first_dense_layers`` dense layers (`moe_jax.model.dense_layers`)
+    first, then the MoE layers, each with its own attention window (`ModelConfig.layer_windows`).
     Returns None when every activation and the logits are finite, else one of
-    "embedding", "layer N (attention)", "layer N (moe)", "output head".
+    "embedding", "layer N (attention)", "layer N (moe)", "layer N (dense ffn)", "output head".
     """
+    import functools
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -23,27 +27,41 @@ def locate_nonfinite(graphdef, params, tokens) -> str | None:
         return bool(jnp.all(jnp.isfinite(x)))
 
     model = nnx.merge(graphdef, params)
+    cfg = model.cfg
     x = jnp.take(model.embed_vd[...], tokens, axis=0)
     if not finite(x):
         return "embedding"
-    blocks_graph, stacked = nnx.split(model.blocks)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
-    @jax.jit
-    def layer(per_layer, x):
-        block = nnx.merge(blocks_graph, per_layer)
-        h, _ = block.attn(block.attn_norm(x), positions)
-        x = x + h
-        y, _ = block.moe(block.moe_norm(x))
-        return x, x + y
+    def stack(blocks, ffn: str, windows: tuple[int, ...]):
+        """(per-layer parameters, the jitted layer, window) for each layer of one stacked block group."""
+        graph, stacked = nnx.split(blocks)
 
-    for index in range(model.cfg.num_layers):
-        after_attention, x = layer(jax.tree.map(lambda a, i=index: a[i], stacked), x)
+        @functools.partial(jax.jit, static_argnums=2)           # the window: a Python int, as the model has it
+        def layer(per_layer, x, window):
+            block = nnx.merge(graph, per_layer)
+            extra = {"window": window} if window else {}
+            h, _ = block.attn(block.attn_norm(x), positions, **extra)
+            x = x + h
+            if ffn == "moe":
+                y, _ = block.moe(block.moe_norm(x))
+            else:
+                y = block.ffn(block.ffn_norm(x))
+            return x, x + y
+
+        return [(jax.tree.map(lambda a, i=i: a[i], stacked), layer, w) for i, w in enumerate(windows)]
+
+    layers = []
+    if cfg.first_dense_layers:
+        layers += [(*one, "dense ffn") for one in stack(model.dense_blocks, "dense", (0,) * cfg.first_dense_layers)]
+    layers += [(*one, "moe") for one in stack(model.blocks, "moe", cfg.layer_windows)]
+    for index, (per_layer, layer, window, part) in enumerate(layers):
+        after_attention, x = layer(per_layer, x, window)
         if not finite(after_attention):
             return f"layer {index} (attention)"
         if not finite(x):
-            return f"layer {index} (moe)"
-    head = model.embed_vd[...].T if model.cfg.tie_embeddings else model.head_dv[...]
+            return f"layer {index} ({part})"
+    head = model.embed_vd[...].T if cfg.tie_embeddings else model.head_dv[...]
     if not finite(model.final_norm(x) @ head):
         return "output head"
     return None
