@@ -146,3 +146,79 @@ def test_too_few_generated_tokens_to_time_decode(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "--mesh", "EP2", "--batch", "2", "--prompt-len", "4", "--gen-len", "2"])
     assert e.value.code == 2 and "at least 3 generated tokens" in capsys.readouterr().err
+
+
+def _constant_stream_checkpoint(tmp_path):
+    """A tiny model whose residual stream stays each token's embedding (attention and experts add zero), so each
+    layer's routing is a function of the token id alone; layer 0's router is zero (every token ties on every
+    expert and takes experts 0 and 1), the others random. Returns (cfg, state, checkpoint directory)."""
+    from flax import nnx
+
+    from moe_jax.checkpoints.weights import save_params
+    from moe_jax.model.transformer import Transformer
+
+    cfg = get_model("tiny").replace(family="mixtral", qk_norm="none", dtype="float32")
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(4)))
+    for group, name in (("attn", "wo_dhk"), ("moe", "w_down_edf")):
+        w = state["blocks"][group][name]
+        w.set_value(jnp.zeros_like(w.get_value()))
+    router = state["blocks"]["moe"]["router_de"]
+    router.set_value(router.get_value().at[0].set(0.0))
+    return cfg, state, save_params(state, cfg, tmp_path / "constant")
+
+
+def _hand_drops(cfg, state, tokens, group: int) -> list[int]:
+    """Per layer, the assignments capacity dispatch drops for token ids [B, S] cut into groups of `group`
+    consecutive tokens: each token picks the top k of embed[t] @ router (the RMS norm, a positive factor with
+    unit scales, keeps the order; ties go to the lowest expert), each expert keeps C = cfg.capacity(group)."""
+    embed = np.asarray(state["embed_vd"].get_value(), np.float64)
+    routers = np.asarray(state["blocks"]["moe"]["router_de"].get_value(), np.float64)
+    ids = np.asarray(tokens).reshape(-1, group)                             # [G, Sg]
+    C = cfg.capacity(group)
+    counts = []
+    for router in routers:
+        chosen = np.argsort(-(embed @ router), axis=-1, kind="stable")[:, :cfg.top_k]   # [V, k] per token id
+        per_group = [np.bincount(chosen[g].ravel(), minlength=cfg.num_experts) for g in ids]
+        counts.append(int(sum(np.maximum(c - C, 0).sum() for c in per_group)))
+    return counts
+
+
+def test_dropped_per_layer_matches_a_hand_computed_routing(tmp_path):
+    cfg, state, weights = _constant_stream_checkpoint(tmp_path)
+    B, S, G = 4, 8, 4
+    rng = np.random.default_rng(0)
+    prompt = rng.choice([3, 77, 150], size=(B, S)).tolist()                  # three ids: experts overflow
+    runs = {mesh: run(cfg, Strategy.parse(mesh), Workload(B, S, G), weights=weights, prompt=prompt, repeats=1)
+            for mesh in ("EP1", "EP2-TP2-DP2", "EP2-PP2")}
+    single = runs["EP1"]
+    decoded = np.asarray(single.tokens)[:, :G - 1]                            # the decode steps' input tokens
+    # one device: prefill groups of 16 tokens (two rows), each decode step one group of the 4 sequences
+    prefill = _hand_drops(cfg, state, prompt, 16)
+    decode = [sum(col) for col in zip(*(_hand_drops(cfg, state, decoded[:, j], B) for j in range(G - 1)),
+                                      strict=True)]
+    d = single.dropped
+    assert d["per_layer"] == {"prefill": prefill, "decode": decode}
+    # layer 0: every token on experts 0 and 1, so each of the 2 prefill groups drops 2 × (16 − 5)
+    assert prefill[0] == 2 * 2 * (16 - cfg.capacity(16))
+    assert len(set(prefill)) > 1                                               # the layers differ: a real check
+    assert d["prefill"] == sum(prefill) and d["decode"] == sum(decode) and d["total"] == d["prefill"] + d["decode"]
+    totals = [p + q for p, q in zip(prefill, decode, strict=True)]
+    assert d["worst_layer"] == totals.index(max(totals))
+    assert f"most in layer {d['worst_layer']}: {max(totals):,} of its {B * (S + G - 1) * 2:,}" in " ".join(
+        single.notes)
+    # over dp × ep = 4 batch shards a prefill group is one row (8 tokens) and a decode group one token (drops
+    # nothing); the pipeline's microbatches are whole rows, its stages' layers laid end to end in order
+    rows = _hand_drops(cfg, state, prompt, 8)
+    for mesh in ("EP2-TP2-DP2", "EP2-PP2"):
+        assert runs[mesh].tokens == single.tokens
+        assert runs[mesh].dropped["per_layer"] == {"prefill": rows, "decode": [0] * cfg.num_layers}, mesh
+
+
+def test_dense_leading_layers_report_no_drops():
+    cfg = get_model("deepseek-v3-tiny").replace(dtype="float32", capacity_factor=0.5)
+    result = run(cfg, Strategy.parse("EP2-PP2"), Workload(4, 8, 3), seed=1, repeats=1)
+    d = result.dropped
+    assert len(d["per_layer"]["prefill"]) == len(d["per_layer"]["decode"]) == cfg.num_layers
+    assert d["per_layer"]["prefill"][0] == d["per_layer"]["decode"][0] == 0      # the dense first layer
+    assert sum(d["per_layer"]["prefill"]) == d["prefill"] > 0 and sum(d["per_layer"]["decode"]) == d["decode"]
+    assert d["assignments"] == 4 * (8 + 2) * cfg.top_k * cfg.moe_layers

@@ -13,7 +13,7 @@ import click
 
 from moe_jax.config import preset_names
 from moe_jax.errors import MoeJaxError
-from moe_jax.names import AUTO, BACKEND_CHOICES, Dispatch
+from moe_jax.names import AUTO, BACKEND_CHOICES, DTYPE_BY_SHORT, FP8, Dispatch
 
 
 def positive(ctx, param, value):
@@ -143,6 +143,75 @@ def apply_dispatch(cfg, dispatch: str | None, buffer: float | None = None, capac
         if cfg.dispatch != Dispatch.DROPLESS and dispatch != "both":
             raise MoeJaxError(f"--dropless-buffer {buffer:g} applies to dropless dispatch; add --dispatch dropless")
         cfg = cfg.replace(dropless_buffer=buffer)
+    return cfg
+
+
+def parse_slo(value, name: str) -> float | None:
+    """An SLO in seconds from the command line's text: ``200ms``, ``0.2s``, or a plain number of milliseconds
+    (``150``); None stays None. Anything else, or a value not above zero, is a `MoeJaxError` naming `name`."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    scale, number = 1e-3, text                           # a plain number is milliseconds
+    for suffix, factor in (("ms", 1e-3), ("s", 1.0)):    # "ms" before "s": "200ms" also ends in "s"
+        if text.endswith(suffix):
+            scale, number = factor, text[: -len(suffix)].strip()
+            break
+    try:
+        amount = float(number)
+    except ValueError:
+        raise MoeJaxError(f"{name} {value!r} is not a duration: write milliseconds as 200ms or 200, or seconds "
+                          "as 0.2s") from None
+    if not (amount > 0 and amount != float("inf")):
+        raise MoeJaxError(f"{name} {amount} must be a positive number (milliseconds: 200ms or 200; seconds: 0.2s)")
+    return amount * scale
+
+
+def slo_option(flag: str, what: str):
+    """--slo-ttft / --slo-tpot: a latency limit, parsed by `parse_slo` to seconds."""
+    return click.option(flag, callback=lambda ctx, param, value: parse_slo(value, flag), metavar="DURATION",
+                        help=f"Largest acceptable {what}: 200ms, 0.2s, or a plain number of milliseconds.")
+
+
+headroom_option = click.option(
+    "--headroom", type=float, default=0.10, show_default=True,
+    help="Share of device memory kept free when sizing the capacity (max concurrency): 0.1 keeps 10%.")
+"""--headroom: the capacity's free share of device memory (`moe_jax.planner.capacity`)."""
+
+
+def disaggregated_options(fn):
+    """--disaggregated and --rate: a prefill pool and a decode pool (`moe_jax.planner.disaggregated`)."""
+    fn = click.option("--rate", type=float, help="With --disaggregated: size the pools for this many requests/s "
+                      "(default: the most requests/s the --devices serve).")(fn)
+    return click.option("--disaggregated", is_flag=True, help="Also plan prefill and decode on separate pools, each "
+                        "its own strategy (replicas of a divisor of --devices), size the pools for --rate or the "
+                        "--devices, time the KV cache's move between them, and compare with the best aggregated "
+                        "deployment (both compiled).")(fn)
+
+
+dtype_option = click.option(
+    "--dtype", type=choice(DTYPE_BY_SHORT), help="Weights' dtype: bf16, f16 or f32 (activations and every parameter "
+    "in it), or fp8 (the layers' matmul weights in FP8 E4M3 with a scale per matrix, dequantized before each "
+    "matmul; activations, embedding, head, norms and router stay in the model's dtype). Default: the model's.")
+"""--dtype: the weights' dtype (fp8: FP8 matmul weights)."""
+
+kv_dtype_option = click.option(
+    "--kv-dtype", type=choice(DTYPE_BY_SHORT), help="KV cache dtype: fp8 (E4M3, a saturating cast, read back to the "
+    "activations' dtype), bf16, f16 or f32. Default: the activations' dtype.")
+"""--kv-dtype: the KV cache's dtype."""
+
+
+def apply_dtypes(cfg, dtype: str | None, kv_dtype: str | None):
+    """`cfg` with --dtype and --kv-dtype (CLI spellings, `moe_jax.names.DTYPE_BY_SHORT`) applied: fp8 stores the
+    matmul weights in FP8 and keeps the compute dtype; another dtype becomes the compute dtype of everything."""
+    for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype)):
+        if value is not None and value not in DTYPE_BY_SHORT:
+            raise MoeJaxError(f"{flag} {value!r}: valid: {', '.join(DTYPE_BY_SHORT)}")
+    if dtype is not None:
+        name = DTYPE_BY_SHORT[dtype].name
+        cfg = cfg.replace(weight_dtype=name) if name == FP8 else cfg.replace(dtype=name, weight_dtype=None)
+    if kv_dtype is not None:
+        cfg = cfg.replace(kv_dtype=DTYPE_BY_SHORT[kv_dtype].name)
     return cfg
 
 

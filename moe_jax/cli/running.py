@@ -11,13 +11,16 @@ from moe_jax.cli.options import (
     RUN_WORKLOAD,
     VERIFY_WORKLOAD,
     apply_dispatch,
+    apply_dtypes,
     buffer_option,
     capacity_option,
     choice,
     cluster_from,
     cluster_options,
     dispatch_option,
+    dtype_option,
     json_flag,
+    kv_dtype_option,
     output_options,
     seed_option,
     strategy_option,
@@ -27,7 +30,7 @@ from moe_jax.cli.outputs import emit, json_file, output_path, write_npy
 from moe_jax.config import get_model
 from moe_jax.errors import MoeJaxError
 from moe_jax.files import check_distinct, dumps
-from moe_jax.names import DTYPE_BY_SHORT, Backend
+from moe_jax.names import Backend
 from moe_jax.parallel.mesh import Strategy
 from moe_jax.reporting import tables
 
@@ -76,7 +79,8 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch
 @workload_options(RUN_WORKLOAD)
 @click.option("--weights", "weights_dir", help="Load a safetensors checkpoint (default: random weights).")
 @click.option("--prompt-file", help='JSON {"prompt": [[ids...], ...]}; batch and prompt length come from it.')
-@click.option("--dtype", type=click.Choice(list(DTYPE_BY_SHORT)), help="Override the weights' dtype.")
+@dtype_option
+@kv_dtype_option
 @click.option("--hardware", "hardware_spec", help="Predict for this hardware and report the error.")
 @click.option("--backend", type=choice((Backend.CPU, Backend.REAL)), default=str(Backend.CPU), show_default=True,
               help="cpu: emulated CPU devices (functional check); real: the devices jax sees.")
@@ -91,9 +95,9 @@ def verify(model_name, strategy_spec, batch, prompt_len, gen_len, seed, dispatch
 @buffer_option
 @capacity_option
 @cluster_options
-def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, hardware_spec,
-            backend, seed, repeats, json_path, logits_path, show_progress, dispatch, dropless_buffer, capacity_factor,
-            coordinator, num_processes, process_id, timeout):
+def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, prompt_file, dtype, kv_dtype,
+            hardware_spec, backend, seed, repeats, json_path, logits_path, show_progress, dispatch, dropless_buffer,
+            capacity_factor, coordinator, num_processes, process_id, timeout):
     """Run the sharded model: prefill, greedy decode, measured TTFT/TPOT against the prediction.
 
     With --coordinator, --num-processes and --process-id (or their MOE_JAX_* variables, or a
@@ -110,8 +114,7 @@ def run_cmd(model_name, strategy_spec, batch, prompt_len, gen_len, weights_dir, 
     if weights_dir and not Path(weights_dir).is_dir():
         raise MoeJaxError(f"--weights {weights_dir!r} is not a directory")
     cfg = apply_dispatch(get_model(model_name or weights_dir or "tiny"), dispatch, dropless_buffer, capacity_factor)
-    if dtype:
-        cfg = cfg.replace(dtype=DTYPE_BY_SHORT[dtype].name)
+    cfg = apply_dtypes(cfg, dtype, kv_dtype)
     strategy = Strategy.load(strategy_spec)
     prompt = read_prompt_file(prompt_file) if prompt_file else None
     if prompt is not None:

@@ -31,6 +31,15 @@ class PlanResult:
     uncompiled rows' estimates are likely off on this backend."""
     dispatch_comparison: dict | None = None
     """The best strategy compiled with each expert dispatch method (`compare_dispatch`)."""
+    capacity: dict[str, dict] = field(default_factory=dict)
+    """Strategy name → its `moe_jax.planner.capacity.Capacity` (JSON), for each compiled strategy."""
+    headroom: float | None = None
+    """The share of device memory the capacity keeps free (None: capacity not computed)."""
+    sweep: dict | None = None
+    """The load sweep (`moe_jax.planner.sweep.Sweep.to_dict`), with ``plan --sweep``."""
+    disaggregated: dict | None = None
+    """Disaggregated prefill and decode pools (`moe_jax.planner.disaggregated.Disaggregated.to_dict`), with
+    ``plan --disaggregated``."""
 
     @property
     def objective(self) -> Objective:
@@ -44,11 +53,19 @@ class PlanResult:
         """The plan JSON: best and baseline in the analyze schema, candidates, counts, seconds."""
         return {
             "schema": PLAN_SCHEMA, "objective": self.objective, "devices": self.devices,
-            "best": self.compiled[self.best]["analysis"] if self.best else None,
-            "baseline": self.compiled[self.baseline]["analysis"] if self.baseline else None,
+            "best": self._analysis(self.best), "baseline": self._analysis(self.baseline),
             "candidates": [c.to_dict() for c in self.candidates], "searched": len(self.candidates),
             "compiled": sum(1 for c in self.candidates if c.compiled),
             "searched_device_counts": self.searched_device_counts, "seconds": self.seconds,
             "message": self.message, "estimate_bias_tpot": self.estimate_bias,
             "dispatch_comparison": self.dispatch_comparison,
+            "max_concurrency": self.capacity, "headroom": self.headroom, "sweep": self.sweep,
+            "disaggregated": self.disaggregated,
         }
+
+    def _analysis(self, name: str | None) -> dict | None:
+        """A compiled strategy's analyze JSON, with its ``max_concurrency`` when the capacity was computed."""
+        if not name:
+            return None
+        a = self.compiled[name]["analysis"]
+        return {**a, "max_concurrency": self.capacity.get(name)} if self.headroom is not None else a

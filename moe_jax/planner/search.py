@@ -69,12 +69,21 @@ class Estimate:
 
 def estimate(cfg: ModelConfig, strategy: Strategy, hw: Hardware, workload: Workload,
              placement_cache: dict | None = None) -> Estimate:
-    """Analytic memory and latency of one strategy (no compile)."""
+    """Analytic memory and latency of one strategy (no compile).
+
+    placement_cache: a dict kept across calls for one model; it holds each strategy's parameter shards, which
+    do not depend on the workload (the load sweep estimates each strategy at many batches)."""
     from moe_jax.costs.analytic import analytic_report, estimate_phase
     from moe_jax.perf.timemodel import predict
-    from moe_jax.programs.placement import describe
+    from moe_jax.programs.placement import Placement, describe, param_shards
 
-    p = describe(cfg, strategy, batch=workload.batch, cache_len=workload.cache_len)
+    if placement_cache is None:
+        p = describe(cfg, strategy, batch=workload.batch, cache_len=workload.cache_len)
+    else:
+        validate(strategy, cfg, batch=workload.batch)
+        if strategy.name not in placement_cache:
+            placement_cache[strategy.name] = param_shards(cfg, strategy)
+        p = Placement(cfg, strategy, placement_cache[strategy.name], workload.batch, workload.cache_len)
     weights, kv = p.weight_bytes_per_device, p.kv_cache_bytes_per_device
     phases = {ph: estimate_phase(cfg, strategy, workload, ph, weights, kv) for ph in ("prefill", "decode")}
     report = CostReport(cfg.name, strategy.name, strategy.name, workload.to_dict(), "analytic", "estimate",

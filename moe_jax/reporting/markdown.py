@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from moe_jax.files import MARKDOWN_MARK
 from moe_jax.names import Backend, Dispatch
+from moe_jax.reporting.architecture import architecture_markdown
 from moe_jax.reporting.rows import RANKED_COLUMNS, comparison_rows, dispatch_cells, ranked_cells
 from moe_jax.units import gb as _gb
 from moe_jax.units import human_bytes as _bytes
@@ -52,6 +53,13 @@ def _terms(t) -> str:
     return text + f"; floor {_ms(t.floor_s)}"
 
 
+def _pp_splits(cfg) -> str:
+    """What pp splits: the MoE layers (the dense first layers run ahead of the pipeline, on every stage)."""
+    if not cfg.first_dense_layers:
+        return f"{cfg.num_layers} layers"
+    return f"{cfg.moe_layers} MoE layers (the {cfg.first_dense_layers} dense first layers are on every stage)"
+
+
 def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     """The Markdown report for one analysed strategy (`chart`: file name of the memory chart, if any)."""
     from moe_jax.perf.analysis import unconfirmed_fit_note
@@ -70,7 +78,9 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
             f"- Strategy: **{s.name}** on {s.num_devices} devices (mesh dp x pp x ep x tp = "
             f"{s.dp} x {s.pp} x {s.ep} x {s.tp})",
             f"- Model: {cfg.name}: {cfg.params_total / 1e9:.2f}B parameters ({cfg.params_active / 1e9:.2f}B active "
-            f"per token), {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, {cfg.dtype}, "
+            f"per token), {cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.top_k}, {cfg.dtype}"
+            + (f" (weights {cfg.param_dtype})" if cfg.param_dtype != cfg.dtype else "")
+            + (f" (KV cache {cfg.cache_dtype})" if cfg.cache_dtype != cfg.dtype else "") + ", "
             f"{cfg.dispatch} dispatch" + (f" (capacity factor {cfg.capacity_factor})"
                                           if cfg.dispatch == Dispatch.CAPACITY else ""),
             f"- Workload: batch {w.batch} sequences, prompt {w.prompt_len} tokens, {w.gen_len} generated "
@@ -78,6 +88,7 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
             f"- Compiled by **{compiled_by(a)}**; every memory, FLOP, byte and collective figure below is read "
             "from that compiled program", ""]
     out += [f"- Note: {n}" for n in a.cost.notes] + ([""] if a.cost.notes else [])
+    out += architecture_markdown(cfg)
 
     kv = (f"1 of {cfg.num_kv_heads} (one head shared by {f.get('kv_head_copies', s.tp // cfg.num_kv_heads)} "
           "devices: tp > KV heads)" if f["kv_heads_replicated_over_tp"]
@@ -89,11 +100,12 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
             f"| TP (tensor) | {s.tp} | {cfg.num_heads} query heads, {cfg.num_kv_heads} KV heads, expert width "
             f"{cfg.expert_ffn}, vocabulary | {f['query_heads_per_device']} query heads, {kv} KV heads, "
             f"{f['expert_ffn_columns_per_device']} of {cfg.expert_ffn} FFN columns |",
-            f"| PP (pipeline) | {s.pp} | {cfg.num_layers} layers | {f['layers_per_stage']} layers |",
+            f"| PP (pipeline) | {s.pp} | {_pp_splits(cfg)} | {f['layers_per_stage']} layers |",
             f"| DP (replicas) | {s.dp} | batch {w.batch} | {f['sequences_per_replica']} sequences per replica |",
             "",
             f"Each device holds **{f['expert_fraction_per_device']}** in each of its stage's "
-            f"{f['layers_per_stage']} layers, {f['vocab_rows_per_device']} of {cfg.vocab_size} vocabulary rows, and "
+            f"{cfg.moe_layers // s.pp} MoE layers, {f['vocab_rows_per_device']} of {cfg.vocab_size} vocabulary rows, "
+            "and "
             f"attends over **{f['sequences_per_device']} sequence(s)** (the batch is split {f['batch_split']} ways "
             "over dp x ep outside the MoE block).", ""]
 
@@ -124,7 +136,8 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     out += ["## Load balance", "", "| metric | value | how |", "|---|---:|---|",
             f"| experts per device per layer | {f['experts_per_device_per_layer']} | {cfg.num_experts} / ep {s.ep} |",
             f"| expert FFN columns per device | {f['expert_ffn_columns_per_device']} | {cfg.expert_ffn} / tp {s.tp} |",
-            f"| layers per stage | {f['layers_per_stage']} | {cfg.num_layers} / pp {s.pp} |",
+            f"| layers per stage | {f['layers_per_stage']} | {cfg.moe_layers} / pp {s.pp}"
+            + (f" + {cfg.first_dense_layers} dense on every stage" if cfg.first_dense_layers else "") + " |",
             f"| sequences per replica | {f['sequences_per_replica']} | batch {w.batch} / dp {s.dp} |",
             f"| sequences per device (attention) | {f['sequences_per_device']} | batch {w.batch} / "
             f"{f['batch_split']} |"]
@@ -194,7 +207,20 @@ def plan_markdown(result, chart: str | None) -> str:
 
     `result` is a `moe_jax.planner.result.PlanResult` with a best strategy."""
     return (_with_chart(result.compiled[result.best]["markdown"], chart) + ranked_markdown(result)
-            + comparison_markdown(result) + dispatch_markdown(result))
+            + comparison_markdown(result) + dispatch_markdown(result) + serving_markdown(result))
+
+
+def serving_markdown(result) -> str:
+    """A plan's capacity section (its compiled strategies, in rank order), its load sweep and its disaggregated
+    deployment, when it has them."""
+    from moe_jax.reporting.serving import capacity_markdown, sweep_markdown
+
+    caps = [result.capacity[c.strategy] for c in result.candidates if c.strategy in (result.capacity or {})]
+    from moe_jax.reporting.disaggregated import disaggregated_markdown
+
+    sweep = result.sweep
+    return (capacity_markdown(caps) + (sweep_markdown(sweep, sweep.get("chart")) if sweep else "")
+            + disaggregated_markdown(getattr(result, "disaggregated", None)))
 
 
 def ranked_markdown(result, top: int = 20) -> str:

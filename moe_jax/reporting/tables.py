@@ -55,12 +55,15 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
     `prompt_len` prompt and `gen_len` generated tokens."""
     cfg, s, f = p.cfg, p.strategy, p.facts()
     out.print(f"[bold]{cfg.name}[/bold]: {_billions(cfg.params_total)} parameters ({cfg.params_total:,}), "
-              f"{_billions(cfg.params_active)} active per token; {_gb(p.weight_bytes_total)} of {cfg.dtype} weights")
+              f"{_billions(cfg.params_active)} active per token; {_gb(p.weight_bytes_total)} of {cfg.param_dtype} "
+              "weights")
     out.print(f"[bold]{s.name}[/bold] on {s.num_devices} devices, mesh (dp, pp, ep, tp) = "
               f"({s.dp}, {s.pp}, {s.ep}, {s.tp}); validated: ep | {cfg.num_experts} experts, "
-              f"tp | {cfg.num_heads} heads, pp | {cfg.num_layers} layers, dp | batch {p.batch}")
+              f"tp | {cfg.num_heads} heads, pp | {cfg.moe_layers} {'MoE ' if cfg.first_dense_layers else ''}layers, "
+              f"dp | batch {p.batch}")
     out.print(f"Workload: batch {p.batch}, prompt {prompt_len} tokens, {gen_len} generated "
               f"(KV cache of {prompt_len + gen_len} positions)\n")
+    print_architecture(out, cfg)
 
     shard = Table(title="What one device holds")
     shard.add_column("item")
@@ -70,7 +73,7 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
               f"{f.get('kv_head_copies', s.tp // cfg.num_kv_heads)} devices, those whose query heads read it)"
               if f["kv_heads_replicated_over_tp"] else f"{cfg.num_kv_heads} / tp={s.tp}")
     rows = [
-        ("layers", str(f["layers_per_stage"]), f"{cfg.num_layers} / pp={s.pp}"),
+        ("layers", str(f["layers_per_stage"]), _stage_layers(cfg, s.pp)),
         ("experts per layer", str(f["experts_per_device_per_layer"]), f"{cfg.num_experts} / ep={s.ep}"),
         ("expert FFN columns", str(f["expert_ffn_columns_per_device"]), f"{cfg.expert_ffn} / tp={s.tp}"),
         ("query heads", str(f["query_heads_per_device"]), f"{cfg.num_heads} / tp={s.tp}"),
@@ -83,8 +86,7 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
         ("weights", _mb(f["weight_bytes_per_device"]),
          f"sum of the shards below (whole model / devices would be {_mb(p.weight_bytes_total / s.num_devices)}: "
          "replicated attention, norms and router make it more)"),
-        ("KV cache", _mb(f["kv_cache_bytes_per_device"]),
-         "2 x " + " x ".join(map(str, f["kv_cache_shape_per_device"])) + f" x {cfg.dtype_bytes} B [L, B, K, T, Dh]"),
+        ("KV cache", _mb(f["kv_cache_bytes_per_device"]), _cache_how(cfg, f["kv_cache_shape_per_device"])),
     ]
     for phase in ("prefill", "decode"):
         sched = f.get(f"pipeline_{phase}")
@@ -104,6 +106,36 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
         params.add_row(r.path, "x".join(map(str, r.shape)), ", ".join(r.axes), spec,
                        "x".join(map(str, r.local_shape)), _mb(r.bytes_per_device))
     out.print(params)
+
+
+def _stage_layers(cfg, pp: int) -> str:
+    """How a stage's layer count is made: pp splits the MoE layers; each stage also holds every dense first layer."""
+    if not cfg.first_dense_layers:
+        return f"{cfg.num_layers} / pp={pp}"
+    return f"{cfg.moe_layers} MoE layers / pp={pp} + the {cfg.first_dense_layers} dense first layer(s) on every stage"
+
+
+def _cache_how(cfg, shape: list[int]) -> str:
+    """The KV cache arrays one device holds, from the keys' (or MLA latent's) local shape."""
+    dims = " x ".join(map(str, shape))
+    dense = f" + the {cfg.first_dense_layers} dense layers' own arrays" if cfg.first_dense_layers else ""
+    if cfg.attention == "mla":
+        return (f"latent {dims} [L, B, 1, T, R] + RoPE key of {cfg.qk_rope_head_dim} per position and layer, "
+                f"x {cfg.kv_dtype_bytes} B{dense}")
+    return f"2 x {dims} x {cfg.kv_dtype_bytes} B [L, B, K, T, Dh]{dense}"
+
+
+def print_architecture(out: Console, cfg) -> None:
+    """The model's architecture in words (`moe_jax.reporting.architecture`): attention, KV cache per token,
+    experts, routing, dense layers, dtypes."""
+    from moe_jax.reporting.architecture import architecture
+
+    table = Table(title=f"Architecture ({cfg.family})")
+    table.add_column("feature")
+    table.add_column("from the config", justify="left")
+    for name, text in architecture(cfg):
+        table.add_row(name, text)
+    out.print(table)
 
 
 def print_verification(out: Console, model: str, v) -> None:

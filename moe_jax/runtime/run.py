@@ -88,8 +88,10 @@ class RunResult:
     """Processes that ran the program together (jax.distributed), each on its share of the mesh."""
     dropped: dict | None = None
     """Token-expert assignments the run's programs dropped (capacity dispatch past its slots, or a bounded
-    dropless buffer): ``{"prefill", "decode", "total", "assignments", "fraction"}``, counted from the
-    programs' own outputs (decode summed over its steps)."""
+    dropless buffer): ``{"prefill", "decode", "total", "assignments", "fraction", "per_layer", "worst_layer"}``,
+    counted from the programs' own outputs (decode summed over its steps). ``per_layer`` holds
+    ``{"prefill": [...], "decode": [...]}``, one count per layer of the model (a dense leading layer's is 0);
+    ``worst_layer`` is the layer that dropped the most (None when nothing was dropped)."""
     prefill_logits: object | None = None
     """Prefill logits [B, S, V] (every prompt position) as a numpy array when asked for (`keep_logits`);
     not in the JSON."""
@@ -121,6 +123,13 @@ def _full_prefill_logits(sm, params, tokens, batch: int, cache_len: int):
     full = ShardedModel(sm.cfg, sm.strategy, sm.mesh, full_logits=True,
                         prefill_microbatches=sm.prefill_microbatches, kernels=sm.kernels)
     return full.prefill(params, tokens, sm.init_cache(batch, cache_len)).logits
+
+
+def _per_layer(cfg: ModelConfig, dropped) -> list[int]:
+    """A program's dropped counts [L_moe, G] (per MoE layer and token group) as one count per layer of the model:
+    the ``first_dense_layers`` dense layers, which route nothing, first with 0."""
+    counts = dropped.reshape(cfg.moe_layers, -1).sum(axis=1)
+    return [0] * cfg.first_dense_layers + [int(c) for c in counts]
 
 
 def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
@@ -199,7 +208,7 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     cache = out.cache
     token = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
     generated, steps = [to_host(token)], []
-    dropped_prefill, decode_dropped = int(to_host(out.dropped).sum()), None   # decode's groups: its own shape
+    prefill_layers, decode_dropped = _per_layer(cfg, to_host(out.dropped)), None   # decode's groups: its own shape
     last = S + G - 1 if max_steps is None else min(S + G - 1, S + max_steps)
     for pos in range(S, last):
         step_done(f"decode step {pos - S + 1} of {last - S}" + (" (compiling)" if pos == S else ""))
@@ -218,16 +227,22 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
                        workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist(),
                        processes=jax.process_count(), prefill_logits=logits)
     steps_run = len(generated) - 1
-    assignments = B * (S + steps_run) * cfg.top_k * cfg.num_layers
-    dropped_decode = 0 if decode_dropped is None else int(to_host(decode_dropped).sum())
+    per_moe_layer = B * (S + steps_run) * cfg.top_k                # assignments of one MoE layer
+    assignments = per_moe_layer * cfg.moe_layers                    # dense leading layers route nothing
+    decode_layers = [0] * cfg.num_layers if decode_dropped is None else _per_layer(cfg, to_host(decode_dropped))
+    dropped_prefill, dropped_decode = sum(prefill_layers), sum(decode_layers)
     total = dropped_prefill + dropped_decode
+    by_layer = [p + d for p, d in zip(prefill_layers, decode_layers, strict=True)]
+    worst = max(range(cfg.num_layers), key=by_layer.__getitem__) if total else None
     result.dropped = {"prefill": dropped_prefill, "decode": dropped_decode, "total": total,
-                      "assignments": assignments, "fraction": total / assignments}
+                      "assignments": assignments, "fraction": total / assignments,
+                      "per_layer": {"prefill": prefill_layers, "decode": decode_layers}, "worst_layer": worst}
     if total:
         result.notes.append(
             f"{cfg.dispatch} dispatch dropped {total:,} of {assignments:,} token-expert assignments "
-            f"({total / assignments:.2%}; prefill {dropped_prefill:,}, decode {dropped_decode:,}): those tokens skip "
-            "the dropped experts, so the generated tokens can differ from a dropless run or the reference "
+            f"({total / assignments:.2%}; prefill {dropped_prefill:,}, decode {dropped_decode:,}; most in layer "
+            f"{worst}: {by_layer[worst]:,} of its {per_moe_layer:,}, {by_layer[worst] / per_moe_layer:.2%}): those "
+            "tokens skip the dropped experts, so the generated tokens can differ from a dropless run or the reference "
             + ("(--capacity-factor raises the slots; E/k drops nothing)" if cfg.dispatch == Dispatch.CAPACITY
                else "(--dropless-buffer bounds the receive buffer)"))
     if device.platform == Backend.CPU:
