@@ -67,3 +67,48 @@ def single_device_reference(cfg, batch: int, length: int, seed: int = 0):
 def tiny32():
     """The tiny preset in f32 with capacity for every token (capacity dispatch drops nothing)."""
     return exact_config(get_model("tiny"))
+
+
+# --- parity with transformers: the pieces every family's test file uses -------------------------------------
+
+
+def rel_error(a, ref) -> float:
+    """Largest absolute difference of `a` from `ref`, relative to the largest |ref|."""
+    import numpy as np
+
+    return float(np.max(np.abs(np.asarray(a) - ref)) / np.max(np.abs(ref)))
+
+
+def hf_reference(model, directory, length: int, prompt: int, gen: int):
+    """Save transformers' `model` to `directory` and return its reference on 4 random sequences of `length`
+    tokens: (tokens [4, length], logits, `gen` greedy tokens after the first `prompt` positions), as numpy."""
+    import torch
+
+    model.save_pretrained(directory)
+    tokens = torch.randint(0, model.config.vocab_size, (4, length), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens).logits.numpy()
+        generated = model.generate(tokens[:, :prompt], max_new_tokens=gen, min_new_tokens=gen, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[:, prompt:].numpy()
+    return tokens.numpy(), logits, generated
+
+
+def load_sharded(directory, cfg, strategy, **changes):
+    """(ShardedModel, parameters) of the checkpoint in `directory` under `strategy`, `cfg` with `changes`."""
+    from moe_jax.checkpoints.weights import load_params
+    from moe_jax.programs.sharded import ShardedModel
+
+    cfg = cfg.replace(**changes) if changes else cfg
+    sm = ShardedModel(cfg, strategy)
+    return sm, load_params(directory, cfg, sm.param_shardings, sm.abstract_params)
+
+
+def unsharded_logits(directory, cfg, tokens):
+    """The unsharded reference: DP8 with a batch of 4 splits nothing (every device runs the whole model)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moe_jax.parallel.mesh import Strategy
+
+    sm, params = load_sharded(directory, cfg, Strategy(dp=8))
+    return np.asarray(sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits)

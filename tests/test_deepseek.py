@@ -11,14 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from moe_jax.checkpoints.weights import load_params, save_params  # noqa: E402
+from conftest import hf_reference, load_sharded, rel_error, unsharded_logits  # noqa: E402
+
+from moe_jax.checkpoints.weights import save_params  # noqa: E402
 from moe_jax.config import PUBLISHED_PARAMS_B, ModelConfig, get_model  # noqa: E402
 from moe_jax.config.hf import from_hf  # noqa: E402
 from moe_jax.costs.compile import Workload, compile_program  # noqa: E402
 from moe_jax.errors import ConfigError  # noqa: E402
 from moe_jax.model.transformer import cache_shape  # noqa: E402
 from moe_jax.parallel.mesh import Strategy  # noqa: E402
-from moe_jax.programs.sharded import ShardedModel  # noqa: E402
 from moe_jax.runtime.verify import exact_config  # noqa: E402
 
 HF = dict(vocab_size=256, hidden_size=64, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=8,
@@ -51,17 +52,8 @@ def checkpoint(request, tmp_path_factory):
             if "e_score_correction_bias" in name:
                 b.uniform_(-0.2, 0.2)
     d = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(d)
-    tokens = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = model(tokens).logits.numpy()
-        generated = model.generate(tokens[:, :6], max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[:, 6:].numpy()
-    return request.param, d, exact_config(from_hf(d)), tokens.numpy(), logits, generated
-
-
-def _rel(a, ref):
-    return float(np.max(np.abs(np.asarray(a) - ref)) / np.max(np.abs(ref)))
+    tokens, logits, generated = hf_reference(model, d, 12, 6, GEN)
+    return request.param, d, exact_config(from_hf(d)), tokens, logits, generated
 
 
 def test_config_import(checkpoint):
@@ -80,46 +72,40 @@ def test_config_import(checkpoint):
 
 @pytest.fixture(scope="module")
 def single(checkpoint):
-    """The unsharded reference: DP8 with a batch of 4 splits nothing (every device runs the whole model)."""
-    _, d, cfg, tokens, *_ = checkpoint
-    sm = ShardedModel(cfg, Strategy(dp=8))
-    params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
-    return np.asarray(sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits)
+    """The unsharded reference (`conftest.unsharded_logits`)."""
+    return unsharded_logits(*checkpoint[1:4])
 
 
 def test_unsharded_logits_match_transformers(checkpoint, single):
     *_, ref, _ = checkpoint
-    assert _rel(single, ref) < 1e-4
+    assert rel_error(single, ref) < 1e-4
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_equals_unsharded_and_transformers(checkpoint, single, mesh):
     _, d, cfg, tokens, ref, _ = checkpoint
-    sm = ShardedModel(cfg, Strategy.parse(mesh))
-    params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+    sm, params = load_sharded(d, cfg, Strategy.parse(mesh))
     ours = sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits
-    assert _rel(ours, single) < 1e-5
-    assert _rel(ours, ref) < 1e-4
+    assert rel_error(ours, single) < 1e-5
+    assert rel_error(ours, ref) < 1e-4
 
 
 @pytest.mark.parametrize("mesh", ["EP2-TP2-PP2", "EP4-TP2"])
 def test_greedy_generation_matches_transformers(checkpoint, mesh):
     """Prefill (expanded latent) then GEN decode steps (absorbed form, reading the latent cache)."""
     _, d, cfg, tokens, _, generated = checkpoint
-    sm = ShardedModel(cfg, Strategy.parse(mesh))
-    params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+    sm, params = load_sharded(d, cfg, Strategy.parse(mesh))
     np.testing.assert_array_equal(sm.generate(params, jnp.asarray(tokens[:, :6]), GEN), generated)
 
 
 def test_prefill_and_absorbed_decode_logits_match_transformers(checkpoint):
     _, d, cfg, tokens, ref, _ = checkpoint
-    sm = ShardedModel(cfg, Strategy.parse("EP2-TP2-PP2"))
-    params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+    sm, params = load_sharded(d, cfg, Strategy.parse("EP2-TP2-PP2"))
     B, S = tokens.shape
     out = sm.prefill(params, sm.put_tokens(jnp.asarray(tokens[:, :-1])), sm.init_cache(B, S + 2))
-    assert _rel(out.logits, ref[:, -2:-1]) < 1e-4
+    assert rel_error(out.logits, ref[:, -2:-1]) < 1e-4
     step = sm.decode(params, sm.put_tokens(jnp.asarray(tokens[:, -1:])), jnp.int32(S - 1), out.cache)
-    assert _rel(step.logits, ref[:, -1:]) < 1e-4
+    assert rel_error(step.logits, ref[:, -1:]) < 1e-4
 
 
 def test_mla_cache_holds_the_latent_and_rope_key(checkpoint):
@@ -140,13 +126,12 @@ def test_mla_cache_holds_the_latent_and_rope_key(checkpoint):
 
 def test_round_trip_and_transformers_reads_ours(checkpoint, tmp_path):
     _, d, cfg, tokens, ref, _ = checkpoint
-    sm = ShardedModel(cfg, Strategy.parse("EP2-TP2-DP2"))
-    params = load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+    sm, params = load_sharded(d, cfg, Strategy.parse("EP2-TP2-DP2"))
     save_params(params, cfg, tmp_path / "ours")
     assert from_hf(tmp_path / "ours").replace(name=cfg.name, capacity_factor=cfg.capacity_factor) == cfg
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
     with torch.no_grad():
-        assert _rel(theirs(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
+        assert rel_error(theirs(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
 
 
 def test_preset_counts_match_published():

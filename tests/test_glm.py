@@ -12,9 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_reference, load_sharded, rel_error, unsharded_logits  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from moe_jax.checkpoints.weights import load_params, save_params  # noqa: E402
+from moe_jax.checkpoints.weights import save_params  # noqa: E402
 from moe_jax.config import PUBLISHED_PARAMS_B, get_model  # noqa: E402
 from moe_jax.config.hf import from_hf, to_hf_dict  # noqa: E402
 from moe_jax.config.presets import PUBLISHED_ACTIVE_WITHOUT_EMBEDDINGS_B  # noqa: E402
@@ -22,7 +23,7 @@ from moe_jax.costs.compile import Workload, compile_program  # noqa: E402
 from moe_jax.errors import ConfigError  # noqa: E402
 from moe_jax.model.layers import rope  # noqa: E402
 from moe_jax.parallel.mesh import Strategy  # noqa: E402
-from moe_jax.programs.sharded import ShardedModel, abstract_model  # noqa: E402
+from moe_jax.programs.sharded import abstract_model  # noqa: E402
 from moe_jax.runtime.verify import exact_config  # noqa: E402
 
 # Every GLM-4.5 feature on: q/k/v biases, RoPE on half of each head, QK-norm, one dense first layer, 8 experts in 4
@@ -65,26 +66,15 @@ def checkpoint(tmp_path_factory):
             if "e_score_correction_bias" in name:
                 b.uniform_(-0.2, 0.2)
     d = tmp_path_factory.mktemp("glm")
-    model.save_pretrained(d)
+    tokens, logits, generated = hf_reference(model, d, 12, 6, GEN)
     tensors = load_file(d / "model.safetensors")
     save_file({**tensors, **_mtp_tensors(tensors, HF["num_hidden_layers"])}, d / "model.safetensors",
               metadata={"format": "pt"})
-    tokens = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = model(tokens).logits.numpy()
-        generated = model.generate(tokens[:, :6], max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[:, 6:].numpy()
-    return d, exact_config(from_hf(d)), tokens.numpy(), logits, generated
+    return d, exact_config(from_hf(d)), tokens, logits, generated
 
 
-def _rel(a, ref):
-    return float(np.max(np.abs(np.asarray(a) - ref)) / np.max(np.abs(ref)))
-
-
-def _load(checkpoint, strategy: Strategy):
-    d, cfg, *_ = checkpoint
-    sm = ShardedModel(cfg, strategy)
-    return sm, load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+def _load(checkpoint, strategy: Strategy, **changes):
+    return load_sharded(*checkpoint[:2], strategy, **changes)
 
 
 def test_config_import(checkpoint):
@@ -110,13 +100,12 @@ def test_partial_rope_rotates_the_first_dims_only():
 
 @pytest.fixture(scope="module")
 def single(checkpoint):
-    """The unsharded reference: DP8 with a batch of 4 splits nothing (every device runs the whole model)."""
-    sm, params = _load(checkpoint, Strategy(dp=8))
-    return np.asarray(sm.forward(params, sm.put_tokens(jnp.asarray(checkpoint[2]))).logits)
+    """The unsharded reference (`conftest.unsharded_logits`)."""
+    return unsharded_logits(*checkpoint[:3])
 
 
 def test_unsharded_logits_match_transformers(checkpoint, single):
-    assert _rel(single, checkpoint[3]) < 1e-4
+    assert rel_error(single, checkpoint[3]) < 1e-4
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -124,8 +113,8 @@ def test_sharded_equals_unsharded_and_transformers(checkpoint, single, mesh):
     _, _, tokens, ref, _ = checkpoint
     sm, params = _load(checkpoint, Strategy.parse(mesh))
     ours = sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits
-    assert _rel(ours, single) < 1e-5
-    assert _rel(ours, ref) < 1e-4
+    assert rel_error(ours, single) < 1e-5
+    assert rel_error(ours, ref) < 1e-4
 
 
 @pytest.mark.parametrize("mesh", ["DP8", "EP2-TP2-PP2", "EP4-TP2"])
@@ -142,9 +131,9 @@ def test_prefill_and_decode_logits_match_transformers(checkpoint):
     sm, params = _load(checkpoint, Strategy.parse("EP2-TP2-PP2"))
     B, S = tokens.shape
     out = sm.prefill(params, sm.put_tokens(jnp.asarray(tokens[:, :-1])), sm.init_cache(B, S + 2))
-    assert _rel(out.logits, ref[:, -2:-1]) < 1e-4
+    assert rel_error(out.logits, ref[:, -2:-1]) < 1e-4
     step = sm.decode(params, sm.put_tokens(jnp.asarray(tokens[:, -1:])), jnp.int32(S - 1), out.cache)
-    assert _rel(step.logits, ref[:, -1:]) < 1e-4
+    assert rel_error(step.logits, ref[:, -1:]) < 1e-4
 
 
 def test_round_trip_and_transformers_reads_ours(checkpoint, tmp_path):
@@ -156,7 +145,7 @@ def test_round_trip_and_transformers_reads_ours(checkpoint, tmp_path):
     assert "model.layers.1.self_attn.k_proj.bias" in load_file(tmp_path / "ours" / "model.safetensors")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
     with torch.no_grad():
-        assert _rel(theirs(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
+        assert rel_error(theirs(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
 
 
 def test_absent_fields_take_transformers_defaults():

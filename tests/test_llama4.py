@@ -14,15 +14,16 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_reference, load_sharded, rel_error, unsharded_logits  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from moe_jax.checkpoints.weights import load_params, save_params  # noqa: E402
+from moe_jax.checkpoints.weights import save_params  # noqa: E402
 from moe_jax.config import get_model  # noqa: E402
 from moe_jax.config.hf import from_hf, from_hf_dict, to_hf_dict  # noqa: E402
 from moe_jax.errors import ConfigError  # noqa: E402
 from moe_jax.model.attention import attend, causal_attend, causal_flops, window_mask  # noqa: E402
 from moe_jax.parallel.mesh import Strategy  # noqa: E402
-from moe_jax.programs.sharded import ShardedModel, abstract_model  # noqa: E402
+from moe_jax.programs.sharded import abstract_model  # noqa: E402
 from moe_jax.runtime.verify import exact_config  # noqa: E402
 
 # Every Llama 4 text feature on, at test size: chunks of 6 (prompts of 20 and generations to 16 positions cross
@@ -57,13 +58,8 @@ def _model(config: dict):
 def _checkpoint(tmp_path_factory, config: dict, name: str):
     model = _model(config)
     d = tmp_path_factory.mktemp(name)
-    model.save_pretrained(d)
-    tokens = torch.randint(0, 256, (4, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits = model(tokens).logits.numpy()
-        generated = model.generate(tokens[:, :PROMPT], max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[:, PROMPT:].numpy()
-    return d, exact_config(from_hf(d)), tokens.numpy(), logits, generated
+    tokens, logits, generated = hf_reference(model, d, 20, PROMPT, GEN)
+    return d, exact_config(from_hf(d)), tokens, logits, generated
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +68,8 @@ def checkpoint(tmp_path_factory):
     return _checkpoint(tmp_path_factory, HF, "llama4")
 
 
-def _rel(a, ref):
-    return float(np.max(np.abs(np.asarray(a) - ref)) / np.max(np.abs(ref)))
-
-
 def _load(checkpoint, strategy: Strategy, **changes):
-    d, cfg, *_ = checkpoint
-    cfg = cfg.replace(**changes)
-    sm = ShardedModel(cfg, strategy)
-    return sm, load_params(d, cfg, sm.param_shardings, sm.abstract_params)
+    return load_sharded(*checkpoint[:2], strategy, **changes)
 
 
 def test_config_import(checkpoint):
@@ -98,13 +87,12 @@ def test_config_import(checkpoint):
 
 @pytest.fixture(scope="module")
 def single(checkpoint):
-    """The unsharded reference: DP8 with a batch of 4 splits nothing (every device runs the whole model)."""
-    sm, params = _load(checkpoint, Strategy(dp=8))
-    return np.asarray(sm.forward(params, sm.put_tokens(jnp.asarray(checkpoint[2]))).logits)
+    """The unsharded reference (`conftest.unsharded_logits`)."""
+    return unsharded_logits(*checkpoint[:3])
 
 
 def test_unsharded_logits_match_transformers(checkpoint, single):
-    assert _rel(single, checkpoint[3]) < 1e-4
+    assert rel_error(single, checkpoint[3]) < 1e-4
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -112,8 +100,8 @@ def test_sharded_equals_unsharded_and_transformers(checkpoint, single, mesh):
     _, _, tokens, ref, _ = checkpoint
     sm, params = _load(checkpoint, Strategy.parse(mesh))
     ours = sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits
-    assert _rel(ours, single) < 1e-5
-    assert _rel(ours, ref) < 1e-4
+    assert rel_error(ours, single) < 1e-5
+    assert rel_error(ours, ref) < 1e-4
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "dense"])
@@ -125,8 +113,8 @@ def test_every_dispatch_scales_the_experts_input(checkpoint, single, dispatch):
                        capacity_factor=cfg.num_experts / cfg.top_k)
     out = sm.forward(params, sm.put_tokens(jnp.asarray(tokens)))
     assert int(out.dropped.sum()) == 0
-    assert _rel(out.logits, single) < 1e-5
-    assert _rel(out.logits, ref) < 1e-4
+    assert rel_error(out.logits, single) < 1e-5
+    assert rel_error(out.logits, ref) < 1e-4
 
 
 @pytest.mark.parametrize("mesh", ["DP8", "EP2-TP2-PP2", "EP4-TP2"])
@@ -144,9 +132,9 @@ def test_prefill_and_decode_logits_match_transformers(checkpoint):
     sm, params = _load(checkpoint, Strategy.parse("EP2-TP2-PP2"))
     B, S = tokens.shape
     out = sm.prefill(params, sm.put_tokens(jnp.asarray(tokens[:, :-1])), sm.init_cache(B, S + 2))
-    assert _rel(out.logits, ref[:, -2:-1]) < 1e-4
+    assert rel_error(out.logits, ref[:, -2:-1]) < 1e-4
     step = sm.decode(params, sm.put_tokens(jnp.asarray(tokens[:, -1:])), jnp.int32(S - 1), out.cache)
-    assert _rel(step.logits, ref[:, -1:]) < 1e-4
+    assert rel_error(step.logits, ref[:, -1:]) < 1e-4
 
 
 def test_round_trip_and_transformers_reads_ours(checkpoint, tmp_path):
@@ -158,7 +146,7 @@ def test_round_trip_and_transformers_reads_ours(checkpoint, tmp_path):
     assert from_hf(tmp_path / "ours").replace(name=cfg.name, capacity_factor=cfg.capacity_factor) == cfg
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
     with torch.no_grad():
-        assert _rel(theirs.float().eval()(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
+        assert rel_error(theirs.float().eval()(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
 
 
 def test_blockwise_chunks_equal_the_plain_form():
