@@ -96,20 +96,27 @@ def _deepseek_v3(data: dict, common: dict) -> ModelConfig:
         raise ConfigError(f"{family}: rope type {kind!r} (rope_scaling/rope_parameters) is not supported; "
                           "supported: 'default', 'yarn'")
     theta = _theta(data, rope)
-    dense = int(data.get("first_k_dense_replace") or 0)
-    groups = data.get("n_group") or 1
     return ModelConfig(
         **{**common, "rope_theta": float(theta), "num_kv_heads": H,
            "head_dim": data["qk_nope_head_dim"] + data["qk_rope_head_dim"]},
         attention="mla", q_lora_rank=int(data.get("q_lora_rank") or 0), kv_lora_rank=data["kv_lora_rank"],
         qk_rope_head_dim=data["qk_rope_head_dim"], v_head_dim=data["v_head_dim"],
         rope_interleave=bool(data.get("rope_interleave", True)), **yarn,
-        num_experts=data["n_routed_experts"], expert_ffn=data["moe_intermediate_size"],
-        num_shared_experts=int(data.get("n_shared_experts") or 0),
-        router_norm_topk=bool(data.get("norm_topk_prob", True)), router_score="sigmoid",
-        router_groups=groups, router_topk_groups=data.get("topk_group") or groups,
-        routed_scaling=float(data.get("routed_scaling_factor", 1.0)),
-        first_dense_layers=dense, dense_ffn=data["intermediate_size"] if dense else 0)
+        **_sigmoid_moe(data, dense_layers=0, shared_experts=0))
+
+
+def _sigmoid_moe(data: dict, *, dense_layers: int, shared_experts: int) -> dict:
+    """The MoE fields DeepSeek-V3 and GLM-4.5 read alike (routed and shared experts, sigmoid group routing, scaled
+    weights, dense first layers), as ModelConfig keywords; `dense_layers` and `shared_experts` are the family's
+    defaults for an absent ``first_k_dense_replace`` / ``n_shared_experts`` (transformers' config classes differ)."""
+    dense = int(data.get("first_k_dense_replace", dense_layers) or 0)
+    groups = data.get("n_group") or 1
+    return dict(num_experts=data["n_routed_experts"], expert_ffn=data["moe_intermediate_size"],
+                num_shared_experts=int(data.get("n_shared_experts", shared_experts) or 0),
+                router_norm_topk=bool(data.get("norm_topk_prob", True)), router_score="sigmoid",
+                router_groups=groups, router_topk_groups=data.get("topk_group") or groups,
+                routed_scaling=float(data.get("routed_scaling_factor", 1.0)),
+                first_dense_layers=dense, dense_ffn=data["intermediate_size"] if dense else 0)
 
 
 def _glm4_moe(data: dict, common: dict) -> ModelConfig:
@@ -134,18 +141,11 @@ def _glm4_moe(data: dict, common: dict) -> ModelConfig:
     if not (0 < rotary <= head_dim and rotary % 2 == 0):
         raise ConfigError(f"{family}: partial_rotary_factor={factor!r} gives {rotary} RoPE dims of head_dim="
                           f"{head_dim}; supported: a factor giving an even number from 2 to head_dim")
-    dense = int(data.get("first_k_dense_replace", 1) or 0)
-    groups = data.get("n_group") or 1
     return ModelConfig(
         **{**common, "rope_theta": _theta(data, rope), "norm_eps": float(data.get("rms_norm_eps", 1e-5))},
         attention_bias=bool(data.get("attention_bias", False)), rotary_dim=0 if rotary == head_dim else rotary,
         qk_norm="head" if data.get("use_qk_norm", False) else "none",
-        num_experts=data["n_routed_experts"], expert_ffn=data["moe_intermediate_size"],
-        num_shared_experts=int(data.get("n_shared_experts", 1) or 0),
-        router_norm_topk=bool(data.get("norm_topk_prob", True)), router_score="sigmoid",
-        router_groups=groups, router_topk_groups=data.get("topk_group") or groups,
-        routed_scaling=float(data.get("routed_scaling_factor", 1.0)),
-        first_dense_layers=dense, dense_ffn=data["intermediate_size"] if dense else 0)
+        **_sigmoid_moe(data, dense_layers=1, shared_experts=1))
 
 
 def _yarn(family: str, rope: dict, *, truncate_default: bool) -> dict:
@@ -371,7 +371,13 @@ def _deepseek_v3_hf(cfg: ModelConfig, data: dict) -> None:
                 q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
                 qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                 v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave, rope_parameters=rope,
-                n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn,
+                **_sigmoid_moe_hf(cfg))
+
+
+def _sigmoid_moe_hf(cfg: ModelConfig) -> dict:
+    """The MoE fields DeepSeek-V3 and GLM-4.5 write alike: routed and shared experts, sigmoid group routing, the
+    dense first layers (and no multi-token-prediction layer: moe-jax does not model it)."""
+    return dict(n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn,
                 n_shared_experts=cfg.num_shared_experts, norm_topk_prob=cfg.router_norm_topk,
                 n_group=cfg.router_groups, topk_group=cfg.router_topk_groups,
                 routed_scaling_factor=cfg.routed_scaling, first_k_dense_replace=cfg.first_dense_layers,
@@ -392,11 +398,7 @@ def _glm4_moe_hf(cfg: ModelConfig, data: dict) -> None:
     data.update(architectures=["Glm4MoeForCausalLM"], attention_bias=cfg.attention_bias,
                 use_qk_norm=cfg.qk_norm == "head",
                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": factor},
-                n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn,
-                n_shared_experts=cfg.num_shared_experts, norm_topk_prob=cfg.router_norm_topk,
-                n_group=cfg.router_groups, topk_group=cfg.router_topk_groups,
-                routed_scaling_factor=cfg.routed_scaling, first_k_dense_replace=cfg.first_dense_layers,
-                intermediate_size=cfg.dense_ffn or cfg.expert_ffn, num_nextn_predict_layers=0)
+                **_sigmoid_moe_hf(cfg))
 
 
 def _gpt_oss_hf(cfg: ModelConfig, data: dict) -> None:
