@@ -339,3 +339,67 @@ def test_fp8_source_knows_only_a_whole_weight_read():
     assert fp8_source(read) is not None
     assert fp8_source(w8[:2]) is None and fp8_source(read[:2]) is None and fp8_source(read.reshape(32, 16)) is None
     assert fp8_source(jnp.ones((4, 8, 16), jnp.bfloat16)) is None
+
+
+# XLA:TPU stores a stacked FP8 weight [L, ...] in its 8-bit tiling T(32,128)(4,1) and converts it in T(8,128)(4,1):
+# the layer's fusion nests the tiling change one fusion deeper, ahead of the layer's dynamic-slice.
+_NESTED_RETILE = """HloModule m
+
+%copy_fusion (input: f8e4m3fn[4,64,128]) -> f8e4m3fn[4,64,128] {
+  %input = f8e4m3fn[4,64,128]{2,1,0:T(32,128)(4,1)} parameter(0)
+  ROOT %copy.1 = f8e4m3fn[4,64,128]{2,1,0:T(8,128)(4,1)} copy(%input)
+}
+
+%fused (p0: f8e4m3fn[4,64,128], p1: s32[]) -> bf16[64,128] {
+  %p0 = f8e4m3fn[4,64,128]{2,1,0:T(32,128)(4,1)} parameter(0)
+  %retiled = f8e4m3fn[4,64,128]{2,1,0:T(8,128)(4,1)} fusion(%p0), kind=kLoop, calls=%copy_fusion
+  %p1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %layer = f8e4m3fn[1,64,128]{2,1,0} dynamic-slice(%retiled, %p1, %zero, %zero), dynamic_slice_sizes={1,64,128}
+  %flat = f8e4m3fn[64,128]{1,0:T(8,128)(4,1)} bitcast(%layer)
+  ROOT %wide = bf16[64,128]{1,0:T(8,128)(2,1)} convert(%flat)
+}
+
+ENTRY %main (w: f8e4m3fn[4,64,128], i: s32[]) -> bf16[64,128] {
+  %w = f8e4m3fn[4,64,128]{2,1,0:T(32,128)(4,1)} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %out = bf16[64,128]{1,0:T(8,128)(2,1)} fusion(%w, %i), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_walk_reads_one_layer_through_a_nested_retiling():
+    """A tiling change nested in a fusion, ahead of the layer's slice, is computed on the windows the fusion reads:
+    one layer's FP8 weight (8 KiB of the 32 KiB stack), the index, and the bf16 result written."""
+    from moe_jax.costs.walk import walk
+
+    assert walk(_NESTED_RETILE, {"dp": 1}).hbm_bytes == 64 * 128 + 4 + 64 * 128 * 2
+
+
+FP8_TPU_SCRIPT = """
+import json
+from moe_jax.config import get_model
+from moe_jax.costs.compile import Workload
+from moe_jax.costs.walk import analyze_cost
+from moe_jax.parallel.mesh import Strategy
+cfg = get_model("seed-30b").replace(num_layers=4)
+out = {}
+for name, c in (("bf16", cfg), ("fp8", cfg.replace(weight_dtype="float8_e4m3fn"))):
+    p = analyze_cost(c, Strategy.parse("EP1"), Workload(8, 512, 64), backend="tpu", topology="v5p:2x2x1",
+                     phases=("decode",)).phases["decode"]
+    out[name] = {"hbm": p.hbm_bytes, "weights": p.memory.weights, "temporaries": p.memory.temporaries}
+print(json.dumps(out))
+"""
+
+
+def test_tpu_fp8_decode_moves_the_fp8_weights():
+    """seed-30b (4 layers, batch 8) on one TPU v5p: the FP8 decode step reads each layer's FP8 weights once, under
+    0.65x of the bf16 step's HBM bytes (measured 0.53x; bf16 embedding and head stay). Before, the cost walk
+    counted the whole stacked [L, ...] weight for each layer's nested re-tiling (1.91x here; 6.98x at 16 layers)."""
+    from conftest import run_tpu_script
+
+    data = json.loads(run_tpu_script(FP8_TPU_SCRIPT)[-1])
+    bf16, fp8 = data["bf16"], data["fp8"]
+    assert fp8["weights"] < 0.55 * bf16["weights"]                         # embedding and head stay bf16
+    assert fp8["hbm"] < 0.65 * bf16["hbm"], data
+    assert fp8["temporaries"] < 0.05 * fp8["weights"]

@@ -271,6 +271,16 @@ def _operand_bytes(instr: Instruction, comp, module: Module) -> int:
     return total
 
 
+def _relayout_only(instr: Instruction, module: Module) -> bool:
+    """Whether `instr` is a fusion nested in another that only changes its one operand's layout (a copy,
+    through bitcasts): computed window by window as its user reads it, not written whole."""
+    if instr.opcode != "fusion" or len(instr.operands) != 1:
+        return False
+    callee = [c for role, c in module.calls(instr) if role == "calls"]
+    fused = module.computations.get(callee[0]) if callee else None
+    return fused is not None and all(i.opcode in ("parameter", "copy", "bitcast") for i in fused.instructions)
+
+
 def _read_bytes(comp, name: str, module: Module, depth: int = 0, updated: bool = False) -> int | None:
     """Bytes a fused computation reads of value `name` when it only slices it or updates it in place.
 
@@ -291,12 +301,17 @@ def _read_bytes(comp, name: str, module: Module, depth: int = 0, updated: bool =
         if updated and u.opcode == "tuple" and u.is_root:
             continue                                        # the in-place output of a multi-output fusion
         if u.opcode in _SLICING and u.operands[0] == name:
-            inner = u.bytes
+            # a slice sliced again (a layer's experts, then the few gathered by id) reads the narrower one
+            further = _read_bytes(comp, u.name, module, depth + 1)
+            inner = u.bytes if further is None else min(u.bytes, further)
         elif u.opcode in _IN_PLACE and u.operands[0] == name:
             inner = _read_bytes(comp, u.name, module, depth + 1, updated=True)
             if inner is not None and u.opcode == "scatter":
                 inner += min(u.bytes, _update_bytes(u, comp))   # the rows it combines into
-        elif u.opcode in ("bitcast", "reshape"):
+        elif u.opcode in ("bitcast", "reshape") or _relayout_only(u, module):
+            # XLA:TPU nests a tiling change of a stacked weight ([L, ...] f8 from T(32,128) to T(8,128)) one
+            # fusion deeper, ahead of the layer's dynamic-slice: the fusion re-tiles the windows it reads, the
+            # layer's slice (libtpu's own estimated_cycles do not grow with L), so follow what is read of it
             inner = _read_bytes(comp, u.name, module, depth + 1, updated)
         elif u.opcode == "fusion":
             callee = [c for role, c in module.calls(u) if role == "calls"]

@@ -27,6 +27,15 @@ the layers multiply by their weights, asks `fp8_source` for the weight's FP8 val
 values as stored (converted inside the matmul's own fusion) and scales its output: the scale is a power of two,
 so that is exact, the same numbers as the dequantized weight's product. The HBM a layer's weights take, and the
 bytes a decode step reads of them, are then the FP8 ones (seed-30b, H200 decode: 0.53x bf16's bytes).
+
+XLA:TPU keeps the stacked FP8 weights [L, ...] in its 8-bit tiling T(32,128)(4,1) and converts them in
+T(8,128)(4,1): each layer's fusion nests that re-tiling one fusion deeper, ahead of the layer's dynamic-slice.
+The fusion computes it on the windows it reads, the layer's slice (libtpu's estimated cycles for the expert
+fusions are the same for 2 and 16 layers, and the same as with the weights passed in T(8,128) tiles), and
+`moe_jax.costs.walk` counts it so (seed-30b, TPU v5p decode: 0.56x bf16's bytes; 6.98x while the walk counted
+the whole stack per layer). Passing the weights in T(8,128) tiles instead (a jax ``Format`` on the
+parameters) does not help: XLA:TPU copies the attention weights (in prefill the experts' too) back to T(32,128)
+ahead of the layer loop, and lets ``Layout.AUTO`` keep T(32,128).
 """
 
 from __future__ import annotations
