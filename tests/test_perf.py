@@ -27,9 +27,22 @@ def test_presets_have_the_reference_figures():
 
 def test_pure_compute_op():
     flops = 2 * 8192 ** 3                                   # an 8192^3 matmul, bytes negligible
-    seconds, bound = op_time(flops, 3 * 8192 * 8192 * 2, H200)
+    seconds, bound = op_time(flops, 3 * 8192 * 8192 * 2, H200, matmul_flops=flops)
     assert bound == "compute"
     assert seconds == pytest.approx(flops / (989e12 * 0.8))
+
+
+def test_non_matmul_flops_run_at_the_vector_rate():
+    # an elementwise/reduction op's FLOPs run on the FP32 vector units (67 TFLOP/s on an H200), not the tensor
+    # cores: 14.8x slower per FLOP than the bf16 matmul peak
+    flops = 1e12
+    seconds, bound = op_time(flops, 1.0, H200)
+    assert bound == "compute" and H200.peak_vector_flops == 67e12
+    assert seconds == pytest.approx(flops / (67e12 * 0.8))
+    mixed, _ = op_time(3 * flops, 1.0, H200, matmul_flops=2 * flops)
+    assert mixed == pytest.approx(2 * flops / (989e12 * 0.8) + flops / (67e12 * 0.8))
+    tpu = get_hardware("tpu-v5p")                          # no published vector figure: the matmul peak
+    assert tpu.peak_vector_flops == 0 and tpu.achievable_vector_flops == tpu.achievable_flops
 
 
 def test_pure_memory_op():

@@ -98,10 +98,21 @@ class Hardware:
     """Dense FP8 (E4M3) matmul FLOP/s per device (datasheet); 0 where the chip has no FP8 matmul units (A100,
     TPU v4/v5e/v5p/v6e, whose 8-bit peaks are int8): there FP8 weights are dequantized and multiplied at the
     bf16 rate."""
+    peak_vector_flops: float = 0.0
+    """FP32 FLOP/s of the units that run everything but matmuls (CUDA cores, vector units), per device
+    (datasheet); 0 where none is published (TPUs, the seed's GPU): those FLOPs are then timed at `peak_flops`,
+    an optimistic bound the report's assumptions name. Decode's in-place products (a weight multiplied as
+    an f32 product and sum, `moe_jax.model.layers.weight_einsum`) and every elementwise op run here."""
 
     @property
     def achievable_flops(self) -> float:
         return self.peak_flops * self.flops_efficiency
+
+    @property
+    def achievable_vector_flops(self) -> float:
+        """FLOP/s of non-matmul work: `peak_vector_flops` (or `peak_flops` where it is 0) at the achievable
+        fraction."""
+        return (self.peak_vector_flops or self.peak_flops) * self.flops_efficiency
 
     def matmul_peak(self, dtype: str = "bfloat16") -> float:
         """Datasheet FLOP/s of a matmul multiplying in `dtype`: the FP8 peak for ``float8_e4m3fn`` operands where
@@ -189,24 +200,29 @@ _PRESETS = {h.name: h for h in [
                          "80 GiB-class Hopper part as the nearest shipped description)", compile_target="h100"),
     Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink3(), _ib(25 * GB, "HDR IB"),
              source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
-                    "jax-ml/scaling-book gpus.md", compile_target="a100", sm_count=108, compute_capability="8.0"),
+                    "jax-ml/scaling-book gpus.md; FP32 (non-tensor) 19.5 TFLOP/s", compile_target="a100", sm_count=108,
+             compute_capability="8.0", peak_vector_flops=19.5 * TB),
     Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
-                    "jax-ml/scaling-book gpus.md; FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity)",
-             compile_target="h100", sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB),
+                    "jax-ml/scaling-book gpus.md; FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity); "
+                    "FP32 (non-tensor) 67 TFLOP/s", compile_target="h100", sm_count=132, compute_capability="9.0",
+             peak_flops_fp8=1979 * TB, peak_vector_flops=67 * TB),
     Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "scaling-book; MLCommons H200 "
                     "system description; achievable fractions measured on one H200 (bf16 matmul 788 TFLOP/s, "
-                    "copy 4.3 TB/s); FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity)", compile_target="h200",
-             sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB),
+                    "copy 4.3 TB/s); FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity); FP32 (non-tensor) 67 "
+                    "TFLOP/s", compile_target="h200", sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB,
+             peak_vector_flops=67 * TB),
     Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink5(), _ib(),
              source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); "
-                    "jax-ml/scaling-book gpus.md; FP8 4.5 PFLOP/s dense (datasheet 9 with sparsity)",
-             compile_target="b200", sm_count=148, compute_capability="10.0", peak_flops_fp8=4500 * TB),
+                    "jax-ml/scaling-book gpus.md; FP8 4.5 PFLOP/s dense (datasheet 9 with sparsity); FP32 (non-tensor) "
+                    "80 TFLOP/s (HGX B200 at 1,000 W)", compile_target="b200", sm_count=148,
+             compute_capability="10.0", peak_flops_fp8=4500 * TB, peak_vector_flops=80 * TB),
     Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _infinity_fabric(), _ib(),
              source="secondary sources (AMD MI300X figures); FP8 2615 TFLOP/s dense (AMD MI300X data sheet, 5230 "
-                    "with sparsity)", compile_target="mi300", vendor="amd", peak_flops_fp8=2615 * TB),
+                    "with sparsity); FP32 vector 163.4 TFLOP/s", compile_target="mi300", vendor="amd",
+             peak_flops_fp8=2615 * TB, peak_vector_flops=163.4 * TB),
     Hardware("tpu-v4", 32 * 2**30, 275 * TB, 1.2 * TB, 4096, _ici(45 * GB), _dcn(), kind="tpu", vendor="google",
              source="Cloud TPU docs; scaling-book tpus.md (3D torus, 6 links of 45 GB/s per direction)",
              compile_target="v4"),
@@ -232,6 +248,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "memory_bytes": (1e6, 1e15),
     "peak_flops": (1e9, 1e19),
     "peak_flops_fp8": (0.0, 1e19),
+    "peak_vector_flops": (0.0, 1e19),
     "hbm_bandwidth": (1e8, 1e16),
     "bandwidth": (1e6, 1e15),
     "latency_s": (0.0, 1.0),
@@ -296,8 +313,9 @@ def _from_toml(path: Path) -> Hardware:
     for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "flops_efficiency", "hbm_efficiency"):
         if key in table:
             number(table[key], key, key)
-    if "peak_flops_fp8" in table:                                   # 0: no FP8 matmul units
-        number(table["peak_flops_fp8"], "peak_flops_fp8", "peak_flops_fp8", low_open=False)
+    for key in ("peak_flops_fp8", "peak_vector_flops"):              # 0: no FP8 units / no published figure
+        if key in table:
+            number(table[key], key, key, low_open=False)
     if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \
             or not 1 <= table["devices_per_node"] <= MAX_DEVICES_PER_NODE:
         raise MoeJaxError(f"hardware file {str(path)!r}: devices_per_node={table['devices_per_node']!r} must be a "

@@ -93,7 +93,8 @@ class Analysis:
             "hardware": {"name": hw.name, "memory_bytes": hw.memory_bytes, "peak_flops": hw.peak_flops,
                          "hbm_bandwidth": hw.hbm_bandwidth, "devices_per_node": hw.devices_per_node,
                          "flops_efficiency": hw.flops_efficiency, "hbm_efficiency": hw.hbm_efficiency,
-                         "peak_flops_fp8": hw.peak_flops_fp8, "source": hw.source, "assumptions": hw.assumptions},
+                         "peak_flops_fp8": hw.peak_flops_fp8, "peak_vector_flops": hw.peak_vector_flops,
+                         "source": hw.source, "assumptions": hw.assumptions},
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
                          "gen_len": self.workload.gen_len},
             "backend": self.cost.backend, "target": self.cost.target, "compiled_for": self.cost.compiled_for,
@@ -173,8 +174,9 @@ def _checks(a: Analysis) -> list[Check]:
                         f"expert FFN width {cfg.expert_ffn} / tp={s.tp} = {cfg.expert_ffn / s.tp:g} columns"))
     dense = (f" (+ the {cfg.first_dense_layers} dense first layers, on every stage's devices)"
              if cfg.first_dense_layers else "")
+    unit = f"groups of {cfg.moe_interleave} layers" if cfg.moe_interleave > 1 else "layers"   # dense then MoE
     checks.append(Check("layers_split_evenly", L % s.pp == 0,
-                        f"{L} {'MoE ' if dense else ''}layers / pp={s.pp} = {L / s.pp:g} per stage{dense}"))
+                        f"{L} {'MoE ' if dense else ''}{unit} / pp={s.pp} = {L / s.pp:g} per stage{dense}"))
     checks.append(Check("batch_split_evenly", w.batch % s.dp == 0,
                         f"batch {w.batch} / dp={s.dp} = {w.batch / s.dp:g} sequences per replica; "
                         f"{f['sequences_per_device']} per device in attention (split {f['batch_split']} ways)"))

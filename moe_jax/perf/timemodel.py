@@ -38,9 +38,12 @@ def op_time(flops: float, nbytes: float, hw: Hardware, matmul_flops: float = 0.0
 
     matmul_flops of the flops multiply in `matmul_dtype` (`OpCost.matmul_dtype`): at the hardware's FP8 peak
     when that is ``float8_e4m3fn`` and the chip has FP8 units (`Hardware.matmul_peak`), else, with the rest,
-    at the achievable bf16 peak."""
+    at the achievable bf16 peak; the other flops (elementwise ops, reductions, decode's in-place products) at the
+    achievable vector rate (`Hardware.achievable_vector_flops`)."""
     fp8 = matmul_flops if matmul_dtype == FP8 else 0.0
-    compute = (flops - fp8) / hw.achievable_flops + fp8 / hw.achievable_matmul_flops(FP8)
+    vector = max(flops - matmul_flops, 0.0)
+    compute = (matmul_flops - fp8) / hw.achievable_flops + fp8 / hw.achievable_matmul_flops(FP8) \
+        + vector / hw.achievable_vector_flops
     memory = nbytes / hw.achievable_hbm
     return (compute, "compute") if compute >= memory else (memory, "memory")
 
@@ -72,7 +75,7 @@ def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float
         return op_time(op.flops, op.bytes, hw, op.matmul_flops, op.matmul_dtype)
     dot_dtype = FP8 if op.matmul_dtype == FP8 else dtype
     compute = (cal.matmul_seconds(op.matmul_flops, dot_dtype) if op.matmul_flops > 0 else 0.0) \
-        + max(op.flops - op.matmul_flops, 0) / hw.achievable_flops \
+        + max(op.flops - op.matmul_flops, 0) / hw.achievable_vector_flops \
         + (cal.transcendental.seconds(op.transcendentals) if cal.transcendental and op.transcendentals else 0.0)
     memory = cal.kind_seconds(memory_kind(op), op.bytes) if op.bytes > 0 else 0.0
     seconds, bound = (compute, "compute") if compute >= memory else (memory, "memory")
@@ -291,6 +294,10 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
          f"bytes, at least {cal.op_overhead_s * 1e6:.1f} us per op" if cal is not None else
          f"achievable {hw.flops_efficiency:.0%} of peak FLOP/s and {hw.hbm_efficiency:.0%} of HBM bandwidth "
          "for every op, whatever its size"),
+        (f"non-matmul FLOPs (elementwise, reductions, in-place decode products) at {hw.peak_vector_flops:.3g} "
+         "FLOP/s (FP32 vector units)" if hw.peak_vector_flops else
+         "non-matmul FLOPs at the matmul peak: no vector-unit figure is published for this hardware (optimistic "
+         "for elementwise-heavy ops)"),
         f"links: {_link_text(hw.node_link)} inside a node of {hw.devices_per_node}, "
         f"{_link_text(hw.network_link)} across nodes; each collective by its algorithm (pairwise all-to-all, "
         "ring or tree all-reduce by size, hierarchical across nodes)",
