@@ -12,7 +12,12 @@ Backends:
   e.g. ``v5p:8x8x16`` for 1024 v5p chips. A program that does not fit in HBM fails to
   compile with RESOURCE_EXHAUSTED: reported as "does not fit", not raised.
 - ``gpu``: a deviceless CUDA target through jax's CUDA plugin (``moe-jax[gpu]``) and a
-  target description (``moe_jax/hardware/targets/<chip>.txtpb``).
+  target description (``moe_jax/hardware/targets/<chip>.txtpb``). Compiled with XLA's default options:
+  ``xla_gpu_enable_dynamic_slice_fusion`` (a cuBLAS gemm reading a dynamic slice of the stacked weights in
+  place) needs ``xla_gpu_enable_triton_gemm=false`` to see cuBLAS calls, and then fails to compile a layer
+  scan in jaxlib 0.10.2 ("BufferAllocation::Slice not assigned", even for one scanned matmul). The decode
+  step avoids the per-layer slice copies in the model instead (`moe_jax.model.layers.in_place_rows`,
+  `moe_jax.model.attention.attend_stored`).
 - ``real``: the devices jax sees.
 """
 

@@ -90,6 +90,32 @@ def attend(q, k, v, mask, *, sinks=None):
     return out.reshape(B, S, H, v.shape[-1])
 
 
+def attend_stored(q, k, v, mask, *, sinks=None):
+    """`attend` over keys and values in the KV cache's stored order (`moe_jax.model.kv_cache.orders`), each
+    product written as a multiply and an f32 sum over the stored array's minor dimension.
+
+    q [B, S, H, Dh], k [B, K, T, Dh], v [B, K, Dv, T], mask [S, T], sinks as `attend`; returns [B, S, H, Dv].
+    The same math as `attend`: scores summed in f32 and scaled by Dh^-1/2, masked to the f32 minimum, the
+    softmax in f32, the probabilities cast to the values' dtype before the weighted sum (f32, cast back).
+
+    Why (decode on a GPU, one query row per sequence): XLA:GPU runs `attend`'s two batched products as gemm
+    kernels, which do not read an operand inside the layer scan's carried cache: each step copied every
+    layer's keys and values out of the stacked cache first (as large as the cache, per step). A row
+    reduction (keys over Dh, values over T: both minor as stored) fuses the layer's slice of the carried
+    cache into its input and reads it where it is stored. Each KV head's G = H / K query heads re-read
+    the same [T, Dh] keys and values, consecutively: at most a head's slice (T·Dh values) apart, which the
+    GPU's L2 cache holds. The products of 16-bit values are exact in f32."""
+    B, S, H, Dh = q.shape
+    K = k.shape[1]
+    qg = jnp.moveaxis(q.reshape(B, S, K, H // K, Dh), 1, 3).astype(F32)        # [B, K, G, S, Dh]
+    scores = jnp.sum(qg[:, :, :, :, None, :] * k[:, :, None, None].astype(F32), axis=-1) * Dh ** -0.5
+    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)     # [B, K, G, S, T]
+    probs = _softmax(scores, None if sinks is None else _sink_logits(sinks, K)[None, :, :, None, None])
+    p = probs.astype(v.dtype).astype(F32)
+    out = jnp.sum(p[:, :, :, :, None, :] * v[:, :, None, None].astype(F32), axis=-1).astype(v.dtype)
+    return jnp.moveaxis(out, 3, 1).reshape(B, S, H, v.shape[2])              # [B, K, G, S, Dv] -> [B, S, H, Dv]
+
+
 def _softmax(scores, sink):
     """Softmax over the last axis; with `sink` (broadcastable to scores[..., :1]) in the denominator."""
     if sink is None:

@@ -34,13 +34,19 @@ class Kernels:
     narrow_manual_all_reduce: bool
     """A 16-bit all-reduce inside a partially manual `shard_map` compiles. XLA:CPU crashes on one
     ("Invalid binary instruction opcode copy", in AllReducePromotion): such sums are made in f32."""
+    in_place_decode_attention: bool = False
+    """A decode step's attention reads the cache as stored with row reductions (`moe_jax.model.attention.
+    attend_stored`) rather than batched matmuls: XLA:GPU's gemm copies each layer's keys and values out of
+    the carried cache first, every step (as many bytes as the cache). GPU only: TPU's matmuls read the slice
+    in place, and on CPU the matmul form is the reference."""
 
     @classmethod
     def for_platform(cls, platform: str) -> Kernels:
         """The kernels of a jax platform name (``cpu``, ``gpu``, ``tpu``): XLA:CPU has none of them."""
         native = platform != Backend.CPU
-        return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=platform == Backend.GPU,
-                   narrow_manual_all_reduce=native)
+        gpu = platform == Backend.GPU
+        return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
+                   narrow_manual_all_reduce=native, in_place_decode_attention=gpu)
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:

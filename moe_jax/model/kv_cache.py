@@ -111,16 +111,20 @@ class LayerCache(NamedTuple):
     def _lead(self) -> tuple:
         return (self.layer, 0) if self.microbatch is None else (self.layer, 0, self.microbatch)
 
-    def read(self, name: str) -> jax.Array:
-        """This layer's keys or values as the attention reads them, [B, T, K·r, Dh]: a transposed view of the
-        stored slice, which XLA folds into the products' operand layout (no data moves)."""
+    def stored(self, name: str) -> jax.Array:
+        """This layer's keys or values in their stored order (`orders`): keys [B, K·r, T, Dh], values
+        [B, K·r, Dh, T], a slice of the stacked array at this layer (and microbatch)."""
         a = getattr(self, name)
         lead, tail = self._lead(), a.shape[-3:]
         size = (1, a.shape[1], *([1] * (len(lead) - 2)), *tail)
         stored = jax.lax.dynamic_slice(a, (*lead, 0, 0, 0), size).reshape(a.shape[1], *tail)
-        stored = constrain(stored, axes(self.attention, name)[1:], what="KV cache")
+        return constrain(stored, axes(self.attention, name)[1:], what="KV cache")
+
+    def read(self, name: str) -> jax.Array:
+        """This layer's keys or values as the attention reads them, [B, T, K·r, Dh]: a transposed view of the
+        stored slice, which XLA folds into the products' operand layout (no data moves)."""
         order = orders(self.attention)[name]
-        return jnp.transpose(stored, [order.index(i) for i in range(4)])
+        return jnp.transpose(self.stored(name), [order.index(i) for i in range(4)])
 
     def write(self, k, v, start) -> LayerCache:
         """The cache with this layer's keys and values k, v [B, S, K·r, Dh] stored at positions [start, start + S).

@@ -15,7 +15,7 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import ShardingError
-from moe_jax.model.attention import attend, causal_attend, first_visible, window_mask
+from moe_jax.model.attention import attend, attend_stored, causal_attend, first_visible, window_mask
 from moe_jax.model.execution import Kernels
 from moe_jax.model.quant import Fp8Weight, fp8_source
 from moe_jax.names import FP8
@@ -47,8 +47,8 @@ def weight(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, fan_in: int):
 
 def weight_einsum(spec: str, x, w, *, in_place: bool = False):
     """``jnp.einsum(spec, x, w)`` for activations x times a stored weight w; written as a product and an
-    f32 sum instead with `in_place`, which callers set when x has one row per weight matrix on this
-    device (decode at batch 1) and the target is a GPU (`Kernels.in_place_weight_einsum`).
+    f32 sum instead with `in_place`, which callers set when x has few rows per weight matrix on this
+    device (decode; `in_place_rows`) and the target is a GPU (`Kernels.in_place_weight_einsum`).
 
     XLA:GPU multiplies one row by a large matrix with a gemm kernel, which does not read a weight
     inside the scan's stacked parameter: each layer's slice is first copied out, every step. Its own
@@ -74,7 +74,7 @@ def weight_einsum(spec: str, x, w, *, in_place: bool = False):
     if not in_place:
         y = jnp.einsum(spec, x, w.astype(dtype))
     else:
-        full = "".join(c for c in out if c not in ws) + ws       # the weight's own order: no transpose of it
+        full = _reduction_order(out, ws)
         if set(xs) - set(full):
             raise ValueError(f"weight_einsum {spec!r}: x may only have dimensions of the output or the weight")
 
@@ -92,6 +92,34 @@ def weight_einsum(spec: str, x, w, *, in_place: bool = False):
     kept = [c for c in out if c in lead]
     per_matrix = jnp.transpose(scale.reshape(scale.shape[:-1]), [lead.index(c) for c in kept])
     return y * jnp.expand_dims(per_matrix, [i for i, c in enumerate(out) if c not in lead]).astype(dtype)
+
+
+MAX_IN_PLACE_ROWS = 16
+"""Most activation rows per weight matrix that `in_place_rows` multiplies as a product and a sum (on the GPU's
+f32 vector units, two FLOPs per weight element and row) rather than a gemm that copies the layer's weight out
+of the stacked parameter first (the slice written and read again: 3x the weight's bytes). An H200 does about
+67 TFLOP/s in f32 against 4.8 TB/s of HBM, 14 FLOPs per byte: 16 rows of a 16-bit weight (16 FLOPs per byte)
+stay within ~1.2x of the weight's read time, well under the copy's 3x."""
+
+
+def in_place_rows(rows: int, kernels: Kernels) -> bool:
+    """Whether `weight_einsum` should read the weight in place (`in_place`) for `rows` activation rows per weight
+    matrix on this device (decode: batch rows, or an expert's capacity slots), on `kernels`' target: a GPU
+    (`Kernels.in_place_weight_einsum`) and at most `MAX_IN_PLACE_ROWS` rows."""
+    return kernels.in_place_weight_einsum and rows <= MAX_IN_PLACE_ROWS
+
+
+def _reduction_order(out: str, ws: str) -> str:
+    """The dimension order of `weight_einsum`'s in-place product: the weight's own order (no transpose of it),
+    with the activation's own output dimensions (its rows) placed just before the weight's contracted ones when
+    those are its trailing (minor) dimensions. The reduction's output then iterates each weight row's activation
+    rows consecutively: with several rows per matrix, a weight row is re-read while it is still in the GPU's
+    L1/L2, not once per activation row after the whole weight has streamed by (as rows-major would)."""
+    rows = "".join(c for c in out if c not in ws)
+    kept = "".join(c for c in ws if c in out)
+    if ws.startswith(kept):                                   # contracted dimensions trailing: rows before them
+        return kept + rows + ws[len(kept):]
+    return rows + ws
 
 
 def repeat_kv_heads(w, copies: int, axes):
@@ -225,7 +253,8 @@ class Attention(nnx.Module):
     reads and writes a KV cache. Each bias is split as its projection's output (heads over tp; a K/V bias
     repeated with its weight when tp exceeds K; the output bias replicated). The sinks [H] split as the heads.
 
-    kernels: the target's, fixed when it is built (how a one-row projection reads its weight).
+    kernels: the target's, fixed when it is built (how a few-row projection reads its weight, and whether a
+    decode step reads the cache as stored: `moe_jax.model.attention.attend_stored`).
 
     Under a layout where tp exceeds the K KV heads (`moe_jax.parallel.rules.Layout.kv_copies` r > 1),
     keys and values have K·r heads, r copies of each, split over tp: each device projects, stores
@@ -288,7 +317,7 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         B, S, _ = x.shape
-        in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum   # one row per device
+        in_place = in_place_rows(B // batch_shards(B) * S, self.kernels)        # few rows per device: decode
         r = kv_copies_in_force()
         heads = cfg.num_kv_heads * r
         if cache is not None and cache.heads != heads:
@@ -314,20 +343,24 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "cache_heads", "head_dim"))
 
         keys, values, key_pos = k, v, positions
+        stored = decode and cache is not None and S == 1 and self.kernels.in_place_decode_attention
         if cache is not None:
             cache = cache.write(k, v, positions[0])                            # in place: the new positions only
-            if decode:                                                         # [B, T, K·r, Dh] views of the cache
-                keys, values = cache.read("k").astype(q.dtype), cache.read("v").astype(q.dtype)
+            if decode:                      # [B, T, K·r, Dh] views of the cache, or as stored (positions on `t_axes`)
+                view = cache.stored if stored else cache.read
+                keys, values = view("k").astype(q.dtype), view("v").astype(q.dtype)
+                t_axes = (2, 3) if stored else (1, 1)
                 key_pos = jnp.arange(cache.length)
                 span = abs(window) + S - 1 if isinstance(window, int) and window else 0
                 if 0 < span < cache.length:                   # a sliding (chunked) layer: its window (chunk) only
                     first = jnp.clip(first_visible(positions[0], window), 0, cache.length - span)
-                    keys, values = (jax.lax.dynamic_slice_in_dim(a, first, span, axis=1) for a in (keys, values))
+                    keys, values = (jax.lax.dynamic_slice_in_dim(a, first, span, axis=ax)
+                                    for a, ax in zip((keys, values), t_axes, strict=True))
                     key_pos = first + jnp.arange(span)
         sinks = self.sinks_h[...] if cfg.attention_sinks else None
         if decode:                                                             # the cache, masked by position
             mask = window_mask(positions[:, None], key_pos[None, :], window)
-            out = attend(q, keys, values, mask, sinks=sinks)                   # [B, S, H, Dh]
+            out = (attend_stored if stored else attend)(q, keys, values, mask, sinks=sinks)   # [B, S, H, Dh]
         elif sinks is None and isinstance(window, int) and not window:        # this call's own keys: causal
             out = causal_attend(q, keys, values)                               # blockwise, no S x S
         else:
