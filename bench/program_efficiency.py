@@ -5,7 +5,8 @@ hardware's own compiler (deviceless H200 or TPU v5p) and read back:
 
 - decode HBM bytes per step against the bytes a step must move (the weights it touches:
   every local expert for capacity dispatch, the experts the batch is expected to route to
-  for dropless; plus the local KV cache);
+  for dropless and for capacity where it gathers its experts (one token per group, no ep);
+  plus the local KV cache);
 - prefill matmul FLOPs against the model's useful FLOPs (2 x active parameters x tokens +
   attention, per device);
 - the largest buffers each program creates (a weight-sized one in decode is a copy of the

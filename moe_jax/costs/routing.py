@@ -1,4 +1,5 @@
-"""Expected routing statistics for dropless dispatch, under a stated assumption: uniform routing.
+"""Expected routing statistics for dropless dispatch (and capacity decode on its gathered path), under a
+stated assumption: uniform routing.
 
 Dropless work depends on where tokens go, which only a real batch knows. Until one is
 measured, the planner and the floor assume each token picks k distinct experts uniformly
@@ -11,6 +12,8 @@ import math
 
 from moe_jax.config import ModelConfig
 from moe_jax.costs.types import WeightsRead
+from moe_jax.model.moe import group_size
+from moe_jax.model.moe.gathered import capacity_gathers
 from moe_jax.names import DTYPES, Dispatch
 from moe_jax.parallel.mesh import Strategy
 
@@ -45,14 +48,24 @@ def shard_imbalance(cfg: ModelConfig, strategy: Strategy, tokens: int) -> float:
     return min(float(ep), 1.0 + sigma * math.sqrt(2 * math.log(ep)) / mean)
 
 
-def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, batch: int) -> WeightsRead:
+def decode_floor_weights(cfg: ModelConfig, strategy: Strategy, weights: int, batch: int,
+                         batch_shards: int | None = None) -> WeightsRead:
     """Weight bytes a decode step must read per device, with the arithmetic.
 
-    Capacity dispatch reads every local expert. Dropless reads only experts the step's
-    tokens route to: each device's experts see the decode tokens of its data-parallel
-    replica (batch / dp), so the expected fraction is `touched_fraction` of them.
+    Dropless reads only experts the step's tokens route to: each device's experts see the decode tokens of
+    its data-parallel replica (batch / dp), so the expected fraction is `touched_fraction` of them. So does
+    capacity dispatch where it takes the gathered path (`moe_jax.model.moe.gathered.capacity_gathers`: no
+    assignment can be dropped, experts not split over ep, fewer assignments than experts); otherwise it reads
+    every local expert. batch_shards: how many ways the layout splits the batch (the capacity groups'
+    shards; None: dp · ep where that divides the batch, else 1).
     """
-    if cfg.dispatch != Dispatch.DROPLESS:
+    if cfg.dispatch == Dispatch.CAPACITY:
+        if batch_shards is None:
+            batch_shards = strategy.dp * strategy.ep if batch % (strategy.dp * strategy.ep) == 0 else 1
+        per_shard = max(batch // batch_shards, 1)
+        if not capacity_gathers(cfg, per_shard, group_size(batch, batch_shards, cfg.moe_group_size), strategy.ep):
+            return WeightsRead(weights, "every local weight (capacity dispatch touches every local expert)")
+    elif cfg.dispatch != Dispatch.DROPLESS:
         return WeightsRead(weights, "every local weight (capacity dispatch touches every local expert)")
     tokens = max(batch // strategy.dp, 1)
     experts = routed_expert_bytes(cfg, strategy)

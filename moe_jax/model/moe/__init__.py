@@ -1,7 +1,7 @@
 """The MoE block, one module per stage: route (router, top-k), capacity (GShard slots), dropless (sort and
-grouped matmul), exchange (the ragged all-to-all and its dense stand-in), dense (the reference), activation (the
-experts' gated activation every dispatch applies) and layer (the `MoE` module that holds the weights and picks the
-dispatch when it is built)."""
+grouped matmul), gathered (each assignment's own expert weights read, at decode's small batches), exchange (the
+ragged all-to-all and its dense stand-in), dense (the reference), activation (the experts' gated activation every
+dispatch applies) and layer (the `MoE` module that holds the weights and picks the dispatch when it is built)."""
 
 from moe_jax.model.moe.activation import glu
 from moe_jax.model.moe.capacity import capacity_masks, capacity_moe, group_size, swiglu_experts

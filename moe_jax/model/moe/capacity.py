@@ -7,6 +7,10 @@ expert). Dispatch turns ``[G, Sg, D]`` (groups split over ``dp × ep``) into
 ``[E, G, C, D]`` (experts split over ``ep``): the all-to-all. Combine is the reverse.
 Because groups are bounded, the dispatch tensors ``[G, Sg, E, C]`` grow linearly with
 the number of tokens.
+
+Where no assignment can be dropped (C ≥ Sg: decode at one token per group) and the experts are not split
+over ep, each assignment is instead multiplied by its own expert's gathered weights
+(`moe_jax.model.moe.gathered.capacity_gathers`): the same result, reading only the chosen experts.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import jax.numpy as jnp
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import F32, weight_einsum
+from moe_jax.model.layers import F32, in_place_rows, weight_einsum
 from moe_jax.model.moe.activation import glu
+from moe_jax.model.moe.gathered import capacity_gathers, gathered_moe
 from moe_jax.model.moe.route import route, weights_input
 from moe_jax.parallel.rules import activation_shards, batch_shards, constrain
 
@@ -60,8 +65,7 @@ def swiglu_experts(x_egcd, w_gate_up_epfd, w_down_edf, kernels: Kernels, cfg: Mo
     """Each expert's SwiGLU on its own tokens. x [E, G, C, D] → [E, G, C, D]; weights [E, 2, F, D], [E, D, F].
     cfg: the activation's (`moe_jax.model.moe.activation.glu`); biases: None or (gate/up [E, 2, F], down [E, D])."""
     E, G, C, D = x_egcd.shape
-    one_row = G // activation_shards("expert_group", G) * C == 1           # per expert, per device
-    in_place = one_row and kernels.in_place_weight_einsum
+    in_place = in_place_rows(G // activation_shards("expert_group", G) * C, kernels)   # rows per expert, per device
     gate_up = weight_einsum("egcd,epfd->egcpf", x_egcd, w_gate_up_epfd, in_place=in_place)  # p, f as stored
     if biases is not None:
         gate_up = gate_up + biases[0][:, None, None]
@@ -83,6 +87,16 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     Sg = group_size(B * S, batch_shards(B), cfg.moe_group_size)
     G = B * S // Sg
     C = cfg.capacity(Sg)
+    in_place = kernels.in_place_weight_einsum
+    if capacity_gathers(cfg, B * S // batch_shards(B), Sg, activation_shards("expert", cfg.num_experts), in_place):
+        # Decode: C ≥ Sg, so nothing can be dropped: each assignment reads only its own expert (`gathered`)
+        x = constrain(x_bsd, ("batch", "length", "embed"))
+        with jax.named_scope(scopes.ROUTE):
+            weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk, cfg)   # [B, S, k]
+        y = gathered_moe(x.reshape(B * S, D), weights.reshape(B * S, -1), experts.reshape(B * S, -1),
+                         w_gate_up_epfd, w_down_edf, cfg, biases, in_place=in_place)
+        y = constrain(y.astype(x_bsd.dtype).reshape(B, S, D), ("batch", "length", "embed"))
+        return y, constrain(jnp.zeros((G,), jnp.int32), ("group",))
     x = constrain(x_bsd.reshape(G, Sg, D), ("group", "group_tokens", "embed"))
     with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk, cfg)

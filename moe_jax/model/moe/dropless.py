@@ -5,7 +5,9 @@ multiplies exactly its rows with one grouped matmul (`jax.lax.ragged_dot_general
 ``ep > 1`` the block runs inside `jax.shard_map`, manual over the mesh axes the tokens,
 experts and expert width are split over: each shard sorts its tokens' assignments, the
 rows travel to the shard owning their expert and back (`moe_jax.model.moe.exchange`), and
-are multiplied in between.
+are multiplied in between. With fewer assignments (or receive-buffer rows) than local experts (decode),
+each row is multiplied by its own expert's gathered weights instead (`moe_jax.model.moe.gathered`): exact,
+and the step reads only those experts.
 
 The expert weights are stored with their contracted dimensions minor (see
 `moe_jax.model.moe.layer`). TPU's grouped-matmul kernel reads [E, K, N]: it relays out
@@ -25,6 +27,7 @@ from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32
 from moe_jax.model.moe.activation import glu, row_experts
 from moe_jax.model.moe.exchange import receive_rows, send_back, send_to_experts
+from moe_jax.model.moe.gathered import gathered_moe, gathered_swiglu, gathers
 from moe_jax.model.moe.route import route, weights_input
 from moe_jax.model.quant import fp8_source
 from moe_jax.parallel.rules import current_layout
@@ -120,15 +123,20 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
     real = (first + jnp.arange(T)) < real_tokens                               # [T]
     with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x_td, router_de, k, cfg.router_norm_topk, cfg)   # [T, k]
+    dropped = jnp.zeros((1,), jnp.int32)
+    if biases is not None and tp_axes:   # the down projection is a partial sum over tp: its bias added by one rank
+        biases = (biases[0], jnp.where(jax.lax.axis_index(tp_axes) == 0, biases[1], 0))
+    in_place = kernels.in_place_weight_einsum
+    if ep == 1 and gathers(T * k, E_loc, in_place):   # decode: each assignment reads only its own expert
+        y = gathered_moe(x_td, weights, experts, w_gate_up_epfd, w_down_edf, cfg, biases, real, in_place=in_place)
+        return _sum_tp(y, x_td.dtype, tp_axes, kernels), dropped
+    with jax.named_scope(scopes.ROUTE):
         experts = jnp.where(real[:, None], experts, E)
         order, sorted_ids, sizes = sort_assignments(experts, E)                # [T·k], [T·k], [E]
     with jax.named_scope(scopes.DISPATCH):
         xs = x_td[order // k]                                                  # [T·k, D] by expert
         if weights_input(cfg):   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
             xs, weights = xs * weights.reshape(-1)[order].astype(xs.dtype)[:, None], jnp.ones_like(weights)
-    dropped = jnp.zeros((1,), jnp.int32)
-    if biases is not None and tp_axes:   # the down projection is a partial sum over tp: its bias added by one rank
-        biases = (biases[0], jnp.where(jax.lax.axis_index(tp_axes) == 0, biases[1], 0))
     if ep == 1:
         ys = grouped_swiglu(xs, sizes, w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
         ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
@@ -136,16 +144,28 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
         buffer_rows, block_rows = receive_rows(cfg, T, ep)
         move = dict(ep_axis=ep_axis, ep=ep, E_loc=E_loc, block_rows=block_rows, ragged=kernels.ragged_all_to_all)
         recv, routes = send_to_experts(xs, sizes, buffer_rows=buffer_rows, **move)
-        yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
+        if gathers(buffer_rows, E_loc, in_place):   # few buffer rows for the local experts: each its own expert
+            # (rows past those received compute with the last expert; send_back never reads them)
+            yr = gathered_swiglu(recv, row_experts(routes.mine.sum(0), buffer_rows), w_gate_up_epfd, w_down_edf,
+                                 cfg, biases, in_place=in_place)
+        else:
+            yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
         ys = send_back(yr, routes, xs.shape[0], xs.dtype, **move)
         dropped = jnp.sum(sizes - routes.send, dtype=jnp.int32)[None]
     with jax.named_scope(scopes.COMBINE):
         y_tkd = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, D)           # back to token order
         y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
-        if tp_axes:   # each tp rank multiplied a slice of F: the down projections are partial sums
-            # (summed in the activations' dtype where the target compiles that inside shard_map, else in f32)
-            y = jax.lax.psum(y.astype(x_td.dtype) if kernels.narrow_manual_all_reduce else y, tp_axes)
-    return y.astype(x_td.dtype), dropped
+    return _sum_tp(y, x_td.dtype, tp_axes, kernels), dropped
+
+
+def _sum_tp(y, dtype, tp_axes: tuple, kernels: Kernels):
+    """y [T, D] in `dtype`, summed over the tp axes: each tp rank multiplied a slice of F, so the down
+    projections are partial sums (summed in the activations' dtype where the target compiles that inside
+    shard_map, else in f32)."""
+    if tp_axes:
+        with jax.named_scope(scopes.COMBINE):
+            y = jax.lax.psum(y.astype(dtype) if kernels.narrow_manual_all_reduce else y, tp_axes)
+    return y.astype(dtype)
 
 
 def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None, *,
