@@ -1,8 +1,9 @@
 """Llama 4 text (``llama4_text``: chunked attention with NoPE full layers, L2 qk-norm on the RoPE layers, attention
 temperature tuning on the NoPE ones, interleaved RoPE pairs with Llama 3 scaling, a shared expert beside top-1
 sigmoid routing whose score multiplies the expert's input): a tiny random transformers checkpoint, loaded sharded,
-logit for logit and token for token, with prompts longer than a chunk; the preset's counts against the published
-figures; the refused fields (Maverick's dense layers between MoE layers among them)."""
+logit for logit and token for token, with prompts longer than a chunk; Maverick's layout (MoE on every 2nd layer,
+dense SwiGLU layers between) the same way; the presets' counts against the published figures; the refused fields
+(MoE layers in another pattern than every k-th among them)."""
 
 import json
 
@@ -208,8 +209,11 @@ def test_chunked_layers_count_less_attention_work():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"interleave_moe_layer_step": 2}, "interleave_moe_layer_step=2 / moe_layers=None: dense layers between MoE"),
-    ({"moe_layers": [0, 2]}, "moe_layers=[0, 2]: dense layers between MoE layers"),
+    ({"interleave_moe_layer_step": 3}, "interleave_moe_layer_step=3 is not supported with num_hidden_layers=4"),
+    ({"moe_layers": [0, 2]}, "moe_layers=[0, 2] is not supported; supported: every k-th layer"),
+    ({"moe_layers": [1, 2, 3], "interleave_moe_layer_step": 2}, "moe_layers=[1, 2, 3] is not supported"),
+    ({"moe_layers": [0, 2], "interleave_moe_layer_step": 2}, "moe_layers=[0, 2] is not supported"),
+    ({"moe_layers": []}, "moe_layers=[] is not supported"),
     ({"attention_chunk_size": None}, "attention_chunk_size=None: moe-jax models the NoPE layers"),
     ({"no_rope_layers": [1, 1, 1, 1], "layer_types": ["chunked_attention"] * 3 + ["full_attention"]},
      "no_rope_layers=[1, 1, 1, 1] / layer_types="),
@@ -294,3 +298,174 @@ def test_architecture_names_llama4_features():
     assert "L2 QK-norm on the RoPE layers" in a["attention"] and "temperature tuning" in a["attention"]
     assert "Llama 3 scaling x16" in a["RoPE"] and "interleaved pairs" in a["RoPE"]
     assert "sigmoids scaling the chosen experts' input" in a["routing"] and "1 shared expert" in a["experts"]
+
+
+# --- Llama 4 Maverick: MoE on every 2nd layer, dense SwiGLU layers (intermediate_size_mlp) between -----------------
+# As Maverick's text config (interleave_moe_layer_step 2, no qk-norm, plain RoPE) at test size, 4 layers: dense 0
+# (chunked), MoE 1 (chunked), dense 2 and MoE 3 NoPE full attention, so a dense layer and an MoE layer of each kind;
+# the PP2 stages' patterns differ (a stage reads its windows as scanned data), the unpipelined stack unrolls both
+# groups with static windows.
+MAVERICK = {**HF, "interleave_moe_layer_step": 2, "intermediate_size_mlp": 48, "use_qk_norm": False,
+            "no_rope_layers": [1, 1, 0, 0], "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+@pytest.fixture(scope="module")
+def maverick(tmp_path_factory):
+    """The Maverick-style checkpoint, our config, tokens, transformers' logits and greedy tokens."""
+    return _checkpoint(tmp_path_factory, MAVERICK, "llama4_maverick")
+
+
+@pytest.fixture(scope="module")
+def maverick_single(maverick):
+    return unsharded_logits(*maverick[:3])
+
+
+def test_maverick_config_import(maverick):
+    d, cfg, *_ = maverick
+    assert (cfg.moe_interleave, cfg.dense_ffn, cfg.expert_ffn, cfg.qk_norm) == (2, 48, 32, "none")
+    assert (cfg.moe_layers, cfg.stack_layers, cfg.dense_layers, cfg.moe_layer_indices) == (2, 4, 2, (1, 3))
+    assert cfg.layer_windows == (-6, -6, 0, 0)
+    names = load_file(d / "model.safetensors")
+    assert names["model.layers.0.feed_forward.gate_proj.weight"].shape == (48, 64)               # dense [Fd, D]
+    assert names["model.layers.1.feed_forward.experts.gate_up_proj"].shape == (8, 64, 64)        # MoE [E, D, 2F]
+    assert "model.layers.2.feed_forward.router.weight" not in names
+    _, state = abstract_model(cfg)
+    assert sum(x.size for x in jax.tree.leaves(state)) == cfg.params_total == sum(v.size for v in names.values())
+
+
+def test_maverick_unsharded_logits_match_transformers(maverick, maverick_single):
+    assert rel_error(maverick_single, maverick[3]) < 1e-4
+
+
+@pytest.mark.parametrize("mesh", ["EP2-TP2-PP2", "TP8"])
+def test_maverick_sharded_equals_unsharded_and_transformers(maverick, maverick_single, mesh):
+    _, _, tokens, ref, _ = maverick
+    sm, params = _load(maverick, Strategy.parse(mesh))
+    out = sm.forward(params, sm.put_tokens(jnp.asarray(tokens)))
+    assert out.dropped.shape[0] == 2                     # one row per MoE layer
+    assert rel_error(out.logits, maverick_single) < 1e-5
+    assert rel_error(out.logits, ref) < 1e-4
+
+
+@pytest.mark.parametrize("mesh", ["DP8", "EP2-TP2-PP2", "EP4-TP2"])
+def test_maverick_greedy_generation_matches_transformers(maverick, mesh):
+    """Prefill then GEN decode steps from the KV cache, each dense and MoE layer reading its own cache entry: the
+    same tokens as transformers' greedy search on one device and on two sharded meshes, one pipelined."""
+    _, _, tokens, _, generated = maverick
+    sm, params = _load(maverick, Strategy.parse(mesh))
+    np.testing.assert_array_equal(sm.generate(params, jnp.asarray(tokens[:, :PROMPT]), GEN), generated)
+
+
+def test_maverick_round_trip_and_transformers_reads_ours(maverick, tmp_path):
+    """save_params writes the dense layers' MLP and the MoE layers' experts under their own layer indices, and the
+    config's interleave; transformers loads them to the same logits."""
+    _, cfg, tokens, ref, _ = maverick
+    sm, params = _load(maverick, Strategy.parse("EP2-TP2-PP2"))
+    save_params(params, cfg, tmp_path / "ours")
+    assert from_hf(tmp_path / "ours").replace(name=cfg.name, capacity_factor=cfg.capacity_factor) == cfg
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    assert theirs.config.moe_layers == [1, 3] and theirs.config.intermediate_size_mlp == 48
+    with torch.no_grad():
+        assert rel_error(theirs.float().eval()(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
+
+
+def test_maverick_published_counts_and_config():
+    """Maverick's total within 1% of the published 400B, which counts the whole multimodal model as Scout's does:
+    the text model (400.71B: 24 MoE layers of 128 routed experts and a shared one, 24 dense layers of 16384, 48
+    attention layers, embedding and head) plus the vision encoder and projector (0.455B, the same tower as
+    Scout's); the text model alone is within 1% too. Active: 17.18B (attention in all 48 layers, the 24 dense
+    FFNs, a shared and one routed expert in each of the 24 MoE layers, embedding and head) against the published
+    17B, a figure rounded to the billion (1.1% below the count)."""
+    cfg = get_model("llama4-maverick")
+    vision = 455_178_240
+    D, F, Fd, E = 5120, 8192, 16384, 128
+    attention = 2 * D * 40 * 128 + 2 * D * 8 * 128 + D
+    moe = attention + D + D * E + 3 * D * F + E * 3 * D * F
+    dense = attention + D + 3 * D * Fd
+    assert cfg.params_total == 24 * moe + 24 * dense + 2 * 202048 * D + D == 400_711_848_960
+    assert (cfg.params_total + vision) / 1e9 == pytest.approx(400.0, rel=0.01)
+    assert cfg.params_total / 1e9 == pytest.approx(400.0, rel=0.01)
+    assert cfg.params_active == 24 * (moe - (E - 1) * 3 * D * F) + 24 * dense + 2 * 202048 * D + D
+    assert cfg.params_active / 1e9 == pytest.approx(17.0, rel=0.015)
+    assert (cfg.num_layers, cfg.moe_layers, cfg.dense_layers, cfg.num_experts, cfg.top_k, cfg.dense_ffn,
+            cfg.moe_layer_indices[:3]) == (48, 24, 24, 128, 1, 16384, (1, 3, 5))
+    assert cfg.layer_windows == (-8192, -8192, -8192, 0) * 12
+    assert cfg.kv_bytes_per_token == 2 * 48 * 8 * 128 * 2
+    hf = to_hf_dict(cfg)
+    assert (hf["interleave_moe_layer_step"], hf["moe_layers"], hf["intermediate_size_mlp"]) == (
+        2, list(range(1, 48, 2)), 16384)
+    assert from_hf_dict(hf, name=cfg.name).replace(moe_group_size=cfg.moe_group_size, dispatch=cfg.dispatch) == cfg
+    # moe_layers alone (transformers: it overrides the step) gives the same model
+    alone = {k: v for k, v in hf.items() if k != "interleave_moe_layer_step"}
+    assert from_hf_dict(alone, name=cfg.name).moe_interleave == 2
+
+
+def test_maverick_parameter_counts_match_the_model():
+    for name in ("llama4-maverick-tiny", "llama4-maverick"):
+        cfg = get_model(name)
+        _, state = abstract_model(cfg)
+        assert sum(x.size for x in jax.tree.leaves(state)) == cfg.params_total, name
+        assert sum(x.size for x in jax.tree.leaves(state["blocks"]["dense"])) == cfg.dense_layers * (
+            cfg.dense_layer_params), name
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(moe_interleave=3), "moe_interleave=3 must divide num_layers=4"),
+    (dict(moe_interleave=0), "moe_interleave=0 must be a positive integer"),
+    (dict(dense_ffn=0), "moe_interleave=2 needs dense_ffn >= 1"),
+])
+def test_bad_interleave_fields_are_named(change, message):
+    with pytest.raises(ConfigError, match=message):
+        get_model("llama4-maverick-tiny").replace(**change)
+    with pytest.raises(ConfigError, match="moe_interleave=2 with first_dense_layers=1 is not implemented"):
+        get_model("deepseek-v3-tiny").replace(moe_interleave=2, num_layers=6)
+
+
+def test_other_families_refuse_interleave_in_their_format():
+    with pytest.raises(ConfigError, match="moe_interleave=2 has no qwen3_moe form"):
+        to_hf_dict(get_model("qwen3-30b-a3b").replace(moe_interleave=2, dense_ffn=64))
+
+
+@pytest.mark.parametrize("mesh", ["DP8", "EP2-PP2-DP2"])
+def test_maverick_estimate_matches_the_compiled_program(mesh):
+    """The estimate counts the dense layers between the MoE layers (attention and FFN) and the compiled program runs
+    them: matmul FLOPs per device within 1%, weights and KV cache per device exactly, and the config's useful and
+    attention FLOPs against the compiled program's as for Scout."""
+    from moe_jax.costs.analytic import estimate_phase
+    from moe_jax.costs.compile import Workload
+    from moe_jax.costs.walk import analyze_cost
+    from moe_jax.programs.placement import describe
+
+    cfg, s, work = get_model("llama4-maverick-tiny"), Strategy.parse(mesh), Workload(8, 32, 8)
+    p = describe(cfg, s, batch=work.batch, cache_len=work.cache_len)
+    assert p.facts()["layers_per_stage"] == 4 // s.pp
+    report = analyze_cost(cfg, s, work, backend="cpu")
+    for phase in ("prefill", "decode"):
+        c = report.phases[phase]
+        e = estimate_phase(cfg, s, work, phase, p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
+        assert e.matmul_flops == pytest.approx(c.matmul_flops, rel=0.01), phase
+        assert c.memory.weights == p.weight_bytes_per_device and c.memory.kv_cache == p.kv_cache_bytes_per_device
+        if s.pp == 1:
+            assert report.analytic.phases[phase].compiled_over_analytic == pytest.approx(1.0, abs=0.02), phase
+
+
+def test_maverick_layers_are_numbered_as_the_model():
+    """The layer-by-layer NaN search and the per-layer drop counts number Maverick's layers as the model does: dense
+    0, MoE 1, dense 2, MoE 3 (a NaN in group 1's dense FFN is layer 2; group 0's experts, layer 1)."""
+    from flax import nnx
+
+    from moe_jax.model.transformer import Transformer
+    from moe_jax.runtime.health import locate_nonfinite
+    from moe_jax.runtime.run import _per_layer
+
+    cfg = get_model("llama4-maverick-tiny").replace(dtype="float32")
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((2, 6), jnp.int32)
+    assert locate_nonfinite(graphdef, state, tokens) is None
+    for param, index, where in ((state["blocks"]["dense"]["ffn"]["w_down_df"], (1, 0), "layer 2 (dense ffn)"),
+                                (state["blocks"]["moe"]["w_down_edf"], (0,), "layer 1 (moe)")):
+        clean = param.get_value()
+        param.set_value(clean.at[index].set(jnp.nan))
+        assert locate_nonfinite(graphdef, state, tokens) == where
+        param.set_value(clean)
+    assert _per_layer(cfg, np.array([[1, 2], [3, 0]])) == [0, 3, 0, 3]

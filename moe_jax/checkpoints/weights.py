@@ -44,6 +44,16 @@ class Source:
     per_expert: bool = False
     first_layer: int = 0
     """The Hugging Face index of our stack's layer 0 (DeepSeek-V3's MoE stack follows its dense layers)."""
+    stride: int = 1
+    """Hugging Face layers between our stack's consecutive layers (``cfg.moe_interleave``: Llama 4 Maverick's MoE
+    layers are every 2nd)."""
+    sublayers: int = 0
+    """> 0: our parameter has a second leading axis of this many sub-layers, sub-layer j of our layer g being Hugging
+    Face layer first_layer + g · stride + j (the dense layers inside each interleaved group, `moe_jax.model.stack`)."""
+
+    def hf_layer(self, layer: int, sub: int = 0) -> int:
+        """The Hugging Face layer index of our stack's `layer` (and sub-layer `sub`)."""
+        return self.first_layer + layer * self.stride + sub
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -62,10 +72,13 @@ class Source:
         return tuple(math.prod(self.split[k:k + c]) for k, c in zip(starts, self.groups, strict=True))
 
 
-def stack_layers(src: Source, cfg: ModelConfig) -> range:
-    """The Hugging Face layer indices of a per-layer source's stack (its parameter's leading axis, in order)."""
-    count = cfg.first_dense_layers if src.path.startswith("dense_blocks/") else cfg.num_layers - src.first_layer
-    return range(src.first_layer, src.first_layer + count)
+def layer_positions(src: Source, cfg: ModelConfig) -> list[tuple[tuple[int, ...], int]]:
+    """A per-layer source's (index on its parameter's leading axes, Hugging Face layer) pairs, in order: one leading
+    axis (the stack's layers), or two with `Source.sublayers`."""
+    count = cfg.first_dense_layers if src.path.startswith("dense_blocks/") else cfg.moe_layers
+    if src.sublayers:
+        return [((g, j), src.hf_layer(g, j)) for g in range(count) for j in range(src.sublayers)]
+    return [((g,), src.hf_layer(g)) for g in range(count)]
 
 
 def _global_sources(cfg: ModelConfig) -> list[Source]:
@@ -181,10 +194,23 @@ def _llama4_sources(cfg: ModelConfig) -> list[Source]:
     checkpoint's q/k rows pair up interleaved, which `moe_jax.model.layers.rope` rotates as they are), the MoE
     under ``feed_forward``: ``router`` [E, D], the experts fused per layer, ``gate_up_proj`` [E, D, 2F] (the first F
     columns the gate, the last F the up: transformers' ``chunk(2)``), ``down_proj`` [E, F, D], and the shared
-    expert's gate/up/down projections. Every layer MoE (Scout)."""
-    D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn
+    expert's gate/up/down projections. With ``cfg.moe_interleave`` I > 1 (Maverick) the MoE layers are every I-th
+    (layers I − 1, 2I − 1, ...) and the I − 1 before each are dense: ``feed_forward`` a SwiGLU MLP (gate_proj,
+    up_proj, down_proj: transformers' ``Llama4TextMLP``), our ``blocks/dense`` sub-layers."""
+    D, E, F, Fd = cfg.d_model, cfg.num_experts, cfg.expert_ffn, cfg.dense_ffn
     Fs = cfg.num_shared_experts * F
     ff = "model.layers.{l}.feed_forward"
+    step = cfg.moe_interleave
+    if step > 1:
+        dense = _gqa_sources(cfg, "blocks/dense") + [
+            Source("blocks/dense/ffn_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
+            Source("blocks/dense/ffn/w_gate_up_pfd", (f"{ff}.gate_proj.weight", f"{ff}.up_proj.weight"), (Fd, D),
+                   (0, 1), (1, 1)),
+            Source("blocks/dense/ffn/w_down_df", f"{ff}.down_proj.weight", (D, Fd), (0, 1), (1, 1))]
+        moe = [dataclasses.replace(src, first_layer=step - 1, stride=step) for src in _llama4_sources(
+            cfg.replace(moe_interleave=1, dense_ffn=0)) if src.per_layer]
+        return (_global_sources(cfg) + moe
+                + [dataclasses.replace(src, stride=step, sublayers=step - 1) for src in dense])
     return _global_sources(cfg) + _gqa_sources(cfg, "blocks") + [
         Source("blocks/moe_norm/scale", "model.layers.{l}.post_attention_layernorm.weight", (D,), (0,), (1,)),
         Source("blocks/moe/router_de", f"{ff}.router.weight", (E, D), (1, 0), (1, 1)),
@@ -305,7 +331,7 @@ def check_checkpoint(ckpt: Checkpoint, cfg: ModelConfig) -> None:
     """Every expected tensor is present with its shape, and nothing else is there."""
     expected = {}
     for src in sources(cfg):
-        layers = stack_layers(src, cfg) if src.per_layer else [None]
+        layers = [hf for _, hf in layer_positions(src, cfg)] if src.per_layer else [None]
         experts = range(cfg.num_experts) if src.per_expert else [None]
         for layer in layers:
             for e in experts:
@@ -367,7 +393,7 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
         if src is None:
             raise MoeJaxError(f"no checkpoint tensor maps to parameter {path}")
 
-        lead = (1 if src.per_layer else 0) + (1 if src.per_expert else 0)
+        lead = (1 if src.per_layer else 0) + (1 if src.sublayers else 0) + (1 if src.per_expert else 0)
 
         def block(index, **at):
             """Our block past the layer/expert dims: one tensor's slice, or the stacked tensors' slices."""
@@ -384,8 +410,11 @@ def load_params(directory: str | Path, cfg: ModelConfig, param_shardings, abstra
             layers = range(*index[0].indices(var.shape[0]))     # (an FP8 weight's scales: its leading dims too)
             blocks = []
             for layer in layers:
-                hf_layer = layer + src.first_layer
-                if src.per_expert:
+                hf_layer = src.hf_layer(layer)
+                if src.sublayers:                               # [sub-layers, ...]: each its own HF layer
+                    subs = range(*index[1].indices(var.shape[1]))
+                    blocks.append(np.stack([block(index, l=src.hf_layer(layer, j)) for j in subs]))
+                elif src.per_expert:
                     experts = range(*index[1].indices(var.shape[1]))
                     blocks.append(np.stack([block(index, l=hf_layer, e=e) for e in experts]))
                 else:
@@ -436,9 +465,9 @@ def save_params(params, cfg: ModelConfig, directory: str | Path) -> Path:
             q, scale = arrays[f"{src.path}/q"], arrays[f"{src.path}/scale"]
             arrays[src.path] = (q.astype(np.float32) * scale[..., None]).astype(jnp.dtype(cfg.dtype))
         value = arrays[src.path]
-        layers = stack_layers(src, cfg) if src.per_layer else [None]
-        for layer in layers:
-            per_layer = value[layer - src.first_layer] if layer is not None else value
+        layers = layer_positions(src, cfg) if src.per_layer else [((), None)]
+        for lead, layer in layers:
+            per_layer = value[lead]
             experts = range(cfg.num_experts) if src.per_expert else [None]
             for e in experts:
                 block = per_layer[e] if e is not None else per_layer

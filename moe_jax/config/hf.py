@@ -7,10 +7,10 @@ DeepSeek-V3's MoE under GQA attention with q/k/v biases, partial RoPE and option
 clamped SwiGLU, top-k softmax after selection, YaRN RoPE; unquantized checkpoints only), ``llama4_text``
 (Llama 4's text model, or the text_config of a ``llama4`` config: chunked attention with NoPE full layers,
 L2 qk-norm, temperature tuning, a shared expert, top-1 sigmoid routing scaling the experts' input, Llama 3
-RoPE scaling; every layer MoE, i.e. Scout: Maverick's dense layers between MoE layers are refused). A field
-whose value the model does not implement (sliding windows, RoPE scaling other than DeepSeek-V3's YaRN,
-attention bias outside GLM-4.5, dense layers between MoE layers, ...) is an error naming the field,
-never an approximation.
+RoPE scaling; every layer MoE (Scout) or every k-th, dense SwiGLU layers between (Maverick's
+``interleave_moe_layer_step`` 2)). A field whose value the model does not implement (sliding windows, RoPE
+scaling other than DeepSeek-V3's YaRN, attention bias outside GLM-4.5, MoE layers in another pattern than every
+k-th, ...) is an error naming the field, never an approximation.
 """
 
 from __future__ import annotations
@@ -209,17 +209,25 @@ def _gpt_oss(data: dict, common: dict) -> ModelConfig:
 def _llama4_text(data: dict, common: dict) -> ModelConfig:
     """Llama 4's text model (transformers' ``Llama4TextConfig``). Fields absent take transformers' defaults
     (``no_rope_layers``: NoPE every ``no_rope_layer_interval``-th layer; ``layer_types``: chunked attention on the
-    RoPE layers). moe-jax models the NoPE layers as exactly the full-attention ones and every layer as MoE
-    (Scout); other patterns (Maverick's ``interleave_moe_layer_step`` 2) are refused naming the field."""
+    RoPE layers). moe-jax models the NoPE layers as exactly the full-attention ones. The MoE layers are every k-th
+    (``interleave_moe_layer_step`` k: layers k − 1, 2k − 1, ..., k dividing ``num_hidden_layers``; 1 for Scout, 2
+    for Maverick, whose layers between are dense SwiGLU FFNs of ``intermediate_size_mlp``); ``moe_layers``, when
+    given, overrides the step as in transformers and must be such a pattern. Any other pattern is refused naming
+    the field."""
     family = "llama4_text"
     layers = data["num_hidden_layers"]
-    step = data.get("interleave_moe_layer_step", 1)
-    moe = data.get("moe_layers")
-    moe = list(moe) if moe is not None else list(range(step - 1, layers, step))
-    if moe != list(range(layers)):
-        raise ConfigError(f"{family}: interleave_moe_layer_step={step!r} / moe_layers={data.get('moe_layers')!r}: "
-                          "dense layers between MoE layers (Llama 4 Maverick) are not implemented; supported: every "
-                          "layer MoE (interleave_moe_layer_step 1, Scout)")
+    step = data.get("interleave_moe_layer_step", 1) or 1
+    given = data.get("moe_layers")
+    if given is not None:                         # transformers: moe_layers wins over the step
+        moe = list(given)
+        step = moe[0] + 1 if moe and isinstance(moe[0], int) and moe[0] >= 0 else 0
+        if not step or layers % step or moe != list(range(step - 1, layers, step)):
+            raise ConfigError(f"{family}: moe_layers={given!r} is not supported; supported: every k-th layer with k "
+                              f"dividing num_hidden_layers={layers} (layers k - 1, 2k - 1, ..., {layers - 1}: "
+                              "interleave_moe_layer_step k; Scout k = 1, Maverick k = 2)")
+    elif not isinstance(step, int) or isinstance(step, bool) or step < 1 or layers % step:
+        raise ConfigError(f"{family}: interleave_moe_layer_step={step!r} is not supported with num_hidden_layers="
+                          f"{layers}; supported: a positive integer dividing num_hidden_layers (the last layer MoE)")
     interval = data.get("no_rope_layer_interval", 4)
     use_rope = data.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
     chunk = data.get("attention_chunk_size", 8192)
@@ -246,6 +254,7 @@ def _llama4_text(data: dict, common: dict) -> ModelConfig:
         **{**common, "rope_theta": float(rope.get("rope_theta", data.get("rope_theta", 500000.0))),
            "norm_eps": float(data.get("rms_norm_eps", 1e-5))}, **scaling,
         num_experts=_experts(data), expert_ffn=data.get("intermediate_size", 8192), num_shared_experts=1,
+        moe_interleave=step, dense_ffn=int(data.get("intermediate_size_mlp", 16384)) if step > 1 else 0,
         router_score="sigmoid_input", router_norm_topk=False, rope_interleave=True,
         qk_norm="l2" if data.get("use_qk_norm", True) else "none",
         attention_chunk=int(chunk or 0), layer_types=tuple(types), full_layers_nope=True,
@@ -330,6 +339,9 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
     """A config.json for `cfg` in its family's Hugging Face format."""
     if cfg.family not in FAMILIES:
         raise ConfigError(f"model family {cfg.family!r} has no Hugging Face format; supported: {', '.join(FAMILIES)}")
+    if cfg.moe_interleave != 1 and cfg.family != "llama4_text":
+        raise ConfigError(f"model {cfg.name!r}: moe_interleave={cfg.moe_interleave} has no {cfg.family} form; "
+                          "only llama4_text interleaves dense and MoE layers (interleave_moe_layer_step)")
     data = {"model_type": cfg.family, "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.d_model,
             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
             "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -452,8 +464,9 @@ def _llama4_text_hf(cfg: ModelConfig, data: dict) -> None:
     types = list(cfg.layer_types or ("full_attention",) * cfg.num_layers)
     data.pop("rope_theta")
     data.update(architectures=["Llama4ForCausalLM"], rope_parameters=rope, num_local_experts=cfg.num_experts,
-                intermediate_size=cfg.expert_ffn, intermediate_size_mlp=cfg.expert_ffn, interleave_moe_layer_step=1,
-                moe_layers=list(range(cfg.num_layers)), use_qk_norm=cfg.qk_norm == "l2",
+                intermediate_size=cfg.expert_ffn, intermediate_size_mlp=cfg.dense_ffn or cfg.expert_ffn,
+                interleave_moe_layer_step=cfg.moe_interleave, moe_layers=list(cfg.moe_layer_indices),
+                use_qk_norm=cfg.qk_norm == "l2",
                 no_rope_layers=[int(t != "full_attention") for t in types], layer_types=types,
                 attention_chunk_size=cfg.attention_chunk or None,
                 attn_temperature_tuning=cfg.attn_temperature_tuning,

@@ -30,7 +30,8 @@ _LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only MoE transformer; every layer is attention + MoE block, except the first
-    ``first_dense_layers`` (attention + a dense SwiGLU FFN, DeepSeek-V3)."""
+    ``first_dense_layers`` (attention + a dense SwiGLU FFN, DeepSeek-V3) and, with ``moe_interleave`` I > 1, the
+    I − 1 dense layers before each MoE layer (Llama 4 Maverick)."""
 
     name: str
     """Preset name, or a user's label."""
@@ -38,7 +39,7 @@ class ModelConfig:
     """Architecture family (``seed``, ``qwen3_moe``, ``mixtral``, ``olmoe``, ``dbrx``, ``deepseek_v3``, ``glm4_moe``,
     ``gpt_oss``, ``llama4_text``, ``tiny``)."""
     num_layers: int
-    """L: decoder layers, every one with an MoE block."""
+    """L: decoder layers (MoE, and the dense ones of ``first_dense_layers`` and ``moe_interleave``)."""
     d_model: int
     """D: residual stream width."""
     num_heads: int
@@ -137,7 +138,12 @@ class ModelConfig:
     first_dense_layers: int = 0
     """The first this-many layers have a dense SwiGLU FFN of width ``dense_ffn`` instead of the MoE block."""
     dense_ffn: int = 0
-    """Hidden width of the dense layers' FFN (with ``first_dense_layers`` > 0)."""
+    """Hidden width of the dense layers' FFN (with ``first_dense_layers`` > 0 or ``moe_interleave`` > 1)."""
+    moe_interleave: int = 1
+    """I: every I-th layer is an MoE layer (layers I − 1, 2I − 1, ...: transformers' ``interleave_moe_layer_step``,
+    Llama 4 Maverick's 2), the others dense (a SwiGLU FFN of width ``dense_ffn``); 1: every layer MoE. The layer
+    stack's scanned (and pipeline-split) unit is a group of I layers, I − 1 dense then one MoE
+    (`moe_jax.model.stack`); L must be a multiple of I."""
     # --- GLM-4.5 (GQA with projection biases and partial RoPE; its MoE is DeepSeek-V3's); defaults: off ---
     attention_bias: bool = False
     """GQA: a learned bias on the q, k and v projections (not o), H·Dh + 2·K·Dh values per layer (GLM-4.5)."""
@@ -268,9 +274,22 @@ class ModelConfig:
         if self.first_dense_layers >= self.num_layers:
             raise ConfigError(f"model {name!r}: first_dense_layers={self.first_dense_layers} must be below "
                               f"num_layers={self.num_layers} (at least one MoE layer)")
-        if (self.first_dense_layers > 0) != (self.dense_ffn > 0):
+        step = self.moe_interleave
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ConfigError(f"model {name!r}: moe_interleave={step!r} must be a positive integer "
+                              "(1: every layer MoE)")
+        if step > 1 and self.first_dense_layers:
+            raise ConfigError(f"model {name!r}: moe_interleave={step} with first_dense_layers="
+                              f"{self.first_dense_layers} is not implemented; use one or the other")
+        if self.num_layers % step:
+            raise ConfigError(f"model {name!r}: moe_interleave={step} must divide num_layers={self.num_layers} "
+                              f"(groups of {step - 1} dense layers then one MoE layer)")
+        if (self.first_dense_layers > 0) != (self.dense_ffn > 0) and step == 1:
             raise ConfigError(f"model {name!r}: first_dense_layers={self.first_dense_layers} and dense_ffn="
                               f"{self.dense_ffn} go together (both > 0, or both 0)")
+        if step > 1 and self.dense_ffn < 1:
+            raise ConfigError(f"model {name!r}: moe_interleave={step} needs dense_ffn >= 1 (the width of the dense "
+                              f"layers between MoE layers); dense_ffn={self.dense_ffn}")
 
     def _check_gqa_extras(self) -> None:
         """GLM-4.5's attention options (projection biases, partial RoPE): GQA only, consistent values."""
@@ -411,10 +430,11 @@ class ModelConfig:
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
-        """Each MoE layer's attention window in keys (`sliding_window` for a ``sliding_attention`` layer, 0 for full
-        attention, −`attention_chunk` for a ``chunked_attention`` layer: a negative window is a chunk, its start
-        aligned to multiples of the chunk, `moe_jax.model.attention.window_mask`), in layer order (the
-        ``first_dense_layers`` dense layers, always full, are not in it)."""
+        """Each attention window in keys of the layer stack's layers (`sliding_window` for a ``sliding_attention``
+        layer, 0 for full attention, −`attention_chunk` for a ``chunked_attention`` layer: a negative window is a
+        chunk, its start aligned to multiples of the chunk, `moe_jax.model.attention.window_mask`), in layer order:
+        the `stack_layers` layers, MoE and (``moe_interleave`` > 1) the dense ones between them; the
+        ``first_dense_layers`` dense layers, always full, are not in it."""
         types = self.layer_types or ("full_attention",) * self.num_layers
         by_type = {"sliding_attention": self.sliding_window, "chunked_attention": -self.attention_chunk}
         return tuple(by_type.get(t, 0) for t in types[self.first_dense_layers:])
@@ -428,8 +448,27 @@ class ModelConfig:
 
     @property
     def moe_layers(self) -> int:
-        """Layers with an MoE block (all but the first ``first_dense_layers``)."""
+        """Layers with an MoE block (all but the first ``first_dense_layers``, one of every ``moe_interleave``); also
+        the layer stack's scanned groups of ``moe_interleave`` layers (`moe_jax.model.stack`), which pp splits."""
+        return (self.num_layers - self.first_dense_layers) // self.moe_interleave
+
+    @property
+    def stack_layers(self) -> int:
+        """Layers in the layer stack (the scanned, pipeline-split one): all but the ``first_dense_layers``, the
+        interleaved dense layers included; `moe_layers` × ``moe_interleave``."""
         return self.num_layers - self.first_dense_layers
+
+    @property
+    def dense_layers(self) -> int:
+        """Layers with a dense FFN (width ``dense_ffn``): the ``first_dense_layers`` and the ``moe_interleave`` − 1
+        before each MoE layer."""
+        return self.num_layers - self.moe_layers
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        """The MoE layers' indices among all L layers (transformers' ``moe_layers``)."""
+        first, step = self.first_dense_layers, self.moe_interleave
+        return tuple(range(first + step - 1, self.num_layers, step))
 
     @property
     def attention_proj_params(self) -> int:
@@ -475,7 +514,8 @@ class ModelConfig:
 
     @property
     def dense_layer_params(self) -> int:
-        """One dense (first_dense_layers) layer: attention, the pre-FFN norm and a SwiGLU FFN of width dense_ffn."""
+        """One dense layer (``first_dense_layers``, ``moe_interleave``): attention, the pre-FFN norm and a SwiGLU FFN
+        of width dense_ffn."""
         return self.attention_params + self.d_model + 3 * self.d_model * self.dense_ffn
 
     @property
@@ -513,14 +553,14 @@ class ModelConfig:
     @property
     def params_total(self) -> int:
         """Every parameter."""
-        return (self.moe_layers * self.layer_params + self.first_dense_layers * self.dense_layer_params
+        return (self.moe_layers * self.layer_params + self.dense_layers * self.dense_layer_params
                 + self.embedding_params)
 
     @property
     def params_active(self) -> int:
         """Parameters one token uses: attention, router, shared experts, top-k experts, dense layers, embeddings."""
         per_layer = self.attention_params + self.moe_dense_params + self.top_k * self.expert_params
-        return (self.moe_layers * per_layer + self.first_dense_layers * self.dense_layer_params
+        return (self.moe_layers * per_layer + self.dense_layers * self.dense_layer_params
                 + self.embedding_params)
 
     # --- FLOPs the model needs (matmuls only: norms, softmax and routing arithmetic are not counted) ----
@@ -532,7 +572,7 @@ class ModelConfig:
         per_layer = (self.attention_proj_params + self.router_matmul_params + self.shared_params
                      + self.top_k * self.expert_matmul_params)
         dense = self.attention_proj_params + 3 * self.d_model * self.dense_ffn
-        return self.moe_layers * per_layer + self.first_dense_layers * dense
+        return self.moe_layers * per_layer + self.dense_layers * dense
 
     @property
     def head_params(self) -> int:
@@ -574,7 +614,7 @@ class ModelConfig:
         routed, shared and dense experts); the rest (embedding, output head, norms, router, biases) are in `dtype`."""
         per_moe = self.attention_proj_params + self.shared_params + self.num_experts * self.expert_matmul_params
         dense = self.attention_proj_params + 3 * self.d_model * self.dense_ffn
-        return self.moe_layers * per_moe + self.first_dense_layers * dense
+        return self.moe_layers * per_moe + self.dense_layers * dense
 
     @property
     def weight_scales(self) -> int:
@@ -589,7 +629,7 @@ class ModelConfig:
         else:                                                           # wq (H), wk and wv (K), wo (D)
             attention = H + 2 * K + D
         return (self.moe_layers * (attention + 3 * E + shared)
-                + self.first_dense_layers * (attention + 3))
+                + self.dense_layers * (attention + 3))
 
     @property
     def weight_bytes(self) -> int:

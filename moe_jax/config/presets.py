@@ -149,8 +149,6 @@ _preset(ModelConfig(name="gpt-oss-tiny", **{**_GPT_OSS, **dict(
 # 109B total / 17B active (Meta's model card) count the whole multimodal model: the vision encoder and projector
 # (0.455B, transformers' Llama4VisionConfig defaults) are in the total; moe-jax models the text model
 # (tests/test_llama4.py adds them back to compare).
-# llama4-maverick (128 experts, MoE on every 2nd layer, dense SwiGLU of 16384 between) has no preset: dense layers
-# between MoE layers are not implemented (`moe_jax.config.hf` refuses interleave_moe_layer_step 2).
 _LLAMA4 = dict(
     family="llama4_text", num_layers=48, d_model=5120, num_heads=40, num_kv_heads=8, head_dim=128,
     vocab_size=202048, num_experts=16, top_k=1, expert_ffn=8192, num_shared_experts=1, router_score="sigmoid_input",
@@ -164,6 +162,25 @@ _preset(ModelConfig(name="llama4-scout", **_LLAMA4))
 _preset(ModelConfig(name="llama4-tiny", **{**_LLAMA4, **dict(
     num_layers=4, d_model=64, num_heads=8, num_kv_heads=4, head_dim=16, vocab_size=256, num_experts=8,
     expert_ffn=32, attention_chunk=8, attn_floor_scale=4.0, rope_llama3_original_len=64, moe_group_size=16,
+    layer_types=("chunked_attention",) * 3 + ("full_attention",))}))
+# llama4-maverick (Meta's Llama-4-Maverick-17B-128E text_config, model_type llama4_text): Scout's attention layers
+# (48 of width 5120, GQA 40/8 heads of 128, chunked attention of 8192 keys with RoPE on 3 of every 4 layers, NoPE
+# full attention with temperature tuning on every 4th) with 128 routed experts of 8192 (top-1 sigmoid routing
+# scaling the expert's input) and one shared expert of 8192 on every 2nd layer only (interleave_moe_layer_step 2:
+# moe_layers 1, 3, ..., 47); the 24 layers between have a dense SwiGLU FFN of 16384 (intermediate_size_mlp). Unlike
+# Scout: no qk-norm (use_qk_norm false) and plain RoPE (rope_scaling null, theta 500000), as public copies of its
+# text_config give them (engines' test fixtures; the checkpoint itself is gated and was not read); temperature
+# tuning with transformers' defaults (floor 8192, scale 0.1). Published 400B total / 17B active (Meta's model
+# card), the total counting the vision encoder and projector as Scout's does (tests/test_llama4.py).
+_preset(ModelConfig(name="llama4-maverick", **{**_LLAMA4, **dict(
+    num_experts=128, moe_interleave=2, dense_ffn=16384, qk_norm="none", rope_llama3_factor=1.0,
+    rope_llama3_low_freq=1.0, rope_llama3_high_freq=4.0, rope_llama3_original_len=0)}))
+# llama4-maverick-tiny: Maverick's architecture at test size: 4 layers (two groups of a dense then an MoE layer; the
+# last layer NoPE, so PP2's stages' window patterns differ), chunks of 8, E=8 so EP8 works, K=4 so TP8 repeats each.
+_preset(ModelConfig(name="llama4-maverick-tiny", **{**_LLAMA4, **dict(
+    num_layers=4, d_model=64, num_heads=8, num_kv_heads=4, head_dim=16, vocab_size=256, num_experts=8,
+    expert_ffn=32, moe_interleave=2, dense_ffn=48, qk_norm="none", attention_chunk=8, attn_floor_scale=4.0,
+    rope_llama3_factor=1.0, rope_llama3_high_freq=4.0, rope_llama3_original_len=0, moe_group_size=16,
     layer_types=("chunked_attention",) * 3 + ("full_attention",))}))
 # tiny: for tests. H=8 so tp=8 splits heads; K=4 so tp=8 exercises KV replication; E=8 so ep=8 works.
 _preset(ModelConfig(

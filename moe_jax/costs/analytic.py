@@ -30,9 +30,10 @@ import numpy as np
 
 from moe_jax.config import ModelConfig
 from moe_jax.costs.compile import PHASES, Workload
-from moe_jax.costs.routing import decode_floor_weights
+from moe_jax.costs.routing import decode_floor_weights, touched_fraction
 from moe_jax.costs.types import Analytic, AnalyticReport, CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
 from moe_jax.model.moe import group_size, receive_rows
+from moe_jax.model.moe.gathered import capacity_gathers, gathers
 from moe_jax.model.pipeline import schedule
 from moe_jax.names import DTYPES, Dispatch
 from moe_jax.parallel.mesh import MESH_AXES, Strategy, kv_copies, kv_replicated
@@ -75,7 +76,7 @@ def capacity_groups(cfg: ModelConfig, tokens: int, shards: int) -> CapacityGroup
 
 
 def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shards: int = 1,
-                   microbatches: int = 1, full_logits: bool = False) -> Analytic:
+                   microbatches: int = 1, full_logits: bool = False, ep: int | None = None) -> Analytic:
     """FLOPs over all devices from the config: useful matmuls, attention, and capacity-dispatch overhead.
 
     useful: 2 × (matmul parameters one token uses in the layers) × tokens, plus the output head
@@ -89,7 +90,9 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     computes more than this counts.
     capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
     the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
-    is split `batch_shards` ways.
+    is split `batch_shards` ways; none where, given the experts' split `ep`, capacity dispatch takes the
+    gathered path (`moe_jax.model.moe.gathered.capacity_gathers`: every assignment computed once, no slots;
+    ep None: not assumed).
     """
     B = workload.batch
     S = workload.prompt_len if phase == "prefill" else 1
@@ -108,6 +111,8 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
         mb_tokens = tokens // microbatches
         groups = capacity_groups(cfg, mb_tokens, batch_shards)
         G = microbatches * groups.groups(mb_tokens)
+        if ep is not None and capacity_gathers(cfg, max(mb_tokens // batch_shards, 1), groups.group_tokens, ep):
+            return Analytic(useful, attention, 0)
         padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_matmul_params * cfg.moe_layers
         capacity = padded + groups.dispatch_combine_flops(cfg, G) * cfg.moe_layers
     return Analytic(useful, attention, capacity)
@@ -131,8 +136,8 @@ def analytic_report(cfg: ModelConfig, strategy: Strategy, workload: Workload, we
             length = workload.prompt_len if name == "prefill" else 1
             M = schedule(cfg, strategy, B, length, decode=name == "decode",
                          microbatches=(microbatches or {}).get(name)).microbatches
-        per_phase[name] = analytic_flops(cfg, workload, name, layout.shards("batch", B // M), M)
-    read = decode_floor_weights(cfg, strategy, weights_per_device, B)
+        per_phase[name] = analytic_flops(cfg, workload, name, layout.shards("batch", B // M), M, ep=strategy.ep)
+    read = decode_floor_weights(cfg, strategy, weights_per_device, B, layout.shards("batch", B))
     unread = kv_weights_unread(cfg, strategy)
     if unread:
         read = dataclasses.replace(read, bytes=read.bytes - unread, detail=(
@@ -157,7 +162,7 @@ def kv_weights_unread(cfg: ModelConfig, strategy: Strategy) -> int:
     norm = cfg.head_dim if cfg.qk_norm == "full" else 0
     biases = 2 * cfg.head_dim if cfg.attention_bias else 0
     w = DTYPES[cfg.param_dtype].bytes                   # the projections as stored (FP8 weights: 1 byte)
-    layers = cfg.moe_layers // strategy.pp + cfg.first_dense_layers
+    layers = cfg.stack_layers // strategy.pp + cfg.first_dense_layers      # interleaved dense layers included
     return layers * (held - read) * (2 * cfg.head_dim * cfg.d_model * w + (norm + biases) * cfg.dtype_bytes)
 
 
@@ -192,7 +197,12 @@ def axis_group(strategy: Strategy, axes) -> list[int]:
 
 def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, phase: str,
                    weights_bytes: int, kv_bytes: int, microbatches: int | None = None) -> PhaseCost:
-    """An analytic `PhaseCost` for prefill or decode (per device)."""
+    """An analytic `PhaseCost` for prefill or decode (per device).
+
+    Where the model multiplies each assignment by its own expert's gathered weights (decode with fewer
+    assignments than local experts: `moe_jax.model.moe.gathered`) the experts' bytes are those of the
+    experts the tokens are expected to route to (`moe_jax.costs.routing.touched_fraction`, uniform routing),
+    as the GPU compiles it (other targets gather only at 3 · M < E_loc)."""
     s, b = strategy, cfg.dtype_bytes
     w, kvb = DTYPES[cfg.param_dtype].bytes, cfg.kv_dtype_bytes    # matmul weights and KV cache as stored
     layout = Layout.for_strategy(cfg, s)
@@ -240,14 +250,29 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         tok_shard = -(-Bm * S // layout.size(("dp", "ep")))
         rows = tok_shard * k
         buffer = rows if s.ep == 1 else receive_rows(cfg, tok_shard, s.ep)[0]
+        # decode with fewer rows than local experts: each row times its own expert's gathered weights
+        # (`moe_jax.model.moe.gathered`, as the GPU compiles it), reading only the experts the ep group's
+        # tokens route to (every buffer row computed)
+        gathered = gathers(buffer, El)
+        read = El * touched_fraction(cfg, tok_shard * s.ep) if gathered else El
+        computed = buffer if gathered else rows
         layer_ops += [
             ("sort_gather", 0, 2 * rows * D * b + rows * 4 * 2),
             # static shapes: the zero-fill, layout copies and the elementwise SwiGLU product touch the
             # whole worst-case receive buffer, padding included (about 3 passes of D and 2 of F as
             # compiled for TPU; the cpu program's dense exchange moves more)
             ("receive_buffer", 0, (3 * D + 2 * Fl) * b * buffer if s.ep > 1 else 0),
-            ("experts", 2 * 3 * rows * D * Fl, 3 * El * D * Fl * w + rows * (2 * D + 3 * Fl) * b),
+            ("experts", 2 * 3 * computed * D * Fl, int(3 * read * D * Fl * w) + computed * (2 * D + 3 * Fl) * b),
             ("combine", 2 * rows * D, rows * D * (b + F32) + tok_shard * D * b),
+        ]
+    elif capacity_gathers(cfg, tok, Sg, s.ep):
+        # decode where no assignment can drop: each one times its own expert's gathered weights, no slots
+        # (`moe_jax.model.moe.gathered`), reading the experts this device's tokens route to
+        rows = tok * k
+        read = El * touched_fraction(cfg, tok)
+        layer_ops += [
+            ("experts", 2 * 3 * rows * D * Fl, int(3 * read * D * Fl * w) + rows * (2 * D + 3 * Fl) * b),
+            ("combine", 2 * rows * D, rows * D * (b + F32) + tok * D * b),
         ]
     else:
         layer_ops += [
@@ -261,6 +286,12 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         layer_ops.append(("shared_experts", 2 * 3 * tok * D * Fs, 3 * D * Fs * w + tok * (2 * D + 3 * Fs) * b))
     runs = Lp * ticks
     ops = [OpCost(name, "estimate", name, flops, flops, 0, nbytes, runs) for name, flops, nbytes in layer_ops]
+    if cfg.moe_interleave > 1:   # the dense layers between MoE layers: in the stack, I - 1 per MoE layer, every tick
+        Fd = cfg.dense_ffn // s.tp
+        between = [(f"dense_{name}", flops, nbytes) for name, flops, nbytes in attention_ops]
+        between.append(("dense_ffn", 2 * 3 * tok * D * Fd, 3 * D * Fd * w + tok * (2 * D + 3 * Fd) * b))
+        ops += [OpCost(name, "estimate", name, flops, flops, 0, nbytes, runs * (cfg.moe_interleave - 1))
+                for name, flops, nbytes in between]
     if cfg.first_dense_layers:   # ahead of the pipeline, once per call over the device's whole batch (M microbatches)
         Fd = cfg.dense_ffn // s.tp
         dense_ops = [(f"dense_{name}", flops * M, nbytes) for name, flops, nbytes in attention_ops]
@@ -283,7 +314,9 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
                 group, size = group[:2], 2
             colls.append(CollectiveCost(kind, list(axes), size, int(nbytes), calls, scope, scope, group, worst))
 
-    coll("all-reduce", ("tp",), tok * D * b, runs, "attention")
+    coll("all-reduce", ("tp",), tok * D * b, runs * cfg.moe_interleave, "attention")   # every layer of the stack
+    if cfg.moe_interleave > 1:                                          # the interleaved dense FFNs' row-split output
+        coll("all-reduce", ("tp",), tok * D * b, runs * (cfg.moe_interleave - 1), "shared_experts")
     if cfg.dispatch == Dispatch.DROPLESS:
         for scope in ("dispatch", "combine"):
             coll("ragged-all-to-all", ("ep",), rows * D * b, runs, scope, worst=buffer * D * b)

@@ -7,6 +7,10 @@ under pipeline parallelism they run ahead of the pipeline on every stage's devic
 copy: ``first_dense_layers`` layers, 3 of DeepSeek-V3's 61), and the pipeline's stages split the MoE
 layers only. Their KV cache is its own pair of arrays, ``dense_k`` and ``dense_v`` beside the MoE
 layers' ``k`` and ``v`` (`dense_cache_shape`), laid out as those are with ``dense_layers`` leading.
+
+The dense layers between MoE layers (Llama 4 Maverick's, ``cfg.moe_interleave`` > 1) are the same `DenseBlock`,
+stacked inside each MoE layer's `moe_jax.model.stack.Block` instead (`make_dense_blocks` with a count): they run
+in the layer stack, split by the pipeline with their MoE layer, and keep their keys and values in its cache.
 """
 
 from __future__ import annotations
@@ -56,19 +60,22 @@ class DenseBlock(nnx.Module):
         self.ffn_norm = Norm((cfg.d_model,), ("embed",), cfg)
         self.ffn = DenseFFN(cfg, rngs=rngs, kernels=kernels)
 
-    def __call__(self, x, positions, cache=None, *, decode: bool = False):
+    def __call__(self, x, positions, cache=None, *, decode: bool = False, window=0):
+        """window: the layer's attention window (`moe_jax.model.stack.Block`); the leading dense layers' is 0."""
         with jax.named_scope(scopes.ATTENTION):
-            h, cache = self.attn(self.attn_norm(x), positions, cache, decode=decode)
+            extra = {} if isinstance(window, int) and not window else {"window": window}
+            h, cache = self.attn(self.attn_norm(x), positions, cache, decode=decode, **extra)
         x = x + h
         with jax.named_scope(scopes.SHARED_EXPERTS):   # the walk reports it with the shared experts: dense FFNs both
             y = self.ffn(self.ffn_norm(x))
         return constrain(x + y, ("batch", "length", "embed")), cache, jnp.zeros((1,), jnp.int32)
 
 
-def make_dense_blocks(cfg: ModelConfig, rngs: nnx.Rngs, kernels: Kernels):
-    """The ``first_dense_layers`` dense blocks, parameters stacked on a leading ``dense_layers`` axis."""
+def make_dense_blocks(cfg: ModelConfig, rngs: nnx.Rngs, kernels: Kernels, count: int | None = None):
+    """`count` dense blocks (default: the ``first_dense_layers``), parameters stacked on a leading ``dense_layers``
+    axis (never split)."""
 
-    @nnx.split_rngs(splits=cfg.first_dense_layers)
+    @nnx.split_rngs(splits=cfg.first_dense_layers if count is None else count)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "dense_layers", "axes": "dense_layers"})
     def make(rngs: nnx.Rngs):
         return DenseBlock(cfg, rngs=rngs, kernels=kernels)
@@ -103,18 +110,3 @@ def join_cache(moe: dict | None, dense: dict | None) -> dict | None:
         return moe
     return {**moe, **{DENSE_NAMES[name]: c for name, c in dense.items()}}
 
-
-def run_dense_layers(blocks, x, positions, cache: dict | None, decode: bool, cfg: ModelConfig):
-    """Run the dense stack over x [B, S, D] (before the MoE layers, outside any pipeline).
-
-    cache: None, or the dense layers' {"k", "v"} (`split_cache`). Returns (x, updated cache or None).
-    """
-    from moe_jax.model.kv_cache import axes
-    from moe_jax.model.stack import run_layers
-
-    def pinned(c):
-        return None if c is None else {n: constrain(a, dense_cache_axes(axes(cfg.attention, n)), what="KV cache")
-                                       for n, a in c.items()}
-
-    x, cache, _ = run_layers(blocks, x, positions, pinned(cache), decode)   # a dense layer drops nothing
-    return x, pinned(cache)

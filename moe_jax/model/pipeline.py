@@ -4,7 +4,9 @@ Why not just shard the layer scan on ``pp``? XLA would then all-gather every lay
 weights onto every device (docs/design.md, "Known traps"). Instead the layer stack runs
 inside ``jax.shard_map`` that is manual over the stage axis only (``dp``, ``ep``,
 ``tp`` stay with the partitioner): each stage sees its own ``L/pp`` layers and the KV
-cache of those layers, nothing else.
+cache of those layers, nothing else. With ``cfg.moe_interleave`` I > 1 the stacked unit is a group of I layers
+(`moe_jax.model.stack.Block`): the stages split the L / I groups (pp divides them), and a stage's cache is its
+groups' L / pp layers.
 
 Schedule (GPipe): the batch is cut into M microbatches. At tick t, stage s works on
 microbatch t − s (when 0 ≤ t − s < M), then hands its activations to stage s + 1 with
@@ -154,8 +156,8 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
     Bm = B // M
     inner = layout.without_axes(layout.stage_axes)
     graphdef, stacked = nnx.split(blocks)
-    windows = windows or (0,) * jax.tree.leaves(stacked)[0].shape[0]
-    per_stage = len(windows) // pp
+    windows = windows or (0,) * (jax.tree.leaves(stacked)[0].shape[0] * blocks.group_layers)
+    per_stage = len(windows) // pp                  # layers per stage (whole groups: pp divides the groups)
     shares = {windows[s * per_stage:(s + 1) * per_stage] for s in range(pp)}
 
     def stage_program(stacked, x, positions, cache):

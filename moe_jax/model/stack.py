@@ -1,6 +1,11 @@
 """The layer stack: one decoder block, and L of them (parameters stacked on a leading axis) run by `lax.scan`.
 
 Both the transformer (unpipelined) and the pipeline (each stage's share of the layers) run it.
+
+With ``cfg.moe_interleave`` I > 1 (Llama 4 Maverick: MoE on every 2nd layer) a block is a group of I layers,
+I − 1 dense layers (`moe_jax.model.dense_layers.DenseBlock`, stacked inside the block) then the MoE layer, so the
+scan and the pipeline's stages split whole groups; the KV cache keeps one entry per layer on its leading axis
+(group-major: layer g·I + j is sub-layer j of group g), each sub-layer viewing its own entry.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
+from moe_jax.model.dense_layers import dense_cache_axes, make_dense_blocks
 from moe_jax.model.execution import Kernels
-from moe_jax.model.kv_cache import NAMES, LayerCache
+from moe_jax.model.kv_cache import NAMES, LayerCache, axes
 from moe_jax.model.layers import Attention, Norm
 from moe_jax.model.moe import MoE
 from moe_jax.parallel.rules import constrain
 
 
 class Block(nnx.Module):
-    """One decoder layer: pre-norm attention and pre-norm MoE, each added to the residual."""
+    """One decoder layer: pre-norm attention and pre-norm MoE, each added to the residual. With
+    ``cfg.moe_interleave`` I > 1, a group of I layers: the I − 1 dense layers before the MoE layer (``dense``, a
+    `DenseBlock` stack on a leading ``dense_layers`` axis) then that MoE layer."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, kernels: Kernels):
         self.attn_norm = Norm((cfg.d_model,), ("embed",), cfg)
@@ -27,9 +35,22 @@ class Block(nnx.Module):
         self.attn = (MLAttention if cfg.attention == "mla" else Attention)(cfg, rngs=rngs, kernels=kernels)
         self.moe_norm = Norm((cfg.d_model,), ("embed",), cfg)
         self.moe = MoE(cfg, rngs=rngs, kernels=kernels)
+        if cfg.moe_interleave > 1:
+            self.dense = make_dense_blocks(cfg, rngs, kernels, cfg.moe_interleave - 1)
+
+    @property
+    def group_layers(self) -> int:
+        """Layers per block: ``cfg.moe_interleave`` (1: the MoE layer alone)."""
+        return self.attn.cfg.moe_interleave
 
     def __call__(self, x, positions, cache=None, *, decode: bool = False, window=0):
-        """window: the layer's sliding window (`moe_jax.model.layers.Attention`); 0 for full attention."""
+        """window: the layer's sliding window (`moe_jax.model.layers.Attention`); 0 for full attention.
+
+        A group of I > 1 layers takes the cache's view at its first layer (each sub-layer j views layer + j) and
+        its layers' windows: a tuple of I ints, or a traced int32 [I]."""
+        if self.group_layers > 1:
+            x, cache = self._dense_layers(x, positions, cache, decode, window)
+            window = window[-1]
         with jax.named_scope(scopes.ATTENTION):
             extra = {} if isinstance(window, int) and not window else {"window": window}
             h, cache = self.attn(self.attn_norm(x), positions, cache, decode=decode, **extra)
@@ -37,6 +58,17 @@ class Block(nnx.Module):
         with jax.named_scope(scopes.MOE):
             y, dropped = self.moe(self.moe_norm(x))
         return constrain(x + y, ("batch", "length", "embed")), cache, dropped
+
+    def _dense_layers(self, x, positions, cache, decode: bool, windows):
+        """The group's dense sub-layers in order (unrolled); returns x and the cache viewed at the MoE layer."""
+        graphdef, stacked = nnx.split(self.dense)
+        count = self.group_layers - 1
+        for j in range(count):
+            block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], stacked))
+            view = None if cache is None else cache._replace(layer=cache.layer + j)
+            x, view, _ = block(x, positions, view, decode=decode, window=windows[j])
+            cache = None if cache is None else cache._replace(k=view.k, v=view.v)
+        return x, None if cache is None else cache._replace(layer=cache.layer + count)
 
 
 def period(windows: tuple[int, ...]) -> int:
@@ -47,6 +79,10 @@ def period(windows: tuple[int, ...]) -> int:
 
 def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=None, keep=None, windows=None):
     """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan`.
+
+    Blocks of I layers (`Block.group_layers`, ``cfg.moe_interleave``): the L layers below are the blocks' layers,
+    L / I blocks scanned, and `windows`, static or traced, has one entry per layer; dropped has one row per block
+    (its MoE layer).
 
     cache: None or these layers' {"k": [L, B, K·r, T, Dh], "v": [L, B, K·r, Dh, T]} (`moe_jax.model.kv_cache`);
     with `microbatch` m, a pipeline stage's, its batch axis split [Bm, M], of which x is microbatch m.
@@ -64,22 +100,28 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     building a new [L, ...] cache as the scan's output every call.
     """
     attention = blocks.attn.cfg.attention
+    size = blocks.group_layers if isinstance(blocks, Block) else 1     # layers per block (a DenseBlock stack: 1)
     graphdef, stacked = nnx.split(blocks)
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    num_blocks = jax.tree.leaves(stacked)[0].shape[0]
+    num_layers = num_blocks * size
 
     def one(x, kv, params, index, window):
         view = None if kv is None else LayerCache(kv["k"], kv["v"], index, microbatch, keep, attention)
-        extra = {} if isinstance(window, int) and not window else {"window": window}   # DenseBlock takes none
+        extra = {} if isinstance(window, int) and not window else {"window": window}   # as before windows existed
         x, view, dropped = nnx.merge(graphdef, params)(x, positions, view, decode=decode, **extra)
         return x, None if view is None else {"k": view.k, "v": view.v}, dropped
 
     kv = None if cache is None else {name: cache[name] for name in NAMES}
-    indices = jnp.arange(num_layers, dtype=jnp.int32)
+    indices = jnp.arange(num_layers, dtype=jnp.int32) if size == 1 else jnp.arange(0, num_layers, size, jnp.int32)
     static = windows is None or isinstance(windows, tuple)
     if static:
         windows = windows or (0,) * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"run_layers: {len(windows)} windows for {num_layers} layers")
+        if size > 1:                            # per block, its layers' windows: the pattern's unit is a block
+            windows = tuple(windows[i:i + size] for i in range(0, num_layers, size))
+    elif size > 1:
+        windows = windows.reshape(num_blocks, size)
     p = period(windows) if static else 1
 
     def layer(carry, per_layer):
@@ -99,11 +141,26 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
         x, kv = carry
         params, first = per_group
         drops = []
-        for j in range(p):                      # unrolled: each layer of the group with its own static window
-            x, kv, dropped = one(x, kv, jax.tree.map(lambda a, j=j: a[j], params), first + j, windows[j])
+        for j in range(p):                      # unrolled: each block of the group with its own static window(s)
+            x, kv, dropped = one(x, kv, jax.tree.map(lambda a, j=j: a[j], params), first + j * size, windows[j])
             drops.append(dropped)
         return (x, kv), jnp.stack(drops)
 
-    grouped = jax.tree.map(lambda a: a.reshape(num_layers // p, p, *a.shape[1:]), stacked)
+    grouped = jax.tree.map(lambda a: a.reshape(num_blocks // p, p, *a.shape[1:]), stacked)
     (x, kv), dropped = jax.lax.scan(group, (x, kv), (grouped, indices[::p]))
-    return x, kv, dropped.reshape(num_layers, *dropped.shape[2:])
+    return x, kv, dropped.reshape(num_blocks, *dropped.shape[2:])
+
+
+def run_dense_layers(blocks, x, positions, cache: dict | None, decode: bool, cfg: ModelConfig):
+    """Run the leading dense stack (`moe_jax.model.dense_layers`) over x [B, S, D] (before the MoE layers,
+    outside any pipeline).
+
+    cache: None, or the dense layers' {"k", "v"} (`moe_jax.model.dense_layers.split_cache`).
+    Returns (x, updated cache or None).
+    """
+    def pinned(c):
+        return None if c is None else {n: constrain(a, dense_cache_axes(axes(cfg.attention, n)), what="KV cache")
+                                       for n, a in c.items()}
+
+    x, cache, _ = run_layers(blocks, x, positions, pinned(cache), decode)   # a dense layer drops nothing
+    return x, pinned(cache)

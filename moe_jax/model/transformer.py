@@ -1,5 +1,8 @@
 """The decoder: embedding, L stacked blocks (attention + MoE) run by `lax.scan`, final norm, output head.
 
+The stack holds ``cfg.moe_layers`` blocks, each one MoE layer and, with ``cfg.moe_interleave`` I > 1, the I − 1
+dense layers before it (`moe_jax.model.stack`); its cache one entry per layer of the stack (``cfg.stack_layers``).
+
 Three entry points share one body:
 - ``model(tokens)``: full forward over all positions, no cache (the reference);
 - ``model.prefill(tokens, cache)``: the prompt, writing the cache at positions [0, S); the output
@@ -18,12 +21,12 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.model import kv_cache, scopes
-from moe_jax.model.dense_layers import dense_cache_shape, join_cache, make_dense_blocks, run_dense_layers, split_cache
+from moe_jax.model.dense_layers import dense_cache_shape, join_cache, make_dense_blocks, split_cache
 from moe_jax.model.execution import Execution
 from moe_jax.model.kv_cache import NAMES, array_shape, axes
 from moe_jax.model.layers import F32, Norm, param
 from moe_jax.model.pipeline import run_pipeline
-from moe_jax.model.stack import Block, run_layers
+from moe_jax.model.stack import Block, run_dense_layers, run_layers
 from moe_jax.parallel.rules import constrain
 
 CACHE_AXES = kv_cache.CACHE_AXES
@@ -41,9 +44,9 @@ class ModelOutput(NamedTuple):
     cacheless forward."""
     dropped: jax.Array
     """Token-expert assignments dropped by capacity dispatch (or a bounded dropless buffer), per MoE layer and
-    token group: int32 [L_moe, G], the layers in order (the ``first_dense_layers`` dense layers, which drop
-    nothing, are not in it); ``.sum()`` is the total, ``.sum(axis=1)`` the count per layer. Kept per group so
-    counting needs no collective."""
+    token group: int32 [L_moe, G], the layers in order (the dense layers, which drop nothing, are not in it: the
+    ``first_dense_layers`` and, with ``moe_interleave``, those between MoE layers); ``.sum()`` is the total,
+    ``.sum(axis=1)`` the count per layer. Kept per group so counting needs no collective."""
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
@@ -54,7 +57,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_cop
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
     """`init_cache` as ShapeDtypeStructs (nothing allocated): keys {"k": [L, B, K·kv_copies, T, Dh]} and
-    values {"v": [L, B, K·kv_copies, Dh, T]}.
+    values {"v": [L, B, K·kv_copies, Dh, T]}, L the layer stack's layers (``cfg.stack_layers``).
 
     Heads before positions, and each array's contracted dimension minor: the layout the decode
     attention's products read without a transpose (`moe_jax.model.kv_cache`). Both arrays are sharded
@@ -66,18 +69,19 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_co
     """
     dt = jnp.dtype(dtype or cfg.cache_dtype)
     if cfg.attention == "mla":   # `moe_jax.model.mla`: "k" holds the latent (one head of width R), "v" the RoPE key
-        shapes = {name: jax.ShapeDtypeStruct(array_shape(name, cfg.moe_layers, batch, 1, max_len, width,
+        shapes = {name: jax.ShapeDtypeStruct(array_shape(name, cfg.stack_layers, batch, 1, max_len, width,
                                                          attention=cfg.attention), dt)
                   for name, width in (("k", cfg.kv_lora_rank), ("v", cfg.qk_rope_head_dim))}
     else:
-        dims = (cfg.moe_layers, batch, cfg.num_kv_heads * kv_copies, max_len, cfg.head_dim)
+        dims = (cfg.stack_layers, batch, cfg.num_kv_heads * kv_copies, max_len, cfg.head_dim)
         shapes = {name: jax.ShapeDtypeStruct(array_shape(name, *dims), dt) for name in NAMES}
     # the leading dense layers' own arrays, "dense_k" and "dense_v" (`moe_jax.model.dense_layers`)
     return {**shapes, **dense_cache_shape(shapes, cfg)} if cfg.first_dense_layers else shapes
 
 
 class Transformer(nnx.Module):
-    """The MoE decoder. Parameters of the L blocks are stacked on a leading ``layers`` axis.
+    """The MoE decoder. Parameters of the blocks (``cfg.moe_layers``, each an MoE layer and any dense layers
+    interleaved before it) are stacked on a leading ``layers`` axis.
 
     execution: what it is built for (the target's kernels, pipeline stages and microbatches); by default
     unpipelined on jax's default backend. A pipelined model runs under its sharded layout

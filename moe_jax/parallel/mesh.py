@@ -191,11 +191,13 @@ def validate(strategy: Strategy, cfg: ModelConfig, *, batch: int | None = None,
             why.append(f"{K} KV heads (neither divides the other)")
         problems.append(f"tp={strategy.tp} does not divide {' and '.join(why)}; valid tp: "
                         f"{', '.join(map(str, _valid_tp(cfg)))}")
+    # with moe_interleave I > 1 the stages split groups of I layers (I - 1 dense, then MoE), one per MoE layer
+    unit = "layers" if cfg.moe_interleave == 1 else f"groups of {cfg.moe_interleave} layers (dense then MoE)"
     if strategy.pp > L:
-        problems.append(f"pp={strategy.pp} is more stages than the {L} layers; valid pp: "
+        problems.append(f"pp={strategy.pp} is more stages than the {L} {unit}; valid pp: "
                         f"{', '.join(map(str, divisors(L)))}")
     elif L % strategy.pp:
-        problems.append(f"pp={strategy.pp} does not divide {L} layers; valid pp: "
+        problems.append(f"pp={strategy.pp} does not divide {L} {unit}; valid pp: "
                         f"{', '.join(map(str, divisors(L)))}")
     if batch is not None:
         if batch < 1:

@@ -138,8 +138,9 @@ class Placement:
         K_local = cfg.num_kv_heads * copies // s.tp              # 1 when tp exceeds K: each rank's own head
         vocab_split = Layout.for_strategy(cfg, s).shards("vocab", cfg.vocab_size)
         facts = {
-            # the stage's share of the MoE layers (pp splits those) and every dense first layer (each stage holds them)
-            "layers_per_stage": cfg.moe_layers // s.pp + cfg.first_dense_layers,
+            # the stage's share of the layer stack (pp splits it: MoE layers and any dense ones interleaved) and every
+            # dense first layer (each stage holds them)
+            "layers_per_stage": cfg.stack_layers // s.pp + cfg.first_dense_layers,
             "experts_per_device_per_layer": cfg.num_experts // s.ep,
             "expert_ffn_columns_per_device": cfg.expert_ffn // s.tp,
             "expert_fraction_per_device": f"{cfg.num_experts // s.ep}/{cfg.num_experts} experts x "

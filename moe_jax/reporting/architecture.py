@@ -117,6 +117,11 @@ def _layers(cfg: ModelConfig) -> str:
     if cfg.first_dense_layers:
         text = (f"{cfg.num_layers}: the first {cfg.first_dense_layers} dense (SwiGLU FFN {cfg.dense_ffn}), then "
                 f"{cfg.moe_layers} MoE")
+    elif cfg.moe_interleave > 1:
+        step = cfg.moe_interleave
+        nth = {2: "2nd", 3: "3rd"}.get(step, f"{step}th")
+        text = (f"{cfg.num_layers}: {cfg.moe_layers} MoE (every {nth}: layers {step - 1}, {2 * step - 1}, ...), the "
+                f"{cfg.dense_layers} between them dense (SwiGLU FFN {cfg.dense_ffn})")
     else:
         text = f"{cfg.num_layers}, every one MoE"
     sliding = sum(1 for w in cfg.layer_windows if w > 0)

@@ -55,6 +55,8 @@ def _terms(t) -> str:
 
 def _pp_splits(cfg) -> str:
     """What pp splits: the MoE layers (the dense first layers run ahead of the pipeline, on every stage)."""
+    if cfg.moe_interleave > 1:
+        return f"{cfg.num_layers} layers ({cfg.moe_layers} groups of {cfg.moe_interleave - 1} dense then one MoE)"
     if not cfg.first_dense_layers:
         return f"{cfg.num_layers} layers"
     return f"{cfg.moe_layers} MoE layers (the {cfg.first_dense_layers} dense first layers are on every stage)"
@@ -136,7 +138,7 @@ def markdown(a: Analysis, chart: str | None = "memory.png") -> str:
     out += ["## Load balance", "", "| metric | value | how |", "|---|---:|---|",
             f"| experts per device per layer | {f['experts_per_device_per_layer']} | {cfg.num_experts} / ep {s.ep} |",
             f"| expert FFN columns per device | {f['expert_ffn_columns_per_device']} | {cfg.expert_ffn} / tp {s.tp} |",
-            f"| layers per stage | {f['layers_per_stage']} | {cfg.moe_layers} / pp {s.pp}"
+            f"| layers per stage | {f['layers_per_stage']} | {cfg.stack_layers} / pp {s.pp}"
             + (f" + {cfg.first_dense_layers} dense on every stage" if cfg.first_dense_layers else "") + " |",
             f"| sequences per replica | {f['sequences_per_replica']} | batch {w.batch} / dp {s.dp} |",
             f"| sequences per device (attention) | {f['sequences_per_device']} | batch {w.batch} / "

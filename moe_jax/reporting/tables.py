@@ -59,7 +59,8 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
               "weights")
     out.print(f"[bold]{s.name}[/bold] on {s.num_devices} devices, mesh (dp, pp, ep, tp) = "
               f"({s.dp}, {s.pp}, {s.ep}, {s.tp}); validated: ep | {cfg.num_experts} experts, "
-              f"tp | {cfg.num_heads} heads, pp | {cfg.moe_layers} {'MoE ' if cfg.first_dense_layers else ''}layers, "
+              f"tp | {cfg.num_heads} heads, pp | {cfg.moe_layers} {'MoE ' if cfg.first_dense_layers else ''}"
+              + (f"groups of {cfg.moe_interleave} layers, " if cfg.moe_interleave > 1 else "layers, ") +
               f"dp | batch {p.batch}")
     out.print(f"Workload: batch {p.batch}, prompt {prompt_len} tokens, {gen_len} generated "
               f"(KV cache of {prompt_len + gen_len} positions)\n")

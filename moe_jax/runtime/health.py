@@ -13,7 +13,8 @@ def locate_nonfinite(graphdef, params, tokens) -> str | None:
     """Run the model one layer at a time on `tokens` [B, S]; name the first place values stop being finite.
 
     Layers are numbered as the model's: the ``first_dense_layers`` dense layers (`moe_jax.model.dense_layers`)
-    first, then the MoE layers, each with its own attention window (`ModelConfig.layer_windows`).
+    first, then the MoE layers (with ``moe_interleave``, the dense layers between them in place), each with its
+    own attention window (`ModelConfig.layer_windows`).
     Returns None when every activation and the logits are finite, else one of
     "embedding", "layer N (attention)", "layer N (moe)", "layer N (dense ffn)", "output head".
     """
@@ -54,7 +55,16 @@ def locate_nonfinite(graphdef, params, tokens) -> str | None:
     layers = []
     if cfg.first_dense_layers:
         layers += [(*one, "dense ffn") for one in stack(model.dense_blocks, "dense", (0,) * cfg.first_dense_layers)]
-    layers += [(*one, "moe") for one in stack(model.blocks, "moe", cfg.layer_windows)]
+    if cfg.moe_interleave == 1:
+        layers += [(*one, "moe") for one in stack(model.blocks, "moe", cfg.layer_windows)]
+    else:   # groups of I layers (`moe_jax.model.stack.Block`): its I − 1 dense layers, then its MoE layer
+        step, windows = cfg.moe_interleave, cfg.layer_windows
+        graph, nested = nnx.split(model.blocks.dense)                      # [groups, I − 1, ...]: one layer axis
+        flat = nnx.merge(graph, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), nested))
+        dense = stack(flat, "dense", tuple(w for i, w in enumerate(windows) if i % step != step - 1))
+        moe = stack(model.blocks, "moe", windows[step - 1::step])
+        for g, one in enumerate(moe):
+            layers += [(*d, "dense ffn") for d in dense[g * (step - 1):(g + 1) * (step - 1)]] + [(*one, "moe")]
     for index, (per_layer, layer, window, part) in enumerate(layers):
         after_attention, x = layer(per_layer, x, window)
         if not finite(after_attention):

@@ -127,9 +127,13 @@ def _full_prefill_logits(sm, params, tokens, batch: int, cache_len: int):
 
 def _per_layer(cfg: ModelConfig, dropped) -> list[int]:
     """A program's dropped counts [L_moe, G] (per MoE layer and token group) as one count per layer of the model:
-    the ``first_dense_layers`` dense layers, which route nothing, first with 0."""
+    the dense layers, which route nothing (the ``first_dense_layers``, and those between MoE layers with
+    ``moe_interleave``), with 0."""
     counts = dropped.reshape(cfg.moe_layers, -1).sum(axis=1)
-    return [0] * cfg.first_dense_layers + [int(c) for c in counts]
+    per_layer = [0] * cfg.num_layers
+    for layer, c in zip(cfg.moe_layer_indices, counts, strict=True):
+        per_layer[layer] = int(c)
+    return per_layer
 
 
 def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
