@@ -238,3 +238,22 @@ def test_mla_flops_match_the_compiled_program():
     report = analyze_cost(get_model("deepseek-v3-tiny"), Strategy(dp=8), Workload(8, 32, 8), backend="cpu")
     assert report.analytic.prefill.compiled_over_analytic == pytest.approx(1.0, abs=0.02)
     assert report.analytic.decode.compiled_over_analytic == pytest.approx(1.0, abs=0.02)
+
+
+def test_blockwise_mla_prefill_equals_absorbed_decode_across_query_blocks():
+    """MLA's prefill attends blockwise (`causal_attend`: three query blocks at 300 positions, no S x S scores):
+    the last position's logits equal a prefill of the 299 before it and one absorbed decode step, which reads
+    the cached latents without the blockwise path."""
+    from flax import nnx
+
+    from moe_jax.model.attention import MIN_QUERY_BLOCK
+    from moe_jax.model.transformer import Transformer
+
+    cfg = get_model("deepseek-v3-tiny").replace(dtype="float32", dispatch="dropless")   # no capacity drops
+    S = 2 * MIN_QUERY_BLOCK + 44
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, S), 0, cfg.vocab_size)
+    whole = model.prefill(tokens, jax.tree.map(jnp.zeros_like, cache_shape(cfg, 2, S)))
+    head = model.prefill(tokens[:, :-1], jax.tree.map(jnp.zeros_like, cache_shape(cfg, 2, S)))
+    step = model.decode(tokens[:, -1:], jnp.int32(S - 1), head.cache)
+    np.testing.assert_allclose(np.asarray(whole.logits), np.asarray(step.logits), rtol=2e-4, atol=2e-4)

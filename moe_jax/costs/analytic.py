@@ -85,9 +85,9 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     embedding lookup is not a matmul (`ModelConfig.useful_flops`).
     attention: QKᵀ and PV as computed (prefill: the blocks at and below the diagonal that the blockwise
     causal attention computes, `moe_jax.model.attention.causal_flops`, from each sliding layer's window on;
-    MLA's prefill: full S×S; decode: all T cache positions, a sliding layer's last W). A pipeline whose stages'
-    layer patterns differ masks its sliding layers instead (`moe_jax.model.pipeline.run_pipeline`): its program
-    computes more than this counts.
+    MLA's prefill: causal blocks too, QKᵀ over Dh and PV over Dv; decode: all T cache positions, a sliding
+    layer's last W). A pipeline whose stages' layer patterns differ masks its sliding layers instead
+    (`moe_jax.model.pipeline.run_pipeline`): its program computes more than this counts.
     capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
     the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
     is split `batch_shards` ways; none where, given the experts' split `ep`, capacity dispatch takes the
@@ -100,12 +100,15 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     tokens = B * S
     useful = cfg.useful_flops(tokens, head_tokens=tokens if full_logits else B)
     attention = cfg.attention_flops(B, S, T)
-    if phase == "prefill" and cfg.attention != "mla":       # blockwise causal: blocks above the diagonal skipped
+    if phase == "prefill":                                   # blockwise causal: blocks above the diagonal skipped
         from moe_jax.model.attention import causal_flops
 
-        # and a sliding layer's blocks before its window (`ModelConfig.layer_windows`; the dense layers are full)
-        windows = (0,) * cfg.first_dense_layers + cfg.layer_windows
-        attention = sum(causal_flops(B, S, cfg.num_heads, cfg.head_dim, window=w) for w in windows)
+        if cfg.attention == "mla":   # QKᵀ over the query/key width Dh, PV over the value width Dv, every layer
+            attention = cfg.num_layers * (causal_flops(B, S, cfg.num_heads, cfg.head_dim)
+                                          + causal_flops(B, S, cfg.num_heads, cfg.v_head_dim)) // 2
+        else:   # and a sliding layer's blocks before its window (`ModelConfig.layer_windows`; dense layers full)
+            windows = (0,) * cfg.first_dense_layers + cfg.layer_windows
+            attention = sum(causal_flops(B, S, cfg.num_heads, cfg.head_dim, window=w) for w in windows)
     capacity = 0
     if cfg.dispatch == Dispatch.CAPACITY:
         mb_tokens = tokens // microbatches

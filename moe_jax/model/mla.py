@@ -9,7 +9,9 @@ Each token's keys and values are compressed into one latent c [R] (normalised) p
 W_kv_b [H, Dn + Dv, R] expanding the latent. The cache holds only c and the RoPE key, the cache
 size a deployment pays (R + Dr per token and layer instead of 2·H·Dh).
 
-Prefill expands the latent into per-head keys and values (S queries share them). Decode runs the
+Prefill expands the latent into per-head keys and values (S queries share them) and attends blockwise
+and causal (`moe_jax.model.attention.causal_attend`: no S x S scores, blocks above the diagonal skipped),
+each head's key the no-RoPE part and the shared RoPE key side by side. Decode runs the
 absorbed form: the query's no-RoPE part is folded through W_k into the latent space
 (q · W_k[h] [R]), scores are taken against the cached latents directly, and the weighted sum of
 latents is expanded by W_v[h] once per query; no per-head K/V is rebuilt per step.
@@ -30,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from moe_jax.model.attention import causal_attend
 from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32, Norm, weight, weight_einsum
 from moe_jax.parallel.rules import batch_shards, constrain
@@ -151,22 +154,27 @@ class MLAttention(nnx.Module):
             if decode:                                                                       # [B, T, 1, R], [.., Dr]
                 latents, rope_keys = cache.read("k").astype(q.dtype), cache.read("v").astype(q.dtype)
                 key_pos = jnp.arange(cache.length)
-        mask = key_pos[None, :] <= positions[:, None]                                        # [S, T]
         w_kv = self.wkv_b_hkr[...]
         w_k, w_v = w_kv[:, :Dn], w_kv[:, Dn:]                                                # [H, Dn, R], [H, Dv, R]
         c, kr = latents[:, :, 0], rope_keys[:, :, 0]                                         # [B, T, R], [B, T, Dr]
-        rope_scores = jnp.einsum("bshd,btd->bhst", q_rot, kr, preferred_element_type=F32)
         if decode:      # absorbed: scores and values in the latent space
+            mask = key_pos[None, :] <= positions[:, None]                                    # [S, T]
+            rope_scores = jnp.einsum("bshd,btd->bhst", q_rot, kr, preferred_element_type=F32)
             q_lat = jnp.einsum("bshn,hnr->bshr", q_nope, w_k)
             scores = jnp.einsum("bshr,btr->bhst", q_lat, c, preferred_element_type=F32) + rope_scores
             probs = self._softmax(scores, mask).astype(c.dtype)
             out = jnp.einsum("bshr,hvr->bshv", jnp.einsum("bhst,btr->bshr", probs, c), w_v)
-        else:           # expanded: per-head keys and values from the latents, shared by the S queries
-            k_nope = constrain(jnp.einsum("btr,hnr->bthn", c, w_k), ("batch", "length", "heads", "head_dim"))
-            v = constrain(jnp.einsum("btr,hvr->bthv", c, w_v), ("batch", "length", "heads", "head_dim"))
-            scores = jnp.einsum("bshn,bthn->bhst", q_nope, k_nope, preferred_element_type=F32) + rope_scores
-            probs = self._softmax(scores, mask).astype(v.dtype)
-            out = jnp.einsum("bhst,bthv->bshv", probs, v)
+        else:           # expanded: per-head keys and values from the latents, attended blockwise and causal
+            heads = ("batch", "length", "heads", "head_dim")
+            k_nope = constrain(jnp.einsum("btr,hnr->bthn", c, w_k), heads)
+            v = constrain(jnp.einsum("btr,hvr->bthv", c, w_v), heads)
+            # the shared RoPE key joins each head's key: QKᵀ over [Dn | Dr] is the two score terms summed, and
+            # `causal_attend` never builds the S x S scores and skips the blocks above the diagonal
+            H = q.shape[2]
+            keys = constrain(jnp.concatenate([k_nope, jnp.broadcast_to(kr[:, :, None, :], (B, S, H, Dr))
+                                              .astype(k_nope.dtype)], axis=-1), heads)
+            out = causal_attend(jnp.concatenate([q_nope, q_rot.astype(q_nope.dtype)], axis=-1), keys, v,
+                                scale=softmax_scale(cfg))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = weight_einsum("bshv,dhv->bsd", out, self.wo_dhv[...], in_place=in_place)
         return constrain(y, ("batch", "length", "embed")), cache
