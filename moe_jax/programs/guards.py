@@ -29,10 +29,15 @@ def check_extents(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int,
 
     kv_copies: copies of each KV head the global cache array holds (`moe_jax.parallel.mesh.kv_copies`:
     tp / K when tp exceeds the K KV heads, so each tp rank holds one)."""
+    cache = ("KV cache latent [L, B, 1, T, R]", cfg.num_layers * batch * cache_len
+             * max(cfg.kv_lora_rank, cfg.qk_rope_head_dim)) if cfg.attention == "mla" else \
+        ("KV cache [L, B, K, T, Dh]", cfg.num_layers * batch * cache_len * cfg.num_kv_heads * kv_copies * cfg.head_dim)
     arrays = {
-        "prefill logits [B, S, V]": batch * prompt_len * cfg.vocab_size,
-        "attention scores [B, H, S, S]": batch * cfg.num_heads * prompt_len * prompt_len,
-        "KV cache [L, B, K, T, Dh]": cfg.num_layers * batch * cache_len * cfg.num_kv_heads * kv_copies * cfg.head_dim,
+        "prefill logits [B, S, V]": batch * prompt_len * cfg.vocab_size,   # every position (run --save-logits)
+        # pairs, not an array: the blockwise prefill (`moe_jax.model.attention.causal_attend`) builds no S x S
+        # scores; kept as a conservative bound (sizes past it crashed XLA with full attention; not retried since)
+        "attention (query, key) pairs B x H x S x S": batch * cfg.num_heads * prompt_len * prompt_len,
+        cache[0]: cache[1],
         "routing one-hots [B, S, E, k]": batch * prompt_len * cfg.num_experts * cfg.top_k,
     }
     name, n = max(arrays.items(), key=lambda kv: kv[1])
