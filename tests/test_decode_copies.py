@@ -89,11 +89,12 @@ def _greedy(cfg, state, execution, prompt, steps):
     return np.stack(logits)
 
 
-@pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny"])
+@pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "deepseek-v3-tiny", "llama4-maverick-tiny"])
 def test_decode_with_the_gpu_forms_equals_the_reference(model):
     """The model built with the GPU's decode forms (stored-order attention, few-row products in place), run on
     CPU at batch 4, decodes the same logits as the reference forms: tiny (GQA), gpt-oss-tiny (sinks, sliding
-    windows, biases)."""
+    windows, biases), deepseek-v3-tiny (MLA's projections, shared experts, a dense first layer),
+    llama4-maverick-tiny (dense layers between the MoE ones, chunked attention)."""
     cfg = exact_config(get_model(model))
     state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
     prompt = jax.random.randint(jax.random.key(2), (4, 20), 0, cfg.vocab_size)

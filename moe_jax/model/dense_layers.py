@@ -22,7 +22,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import Attention, Norm, weight, weight_einsum
+from moe_jax.model.layers import Attention, Norm, in_place_rows, weight, weight_einsum
 from moe_jax.parallel.rules import batch_shards, constrain
 
 DENSE_NAMES = {"k": "dense_k", "v": "dense_v"}
@@ -41,7 +41,7 @@ class DenseFFN(nnx.Module):
     def __call__(self, x_bsd):
         """x [B, S, D] → [B, S, D]."""
         B, S, _ = x_bsd.shape
-        in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum
+        in_place = in_place_rows(B // batch_shards(B) * S, self.kernels)        # few rows per device: decode
         gate_up = weight_einsum("bsd,pfd->bspf", x_bsd, self.w_gate_up_pfd[...], in_place=in_place)
         h = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "length", "mlp"))
         y = weight_einsum("bsf,df->bsd", h, self.w_down_df[...], in_place=in_place)

@@ -34,7 +34,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model.attention import causal_attend
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import F32, Norm, weight, weight_einsum
+from moe_jax.model.layers import F32, Norm, in_place_rows, weight, weight_einsum
 from moe_jax.parallel.rules import batch_shards, constrain
 
 LATENT_NORM_EPS = 1e-6
@@ -134,7 +134,7 @@ class MLAttention(nnx.Module):
         B, S, _ = x.shape
         R, Dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         Dn = cfg.head_dim - Dr
-        in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum   # one row per device
+        in_place = in_place_rows(B // batch_shards(B) * S, self.kernels)        # few rows per device: decode
         if cfg.q_lora_rank:
             q_latent = self.q_norm(weight_einsum("bsd,rd->bsr", x, self.wq_a_rd[...], in_place=in_place))
             q = weight_einsum("bsr,hkr->bshk", q_latent, self.wq_b_hkr[...], in_place=in_place)

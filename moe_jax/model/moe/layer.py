@@ -18,7 +18,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
-from moe_jax.model.layers import param, weight, weight_einsum
+from moe_jax.model.layers import in_place_rows, param, weight, weight_einsum
 from moe_jax.model.moe.capacity import capacity_moe
 from moe_jax.model.moe.dense import dense_moe
 from moe_jax.model.moe.dropless import dropless_moe
@@ -66,7 +66,7 @@ class MoE(nnx.Module):
         if self.cfg.num_shared_experts:
             with jax.named_scope(scopes.SHARED_EXPERTS):
                 B, S, _ = x_bsd.shape
-                in_place = B // batch_shards(B) * S == 1 and self.kernels.in_place_weight_einsum
+                in_place = in_place_rows(B // batch_shards(B) * S, self.kernels)   # few rows: decode
                 gate_up = weight_einsum("bsd,pfd->bspf", x_bsd, self.shared_gate_up_pfd[...], in_place=in_place)
                 h = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "length", "mlp"))
                 y = y + weight_einsum("bsf,df->bsd", h, self.shared_down_df[...], in_place=in_place)
