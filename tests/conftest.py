@@ -112,3 +112,20 @@ def unsharded_logits(directory, cfg, tokens):
 
     sm, params = load_sharded(directory, cfg, Strategy(dp=8))
     return np.asarray(sm.forward(params, sm.put_tokens(jnp.asarray(tokens))).logits)
+
+
+def assert_estimate_matches_compiled(cfg, strategy, work, report):
+    """The planner's estimate (no compile) against a compiled `report` of the same case: matmul FLOPs per device
+    within 1% in both phases, and the placement's weights and KV cache per device exactly. Returns the placement."""
+    import pytest
+
+    from moe_jax.costs.analytic import estimate_phase
+    from moe_jax.programs.placement import describe
+
+    p = describe(cfg, strategy, batch=work.batch, cache_len=work.cache_len)
+    for phase in ("prefill", "decode"):
+        c = report.phases[phase]
+        e = estimate_phase(cfg, strategy, work, phase, p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
+        assert e.matmul_flops == pytest.approx(c.matmul_flops, rel=0.01), phase
+        assert c.memory.weights == p.weight_bytes_per_device and c.memory.kv_cache == p.kv_cache_bytes_per_device
+    return p

@@ -100,16 +100,11 @@ def test_estimate_matches_the_compiled_program(compiled, name, mesh):
     prefill and absorbed decode, GLM's biased partial-RoPE GQA, the dense layers ahead of the pipeline) within
     1%, and the placement's weights and KV cache per device exactly; the compiled cache is kv_bytes_per_token
     per position of the device's sequences (unpipelined: all layers on each device)."""
-    from moe_jax.costs.analytic import estimate_phase
+    from conftest import assert_estimate_matches_compiled
 
     cfg, s = get_model(name), Strategy.parse(mesh)
-    p = describe(cfg, s, batch=WORK.batch, cache_len=WORK.cache_len)
     report = compiled[name, mesh]
-    for phase in ("prefill", "decode"):
-        c = report.phases[phase]
-        e = estimate_phase(cfg, s, WORK, phase, p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
-        assert e.matmul_flops == pytest.approx(c.matmul_flops, rel=0.01), phase
-        assert c.memory.weights == p.weight_bytes_per_device and c.memory.kv_cache == p.kv_cache_bytes_per_device
+    assert_estimate_matches_compiled(cfg, s, WORK, report)
     if s.pp == 1:
         per_device = WORK.batch // s.num_devices
         assert report.phases["decode"].memory.kv_cache == cfg.kv_bytes_per_token * per_device * WORK.cache_len

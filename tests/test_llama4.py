@@ -15,7 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import hf_reference, load_sharded, rel_error, unsharded_logits  # noqa: E402
+from conftest import (  # noqa: E402
+    assert_estimate_matches_compiled,
+    hf_reference,
+    load_sharded,
+    rel_error,
+    unsharded_logits,
+)
 from safetensors.numpy import load_file  # noqa: E402
 
 from moe_jax.checkpoints.weights import save_params  # noqa: E402
@@ -275,19 +281,11 @@ def test_flops_match_the_compiled_program():
 def test_estimate_matches_the_compiled_program(mesh):
     """The planner's estimate (no compile) against the compiled program (prompts of 32 across chunks of 8, the PP2
     stages' window patterns differing): matmul FLOPs per device within 1%, weights and KV cache per device exactly."""
-    from moe_jax.costs.analytic import estimate_phase
     from moe_jax.costs.compile import Workload
     from moe_jax.costs.walk import analyze_cost
-    from moe_jax.programs.placement import describe
 
     cfg, s, work = get_model("llama4-tiny"), Strategy.parse(mesh), Workload(8, 32, 8)
-    p = describe(cfg, s, batch=work.batch, cache_len=work.cache_len)
-    report = analyze_cost(cfg, s, work, backend="cpu")
-    for phase in ("prefill", "decode"):
-        c = report.phases[phase]
-        e = estimate_phase(cfg, s, work, phase, p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
-        assert e.matmul_flops == pytest.approx(c.matmul_flops, rel=0.01), phase
-        assert c.memory.weights == p.weight_bytes_per_device and c.memory.kv_cache == p.kv_cache_bytes_per_device
+    assert_estimate_matches_compiled(cfg, s, work, analyze_cost(cfg, s, work, backend="cpu"))
 
 
 def test_architecture_names_llama4_features():
@@ -431,20 +429,14 @@ def test_maverick_estimate_matches_the_compiled_program(mesh):
     """The estimate counts the dense layers between the MoE layers (attention and FFN) and the compiled program runs
     them: matmul FLOPs per device within 1%, weights and KV cache per device exactly, and the config's useful and
     attention FLOPs against the compiled program's as for Scout."""
-    from moe_jax.costs.analytic import estimate_phase
     from moe_jax.costs.compile import Workload
     from moe_jax.costs.walk import analyze_cost
-    from moe_jax.programs.placement import describe
 
     cfg, s, work = get_model("llama4-maverick-tiny"), Strategy.parse(mesh), Workload(8, 32, 8)
-    p = describe(cfg, s, batch=work.batch, cache_len=work.cache_len)
-    assert p.facts()["layers_per_stage"] == 4 // s.pp
     report = analyze_cost(cfg, s, work, backend="cpu")
+    p = assert_estimate_matches_compiled(cfg, s, work, report)
+    assert p.facts()["layers_per_stage"] == 4 // s.pp
     for phase in ("prefill", "decode"):
-        c = report.phases[phase]
-        e = estimate_phase(cfg, s, work, phase, p.weight_bytes_per_device, p.kv_cache_bytes_per_device)
-        assert e.matmul_flops == pytest.approx(c.matmul_flops, rel=0.01), phase
-        assert c.memory.weights == p.weight_bytes_per_device and c.memory.kv_cache == p.kv_cache_bytes_per_device
         if s.pp == 1:
             assert report.analytic.phases[phase].compiled_over_analytic == pytest.approx(1.0, abs=0.02), phase
 
