@@ -481,3 +481,61 @@ def test_tuple_parts_and_async_results():
     assert tuple_parts("f32[4,4]{1,0}") == ["f32[4,4]{1,0}"]
     assert cost._async_result_bytes("((bf16[32,512]{0,1}), bf16[32,128]{0,1})") == 32 * 128 * 2   # reduce-scatter
     assert cost._async_result_bytes("(f32[64]{0:S(1)}, f32[64]{0}, u32[]{:S(2)})") == 64 * 4        # copy-start
+
+
+NEWER_XLA = """HloModule m
+
+%fused_slice (p0: bf16[4,8,16], p1: s32[]) -> bf16[1,8,16] {
+  %p0 = bf16[4,8,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = bf16[1,8,16]{2,1,0} dynamic-slice(%p0, %p1, %z, %z), dynamic_slice_sizes={1,8,16}
+}
+
+%async_computation.1 (q0: bf16[4,8,16], q1: s32[]) -> bf16[1,8,16] {
+  %q0 = bf16[4,8,16]{2,1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  ROOT %loop_dynamic_slice_fusion.1 = bf16[1,8,16]{2,1,0} fusion(%q0, %q1), kind=kLoop, calls=%fused_slice
+}
+
+%fused_sum (r0: bf16[4,8,16], r1: s32[]) -> f32[8] {
+  %r0 = bf16[4,8,16]{2,1,0} parameter(0)
+  %r1 = s32[] parameter(1)
+  %z2 = s32[] constant(0)
+  %ds2 = bf16[1,8,16]{2,1,0} dynamic-slice(%r0, %r1, %z2, %z2), dynamic_slice_sizes={1,8,16}
+  %b = bf16[8,16]{1,0} bitcast(%ds2)
+  %c = f32[8,16]{1,0} convert(%b)
+  %zero = f32[] constant(0)
+  ROOT %s = f32[8]{0} reduce(%c, %zero), dimensions={1}, to_apply=%add
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %a = f32[] add(%x, %y)
+}
+
+ENTRY %e (arg_tuple.1: (s32[], bf16[4,8,16])) -> (bf16[1,8,16], f32[8]) {
+  %arg_tuple.1 = (s32[], bf16[4,8,16]{2,1,0}) parameter(0)
+  %fusion-start.1 = ((bf16[4,8,16]{2,1,0}, s32[]), bf16[1,8,16]{2,1,0}, u32[]) async-start(%arg_tuple.1#1, \
+%arg_tuple.1#0), calls=%async_computation.1
+  %fusion-done.1 = bf16[1,8,16]{2,1,0} async-done(%fusion-start.1)
+  %input_reduce_fusion = f32[8]{0} fusion(%arg_tuple.1#1, %arg_tuple.1#0), kind=kInput, calls=%fused_sum
+  ROOT %t = (bf16[1,8,16]{2,1,0}, f32[8]{0}) tuple(%fusion-done.1, %input_reduce_fusion)
+}
+"""
+"""A layer's slice as jax 0.11's XLA:GPU prints it: tuple elements as ``%t#k`` operands, and a dynamic-slice copy
+run through an async-start that wraps its fusion."""
+
+
+def test_newer_xla_tuple_element_operands_and_wrapped_async_copies():
+    """`%arg_tuple.1#1` is element 1 of the tuple (its bytes were not counted at all: the in-place decode products'
+    weight reads, 0.03 of 50 MB a layer); the async-start that runs a wrapped dynamic-slice fusion counts nothing
+    itself (the fusion it wraps is walked: counting both read the whole stacked weight, 39 GB a layer)."""
+    w = walk(NEWER_XLA, {"x": 1})
+    by = {o.name: o for o in w.ops}
+    layer = 8 * 16 * 2
+    assert by["loop_dynamic_slice_fusion.1"].bytes == 2 * layer + 4          # reads the slice, writes it
+    assert by["input_reduce_fusion"].bytes == layer + 4 + 8 * 4              # reads the slice, writes 8 f32
+    assert "fusion-start.1" not in by
+    assert w.hbm_bytes == 3 * layer + 8 + 8 * 4

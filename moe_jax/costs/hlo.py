@@ -277,6 +277,21 @@ def _parse_instruction(line: str) -> Instruction | None:
     return Instruction(m["name"], shape, op[1], operands, rest[end:], bool(m["root"]))
 
 
+def _name_tuple_elements(comp: Computation) -> None:
+    """Newer XLA prints an element of a tuple-valued instruction as the operand ``%t#k`` (no
+    get-tuple-element of its own): each such operand gets one in `Computation.by_name`, with the element's
+    shape, so its bytes and users are found as for a printed one."""
+    for instr in list(comp.instructions):
+        for operand in instr.operands:
+            whole, sep, index = operand.rpartition("#")
+            if not sep or operand in comp.by_name or not index.isdigit() or whole not in comp.by_name:
+                continue
+            parts = tuple_parts(comp.by_name[whole].shape)
+            if int(index) < len(parts):
+                comp.by_name[operand] = Instruction(operand, parts[int(index)], "get-tuple-element", [whole],
+                                                    f", index={index}", False, comp.by_name[whole].widths)
+
+
 @dataclass
 class Module:
     """A parsed HLO module."""
@@ -299,6 +314,7 @@ class Module:
             if current is None:
                 continue
             if line.startswith("}"):
+                _name_tuple_elements(current)
                 current = None
                 continue
             instr = _parse_instruction(line)

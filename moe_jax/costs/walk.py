@@ -681,7 +681,10 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
                     if role == "calls":
                         flops, matmul, trans, by_scope = fused(callee)
             moved = 0
-            if op not in _NO_TRAFFIC and not op.endswith("-done"):
+            # a generic async-start runs the computation it wraps (newer XLA:GPU runs a layer's dynamic-slice
+            # copy so): that computation is walked as control flow, its ops counted there, not here again
+            wraps = op == "async-start" and any(role == "calls" for role, _ in module.calls(instr))
+            if op not in _NO_TRAFFIC and not op.endswith("-done") and not wraps:
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
                 if hints is not None and hints.looped and _in_grouped_matmul(instr, module):
                     moved = _looped_group_bytes(instr, comp, module, moved, hints)
