@@ -36,9 +36,16 @@ class Kernels:
     ("Invalid binary instruction opcode copy", in AllReducePromotion): such sums are made in f32."""
     in_place_decode_attention: bool = False
     """A decode step's attention reads the cache as stored with row reductions (`moe_jax.model.attention.
-    attend_stored`) rather than batched matmuls: XLA:GPU's gemm copies each layer's keys and values out of
-    the carried cache first, every step (as many bytes as the cache). GPU only: TPU's matmuls read the slice
-    in place, and on CPU the matmul form is the reference."""
+    attend_stored`) rather than batched matmuls, which XLA:GPU feeds with a copy of each layer's keys and values.
+    Off on every platform: on one H200 (bench/RESULTS.md, "Decode kernels") the reductions ran at 0.2-0.4 TB/s
+    and the copy and gemm were faster at every batch (qwen3-30b-a3b at batch 64: 74 against 107 ms a step)."""
+    max_in_place_rows: int = 4
+    """Most activation rows per weight matrix that `in_place_weight_einsum` multiplies in place
+    (`moe_jax.model.layers.in_place_rows`); more rows take the gemm (and its copy of the layer's slice).
+    Measured on one H200 (bench/RESULTS.md, "Decode kernels"): one row in place reads the weight at about
+    3 TB/s, faster than the copy and gemm; mixtral-8x7b's 3 capacity slots per expert gained in place (57 against
+    70 ms a step at batch 8); qwen3-30b-a3b's 5 slots per expert and 8 rows of attention projections lost
+    (at batch 64, 74 against 59 ms)."""
 
     @classmethod
     def for_platform(cls, platform: str) -> Kernels:
@@ -46,7 +53,7 @@ class Kernels:
         native = platform != Backend.CPU
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
-                   narrow_manual_all_reduce=native, in_place_decode_attention=gpu)
+                   narrow_manual_all_reduce=native)
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:

@@ -94,19 +94,11 @@ def weight_einsum(spec: str, x, w, *, in_place: bool = False):
     return y * jnp.expand_dims(per_matrix, [i for i, c in enumerate(out) if c not in lead]).astype(dtype)
 
 
-MAX_IN_PLACE_ROWS = 16
-"""Most activation rows per weight matrix that `in_place_rows` multiplies as a product and a sum (on the GPU's
-f32 vector units, two FLOPs per weight element and row) rather than a gemm that copies the layer's weight out
-of the stacked parameter first (the slice written and read again: 3x the weight's bytes). An H200 does about
-67 TFLOP/s in f32 against 4.8 TB/s of HBM, 14 FLOPs per byte: 16 rows of a 16-bit weight (16 FLOPs per byte)
-stay within ~1.2x of the weight's read time, well under the copy's 3x."""
-
-
 def in_place_rows(rows: int, kernels: Kernels) -> bool:
     """Whether `weight_einsum` should read the weight in place (`in_place`) for `rows` activation rows per weight
     matrix on this device (decode: batch rows, or an expert's capacity slots), on `kernels`' target: a GPU
-    (`Kernels.in_place_weight_einsum`) and at most `MAX_IN_PLACE_ROWS` rows."""
-    return kernels.in_place_weight_einsum and rows <= MAX_IN_PLACE_ROWS
+    (`Kernels.in_place_weight_einsum`) and at most `Kernels.max_in_place_rows` rows."""
+    return kernels.in_place_weight_einsum and rows <= kernels.max_in_place_rows
 
 
 def _reduction_order(out: str, ws: str) -> str:
