@@ -196,6 +196,21 @@ def _cli(*argv):
     return subprocess.run(_command() + list(argv), capture_output=True, text=True, env=clean_env(), timeout=300)
 
 
+def test_time_per_iteration_takes_off_the_cost_of_a_loop_iteration(monkeypatch):
+    """A loop's slope counts the loop's own iteration (XLA:GPU runs loops from the host: ~10 us an iteration on
+    an H200, which made every small op of a GPU calibration cost ~11 us): `Plan.loop_s` is taken off it."""
+    import jax.numpy as jnp
+
+    from moe_jax.runtime import calibrate as cal
+
+    medians = iter([1e-3, 2e-3 + 5e-5, 10e-3 + 5e-5])      # k = 1, then k1 = 2 and k2 = 10: 1 ms an iteration
+    monkeypatch.setattr(cal, "time_compiled", lambda fn, args, plan, reps=None: cal.Sample(next(medians), 0.0, 1))
+    plan = replace(cal.make_plan("cpu", quick=True), target_s=0.01, loop_s=4e-4)
+    per, samples, ks = cal.time_per_iteration(lambda c: c + 1.0, jnp.float32(0), (), plan)
+    assert ks == (2, 10) and len(samples) == 2
+    assert per == pytest.approx(1e-3 - 4e-4)
+
+
 def test_calibrate_end_to_end_on_emulated_cpu_devices(tmp_path):
     path = tmp_path / "hw.toml"
     done = _cli("calibrate", "--quick", "--devices", "4", "--output", str(path))
@@ -214,7 +229,7 @@ def test_calibrate_end_to_end_on_emulated_cpu_devices(tmp_path):
             fit = cal.collective(kind, "node", g)
             assert fit is not None and fit.group_size == g and len(fit.samples) >= 2, (kind, g)
     assert cal.meta["date"] and cal.meta["jax_version"] and cal.meta["emulated_devices"] is True
-    assert cal.meta["device_count"] == 4 and cal.meta["samples_matmul"]
+    assert cal.meta["device_count"] == 4 and cal.meta["samples_matmul"] and cal.meta["samples_loop_iteration"]
     assert 0 < hw.flops_efficiency <= 1 and 0 < hw.hbm_efficiency <= 1
 
     analyze = _cli("analyze", "--model", "tiny", "--mesh", "EP1-TP1-PP1-DP1", "--hardware", str(path),

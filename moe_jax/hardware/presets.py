@@ -103,6 +103,15 @@ class Hardware:
     (datasheet); 0 where none is published (TPUs, the seed's GPU): those FLOPs are then timed at `peak_flops`,
     an optimistic bound the report's assumptions name. Decode's in-place products (a weight multiplied as
     an f32 product and sum, `moe_jax.model.layers.weight_einsum`) and every elementwise op run here."""
+    vector_efficiency: float = 0.0
+    """The fraction of `peak_vector_flops` that non-matmul FLOPs reach; 0: `flops_efficiency`. Measured on one
+    H200: XLA:GPU's reduction kernels, which run decode's in-place products, reached 5.0-6.5 TFLOP/s (0.09)."""
+    op_floor_s: float = 0.0
+    """The least time one compiled op takes on the device (a GPU kernel, launched from a CUDA graph), whatever
+    its size; 0 where not measured (TPUs). A decode step runs ~35 ops per layer, most of them tiny."""
+    decode_step_overhead_s: float = 0.0
+    """The host's cost of one greedy decode step beyond its kernels: dispatching the step and the next token's
+    argmax, and waiting on the token; 0 where not measured (TPUs)."""
 
     @property
     def achievable_flops(self) -> float:
@@ -110,9 +119,9 @@ class Hardware:
 
     @property
     def achievable_vector_flops(self) -> float:
-        """FLOP/s of non-matmul work: `peak_vector_flops` (or `peak_flops` where it is 0) at the achievable
-        fraction."""
-        return (self.peak_vector_flops or self.peak_flops) * self.flops_efficiency
+        """FLOP/s of non-matmul work: `peak_vector_flops` (or `peak_flops` where it is 0) at `vector_efficiency`
+        (or, where that is 0, `flops_efficiency`)."""
+        return (self.peak_vector_flops or self.peak_flops) * (self.vector_efficiency or self.flops_efficiency)
 
     def matmul_peak(self, dtype: str = "bfloat16") -> float:
         """Datasheet FLOP/s of a matmul multiplying in `dtype`: the FP8 peak for ``float8_e4m3fn`` operands where
@@ -190,6 +199,13 @@ def _dcn(bw=25 * GB):
 
 # NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
 # which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
+_GPU_OVERHEADS = {"op_floor_s": 1.3e-6, "decode_step_overhead_s": 1.1e-3, "vector_efficiency": 0.09}
+"""Measured on one H200 with jax 0.11.2 (bench/RESULTS-gpu.md): kernels in the decode step's CUDA graphs took at
+least 1.2-1.4 us (moe-jax calibrate: 1.24 us per op); a timed greedy step took 1.0-1.3 ms more than its kernels
+over 8 cases (qwen3-30b-a3b, mixtral-8x7b, seed-30b, batch 1-8); the reduction kernels of decode's in-place
+products (1 to 5 rows per weight matrix) ran at 5.0-6.5 TFLOP/s, 0.09 of the FP32 peak. Host and compiler
+costs: taken for the other NVIDIA presets too (their own not measured)."""
+
 _PRESETS = {h.name: h for h in [
     Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink4("assumed NVLink-class (as NVLink4)"), _ib(),
              source="the seed report (64 GB, 400 TFLOP/s, 1.8 TB/s)",
@@ -201,24 +217,25 @@ _PRESETS = {h.name: h for h in [
     Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink3(), _ib(25 * GB, "HDR IB"),
              source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
                     "jax-ml/scaling-book gpus.md; FP32 (non-tensor) 19.5 TFLOP/s", compile_target="a100", sm_count=108,
-             compute_capability="8.0", peak_vector_flops=19.5 * TB),
+             compute_capability="8.0", peak_vector_flops=19.5 * TB, **_GPU_OVERHEADS),
     Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "jax-ml/scaling-book gpus.md; FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity); "
                     "FP32 (non-tensor) 67 TFLOP/s", compile_target="h100", sm_count=132, compute_capability="9.0",
-             peak_flops_fp8=1979 * TB, peak_vector_flops=67 * TB),
+             peak_flops_fp8=1979 * TB, peak_vector_flops=67 * TB, **_GPU_OVERHEADS),
     Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "scaling-book; MLCommons H200 "
                     "system description; achievable fractions measured on one H200 (bf16 matmul 788 TFLOP/s, "
                     "copy 4.3 TB/s); FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity); FP32 (non-tensor) 67 "
-                    "TFLOP/s", compile_target="h200", sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB,
-             peak_vector_flops=67 * TB),
+                    "TFLOP/s; op floor and decode-step overhead measured on one H200 (bench/RESULTS-gpu.md)",
+             compile_target="h200", sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB,
+             peak_vector_flops=67 * TB, **_GPU_OVERHEADS),
     Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink5(), _ib(),
              source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); "
                     "jax-ml/scaling-book gpus.md; FP8 4.5 PFLOP/s dense (datasheet 9 with sparsity); FP32 (non-tensor) "
                     "80 TFLOP/s (HGX B200 at 1,000 W)", compile_target="b200", sm_count=148,
-             compute_capability="10.0", peak_flops_fp8=4500 * TB, peak_vector_flops=80 * TB),
+             compute_capability="10.0", peak_flops_fp8=4500 * TB, peak_vector_flops=80 * TB, **_GPU_OVERHEADS),
     Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _infinity_fabric(), _ib(),
              source="secondary sources (AMD MI300X figures); FP8 2615 TFLOP/s dense (AMD MI300X data sheet, 5230 "
                     "with sparsity); FP32 vector 163.4 TFLOP/s", compile_target="mi300", vendor="amd",
@@ -249,6 +266,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "peak_flops": (1e9, 1e19),
     "peak_flops_fp8": (0.0, 1e19),
     "peak_vector_flops": (0.0, 1e19),
+    "op_floor_s": (0.0, 1.0),
+    "vector_efficiency": (0.0, 1.0),
+    "decode_step_overhead_s": (0.0, 10.0),
     "hbm_bandwidth": (1e8, 1e16),
     "bandwidth": (1e6, 1e15),
     "latency_s": (0.0, 1.0),
@@ -313,7 +333,8 @@ def _from_toml(path: Path) -> Hardware:
     for key in ("memory_bytes", "peak_flops", "hbm_bandwidth", "flops_efficiency", "hbm_efficiency"):
         if key in table:
             number(table[key], key, key)
-    for key in ("peak_flops_fp8", "peak_vector_flops"):              # 0: no FP8 units / no published figure
+    for key in ("peak_flops_fp8", "peak_vector_flops", "op_floor_s", "decode_step_overhead_s",
+                "vector_efficiency"):                                 # 0: none / not measured
         if key in table:
             number(table[key], key, key, low_open=False)
     if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \

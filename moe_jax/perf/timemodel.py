@@ -72,7 +72,8 @@ def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float
     (`memory_kind`), and never less than the measured cost of one tiny op."""
     cal = hw.calibration
     if cal is None:
-        return op_time(op.flops, op.bytes, hw, op.matmul_flops, op.matmul_dtype)
+        seconds, bound = op_time(op.flops, op.bytes, hw, op.matmul_flops, op.matmul_dtype)
+        return (hw.op_floor_s, "overhead") if seconds < hw.op_floor_s else (seconds, bound)
     dot_dtype = FP8 if op.matmul_dtype == FP8 else dtype
     compute = (cal.matmul_seconds(op.matmul_flops, dot_dtype) if op.matmul_flops > 0 else 0.0) \
         + max(op.flops - op.matmul_flops, 0) / hw.achievable_vector_flops \
@@ -111,15 +112,16 @@ class PhaseTime:
     floor_s: float = 0.0
     floor_detail: str = ""
     overhead_s: float = 0.0
-    """Ops shorter than the measured cost of one tiny op, counted at that cost (calibrated hardware only)."""
+    """Ops shorter than the least time one op takes (the calibration's measured op overhead, else the
+    hardware's `op_floor_s`), counted at that time."""
     scheduled_s: float | None = None
     """The critical path of the compiled schedule (collectives overlapping the compute the program runs
     beside them); None when the program text was not kept."""
     exposed_comm_s: float | None = None
     """Of comm_s, the seconds the compute stream waits for collectives in that schedule."""
     call_s: float = 0.0
-    """The host's cost of calling the program and waiting for it (calibrated hardware only: a fixed cost plus
-    one per argument array); in every bound."""
+    """The host's cost of calling the program and waiting for it: a decode step's `Hardware.decode_step_overhead_s`,
+    or the calibration's fixed cost plus one per argument array where larger; in every bound."""
 
     @property
     def no_overlap_s(self) -> float:
@@ -183,9 +185,9 @@ def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail
     if schedule and cost.hlo_text:
         sim = simulate_phase(cost, op_times, coll_times, max_events=0)    # the times only (`program_trace` draws)
         scheduled, exposed = sim.total_s, sim.exposed_comm_s
-    call = 0.0
+    call = hw.decode_step_overhead_s if cost.phase == "decode" else 0.0
     if hw.calibration is not None and cost.hlo_text:
-        call = hw.calibration.call_seconds(program_arguments(cost.hlo_text))
+        call = max(call, hw.calibration.call_seconds(program_arguments(cost.hlo_text)))
     return PhaseTime(cost.phase, parts["compute"], parts["memory"], comm, breakdown, floor_s, floor_detail,
                      parts["overhead"], scheduled, exposed, call)
 
@@ -293,9 +295,11 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
          f"{cal.meta.get('machine', 'machine not named')}): matmuls by their FLOPs ({dtype}), HBM traffic by its "
          f"bytes, at least {cal.op_overhead_s * 1e6:.1f} us per op" if cal is not None else
          f"achievable {hw.flops_efficiency:.0%} of peak FLOP/s and {hw.hbm_efficiency:.0%} of HBM bandwidth "
-         "for every op, whatever its size"),
-        (f"non-matmul FLOPs (elementwise, reductions, in-place decode products) at {hw.peak_vector_flops:.3g} "
-         "FLOP/s (FP32 vector units)" if hw.peak_vector_flops else
+         "for every op, whatever its size" + (f", at least {hw.op_floor_s * 1e6:.1f} us per op" if hw.op_floor_s
+                                              else "")),
+        (f"non-matmul FLOPs (elementwise, reductions, in-place decode products) at {hw.achievable_vector_flops:.3g} "
+         f"FLOP/s ({hw.vector_efficiency or hw.flops_efficiency:.0%} of the FP32 vector units' "
+         f"{hw.peak_vector_flops:.3g})" if hw.peak_vector_flops else
          "non-matmul FLOPs at the matmul peak: no vector-unit figure is published for this hardware (optimistic "
          "for elementwise-heavy ops)"),
         f"links: {_link_text(hw.node_link)} inside a node of {hw.devices_per_node}, "
@@ -308,6 +312,10 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
          "schedule was not simulated; the full-overlap bound is shown beside)"),
         f"FLOPs, bytes and collectives from the {report.backend} compile ({report.target})",
     ]
+    if hw.decode_step_overhead_s:
+        assumptions.append(f"each decode step costs the host {hw.decode_step_overhead_s * 1e3:.2g} ms beyond its "
+                           "kernels (dispatch, the next token's argmax, the wait), as measured in moe-jax's own "
+                           "greedy loop; a server that overlaps steps hides some of it")
     if hw.assumptions:
         assumptions.append(hw.assumptions)
     if report.backend == Backend.CPU:

@@ -83,6 +83,10 @@ class Plan:
     """A sweep stops at the first size whose one repetition takes longer than this."""
     max_iterations: int = 1000
     """The most iterations of one in-program loop (`time_per_iteration`)."""
+    loop_s: float = 0.0
+    """What one iteration of an in-program loop costs by itself (`measure_loop_iteration`), taken off every
+    `time_per_iteration`: XLA:GPU runs a loop from the host, launching each iteration's kernels after reading
+    its condition (about 10 us an iteration on an H200), where a model's layer ops run back to back."""
 
 
 def make_plan(backend: str, *, quick: bool = False, max_bytes: int | None = None,
@@ -185,7 +189,24 @@ def time_per_iteration(step, carry, args: Sequence, plan: Plan) -> tuple[float, 
     per = (s2.median_s - s1.median_s) / (k2 - k1)
     if per <= 0:                                   # noise larger than the signal: the longer loop's mean
         per = s2.median_s / k2
-    return _positive(per), [s1, s2], (k1, k2)
+    return _positive(per - plan.loop_s), [s1, s2], (k1, k2)
+
+
+def measure_loop_iteration(plan: Plan, progress: Progress | None = None) -> tuple[float, list[str]]:
+    """Seconds one iteration of an in-program loop costs by itself: `time_per_iteration` of a step that adds one
+    to a scalar (one tiny op), less the measured cost of one tiny op (`measure_op_overhead`, a chain with no
+    loop), never below 0."""
+    import jax.numpy as jnp
+
+    steps = _Steps(progress, "loop iteration", 1)
+    per, samples, (k1, k2) = time_per_iteration(lambda c: c + 1.0, jnp.float32(0), (), plan)
+    overhead, _ = measure_op_overhead(plan)
+    loop = max(per - overhead, 0.0)
+    steps.finish(f"{loop * 1e6:.2f} us")
+    raw = [f"loop of {k} iterations of one scalar add: median_s={s.median_s:.6g} min_s={s.min_s:.6g} reps={s.reps}"
+           for k, s in zip((k1, k2), samples, strict=False)]
+    raw.append(f"per iteration {per:.6g} s, less one op {overhead:.6g} s: loop_s={loop:.6g}")
+    return loop, raw
 
 
 def measure_matmul(dtype: str, plan: Plan, progress: Progress | None = None) -> tuple[Curve, list[str]]:
@@ -522,6 +543,8 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
     device_memory = _device_memory(devices[0]) if backend != "cpu" else None
     plan = make_plan(backend, quick=quick, max_bytes=max_bytes, device_memory=device_memory)
     matmul, raw = {}, {"samples_matmul": [], "samples_memory": [], "samples_op_overhead": []}
+    loop_s, raw["samples_loop_iteration"] = measure_loop_iteration(plan, progress)
+    plan = replace(plan, loop_s=loop_s)
     for d in dtypes:
         matmul[d], lines = measure_matmul(d, plan, progress)
         raw["samples_matmul"] += lines
@@ -561,7 +584,9 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
         "quick": quick,
         "dtypes": list(dtypes),
         "method": "matmuls and memory ops timed inside one program (the slope of a loop of k1 and k2 "
-                  "iterations: no host dispatch); op overhead: slope of a chain of dependent 16x16 matmuls "
+                  "iterations: no host dispatch), less the cost of a loop iteration itself "
+                  f"({loop_s * 1e6:.2f} us: a loop of one scalar add, less one op); op overhead: slope of a chain "
+                  "of dependent 16x16 matmuls "
                   f"({plan.chain[0]} and {plan.chain[1]} long); program call: a + b x arguments fitted to calls "
                   "with 1 to 512 argument arrays; medians of repetitions after a warm-up, block_until_ready",
         "notes": notes,
