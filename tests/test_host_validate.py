@@ -71,3 +71,37 @@ def test_ops_are_joined_with_their_prediction_and_summed_by_category():
     assert rows["copy / transpose"].predicted_s == pytest.approx(1e-3)
     assert rows["in-place update"].measured_s == 0.0 and rows["small op"].predicted_s == pytest.approx(8e-6)
     assert list(rows)[0] == "matmul"                                  # largest first
+
+
+def test_gpu_kernels_join_their_ops_by_name(tmp_path):
+    """A GPU trace names kernels: XLA's own after the fusion they run (``.N`` written ``_N``), inside a CUDA graph
+    whose ``hlo_op`` is the graph's. A cuBLAS kernel in a graph joins the matmul category, a slice copy's
+    memcpy the copies (where its dynamic-slice fusion sits); anything else is its own row."""
+    import gzip
+    import json
+
+    from moe_jax.costs.types import OpCost
+    from moe_jax.runtime.oprofile import UNJOINED, compare_ops, device_kernel_seconds
+
+    def kernel(name, dur, op="command_buffer_7", module="jit__decode"):
+        return {"ph": "X", "pid": 1, "tid": 14, "ts": 0, "dur": dur, "name": name,
+                "args": {"hlo_module": module, "hlo_op": op}}
+
+    events = [kernel("input_reduce_fusion_2", 800.0), kernel("input_reduce_fusion_2", 820.0),
+              kernel("nvjet_sm90_tss_128x64", 100.0), kernel("memcpy128", 300.0), kernel("mystery", 5.0),
+              kernel("custom_call_kernel", 40.0, op="custom-call.3"),      # outside a graph: its own op
+              kernel("loop_add_fusion", 9.0, module="jit__prefill")]       # another program
+    trace = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    measured = device_kernel_seconds(str(trace), "jit__decode", calls=2)
+    assert measured["input_reduce_fusion.2"] == pytest.approx(810e-6)       # per call of 2
+    assert measured["custom-call.3"] == pytest.approx(20e-6) and "loop_add_fusion" not in measured
+    ops = [OpCost("input_reduce_fusion.2", "fusion", "experts", 4e9, 0, 0, 1 << 30, 1),
+           OpCost("custom-call.3", "custom-call", "attention", 2e9, 2e9, 0, 1 << 20, 1),
+           OpCost("loop_dynamic_slice_fusion.1", "fusion", "other", 0, 0, 0, 1 << 30, 1)]
+    rows = {c.category: c for c in compare_ops(ops, {o.name: 1e-4 for o in ops}, measured, unjoined=True)}
+    assert rows["matmul"].measured_s == pytest.approx(20e-6 + 50e-6)       # its own op, and the cuBLAS kernel
+    assert rows["copy / transpose"].measured_s == pytest.approx(150e-6) and rows["copy / transpose"].ops == 1
+    assert rows[UNJOINED].measured_s == pytest.approx(2.5e-6) and rows[UNJOINED].ops == 1
+    assert UNJOINED not in {c.category for c in compare_ops(ops, {}, measured)}   # a host trace: no such row

@@ -117,6 +117,9 @@ def test_gpu_validate_dry_run(tmp_path):
     text = out.read_text()
     assert "| tiny |" in text and "predicted" in text and "dry run" in text
     assert "## Capacity against dropless dispatch (measured)" in text and "| tiny | dropless | 8 |" in text
+    # traced kernels joined to the dumped program's ops, per category, for both phases
+    assert "## Which term is off" in text and "| tiny | 8 | decode | matmul |" in text
+    assert "| tiny | 8 | prefill |" in text
 
 
 def test_nan_in_a_checkpoint_is_reported_with_its_layer(tmp_path, capsys):

@@ -7,7 +7,9 @@ by name. `compare_ops` does that join and sums both sides by op category (matmul
 in-place updates, copies and transposes, other fusions, small ops), which says which term of a
 prediction is off when a whole-program prediction misses.
 
-GPU and TPU traces name kernels, not HLO instructions: there the join finds little, and says so.
+On a GPU the trace names kernels: XLA names each of its own kernels after the fusion it runs, with the
+fusion's ``.N`` written ``_N`` (`device_kernel_seconds` maps them back), so those join too; cuBLAS kernels and
+the memcpy of a dynamic-slice copy do not, and `compare_ops` reports their time as unjoined.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -47,6 +50,31 @@ def measure_ops(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
     return dict(total)
 
 
+def device_kernel_seconds(trace_file: str, module: str, calls: int) -> dict[str, float]:
+    """Seconds per call of each device kernel of HLO module `module` (``jit__decode``) in a ``jax.profiler``
+    Perfetto trace (a ``perfetto_trace.json.gz``) that ran it `calls` times, keyed by the HLO instruction each
+    runs: the event's ``hlo_op``, or, for a kernel inside a CUDA graph (whose ``hlo_op`` names the graph), the
+    instruction XLA named the kernel after (kernel ``input_reduce_fusion_2`` runs ``input_reduce_fusion.2``);
+    library kernels and copies inside a graph keep their own names."""
+    with gzip.open(trace_file) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    total: dict[str, float] = defaultdict(float)
+    for e in events:
+        args = e.get("args", {})
+        if e.get("ph") == "X" and "dur" in e and args.get("hlo_module") == module:
+            op = args.get("hlo_op", "")         # inside a CUDA graph: the graph's name, not the kernel's op
+            total[op if op and not op.startswith("command_buffer") else _hlo_name(e["name"])] += e["dur"] * 1e-6 / calls
+    return dict(total)
+
+
+def _hlo_name(kernel: str) -> str:
+    """The HLO instruction name XLA:GPU gave a kernel it emitted (``gemm_fusion_dot_22`` → ``gemm_fusion_dot.22``);
+    a name without a numeric suffix (``wrapped_transpose``, ``nvjet_sm90_...``) as it is."""
+    m = re.fullmatch(r"(.+?)_(\d+)", kernel)
+    return f"{m[1]}.{m[2]}" if m and not kernel.startswith(("nvjet", "memcpy", "sm90", "sm80", "cutlass")) else kernel
+
+
 def category(op: OpCost) -> str:
     """The kind of work an op does, for summing measured against predicted."""
     name = op.name
@@ -55,10 +83,11 @@ def category(op: OpCost) -> str:
     kind = memory_kind(op)                     # the time model's own reading of the name: what it is timed as
     if kind == "convert":
         return "dtype conversion"
-    if "dynamic-update-slice" in name or "scatter" in name:
+    plain = name.replace("_", "-")             # fusion names spell the fused ops with underscores
+    if "dynamic-update-slice" in plain or "scatter" in name:
         return "in-place update"
-    if kind == "transpose" or op.opcode == "copy" or name.startswith("copy"):
-        return "copy / transpose"
+    if kind == "transpose" or op.opcode == "copy" or name.startswith("copy") or "dynamic-slice" in plain:
+        return "copy / transpose"          # a dynamic-slice fusion copies a layer's slice out (a memcpy on a GPU)
     if op.bytes < 64 << 10 and op.flops < 1 << 16:
         return "small op"
     return "other fusion"
@@ -76,11 +105,16 @@ class OpComparison:
     flops: int
 
 
-def compare_ops(ops: list[OpCost], predicted: dict[str, float], measured: dict[str, float]) -> list[OpComparison]:
-    """Sum, per `category`, the measured seconds (`measure_ops`) and the predicted seconds of one execution
-    (`predicted`, by op name) times the op's executions per call. Ops the trace does not name count as
-    measured 0 (a category with predicted time and no measurement means the join failed)."""
+def compare_ops(ops: list[OpCost], predicted: dict[str, float], measured: dict[str, float],
+                unjoined: bool = False) -> list[OpComparison]:
+    """Sum, per `category`, the measured seconds (`measure_ops`, `device_kernel_seconds`) and the predicted
+    seconds of one execution (`predicted`, by op name) times the op's executions per call. Ops the trace does
+    not name count as measured 0 (a category with predicted time and no measurement means the join failed);
+    with `unjoined` (a device trace, which holds kernels only), measured kernels that no op names join their
+    category by kind (library gemms: matmul; memcpy: copy / transpose, where the dynamic-slice fusions they run
+    sit), and the rest are one more row, `UNJOINED`."""
     rows: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0, 0, 0])
+    joined = set()
     for op in ops:
         if op.collective:
             continue
@@ -90,7 +124,22 @@ def compare_ops(ops: list[OpCost], predicted: dict[str, float], measured: dict[s
         r[2] += predicted.get(op.name, 0.0) * op.count
         r[3] += op.bytes * op.count
         r[4] += op.flops * op.count
+        joined.add(op.name)
+    alone = {k: v for k, v in measured.items() if k not in joined} if unjoined else {}
+    for name, seconds in alone.items():   # kernels no op names: a library gemm, a slice copy's memcpy, or neither
+        kind = ("matmul" if name.startswith(_LIBRARY_GEMMS) else "copy / transpose"
+                if name.lower().startswith("memcpy") else UNJOINED)
+        rows[kind][1] += seconds
+        rows[kind][0] += kind == UNJOINED
     return sorted((OpComparison(k, *v) for k, v in rows.items()), key=lambda c: -max(c.measured_s, c.predicted_s))
 
 
-__all__ = ["measure_ops", "category", "OpComparison", "compare_ops"]
+_LIBRARY_GEMMS = ("nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "ampere_", "cublas", "gemm_")
+"""Kernel names of cuBLAS / CUTLASS gemms, which run a gemm custom call inside a CUDA graph (whose trace event
+names the graph, not the call): their time joins the matmul category, not one op."""
+UNJOINED = "kernels not joined"
+"""`compare_ops`'s row for measured kernels that no op of the program names (their prediction sits in the rows of
+the ops that launched them: a gemm custom call's under matmul, a slice copy's under other fusion)."""
+
+
+__all__ = ["measure_ops", "device_kernel_seconds", "category", "OpComparison", "compare_ops", "UNJOINED"]

@@ -136,10 +136,28 @@ def _per_layer(cfg: ModelConfig, dropped) -> list[int]:
     return per_layer
 
 
+PROFILED_DECODE_STEPS = 3
+"""Decode steps `run` traces when asked for a profile (after the timed ones)."""
+
+
+def _profile(where: str | Path, prefill_once, decode_at, positions) -> None:
+    """Trace one prefill and a decode step at each of `positions` (each blocking) into `where`. The Python
+    tracer is off: the trace holds the device's kernels and the host's dispatch, not every Python call."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    Path(where).mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(where), create_perfetto_trace=True, profiler_options=options):
+        prefill_once()
+        for pos in positions:
+            jax.block_until_ready(decode_at(pos).logits)
+
+
 def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: str | Path | None = None,
         prompt: list[list[int]] | None = None, seed: int = 0, hardware=None, backend: str = Backend.CPU,
         repeats: int = 3, predict: bool = True, max_steps: int | None = None, keep_logits: bool = False,
-        progress=None) -> RunResult:
+        progress=None, profile_dir: str | Path | None = None) -> RunResult:
     """Initialise (or load) the sharded model, prefill, decode greedily, time both, and predict.
 
     prompt: token ids [B][S] (default: random from `seed`, the same on every mesh).
@@ -149,6 +167,9 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
     (`RunResult.prefill_logits`, [B, S, V]). They come from one extra call of a prefill built
     with full logits; the timed prefill is the serving program (last position's logits only).
     progress: called with the name of each step as it starts (a multi-process run's watchdog).
+    profile_dir: after the timed runs, trace one more prefill and `PROFILED_DECODE_STEPS` decode steps
+    with ``jax.profiler`` into this folder (a Perfetto ``perfetto_trace.json.gz`` beside the
+    TensorBoard files): each kernel's time on the device, outside the timed samples.
 
     Several processes (`jax.distributed`) run this together: the mesh spans all their
     devices, every process passes the same prompt and seed (inputs are built as global
@@ -226,6 +247,20 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
         # summed on the devices: one transfer after the loop
         decode_dropped = step.dropped if decode_dropped is None else decode_dropped + step.dropped
     decode = Timing(steps[1:])                                   # the first step compiles: warm-up
+    profile_failed = None
+    if profile_dir is not None and last < S + G - 1:
+        step_done("profiling one prefill and the next decode steps")
+        held = {"cache": cache}                        # each step donates the cache it is given
+
+        def decode_at(pos):
+            step = sm.decode(params, sm.put_tokens(token), jnp.int32(pos), held["cache"])
+            held["cache"] = step.cache
+            return step
+
+        try:
+            _profile(profile_dir, prefill_once, decode_at, range(last, min(S + G - 1, last + PROFILED_DECODE_STEPS)))
+        except Exception as e:                     # the timed samples stand; the run says why no trace came
+            profile_failed = f"the profile was not written: {type(e).__name__}: {e}"
     device = jax.devices()[0]
     result = RunResult(cfg.name, strategy.name, backend, getattr(device, "device_kind", device.platform),
                        workload.to_dict(), ttft, decode, np.concatenate(generated, axis=1).tolist(),
@@ -249,6 +284,8 @@ def run(cfg: ModelConfig, strategy: Strategy, workload: Workload, *, weights: st
             "tokens skip the dropped experts, so the generated tokens can differ from a dropless run or the reference "
             + ("(--capacity-factor raises the slots; E/k drops nothing)" if cfg.dispatch == Dispatch.CAPACITY
                else "(--dropless-buffer bounds the receive buffer)"))
+    if profile_failed:
+        result.notes.append(profile_failed)
     if device.platform == Backend.CPU:
         result.notes.append("emulated CPU devices share the host's cores: a functional check, not a timing claim")
     if predict and hardware is not None:
