@@ -119,9 +119,11 @@ class Hardware:
 
     @property
     def achievable_vector_flops(self) -> float:
-        """FLOP/s of non-matmul work: `peak_vector_flops` (or `peak_flops` where it is 0) at `vector_efficiency`
-        (or, where that is 0, `flops_efficiency`)."""
-        return (self.peak_vector_flops or self.peak_flops) * (self.vector_efficiency or self.flops_efficiency)
+        """FLOP/s of non-matmul work: `peak_vector_flops` at `vector_efficiency` (or, where that is 0,
+        `flops_efficiency`); where no vector peak is given, the achievable matmul rate."""
+        if not self.peak_vector_flops:
+            return self.achievable_flops
+        return self.peak_vector_flops * (self.vector_efficiency or self.flops_efficiency)
 
     def matmul_peak(self, dtype: str = "bfloat16") -> float:
         """Datasheet FLOP/s of a matmul multiplying in `dtype`: the FP8 peak for ``float8_e4m3fn`` operands where
@@ -213,7 +215,9 @@ _PRESETS = {h.name: h for h in [
                          "50 GB/s per GPU between nodes (H100-class); achievable 80% of peak FLOP/s and 90% of "
                          "HBM bandwidth, as measured on an H200; compiled for an H100 target "
                          "(the seed names no GPU; same "
-                         "80 GiB-class Hopper part as the nearest shipped description)", compile_target="h100"),
+                         "80 GiB-class Hopper part as the nearest shipped description); the op floor and "
+                         "decode-step overhead of XLA:GPU as measured on an H200", compile_target="h100",
+             op_floor_s=_GPU_OVERHEADS["op_floor_s"], decode_step_overhead_s=_GPU_OVERHEADS["decode_step_overhead_s"]),
     Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink3(), _ib(25 * GB, "HDR IB"),
              source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
                     "jax-ml/scaling-book gpus.md; FP32 (non-tensor) 19.5 TFLOP/s", compile_target="a100", sm_count=108,
