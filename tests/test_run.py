@@ -225,3 +225,28 @@ def test_dense_leading_layers_report_no_drops():
     assert d["per_layer"]["prefill"][0] == d["per_layer"]["decode"][0] == 0      # the dense first layer
     assert sum(d["per_layer"]["prefill"]) == d["prefill"] > 0 and sum(d["per_layer"]["decode"]) == d["decode"]
     assert d["assignments"] == 4 * (8 + 2) * cfg.top_k * cfg.moe_layers
+
+
+def test_timed_prefills_hold_one_kv_cache_at_a_time(monkeypatch):
+    """Each timed prefill allocates a fresh cache; the last prefill's result (and its cache) goes first. Holding
+    the warm-up's while timing ran mixtral-8x7b at batch 64 out of an H200's memory, which the plan fit."""
+    import gc
+
+    from moe_jax.config import get_model
+    from moe_jax.costs.compile import Workload
+    from moe_jax.parallel.mesh import Strategy
+    from moe_jax.programs.sharded import ShardedModel
+    from moe_jax.runtime.run import run
+
+    live, allocate = [], ShardedModel.init_cache
+
+    def counting(self, batch, max_len):
+        cache = allocate(self, batch, max_len)
+        first = jax.tree.leaves(cache)[0]
+        gc.collect()
+        live.append(sum(1 for a in jax.live_arrays() if a.shape == first.shape and a.dtype == first.dtype))
+        return cache
+
+    monkeypatch.setattr(ShardedModel, "init_cache", counting)
+    run(get_model("tiny"), Strategy(), Workload(2, 16, 8), repeats=3, max_steps=3, predict=False)
+    assert len(live) == 4 and max(live) == 1, live          # the warm-up and three timed prefills
