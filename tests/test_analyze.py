@@ -98,6 +98,8 @@ def test_the_quoted_time_is_the_compiled_schedule_between_its_bounds(seed):
         assert 0 <= t["exposed_comm"] <= t["comm"] * (1 + 1e-9)
         assert t["total"] == pytest.approx(max(quoted, t["floor"]))
         assert t["call"] == (1.1e-3 if phase == "decode" else 0.0)   # seed-gpu: XLA:GPU's measured step cost
+    hw = data["hardware"]
+    assert (hw["op_floor_s"], hw["decode_step_overhead_s"], hw["vector_efficiency"]) == (1.3e-6, 1.1e-3, 0.0)
     assert "over the compiled schedule" in md and "no-overlap bound" in md
 
 

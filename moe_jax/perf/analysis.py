@@ -94,6 +94,8 @@ class Analysis:
                          "hbm_bandwidth": hw.hbm_bandwidth, "devices_per_node": hw.devices_per_node,
                          "flops_efficiency": hw.flops_efficiency, "hbm_efficiency": hw.hbm_efficiency,
                          "peak_flops_fp8": hw.peak_flops_fp8, "peak_vector_flops": hw.peak_vector_flops,
+                         "vector_efficiency": hw.vector_efficiency, "op_floor_s": hw.op_floor_s,
+                         "decode_step_overhead_s": hw.decode_step_overhead_s,
                          "source": hw.source, "assumptions": hw.assumptions},
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
                          "gen_len": self.workload.gen_len},
