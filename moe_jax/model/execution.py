@@ -43,7 +43,7 @@ class Kernels:
     """Most activation rows per weight matrix that `in_place_weight_einsum` multiplies in place
     (`moe_jax.model.layers.in_place_rows`); more rows take the gemm (and its copy of the layer's slice).
     Measured on one H200 (bench/RESULTS.md, "Decode kernels"): one row in place reads the weight at about
-    3 TB/s, faster than the copy and gemm; mixtral-8x7b's 3 capacity slots per expert gained in place (57 against
+    3 TB/s, faster than the copy and gemm; mixtral-8x7b's 3 capacity slots per expert gained in place (54 against
     70 ms a step at batch 8); qwen3-30b-a3b's 5 slots per expert and 8 rows of attention projections lost
     (at batch 64, 74 against 59 ms)."""
 
