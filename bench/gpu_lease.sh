@@ -4,8 +4,12 @@
 #
 #   bash bench/gpu_lease.sh [DEADLINE_S]     # run from the repository root on the GPU machine
 #
-# Wheels the machine lacks travel in .whl/ (tomli-w always; flax 0.12.8, the version moe-jax is tested
-# with, only when the machine's own flax fails the smoke test). Afterwards, on any machine:
+# Wheels the machine lacks travel in .whl/ (ignored by git; name it in the lease's carry): tomli-w always,
+# flax 0.12.8 (the version moe-jax is tested with) only when the machine's own flax fails the smoke test:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl/base tomli-w==1.2.0
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl/flax flax==0.12.8
+# Afterwards, on any machine, with $OUT's files in DIR:
+#   tar xzf DIR/hlo.tar.gz -C DIR && tar xf DIR/traces.tar -C DIR     (the programs and kernel traces)
 #   python bench/gpu_validate.py --predict-from DIR      (DIR holds measured.jsonl and the calibration TOML)
 set -u
 OUT=${OUT:-/tmp/gpu_lease_out}
