@@ -83,23 +83,19 @@ def time_variant(cfg, mesh, params, batch: int, cache_len: int, variant: dict, s
 def _device_seconds(fn, where: Path) -> float | None:
     """Seconds of device kernels during one call of `fn`, from a ``jax.profiler`` trace (the events of the
     trace's ``/device:`` processes; None when it has none, as on CPU)."""
-    import glob
-    import gzip
     import tempfile
 
     import jax
 
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
+    from moe_jax.runtime.oprofile import perfetto_traces, quiet_profile_options, read_trace
+
     with tempfile.TemporaryDirectory(dir=where) as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=options):
+        with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=quiet_profile_options()):
             fn()
-        found = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)
+        found = perfetto_traces(tmp)
         if not found:
             return None
-        with gzip.open(found[0]) as f:
-            data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+        events = read_trace(found[0])
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                and str(e.get("args", {}).get("name", "")).startswith("/device:")}
     total = sum(e["dur"] for e in events if e.get("ph") == "X" and e.get("pid") in devices) * 1e-6

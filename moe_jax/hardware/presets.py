@@ -199,8 +199,6 @@ def _dcn(bw=25 * GB):
     return LinkTier("DCN", bw, 10e-6, 10e-6, source="not measured: assumed")
 
 
-# NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
-# which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
 _GPU_OVERHEADS = {"op_floor_s": 1.3e-6, "decode_step_overhead_s": 1.1e-3, "vector_efficiency": 0.09}
 """Measured on one H200 with jax 0.11.2 (bench/RESULTS-gpu.md): kernels in the decode step's CUDA graphs took at
 least 1.2-1.4 us (moe-jax calibrate: 1.24 us per op); a timed greedy step took 1.0-1.3 ms more than its kernels
@@ -208,6 +206,8 @@ over 8 cases (qwen3-30b-a3b, mixtral-8x7b, seed-30b, batch 1-8); the reduction k
 products (1 to 5 rows per weight matrix) ran at 5.0-6.5 TFLOP/s, 0.09 of the FP32 peak. Host and compiler
 costs: taken for the other NVIDIA presets too (their own not measured)."""
 
+# NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
+# which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
 _PRESETS = {h.name: h for h in [
     Hardware("seed-gpu", 64 * GB, 400 * TB, 1.8 * TB, 8, _nvlink4("assumed NVLink-class (as NVLink4)"), _ib(),
              source="the seed report (64 GB, 400 TFLOP/s, 1.8 TB/s)",

@@ -9,7 +9,8 @@ prediction is off when a whole-program prediction misses.
 
 On a GPU the trace names kernels: XLA names each of its own kernels after the fusion it runs, with the
 fusion's ``.N`` written ``_N`` (`device_kernel_seconds` maps them back), so those join too; cuBLAS kernels and
-the memcpy of a dynamic-slice copy do not, and `compare_ops` reports their time as unjoined.
+the memcpy of a dynamic-slice copy inside a CUDA graph name no op, and `compare_ops` counts them in their
+category (matmul, copy / transpose), anything else as unjoined.
 """
 
 from __future__ import annotations
@@ -37,17 +38,42 @@ def measure_ops(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(calls):
                 fn()
-        found = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)
+        found = perfetto_traces(tmp)
         if not found:
             return {}
-        with gzip.open(found[0]) as f:
-            data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
+        events = read_trace(found[0])
     total: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("ph") == "X" and "dur" in e:
             total[e["name"]] += e["dur"] * 1e-6 / calls
     return dict(total)
+
+
+def quiet_profile_options():
+    """``jax.profiler`` options with the Python tracer off: a trace of the device's kernels and the host's
+    dispatch, not of every Python call."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    return options
+
+
+def perfetto_traces(where: str | os.PathLike) -> list[str]:
+    """The ``perfetto_trace.json.gz`` files a ``jax.profiler.trace(where, create_perfetto_trace=True)`` wrote."""
+    return glob.glob(os.path.join(where, "**", "perfetto_trace.json.gz"), recursive=True)
+
+
+def read_trace(trace_file: str | os.PathLike) -> list[dict]:
+    """The events of a Perfetto trace (``perfetto_trace.json.gz``)."""
+    with gzip.open(trace_file) as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+_LIBRARY_GEMMS = ("nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "ampere_", "cublas", "gemm_")
+"""Kernel names of cuBLAS / CUTLASS gemms, which run a gemm custom call inside a CUDA graph (whose trace event
+names the graph, not the call): their time joins the matmul category, not one op."""
 
 
 def device_kernel_seconds(trace_file: str, module: str, calls: int) -> dict[str, float]:
@@ -56,11 +82,8 @@ def device_kernel_seconds(trace_file: str, module: str, calls: int) -> dict[str,
     runs: the event's ``hlo_op``, or, for a kernel inside a CUDA graph (whose ``hlo_op`` names the graph), the
     instruction XLA named the kernel after (kernel ``input_reduce_fusion_2`` runs ``input_reduce_fusion.2``);
     library kernels and copies inside a graph keep their own names."""
-    with gzip.open(trace_file) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
     total: dict[str, float] = defaultdict(float)
-    for e in events:
+    for e in read_trace(trace_file):
         args = e.get("args", {})
         if e.get("ph") == "X" and "dur" in e and args.get("hlo_module") == module:
             op = args.get("hlo_op", "")         # inside a CUDA graph: the graph's name, not the kernel's op
@@ -72,7 +95,12 @@ def _hlo_name(kernel: str) -> str:
     """The HLO instruction name XLA:GPU gave a kernel it emitted (``gemm_fusion_dot_22`` → ``gemm_fusion_dot.22``);
     a name without a numeric suffix (``wrapped_transpose``, ``nvjet_sm90_...``) as it is."""
     m = re.fullmatch(r"(.+?)_(\d+)", kernel)
-    return f"{m[1]}.{m[2]}" if m and not kernel.startswith(("nvjet", "memcpy", "sm90", "sm80", "cutlass")) else kernel
+    library = kernel.startswith(_LIBRARY_GEMMS) or _is_memcpy(kernel)
+    return f"{m[1]}.{m[2]}" if m and not library else kernel
+
+
+def _is_memcpy(kernel: str) -> bool:
+    return kernel.lower().startswith("memcpy")
 
 
 def category(op: OpCost) -> str:
@@ -127,19 +155,16 @@ def compare_ops(ops: list[OpCost], predicted: dict[str, float], measured: dict[s
         joined.add(op.name)
     alone = {k: v for k, v in measured.items() if k not in joined} if unjoined else {}
     for name, seconds in alone.items():   # kernels no op names: a library gemm, a slice copy's memcpy, or neither
-        kind = ("matmul" if name.startswith(_LIBRARY_GEMMS) else "copy / transpose"
-                if name.lower().startswith("memcpy") else UNJOINED)
+        kind = "matmul" if name.startswith(_LIBRARY_GEMMS) else "copy / transpose" if _is_memcpy(name) else UNJOINED
         rows[kind][1] += seconds
         rows[kind][0] += kind == UNJOINED
     return sorted((OpComparison(k, *v) for k, v in rows.items()), key=lambda c: -max(c.measured_s, c.predicted_s))
 
 
-_LIBRARY_GEMMS = ("nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "ampere_", "cublas", "gemm_")
-"""Kernel names of cuBLAS / CUTLASS gemms, which run a gemm custom call inside a CUDA graph (whose trace event
-names the graph, not the call): their time joins the matmul category, not one op."""
 UNJOINED = "kernels not joined"
-"""`compare_ops`'s row for measured kernels that no op of the program names (their prediction sits in the rows of
-the ops that launched them: a gemm custom call's under matmul, a slice copy's under other fusion)."""
+"""`compare_ops`'s row for measured kernels that no op of the program names and that are neither a library gemm
+nor a memcpy (their prediction sits in the row of whichever op launched them)."""
 
 
-__all__ = ["measure_ops", "device_kernel_seconds", "category", "OpComparison", "compare_ops", "UNJOINED"]
+__all__ = ["measure_ops", "quiet_profile_options", "perfetto_traces", "read_trace", "device_kernel_seconds",
+           "category", "OpComparison", "compare_ops", "UNJOINED"]

@@ -145,10 +145,10 @@ def _profile(where: str | Path, prefill_once, decode_at, positions) -> None:
     tracer is off: the trace holds the device's kernels and the host's dispatch, not every Python call."""
     import jax
 
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
+    from moe_jax.runtime.oprofile import quiet_profile_options
+
     Path(where).mkdir(parents=True, exist_ok=True)
-    with jax.profiler.trace(str(where), create_perfetto_trace=True, profiler_options=options):
+    with jax.profiler.trace(str(where), create_perfetto_trace=True, profiler_options=quiet_profile_options()):
         prefill_once()
         for pos in positions:
             jax.block_until_ready(decode_at(pos).logits)
