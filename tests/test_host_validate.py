@@ -88,6 +88,7 @@ def test_gpu_kernels_join_their_ops_by_name(tmp_path):
                 "args": {"hlo_module": module, "hlo_op": op}}
 
     events = [kernel("input_reduce_fusion_2", 800.0), kernel("input_reduce_fusion_2", 820.0),
+              kernel("gemm_fusion_dot_22", 60.0),                          # XLA's own Triton gemm
               kernel("nvjet_sm90_tss_128x64", 100.0), kernel("memcpy128", 300.0), kernel("mystery", 5.0),
               kernel("custom_call_kernel", 40.0, op="custom-call.3"),      # outside a graph: its own op
               kernel("loop_add_fusion", 9.0, module="jit__prefill")]       # another program
@@ -97,11 +98,14 @@ def test_gpu_kernels_join_their_ops_by_name(tmp_path):
     measured = device_kernel_seconds(str(trace), "jit__decode", calls=2)
     assert measured["input_reduce_fusion.2"] == pytest.approx(810e-6)       # per call of 2
     assert measured["custom-call.3"] == pytest.approx(20e-6) and "loop_add_fusion" not in measured
+    assert measured["gemm_fusion_dot.22"] == pytest.approx(30e-6)
     ops = [OpCost("input_reduce_fusion.2", "fusion", "experts", 4e9, 0, 0, 1 << 30, 1),
            OpCost("custom-call.3", "custom-call", "attention", 2e9, 2e9, 0, 1 << 20, 1),
            OpCost("loop_dynamic_slice_fusion.1", "fusion", "other", 0, 0, 0, 1 << 30, 1)]
+    ops.append(OpCost("gemm_fusion_dot.22", "fusion", "experts", 2e9, 2e9, 0, 1 << 20, 1))
     rows = {c.category: c for c in compare_ops(ops, {o.name: 1e-4 for o in ops}, measured, unjoined=True)}
-    assert rows["matmul"].measured_s == pytest.approx(20e-6 + 50e-6)       # its own op, and the cuBLAS kernel
+    assert rows["matmul"].measured_s == pytest.approx(20e-6 + 30e-6 + 50e-6)   # two joined ops, the cuBLAS kernel
+    assert rows["matmul"].ops == 2
     assert rows["copy / transpose"].measured_s == pytest.approx(150e-6) and rows["copy / transpose"].ops == 1
     assert rows[UNJOINED].measured_s == pytest.approx(2.5e-6) and rows[UNJOINED].ops == 1
     assert UNJOINED not in {c.category for c in compare_ops(ops, {}, measured)}   # a host trace: no such row

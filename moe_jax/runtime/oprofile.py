@@ -71,9 +71,10 @@ def read_trace(trace_file: str | os.PathLike) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-_LIBRARY_GEMMS = ("nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "ampere_", "cublas", "gemm_")
+_LIBRARY_GEMMS = ("nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")
 """Kernel names of cuBLAS / CUTLASS gemms, which run a gemm custom call inside a CUDA graph (whose trace event
-names the graph, not the call): their time joins the matmul category, not one op."""
+names the graph, not the call): their time joins the matmul category, not one op. (XLA's own Triton gemms are
+``gemm_fusion_dot_N``: they name their op.)"""
 
 
 def device_kernel_seconds(trace_file: str, module: str, calls: int) -> dict[str, float]:
