@@ -314,6 +314,24 @@ def _dispatch_table(rows) -> list[str]:
     return out
 
 
+def _parse_cases(text: str, ap: argparse.ArgumentParser) -> list[tuple[str, str, int]]:
+    """``MODEL:DISPATCH:BATCH,...`` as cases; a malformed one stops with argparse's usage error (status 2)."""
+    from moe_jax.config import get_model
+    from moe_jax.errors import MoeJaxError
+
+    cases = []
+    for c in text.split(","):
+        parts = c.split(":")
+        if len(parts) != 3 or parts[1] not in ("capacity", "dropless") or not parts[2].isdigit():
+            ap.error(f"--cases: {c!r} is not MODEL:DISPATCH:BATCH (DISPATCH capacity or dropless, BATCH a number)")
+        try:
+            get_model(parts[0])
+        except MoeJaxError as e:
+            ap.error(f"--cases: {e}")
+        cases.append((parts[0], parts[1], int(parts[2])))
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny model on CPU, both halves")
@@ -344,8 +362,7 @@ def main() -> None:
     elif args.predict_from is None:
         if jax.devices()[0].platform != "gpu":
             sys.exit(f"no GPU: jax sees {jax.devices()[0].platform}; use --dry-run, or --predict-from a folder")
-        cases = CASES if not args.cases else [(m, d, int(b)) for m, d, b in
-                                              (c.split(":") for c in args.cases.split(","))]
+        cases = CASES if not args.cases else _parse_cases(args.cases, ap)
         measure(work, cases, 2048, 128, args.steps, args.deadline, calibrate_quick=False,
                 profile=not args.no_profile, calibrate=not args.no_calibrate)
     if args.measure_to is not None and not args.dry_run:
