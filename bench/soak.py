@@ -44,21 +44,73 @@ DISPATCHES = ("capacity", "dropless", "dense")
 # --- part 1: sharded against one device ---------------------------------------------------
 
 
-def random_example(rng: random.Random):
-    """(cfg, strategy, batch, prompt_len, gen_len) drawn from `rng`: a small model and a valid mesh."""
+FAMILIES = ("tiny", "deepseek-v3-tiny", "glm-4.5-tiny", "gpt-oss-tiny", "llama4-tiny", "llama4-maverick-tiny")
+"""The presets the sharded part draws from: the base architecture and each family's (MLA, group routing,
+sinks and sliding windows, chunked and NoPE layers, interleaved dense layers), every feature varied."""
+
+
+def _base_variant(rng: random.Random):
+    """The base architecture (Qwen3/Mixtral/OLMoE/DBRX features) at random test sizes."""
     from moe_jax.config import get_model
-    from moe_jax.parallel.mesh import Strategy, divisors, validate
-    from moe_jax.runtime.verify import exact_config
 
     H = rng.choice([4, 8])
-    cfg = get_model("tiny").replace(
+    return get_model("tiny").replace(
         num_layers=rng.choice([1, 2, 4]), d_model=rng.choice([32, 64]), num_heads=H,
         num_kv_heads=rng.choice([k for k in (1, 2, 4, 8) if H % k == 0]), head_dim=rng.choice([8, 16]),
         expert_ffn=rng.choice([16, 32]), num_experts=rng.choice([2, 4, 8]), vocab_size=rng.choice([64, 128]),
         qk_norm=rng.choice(["none", "head", "full"]), norm=rng.choice(["rms", "layer"]),
         moe_group_size=rng.choice([4, 16]), router_norm_topk=rng.random() < 0.5,
         num_shared_experts=rng.choice([0, 0, 1]), dispatch=rng.choice(DISPATCHES))
-    cfg = exact_config(cfg.replace(top_k=rng.randint(1, min(2, cfg.num_experts))))
+
+
+def _family_variant(rng: random.Random, name: str):
+    """The family preset `name` with its features drawn at random (a draw may be an invalid config)."""
+    from moe_jax.config import get_model
+
+    cfg = get_model(name)
+    L = rng.choice([2, 3, 4]) if cfg.moe_interleave == 1 else 2 * rng.choice([1, 2])
+    E = rng.choice([4, 8])
+    common = dict(num_layers=L, num_experts=E, moe_group_size=rng.choice([4, 16]),
+                  num_shared_experts=rng.choice([0, 1]), dispatch=rng.choice(DISPATCHES))
+    dense = rng.choice([0, 1])
+    groups = rng.choice([g for g in (1, 2, 4) if E // g >= 2])     # group routing scores a group by its best two
+    if cfg.attention == "mla":                   # DeepSeek-V3 / Kimi K2
+        return cfg.replace(**common, first_dense_layers=dense, dense_ffn=96 * dense, router_groups=groups,
+                           router_topk_groups=rng.randint(1, groups), kv_lora_rank=rng.choice([8, 16]),
+                           q_lora_rank=rng.choice([0, 32]), qk_rope_head_dim=rng.choice([4, 8]),
+                           routed_scaling=rng.choice([1.0, 2.5]), router_norm_topk=rng.random() < 0.5)
+    if cfg.family == "glm4_moe":
+        return cfg.replace(**common, first_dense_layers=dense, dense_ffn=96 * dense, router_groups=groups,
+                           router_topk_groups=rng.randint(1, groups), qk_norm=rng.choice(["head", "none"]),
+                           rotary_dim=rng.choice([0, 8]), num_kv_heads=rng.choice([1, 2, 4, 8]),
+                           attention_bias=rng.random() < 0.5)
+    kv = rng.choice([1, 2, 4, 8])
+    if cfg.family == "gpt_oss":
+        types = tuple(rng.choice(["sliding_attention", "full_attention"]) for _ in range(L))
+        return cfg.replace(**{**common, "num_shared_experts": 0}, layer_types=types, num_kv_heads=kv,
+                           sliding_window=rng.choice([2, 4, 8]), attention_sinks=rng.random() < 0.8,
+                           attention_out_bias=rng.random() < 0.5)
+    types = tuple(rng.choice(["chunked_attention", "full_attention"]) for _ in range(L))   # Llama 4
+    return cfg.replace(**{**common, "num_shared_experts": rng.choice([0, 1, 1])}, layer_types=types,
+                       num_kv_heads=kv, attention_chunk=rng.choice([2, 4, 8]), qk_norm=rng.choice(["l2", "none"]),
+                       full_layers_nope=rng.random() < 0.7, attn_temperature_tuning=rng.random() < 0.5)
+
+
+def random_example(rng: random.Random):
+    """(cfg, strategy, batch, prompt_len, gen_len) drawn from `rng`: a small model and a valid mesh.
+
+    None when the draw is not a valid configuration or no mesh over the devices divides it (the caller
+    draws again)."""
+    from moe_jax.errors import ConfigError
+    from moe_jax.parallel.mesh import Strategy, divisors, validate
+    from moe_jax.runtime.verify import exact_config
+
+    family = rng.choice(FAMILIES)
+    try:
+        cfg = _base_variant(rng) if family == "tiny" else _family_variant(rng, family)
+        cfg = exact_config(cfg.replace(top_k=rng.randint(1, min(2 if family == "tiny" else 4, cfg.num_experts))))
+    except ConfigError:
+        return None
     n = DEVICES                                   # verify_sharding runs on every device jax sees
     batch = rng.choice([2, 4, 8])
     meshes = []
@@ -73,7 +125,21 @@ def random_example(rng: random.Random):
                 meshes.append(s)
     if not meshes:
         return None
-    return cfg, rng.choice(meshes), batch, rng.randint(2, 6), rng.randint(1, 3)
+    # prompts past the family's windows and chunks (at most 8 at these sizes), so decode crosses them too
+    prompt_len = rng.randint(2, 6) if family == "tiny" else rng.randint(2, 12)
+    return cfg, rng.choice(meshes), batch, prompt_len, rng.randint(1, 3)
+
+
+def describe(cfg) -> str:
+    """`cfg` as its preset's name and the fields that differ from it: enough to rebuild a failing example."""
+    import dataclasses
+
+    from moe_jax.config import get_model
+
+    base = get_model(cfg.name)
+    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != getattr(base, f.name)]
+    return f"{cfg.name}({', '.join(changed)})"
 
 
 def sharded(examples: int, seed: int, progress=None) -> dict:
@@ -89,12 +155,11 @@ def sharded(examples: int, seed: int, progress=None) -> dict:
         if drawn is None:
             continue
         cfg, strategy, batch, prompt_len, gen_len = drawn
-        what = (f"{strategy.name} {cfg.dispatch} L{cfg.num_layers} D{cfg.d_model} H{cfg.num_heads} "
-                f"K{cfg.num_kv_heads} E{cfg.num_experts} k{cfg.top_k} {cfg.qk_norm}/{cfg.norm} "
-                f"shared{cfg.num_shared_experts} b{batch} s{prompt_len} g{gen_len}")
+        weights_seed = rng.randrange(1 << 16)
+        what = f"{describe(cfg)} {strategy.name} b{batch} s{prompt_len} g{gen_len} seed {weights_seed}"
         try:
             v = verify_sharding(cfg, strategy, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
-                                seed=rng.randrange(1 << 16))
+                                seed=weights_seed)
             if not v.passed:
                 failures.append(f"{what}: max |diff| {max(v.forward_max_abs, v.prefill_max_abs, v.decode_max_abs):.3g}"
                                 f" over tolerance {v.tolerance:g}")
@@ -124,6 +189,50 @@ VALID = {
 }
 INSERTS = [b"-", b"0", b'"', b"[", b"]", b"{", b"}", b"=", b"1e999", b"\xff", b"null", b"\n", b"nan", b"inf",
            b"[[[[[[[[", b"99999999999999999999", b"\x00"]
+
+
+ODD_VALUES = [None, 0, -1, 1, 2, 3, 0.5, -0.0, 1e308, -1e308, 2**63, 10**40, "", "x", "sliding_attention", True,
+              False, [], [0], [None], {}, {"rope_type": "yarn"}, {"rope_type": "llama3", "factor": 0},
+              [[[[[[0]]]]]]]
+
+
+def mutate_fields(data: dict, rng: random.Random) -> bytes:
+    """`data` as JSON with one to three fields deleted, set to an odd value or added: valid JSON whose
+    meaning is wrong, which byte mutations rarely reach."""
+    out = dict(data)
+    for _ in range(rng.randint(1, 3)):
+        op = rng.choice(["delete", "set", "set", "add"])
+        if op == "delete" and out:
+            out.pop(rng.choice(sorted(out)))
+        elif op == "set" and out:
+            key = rng.choice(sorted(out))
+            value = out[key]
+            if isinstance(value, dict) and value and rng.random() < 0.5:   # one level down (rope_parameters)
+                inner = dict(value)
+                inner[rng.choice(sorted(inner))] = rng.choice(ODD_VALUES)
+                out[key] = inner
+            elif isinstance(value, list) and value and rng.random() < 0.5:  # one entry (layer_types, moe_layers)
+                out[key] = [rng.choice(ODD_VALUES) if i == 0 else v for i, v in enumerate(value)]
+            else:
+                out[key] = rng.choice(ODD_VALUES)
+        else:
+            out[rng.choice(["q_lora_rank", "sliding_window", "n_group", "layer_types", "rope_scaling",
+                            "interleave_moe_layer_step", "first_k_dense_replace", "partial_rotary_factor",
+                            "attention_chunk_size", "rope_parameters"])] = rng.choice(ODD_VALUES)
+    return json.dumps(out).encode()
+
+
+def hf_configs() -> list[dict]:
+    """Valid config.json contents of every family moe-jax imports, at test size (the fuzz's seeds)."""
+    from moe_jax.config import get_model
+    from moe_jax.config.hf import to_hf_dict
+
+    configs = [json.loads(VALID["hf-config"])]
+    for name in ("deepseek-v3-tiny", "glm-4.5-tiny", "gpt-oss-tiny", "llama4-tiny", "llama4-maverick-tiny"):
+        configs.append(to_hf_dict(get_model(name)))
+    for cfg in configs[1:]:
+        cfg.setdefault("torch_dtype", cfg.get("dtype", "bfloat16"))
+    return configs
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -200,6 +309,7 @@ def fuzz(inputs: int, seed: int, progress=None) -> dict:
                  "safetensors": lambda p: _read_checkpoint(p.parent),
                  "strategy-name": lambda text: Strategy.parse(text)}
         kinds = sorted(parse)
+        families = hf_configs()
         for i in range(inputs):
             kind = kinds[i % len(kinds)]
             counts[kind] = counts.get(kind, 0) + 1
@@ -207,6 +317,11 @@ def fuzz(inputs: int, seed: int, progress=None) -> dict:
                 alphabet = "epdtEPDT0123456789-_ ,x"
                 content = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
                 target = content
+            elif kind == "hf-config":             # every family; half byte-level, half field-level
+                base = rng.choice(families)
+                content = mutate(json.dumps(base).encode(), rng) if rng.random() < 0.5 else mutate_fields(base, rng)
+                target = paths[kind]
+                target.write_bytes(content)
             else:
                 content = mutate(VALID[kind], rng)
                 target = paths[kind]

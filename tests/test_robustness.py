@@ -194,6 +194,30 @@ def test_hostile_hf_config_values_are_clear_errors(tmp_path, field, value):
     assert str(e.value)
 
 
+@pytest.mark.parametrize("preset,field,value,message", [
+    ("llama4-tiny", "num_hidden_layers", 10**9, "num_hidden_layers=1000000000 exceeds moe-jax's limit of 65536"),
+    ("llama4-tiny", "num_hidden_layers", 10**28, "exceeds moe-jax's limit of 65536"),
+    ("gpt-oss-tiny", "num_hidden_layers", 10**9, "exceeds moe-jax's limit of 65536"),
+    ("glm-4.5-tiny", "partial_rotary_factor", 1e308, "wrong type or value"),
+    ("deepseek-v3-tiny", "kv_lora_rank", 2**40, "kv_lora_rank=1099511627776 exceeds moe-jax's limit of 16777216"),
+    ("deepseek-v3-tiny", "hidden_size", 2**40, "d_model=1099511627776 exceeds"),
+])
+def test_huge_family_config_values_are_refused_at_once(tmp_path, preset, field, value, message):
+    """Found by the soak's field-level fuzz: a 10^9-layer Llama 4 config built per-layer lists until memory ran
+    out, a 10^28-layer one and an overflowing rotary factor raised OverflowError. Sizes now have a limit."""
+    from moe_jax.config import get_model
+    from moe_jax.config.hf import from_hf, to_hf_dict
+
+    config = to_hf_dict(get_model(preset))
+    if field == "partial_rotary_factor":
+        config["rope_parameters"][field] = value
+    else:
+        config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoeJaxError, match=message.replace("(", r"\(")):
+        from_hf(tmp_path)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["plan", "--devices", str(10**12)], "must be between 1 and 1,048,576"),
     (["describe", "--strategy", "EP" + "9" * 14], "at most 16,777,216 are supported"),

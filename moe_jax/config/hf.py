@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_jax.config.model import ModelConfig
+from moe_jax.config.model import ModelConfig, check_size
 from moe_jax.errors import ConfigError
 from moe_jax.names import DTYPES, Dispatch
 
@@ -282,6 +282,7 @@ def from_hf_dict(data: dict, name: str = "hf-model") -> ModelConfig:
     if family not in FAMILIES:
         raise ConfigError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     _unsupported(data, "hidden_act", ("silu",), "experts are SwiGLU")
+    check_size(family, "num_hidden_layers", data.get("num_hidden_layers"))   # before per-layer lists are built
     if family not in ("glm4_moe", "gpt_oss"):
         _unsupported(data, "attention_bias", (False, None), "projections have no bias")
     _unsupported(data, "tie_word_embeddings", (False, True, None), "")
@@ -331,7 +332,7 @@ def from_hf(path: str | Path) -> ModelConfig:
         return from_hf_dict(data, name=p.parent.name if p.name == "config.json" else p.stem)
     except KeyError as e:
         raise ConfigError(f"{str(p)!r}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # wrongly typed or zero fields
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:  # wrongly typed, zero or huge fields
         raise ConfigError(f"{str(p)!r}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
 
 

@@ -25,6 +25,24 @@ _ATTENTIONS = ("gqa", "mla")
 _ROUTER_SCORES = ("softmax", "sigmoid", "topk_softmax", "sigmoid_input")
 _EXPERT_ACTIVATIONS = ("swiglu", "swiglu_clamped")
 _LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+MAX_LAYERS = 1 << 16
+"""The most layers a model may have (the largest published MoE has under 100)."""
+MAX_SIZE = 1 << 24
+"""The largest width, count, rank, window or length a model field may hold: far past any published model,
+and small enough that nothing derived from it (a per-layer list, a parameter count) exhausts the host."""
+_SIZE_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "num_experts", "top_k",
+                "expert_ffn", "num_shared_experts", "moe_group_size", "q_lora_rank", "kv_lora_rank",
+                "qk_rope_head_dim", "v_head_dim", "first_dense_layers", "dense_ffn", "moe_interleave", "rotary_dim",
+                "sliding_window", "attention_chunk", "rope_yarn_original_len", "rope_llama3_original_len",
+                "router_groups", "router_topk_groups")
+
+
+def check_size(model: str, field: str, value) -> None:
+    """Refuse an integer `value` for `field` past its limit (`MAX_LAYERS` for layer counts, `MAX_SIZE` otherwise),
+    naming both; other types are left to the field's own check."""
+    limit = MAX_LAYERS if field in ("num_layers", "num_hidden_layers", "first_dense_layers") else MAX_SIZE
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise ConfigError(f"model {model!r}: {field}={value} exceeds moe-jax's limit of {limit}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +215,8 @@ class ModelConfig:
     """A learned bias on the router logits (E per layer; gpt-oss), used for the choice and the weights."""
 
     def __post_init__(self):
+        for field in _SIZE_FIELDS:
+            check_size(self.name, field, getattr(self, field))
         positive = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
                     "num_experts", "top_k", "expert_ffn", "moe_group_size")
         for field in positive:
