@@ -459,6 +459,34 @@ class ModelConfig:
         by_type = {"sliding_attention": self.sliding_window, "chunked_attention": -self.attention_chunk}
         return tuple(by_type.get(t, 0) for t in types[self.first_dense_layers:])
 
+    def local_cache_len(self, max_len: int, stages: int = 1) -> int:
+        """R: the positions each sliding (chunked) layer's cache holds as a ring (`moe_jax.model.kv_cache`), the
+        longest window or chunk capped at `max_len`; 0 when every layer keeps all `max_len` positions.
+
+        A decode step's query at p sees at most the last W keys (a window W) or its own chunk's (at most C), so a
+        ring of R = max |W| slots (position t in slot t mod R) holds all it reads. The ring needs each layer's
+        window known when the program is built: a pipeline whose `stages` get different shares of the window
+        pattern scans its windows as data (`moe_jax.model.pipeline.run_pipeline`), so there every layer keeps
+        the whole cache. MLA has no windows. One R serves every ring layer: a model mixing a short sliding window
+        with long chunks (none published does) would read a whole chunk-long ring on its sliding layers."""
+        windows = self.layer_windows
+        if self.attention != "gqa" or not any(windows) or len(windows) % stages:
+            return 0
+        per = len(windows) // stages
+        if len({windows[i * per:(i + 1) * per] for i in range(stages)}) != 1:
+            return 0
+        return min(max_len, max(abs(w) for w in windows))
+
+    def kv_bytes(self, cache_len: int, stages: int = 1) -> int:
+        """KV cache bytes one sequence of `cache_len` positions holds over all layers: `kv_bytes_per_token` per
+        position, except that a sliding (chunked) layer holds only its ring of `local_cache_len` positions."""
+        ring = self.local_cache_len(cache_len, stages)
+        if not ring:
+            return cache_len * self.kv_bytes_per_token
+        per_layer = self.kv_bytes_per_token // self.num_layers
+        local = sum(1 for w in self.layer_windows if w)
+        return per_layer * ((self.num_layers - local) * cache_len + local * ring)
+
     def capacity(self, group_tokens: int) -> int:
         """C: slots per expert for a group of `group_tokens` tokens (capacity dispatch)."""
         c = math.ceil(self.capacity_factor * group_tokens * self.top_k / self.num_experts)

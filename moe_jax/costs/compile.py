@@ -265,7 +265,6 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
     import jax.numpy as jnp
 
     from moe_jax.model.execution import Kernels
-    from moe_jax.model.transformer import cache_shape
     from moe_jax.parallel.mesh import build_mesh
     from moe_jax.programs.sharded import ShardedModel
 
@@ -302,8 +301,7 @@ def compile_program(cfg: ModelConfig, strategy: Strategy, workload: Workload, *,
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
     params = jax.tree.map(lambda s, a: struct(a.shape, a.dtype, s), sm.param_shardings, sm.abstract_params)
-    cache = {k: struct(v.shape, v.dtype, sm.cache_shardings(B, T)[k])
-             for k, v in cache_shape(cfg, B, T, kv_copies=sm.layout.kv_copies).items()}
+    cache = {k: struct(v.shape, v.dtype, sm.cache_shardings(B, T)[k]) for k, v in sm.cache_shape(B, T).items()}
     weights_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
     cache_bytes = sum(_shard_bytes(x) for x in cache.values())
 

@@ -16,6 +16,12 @@ its scanned input and returns the updated slices as its output builds a new [L, 
 input). `moe_jax.model.stack.run_layers` carries the whole cache through the scan instead; each layer
 writes only its new keys and values, at its own layer index, with a small ``dynamic_update_slice`` that
 XLA performs in the carried (donated) buffer, and reads its keys and values from that buffer.
+
+Sliding-window and chunked layers (gpt-oss, Llama 4) keep only a ring of R positions (the longest window or
+chunk, `ModelConfig.local_cache_len`), position t in slot t mod R: their own arrays, ``local_k`` and ``local_v``,
+[Ll, B, K·r, R, Dh] beside the full layers' [Lf, B, K·r, T, Dh] (each layer's window is static, so it knows
+which array and which index it owns). A decode step's query sees at most its last R keys, so the ring holds
+every key it reads and the cache a deployment pays for is R, not T, positions on those layers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ from moe_jax.model.quant import E4M3_MAX
 from moe_jax.parallel.rules import constrain
 
 NAMES = ("k", "v")
+LOCAL_NAMES = {"k": "local_k", "v": "local_v"}
+"""The sliding (chunked) layers' ring arrays, by the name of the full layers' array they mirror."""
+
+
+def base_name(name: str) -> str:
+    """"k" or "v": the array a cache array mirrors ("local_k" → "k")."""
+    return name.removeprefix("local_")
 
 KEYS = (0, 2, 1, 3)
 """Per-layer order of keys, as a permutation of [B, S, K·r, Dh]: [B, K·r, T, Dh], head_dim (contracted
@@ -44,7 +57,7 @@ def orders(attention: str) -> dict[str, tuple[int, ...]]:
 
     Latent attention (`moe_jax.model.mla`) caches the latent as "k", read as keys and as values, and
     the RoPE key as "v", read as keys: both keep the keys' order (positions major)."""
-    return {"k": KEYS, "v": KEYS if attention == "mla" else VALUES}
+    return {"k": KEYS, "v": KEYS if attention == "mla" else VALUES, "local_k": KEYS, "local_v": VALUES}
 
 
 def axes(attention: str, name: str) -> tuple[str, ...]:
@@ -77,71 +90,133 @@ CACHE_AXES = axes("gqa", "k")
 sharding is the same)."""
 
 
+def _static_local(window) -> bool:
+    """Whether a layer of `window` (`moe_jax.model.attention.first_visible`) is a sliding or chunked one, known
+    when the program is built."""
+    if not isinstance(window, int):
+        raise ValueError("a KV cache with ring arrays (local_k, local_v) needs each layer's window as a Python int; "
+                         "a traced window (a pipeline whose stages' window patterns differ) takes a cache built for "
+                         "its stages (`cache_shape(..., stages=pp)`: full length on every layer)")
+    return window != 0
+
+
 class LayerCache(NamedTuple):
     """One layer's keys and values inside the stacked cache, for one microbatch of a pipeline stage or all
     sequences: what `moe_jax.model.layers.Attention` reads and writes.
 
     With `microbatch`, the cache's batch axis is split [Bm, M] (sequence b of a pipeline stage's batch
     at [b // M, b % M], so microbatch m is the sequences with b mod M = m, `moe_jax.model.pipeline`).
+
+    With ring arrays (`local_k`, `local_v`), a sliding or chunked layer (its `window` non-zero) keeps its keys
+    and values there, at `local_layer`, position t in slot t mod R; the others in `k`, `v` at `layer`. Every
+    method takes the calling layer's `window` to find its own.
     """
 
-    k: jax.Array
-    """The whole stacked keys [L, B, K·r, T, Dh], or a pipeline stage's [L, Bm, M, K·r, T, Dh]."""
-    v: jax.Array
-    """The whole stacked values [L, B, K·r, Dh, T], or a pipeline stage's [L, Bm, M, K·r, Dh, T]."""
+    k: jax.Array | None
+    """The full layers' stacked keys [Lf, B, K·r, T, Dh], or a pipeline stage's [Lf, Bm, M, K·r, T, Dh]; None when
+    every layer is a ring layer."""
+    v: jax.Array | None
+    """The full layers' stacked values [Lf, B, K·r, Dh, T], or a pipeline stage's [Lf, Bm, M, K·r, Dh, T]."""
     layer: jax.Array
-    """int32 scalar: this layer's index on the cache's leading axis."""
+    """int32 scalar: this layer's index on the full arrays' leading axis."""
     microbatch: jax.Array | None = None
     """int32 scalar m with the cache's batch split [Bm, M]; None: the batch axis is whole."""
     keep: jax.Array | None = None
     """Traced bool: False leaves the cache as it was on `write` (a pipeline tick in the bubble); None: always write."""
     attention: str = "gqa"
     """`ModelConfig.attention`: which order each array is stored in (`orders`)."""
+    local_k: jax.Array | None = None
+    """The ring layers' keys [Ll, B, K·r, R, Dh] (or a stage's, batch split); None: no ring."""
+    local_v: jax.Array | None = None
+    """The ring layers' values [Ll, B, K·r, Dh, R]."""
+    local_layer: jax.Array | int = 0
+    """int32 scalar: this layer's index on the ring arrays' leading axis (a ring layer's)."""
+
+    def ring(self, window=0) -> bool:
+        """Whether the layer of `window` keeps its keys and values in the ring arrays."""
+        return self.local_k is not None and _static_local(window)
+
+    def _array(self, name: str, window) -> tuple[str, jax.Array, jax.Array]:
+        """(field, the stacked array, this layer's index on it) holding the layer of `window`'s `name` array."""
+        if self.ring(window):
+            return LOCAL_NAMES[name], getattr(self, LOCAL_NAMES[name]), self.local_layer
+        return name, getattr(self, name), self.layer
 
     @property
     def heads(self) -> int:
         """K·r: the KV heads the cache holds."""
-        return self.k.shape[-3]
+        return (self.k if self.k is not None else self.local_k).shape[-3]
+
+    def length_for(self, window=0) -> int:
+        """T (R for a ring layer): the positions the layer of `window` holds."""
+        return self._array("k", window)[1].shape[-2]
 
     @property
     def length(self) -> int:
-        """T: the positions the cache holds."""
+        """T: the positions a full layer holds."""
         return self.k.shape[-2]
 
-    def _lead(self) -> tuple:
-        return (self.layer, 0) if self.microbatch is None else (self.layer, 0, self.microbatch)
+    def advanced(self, window=0) -> LayerCache:
+        """The view of the next layer after one of `window`: one further on that layer's arrays."""
+        if self.ring(window):
+            return self._replace(local_layer=self.local_layer + 1)
+        return self._replace(layer=self.layer + 1)
 
-    def stored(self, name: str) -> jax.Array:
+    def _lead(self, index) -> tuple:
+        return (index, 0) if self.microbatch is None else (index, 0, self.microbatch)
+
+    def stored(self, name: str, window=0) -> jax.Array:
         """This layer's keys or values in their stored order (`orders`): keys [B, K·r, T, Dh], values
         [B, K·r, Dh, T], a slice of the stacked array at this layer (and microbatch)."""
-        a = getattr(self, name)
-        lead, tail = self._lead(), a.shape[-3:]
+        field, a, index = self._array(name, window)
+        lead, tail = self._lead(index), a.shape[-3:]
         size = (1, a.shape[1], *([1] * (len(lead) - 2)), *tail)
         stored = jax.lax.dynamic_slice(a, (*lead, 0, 0, 0), size).reshape(a.shape[1], *tail)
-        return constrain(stored, axes(self.attention, name)[1:], what="KV cache")
+        return constrain(stored, axes(self.attention, field)[1:], what="KV cache")
 
-    def read(self, name: str) -> jax.Array:
+    def read(self, name: str, window=0) -> jax.Array:
         """This layer's keys or values as the attention reads them, [B, T, K·r, Dh]: a transposed view of the
         stored slice, which XLA folds into the products' operand layout (no data moves)."""
         order = orders(self.attention)[name]
-        return jnp.transpose(self.stored(name), [order.index(i) for i in range(4)])
+        return jnp.transpose(self.stored(name, window), [order.index(i) for i in range(4)])
 
-    def write(self, k, v, start) -> LayerCache:
+    def positions(self, last, window=0) -> jax.Array:
+        """int32 [T]: the position each slot of the layer of `window` holds once position `last` is written: the
+        slot itself on a full layer; on a ring layer of R slots, last − ((last − slot) mod R), negative for a slot
+        not yet written."""
+        T = self.length_for(window)
+        slots = jnp.arange(T, dtype=jnp.int32)
+        return last - (last - slots) % T if self.ring(window) else slots
+
+    def write(self, k, v, start, window=0) -> LayerCache:
         """The cache with this layer's keys and values k, v [B, S, K·r, Dh] stored at positions [start, start + S).
 
         Only the new positions are written (in place in a donated or scan-carried buffer); under `keep`
-        False, the positions are rewritten with what they held.
+        False, the positions are rewritten with what they held. A ring layer writes position t in slot t mod R,
+        of a call longer than R its last R positions (the whole ring, rewritten once).
         """
         out = {}
         for name, new in zip(NAMES, (k, v), strict=True):
-            a = getattr(self, name)
+            field, a, layer = self._array(name, window)
             order = orders(self.attention)[name]
-            new = constrain(jnp.transpose(stored_as(new, a.dtype), order), axes(self.attention, name)[1:],
+            lead = self._lead(layer)
+            S, ring = new.shape[1], self.ring(window)
+            at = start
+            if ring and S > 1:                       # the ring's slots, rolled into place, merged with what it held
+                R = a.shape[-3:][order[1:].index(1)]
+                n = min(S, R)
+                first = (start + S - n) % R
+                new = jnp.roll(jnp.pad(new[:, S - n:], ((0, 0), (0, R - n), (0, 0), (0, 0))), first, axis=1)
+                written = jnp.roll(jnp.arange(R) < n, first)
+                old = jnp.transpose(self.stored(name, window), [order.index(i) for i in range(4)])
+                new, at = jnp.where(written[None, :, None, None], new, old.astype(new.dtype)), 0
+            elif ring:
+                at = start % a.shape[-3:][order[1:].index(1)]
+            new = constrain(jnp.transpose(stored_as(new, a.dtype), order), axes(self.attention, field)[1:],
                             what="KV cache")
-            lead = self._lead()
             new = new.reshape(1, new.shape[0], *([1] * (len(lead) - 2)), *new.shape[1:])
-            index = (*lead, *(start if i == 1 else 0 for i in order[1:]))
+            index = (*lead, *(at if i == 1 else 0 for i in order[1:]))
             if self.keep is not None:
                 new = jnp.where(self.keep, new, jax.lax.dynamic_slice(a, index, new.shape))
-            out[name] = jax.lax.dynamic_update_slice(a, new, index)
+            out[field] = jax.lax.dynamic_update_slice(a, new, index)
         return self._replace(**out)

@@ -337,21 +337,26 @@ class Attention(nnx.Module):
         keys, values, key_pos = k, v, positions
         stored = decode and cache is not None and S == 1 and self.kernels.in_place_decode_attention
         if cache is not None:
-            cache = cache.write(k, v, positions[0])                            # in place: the new positions only
+            cache = cache.write(k, v, positions[0], window)                    # in place: the new positions only
             if decode:                      # [B, T, K·r, Dh] views of the cache, or as stored (positions on `t_axes`)
                 view = cache.stored if stored else cache.read
-                keys, values = view("k").astype(q.dtype), view("v").astype(q.dtype)
+                keys, values = view("k", window).astype(q.dtype), view("v", window).astype(q.dtype)
                 t_axes = (2, 3) if stored else (1, 1)
-                key_pos = jnp.arange(cache.length)
+                T = cache.length_for(window)
+                key_pos = cache.positions(positions[-1], window)               # a ring's slots hold its last R
                 span = abs(window) + S - 1 if isinstance(window, int) and window else 0
-                if 0 < span < cache.length:                   # a sliding (chunked) layer: its window (chunk) only
-                    first = jnp.clip(first_visible(positions[0], window), 0, cache.length - span)
+                if cache.ring(window):
+                    if S > 1:
+                        raise ValueError("a ring layer's cache serves one-position decode steps (S = 1), not S = "
+                                         f"{S}: earlier queries of the call would need keys it has overwritten")
+                elif 0 < span < T:                            # a sliding (chunked) layer: its window (chunk) only
+                    first = jnp.clip(first_visible(positions[0], window), 0, T - span)
                     keys, values = (jax.lax.dynamic_slice_in_dim(a, first, span, axis=ax)
                                     for a, ax in zip((keys, values), t_axes, strict=True))
                     key_pos = first + jnp.arange(span)
         sinks = self.sinks_h[...] if cfg.attention_sinks else None
-        if decode:                                                             # the cache, masked by position
-            mask = window_mask(positions[:, None], key_pos[None, :], window)
+        if decode:                                      # the cache, masked by position (a ring's unwritten slots too)
+            mask = window_mask(positions[:, None], key_pos[None, :], window) & (key_pos >= 0)[None, :]
             out = (attend_stored if stored else attend)(q, keys, values, mask, sinks=sinks)   # [B, S, H, Dh]
         elif sinks is None and isinstance(window, int) and not window:        # this call's own keys: causal
             out = causal_attend(q, keys, values)                               # blockwise, no S x S

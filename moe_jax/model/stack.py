@@ -18,7 +18,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.dense_layers import dense_cache_axes, make_dense_blocks
 from moe_jax.model.execution import Kernels
-from moe_jax.model.kv_cache import NAMES, LayerCache, axes
+from moe_jax.model.kv_cache import LayerCache, axes
 from moe_jax.model.layers import Attention, Norm
 from moe_jax.model.moe import MoE
 from moe_jax.parallel.rules import constrain
@@ -62,13 +62,11 @@ class Block(nnx.Module):
     def _dense_layers(self, x, positions, cache, decode: bool, windows):
         """The group's dense sub-layers in order (unrolled); returns x and the cache viewed at the MoE layer."""
         graphdef, stacked = nnx.split(self.dense)
-        count = self.group_layers - 1
-        for j in range(count):
+        for j in range(self.group_layers - 1):
             block = nnx.merge(graphdef, jax.tree.map(lambda a, j=j: a[j], stacked))
-            view = None if cache is None else cache._replace(layer=cache.layer + j)
-            x, view, _ = block(x, positions, view, decode=decode, window=windows[j])
-            cache = None if cache is None else cache._replace(k=view.k, v=view.v)
-        return x, None if cache is None else cache._replace(layer=cache.layer + count)
+            x, cache, _ = block(x, positions, cache, decode=decode, window=windows[j])
+            cache = None if cache is None else cache.advanced(windows[j])     # the next sub-layer's entry
+        return x, cache
 
 
 def period(windows: tuple[int, ...]) -> int:
@@ -84,7 +82,8 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     L / I blocks scanned, and `windows`, static or traced, has one entry per layer; dropped has one row per block
     (its MoE layer).
 
-    cache: None or these layers' {"k": [L, B, K·r, T, Dh], "v": [L, B, K·r, Dh, T]} (`moe_jax.model.kv_cache`);
+    cache: None or these layers' {"k": [L, B, K·r, T, Dh], "v": [L, B, K·r, Dh, T]} (`moe_jax.model.kv_cache`), the
+    sliding and chunked layers' in rings {"local_k", "local_v"} of their own where it has them (static windows only);
     with `microbatch` m, a pipeline stage's, its batch axis split [Bm, M], of which x is microbatch m.
     keep: a traced bool; False leaves the cache as it was (a pipeline tick in the bubble).
     windows: each layer's sliding window (0: full attention; None: all full). A tuple of ints is static: the
@@ -104,16 +103,22 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     graphdef, stacked = nnx.split(blocks)
     num_blocks = jax.tree.leaves(stacked)[0].shape[0]
     num_layers = num_blocks * size
+    ring = cache is not None and "local_k" in cache       # sliding/chunked layers keep rings (`kv_cache`)
 
-    def one(x, kv, params, index, window):
-        view = None if kv is None else LayerCache(kv["k"], kv["v"], index, microbatch, keep, attention)
+    def one(x, kv, params, index, local_index, window):
+        view = None if kv is None else LayerCache(kv.get("k"), kv.get("v"), index, microbatch, keep, attention,
+                                                  kv.get("local_k"), kv.get("local_v"), local_index)
         extra = {} if isinstance(window, int) and not window else {"window": window}   # as before windows existed
         x, view, dropped = nnx.merge(graphdef, params)(x, positions, view, decode=decode, **extra)
-        return x, None if view is None else {"k": view.k, "v": view.v}, dropped
+        if view is None:
+            return x, None, dropped
+        return x, {name: getattr(view, name) for name in kv}, dropped
 
-    kv = None if cache is None else {name: cache[name] for name in NAMES}
-    indices = jnp.arange(num_layers, dtype=jnp.int32) if size == 1 else jnp.arange(0, num_layers, size, jnp.int32)
+    kv = None if cache is None else dict(cache)
     static = windows is None or isinstance(windows, tuple)
+    if not static and ring:
+        raise ValueError("run_layers: a KV cache with ring arrays needs static windows (a tuple of ints); traced "
+                         "windows take a cache built for the pipeline's stages (`cache_shape(..., stages=pp)`)")
     if static:
         windows = windows or (0,) * num_layers
         if len(windows) != num_layers:
@@ -124,30 +129,41 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
         windows = windows.reshape(num_blocks, size)
     p = period(windows) if static else 1
 
+    def entries(block_windows) -> tuple[int, int]:
+        """(full, ring) cache entries the layers of `block_windows` (one block's, or a sequence of blocks') take."""
+        flat = [w for b in block_windows for w in (b if isinstance(b, tuple) else (b,))]
+        local = sum(1 for w in flat if w) if ring else 0
+        return len(flat) - local, local
+
     def layer(carry, per_layer):
         x, kv = carry
-        params, index, *window = per_layer
-        x, kv, dropped = one(x, kv, params, index, window[0] if window else windows[0])
+        params, index, local_index, *window = per_layer
+        x, kv, dropped = one(x, kv, params, index, local_index, window[0] if window else windows[0])
         return (x, kv), dropped
 
-    if not static:
-        (x, kv), dropped = jax.lax.scan(layer, (x, kv), (stacked, indices, windows))
+    if not static or p == 1:                    # one window for all layers (or traced ones): one block per step
+        full, local = entries(windows[:1]) if static else (size, 0)
+        steps = jnp.arange(num_blocks, dtype=jnp.int32)
+        scanned = (stacked, steps * full, steps * local) + (() if static else (windows,))
+        (x, kv), dropped = jax.lax.scan(layer, (x, kv), scanned)
         return x, kv, dropped
-    if p == 1:                                  # one window for all layers (a Python int): one layer per step
-        (x, kv), dropped = jax.lax.scan(layer, (x, kv), (stacked, indices))
-        return x, kv, dropped
+
+    full, local = entries(windows)              # per group of p blocks, and before each block of the group
+    full, local = full // (num_blocks // p), local // (num_blocks // p)
+    before = [entries(windows[:j]) for j in range(p)]
 
     def group(carry, per_group):
         x, kv = carry
-        params, first = per_group
+        params, g = per_group
         drops = []
         for j in range(p):                      # unrolled: each block of the group with its own static window(s)
-            x, kv, dropped = one(x, kv, jax.tree.map(lambda a, j=j: a[j], params), first + j * size, windows[j])
+            x, kv, dropped = one(x, kv, jax.tree.map(lambda a, j=j: a[j], params), g * full + before[j][0],
+                                 g * local + before[j][1], windows[j])
             drops.append(dropped)
         return (x, kv), jnp.stack(drops)
 
     grouped = jax.tree.map(lambda a: a.reshape(num_blocks // p, p, *a.shape[1:]), stacked)
-    (x, kv), dropped = jax.lax.scan(group, (x, kv), (grouped, indices[::p]))
+    (x, kv), dropped = jax.lax.scan(group, (x, kv), (grouped, jnp.arange(num_blocks // p, dtype=jnp.int32)))
     return x, kv, dropped.reshape(num_blocks, *dropped.shape[2:])
 
 

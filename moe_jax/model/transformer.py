@@ -21,9 +21,9 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.model import kv_cache, scopes
-from moe_jax.model.dense_layers import dense_cache_shape, join_cache, make_dense_blocks, split_cache
+from moe_jax.model.dense_layers import dense_cache_axes, dense_cache_shape, join_cache, make_dense_blocks, split_cache
 from moe_jax.model.execution import Execution
-from moe_jax.model.kv_cache import NAMES, array_shape, axes
+from moe_jax.model.kv_cache import LOCAL_NAMES, NAMES, array_shape, axes
 from moe_jax.model.layers import F32, Norm, param
 from moe_jax.model.pipeline import run_pipeline
 from moe_jax.model.stack import Block, run_dense_layers, run_layers
@@ -49,13 +49,20 @@ class ModelOutput(NamedTuple):
     ``.sum(axis=1)`` the count per layer. Kept per group so counting needs no collective."""
 
 
+def cache_array_axes(name: str) -> tuple[str, ...]:
+    """Logical axes of the cache array `name` of `cache_shape`: `CACHE_AXES` (the full layers' and the rings'),
+    or with ``dense_layers`` leading (the leading dense layers' own arrays)."""
+    return dense_cache_axes(CACHE_AXES) if name.startswith("dense_") else CACHE_AXES
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
     """An empty KV cache for `batch` sequences of up to `max_len` positions (see `cache_shape`)."""
     return {name: jnp.zeros(s.shape, s.dtype) for name, s in cache_shape(cfg, batch, max_len, dtype,
                                                                          kv_copies=kv_copies).items()}
 
 
-def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1) -> dict:
+def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_copies: int = 1,
+                stages: int = 1) -> dict:
     """`init_cache` as ShapeDtypeStructs (nothing allocated): keys {"k": [L, B, K·kv_copies, T, Dh]} and
     values {"v": [L, B, K·kv_copies, Dh, T]}, L the layer stack's layers (``cfg.stack_layers``).
 
@@ -66,6 +73,11 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_co
     kv_copies: r, the copies of each KV head, head e of the cache being head e // r; the layout's
     (`moe_jax.parallel.rules.Layout.kv_copies`: tp / K when tp exceeds the K KV heads, so each tp rank
     holds one head), 1 for an unsharded model. The model reads r from the layout it runs under.
+
+    Sliding-window and chunked layers keep a ring of R = `ModelConfig.local_cache_len` positions, in their own
+    arrays "local_k" [Ll, B, K·r, R, Dh] and "local_v" [Ll, B, K·r, Dh, R] (`moe_jax.model.kv_cache`); "k" and "v"
+    then hold the Lf full layers (and are left out when there are none). stages: the pipeline stages the cache is
+    for (a pipeline whose stages' window patterns differ keeps every layer at full length).
     """
     dt = jnp.dtype(dtype or cfg.cache_dtype)
     if cfg.attention == "mla":   # `moe_jax.model.mla`: "k" holds the latent (one head of width R), "v" the RoPE key
@@ -73,8 +85,16 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_co
                                                          attention=cfg.attention), dt)
                   for name, width in (("k", cfg.kv_lora_rank), ("v", cfg.qk_rope_head_dim))}
     else:
-        dims = (cfg.stack_layers, batch, cfg.num_kv_heads * kv_copies, max_len, cfg.head_dim)
-        shapes = {name: jax.ShapeDtypeStruct(array_shape(name, *dims), dt) for name in NAMES}
+        ring = cfg.local_cache_len(max_len, stages)
+        local = sum(1 for w in cfg.layer_windows if w) if ring else 0
+        heads = cfg.num_kv_heads * kv_copies
+        shapes = {}
+        if cfg.stack_layers > local:
+            dims = (cfg.stack_layers - local, batch, heads, max_len, cfg.head_dim)
+            shapes.update({name: jax.ShapeDtypeStruct(array_shape(name, *dims), dt) for name in NAMES})
+        if local:
+            dims = (local, batch, heads, ring, cfg.head_dim)
+            shapes.update({LOCAL_NAMES[name]: jax.ShapeDtypeStruct(array_shape(name, *dims), dt) for name in NAMES})
     # the leading dense layers' own arrays, "dense_k" and "dense_v" (`moe_jax.model.dense_layers`)
     return {**shapes, **dense_cache_shape(shapes, cfg)} if cfg.first_dense_layers else shapes
 

@@ -191,12 +191,13 @@ def _checks(a: Analysis) -> list[Check]:
                 f"({t.floor_detail})" + ("" if ok else "; the floor is reported instead"))))
     if mem["total"] is not None:
         util = mem["total"] / hw.memory_bytes
-        need = (cfg.weight_bytes + w.batch * w.cache_len * cfg.kv_bytes_per_token)
+        kv = w.batch * cfg.kv_bytes(w.cache_len, s.pp)          # sliding/chunked layers: their rings only
+        need = cfg.weight_bytes + kv
         fewest = max(1, math.ceil(need / hw.memory_bytes))
         checks.append(Check("memory_well_used", util >= WELL_USED, (
             f"{util:.1%} of {_gb(hw.memory_bytes)} used per device (threshold {WELL_USED:.0%}); weights "
             f"{_gb(cfg.weight_bytes)} + KV cache "
-            f"{_gb(w.batch * w.cache_len * cfg.kv_bytes_per_token)}"
+            f"{_gb(kv)}"
             f" = {_gb(need)} would fit in {fewest} devices' memory before activations and replication "
             f"(this strategy uses {s.num_devices})")))
     return checks

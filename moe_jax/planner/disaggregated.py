@@ -238,19 +238,23 @@ class KvTransfer:
 
 def cache_shards(analysis: dict) -> float:
     """Devices one sequence's KV cache is split over on a compiled strategy (analyze JSON): the cache of one
-    sequence (cache_len × kv_bytes_per_token) over what one device holds of it."""
+    sequence (`ModelConfig.kv_bytes`: cache_len × kv_bytes_per_token, a sliding or chunked layer's ring only) over
+    what one device holds of it."""
     p = analysis["placement"]
     per_sequence = p["kv_cache_bytes_per_device"] / p["sequences_per_device"]
-    return analysis["model"]["kv_bytes_per_token"] * p["cache_len"] / per_sequence
+    return p["kv_bytes_per_sequence"] / per_sequence
 
 
 def kv_transfer(hw: Hardware, prompt_len: int, kv_bytes_per_token: int, prefill_shards: float,
-                decode_shards: float, *, devices: int, sequences_per_prefill_device: int = 1) -> KvTransfer:
+                decode_shards: float, *, devices: int, sequences_per_prefill_device: int = 1,
+                nbytes: int | None = None) -> KvTransfer:
     """Time moving one request's KV cache between the pools (see the module docstring, item 5): `devices` is
-    the deployment's (both pools, placed one after the other); the node tier when they fit one node."""
+    the deployment's (both pools, placed one after the other); the node tier when they fit one node.
+    nbytes: the request's cache, by default prompt_len × kv_bytes_per_token (`ModelConfig.kv_bytes` where
+    sliding or chunked layers send only their rings)."""
     from moe_jax.perf.collectives import Span, collective_seconds
 
-    nbytes = prompt_len * kv_bytes_per_token
+    nbytes = prompt_len * kv_bytes_per_token if nbytes is None else nbytes
     per_link = nbytes / min(prefill_shards, decode_shards)
     if devices <= hw.devices_per_node:
         tier, link, span = "node", hw.node_link, Span(2, 1, 2)
@@ -481,7 +485,8 @@ def deployment(spec: SearchSpec, p: PhaseCandidate, d: PhaseCandidate, *, rate: 
         return None
     kv = kv_transfer(spec.hw, spec.workload.prompt_len, p.analysis["model"]["kv_bytes_per_token"],
                      cache_shards(p.analysis), cache_shards(d.analysis), devices=pools.devices,
-                     sequences_per_prefill_device=p.analysis["placement"]["sequences_per_device"])
+                     sequences_per_prefill_device=p.analysis["placement"]["sequences_per_device"],
+                     nbytes=spec.cfg.kv_bytes(spec.workload.prompt_len))     # a ring layer sends its last R only
     return Deployment(p, d, pools, kv, spec.slo_ttft, spec.slo_tpot)
 
 

@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.dense_layers import dense_cache_axes
-from moe_jax.model.transformer import CACHE_AXES, cache_shape
+from moe_jax.model.transformer import CACHE_AXES, cache_array_axes, cache_shape
 from moe_jax.parallel.mesh import Strategy, kv_copies, kv_replicated, validate
 from moe_jax.parallel.rules import Layout
 
@@ -108,12 +107,14 @@ class Placement:
         """[L, B, K, T, Dh] of the KV cache shard one device holds (the keys; the values are [L, B, K, Dh, T],
         `moe_jax.model.transformer.cache_shape`): of the cache's K·r heads
         (r = `kv_copies`, tp / K when tp exceeds K), split over tp, the K / tp heads (or the one head) its
-        query heads read."""
+        query heads read. With ring arrays (sliding or chunked layers, `cache_shape`), the full layers' (the rings'
+        when every layer has one); `kv_cache_bytes_per_device` counts them all."""
         if self.batch is None or self.cache_len is None:
             return None
         cfg = self.cfg
         layout = Layout.for_strategy(cfg, self.strategy)
-        shape = cache_shape(cfg, self.batch, self.cache_len, kv_copies=layout.kv_copies)["k"].shape
+        shapes = cache_shape(cfg, self.batch, self.cache_len, kv_copies=layout.kv_copies, stages=self.strategy.pp)
+        shape = (shapes["k"] if "k" in shapes else shapes["local_k"]).shape       # every layer a ring layer
         return local_shape(shape, layout.spec(CACHE_AXES, shape, strict=False), layout.axis_sizes)
 
     @property
@@ -125,8 +126,9 @@ class Placement:
         cfg = self.cfg
         layout = Layout.for_strategy(cfg, self.strategy)
         total = 0
-        for name, array in cache_shape(cfg, self.batch, self.cache_len, kv_copies=layout.kv_copies).items():
-            axes = CACHE_AXES if name in ("k", "v") else dense_cache_axes(CACHE_AXES)
+        for name, array in cache_shape(cfg, self.batch, self.cache_len, kv_copies=layout.kv_copies,
+                                       stages=self.strategy.pp).items():
+            axes = cache_array_axes(name)
             local = local_shape(array.shape, layout.spec(axes, array.shape, strict=False), layout.axis_sizes)
             total += math.prod(local) * array.dtype.itemsize
         return total
@@ -167,7 +169,9 @@ class Placement:
                          pipeline_decode=schedule(cfg, s, self.batch, 1, decode=True).to_dict())
         if self.kv_cache_bytes_per_device is not None:
             facts.update(cache_len=self.cache_len, kv_cache_shape_per_device=list(self.kv_cache_shape_per_device),
-                         kv_cache_bytes_per_device=self.kv_cache_bytes_per_device)
+                         kv_cache_bytes_per_device=self.kv_cache_bytes_per_device,
+                         kv_bytes_per_sequence=cfg.kv_bytes(self.cache_len, s.pp),
+                         ring_len=cfg.local_cache_len(self.cache_len, s.pp))
         return facts
 
     def to_dict(self) -> dict:

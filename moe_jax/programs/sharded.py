@@ -25,9 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from moe_jax.model.dense_layers import dense_cache_axes
 from moe_jax.model.execution import Execution, Kernels, Pipeline
-from moe_jax.model.transformer import CACHE_AXES, Transformer, cache_shape
+from moe_jax.model.transformer import Transformer, cache_array_axes, cache_shape
 from moe_jax.parallel.mesh import Strategy, build_mesh, validate
 from moe_jax.parallel.rules import Layout, use_layout
 
@@ -92,17 +91,18 @@ class ShardedModel:
 
     def cache_shardings(self, batch: int, max_len: int) -> dict:
         """Shardings of the KV cache arrays for `batch` sequences of `max_len` positions."""
-        shapes = cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies)
-        sharding = self.layout.sharding(CACHE_AXES, shapes["k"].shape, what="KV cache", strict=False)
-        out = {"k": sharding, "v": sharding}
-        for name in sorted(shapes.keys() - out.keys()):   # the leading dense layers' arrays (DeepSeek-V3)
-            out[name] = self.layout.sharding(dense_cache_axes(CACHE_AXES), shapes[name].shape, what="KV cache",
-                                             strict=False)
-        return out
+        shapes = self.cache_shape(batch, max_len)
+        return {name: self.layout.sharding(cache_array_axes(name), shape.shape, what="KV cache", strict=False)
+                for name, shape in shapes.items()}
+
+    def cache_shape(self, batch: int, max_len: int) -> dict:
+        """The KV cache arrays (`moe_jax.model.transformer.cache_shape`) this model's programs take: its layout's
+        KV head copies, and ring arrays only where its pipeline stages share one window pattern."""
+        return cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies, stages=self.layout.stages)
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         """An empty KV cache, created in its shards."""
-        shapes = cache_shape(self.cfg, batch, max_len, kv_copies=self.layout.kv_copies)
+        shapes = self.cache_shape(batch, max_len)
         make = jax.jit(lambda: {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()},
                        out_shardings=self.cache_shardings(batch, max_len))
         return make()

@@ -53,8 +53,15 @@ def _kv_cache(cfg: ModelConfig) -> str:
         return (f"{human_bytes(cfg.kv_bytes_per_token)} per token ({cfg.kv_bytes_per_token:,} B: {per_layer:,} B per "
                 f"layer = latent {R} + RoPE key {Dr} values, {dtype}); the per-head keys and values it expands to "
                 f"would be {expanded:,} B per layer ({expanded / per_layer:.0f}x)")
-    return (f"{human_bytes(cfg.kv_bytes_per_token)} per token ({cfg.kv_bytes_per_token:,} B: {per_layer:,} B per layer "
+    text = (f"{human_bytes(cfg.kv_bytes_per_token)} per token ({cfg.kv_bytes_per_token:,} B: {per_layer:,} B per layer "
             f"= k and v, {cfg.num_kv_heads} heads x {cfg.head_dim}, {dtype})")
+    local = sum(1 for w in cfg.layer_windows if w)
+    if local:
+        ring = max(abs(w) for w in cfg.layer_windows)
+        text += (f"; the {local} sliding-window/chunked layers keep a ring of their last {ring:,} positions, so past "
+                 f"{ring:,} a sequence holds {human_bytes(per_layer * (cfg.num_layers - local))} more per token "
+                 "(a pipeline whose stages' layer patterns differ keeps every layer at full length)")
+    return text
 
 
 def _rope(cfg: ModelConfig) -> str:

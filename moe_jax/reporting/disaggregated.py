@@ -39,9 +39,14 @@ def kv_text(d: dict) -> str:
     """How the KV transfer was timed, with its inputs."""
     k = d["kv_transfer"]
     overhead = f", {k['call_overhead_s'] * 1e6:g} us per call" if k["call_overhead_s"] else ""
+    full = k["prompt_len"] * k["kv_bytes_per_token"]
+    rings = "" if k["bytes_per_request"] == full else (
+        f" ({_bytes(full)} less the positions past the sliding/chunked layers' rings, which keep only their last "
+        "window)")
     return (f"KV transfer per request: {k['prompt_len']:,} prompt tokens x {k['kv_bytes_per_token']:,} B = "
-            f"{_bytes(k['bytes_per_request'])}, from {k['prefill_shards']:g} prefill shards to {k['decode_shards']:g} "
-            f"decode shards, at most {_bytes(k['bytes_per_link'])} on one link; {k['tier']} tier ({k['link']}, "
+            f"{_bytes(k['bytes_per_request'])}{rings}, from {k['prefill_shards']:g} prefill shards to "
+            f"{k['decode_shards']:g} decode shards, at most {_bytes(k['bytes_per_link'])} on one link; "
+            f"{k['tier']} tier ({k['link']}, "
             f"{k['bandwidth'] / 1e9:,.4g} GB/s x {k['efficiency']:.0%} efficiency, {k['latency_s'] * 1e6:g} us "
             f"latency{overhead}): {k['seconds'] * 1e3:,.4g} ms added to the TTFT ({k['algorithm']}); {k['why']}. "
             f"The whole prefill batch's caches at once would take {k['batch_seconds'] * 1e3:,.4g} ms.")
