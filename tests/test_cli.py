@@ -26,6 +26,7 @@ def run(capsys, *argv):
 def test_models_table_and_json(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and "seed-30b" in out and "29.93B" in out and "qwen3-235b-a22b" in out
+    assert "59.86 GB (bfloat16)" in out                          # weights as stored, in the stored dtype
     code, out, _ = run(capsys, "models", "--json")
     rows = json.loads(out)
     seed = next(r for r in rows if r["name"] == "seed-30b")

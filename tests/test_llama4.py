@@ -156,6 +156,33 @@ def test_round_trip_and_transformers_reads_ours(checkpoint, tmp_path):
         assert rel_error(theirs.float().eval()(torch.from_numpy(tokens)).logits.numpy(), ref) < 1e-5
 
 
+def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """Llama 4 as released is multimodal (``Llama4ForConditionalGeneration``): its text tensors sit under
+    ``language_model.`` beside the vision encoder's and projector's. Its config.json plans as the text model and its
+    checkpoint loads as one: the same logits as transformers' multimodal model on text, the vision tensors set
+    aside, not read and not refused."""
+    from moe_jax.checkpoints.weights import Checkpoint, check_checkpoint
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    config = transformers.Llama4Config(text_config={**HF, "attn_implementation": "eager"}, vision_config=vision)
+    model = transformers.Llama4ForConditionalGeneration(config).float().eval()
+    model.save_pretrained(tmp_path)
+    tokens = torch.randint(0, HF["vocab_size"], (4, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():    # its text model (transformers 5: the multimodal text-only output reads a missing field)
+        ref = model.language_model(input_ids=tokens).logits.numpy()
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.other_modalities and all(n.startswith(("vision_model.", "multi_modal_projector."))
+                                         for n in ckpt.other_modalities)
+    assert "model.embed_tokens.weight" in ckpt.location and not any(n.startswith("language_model.")
+                                                                     for n in ckpt.location)
+    cfg = exact_config(from_hf(tmp_path))
+    check_checkpoint(ckpt, cfg)
+    sm, params = load_sharded(tmp_path, cfg, Strategy.parse("EP2-TP2-PP2"))
+    assert rel_error(sm.forward(params, sm.put_tokens(jnp.asarray(tokens.numpy()))).logits, ref) < 1e-4
+
+
 def test_blockwise_chunks_equal_the_plain_form():
     """causal_attend with a static chunk (a window -C: blocks before a block's first query's chunk skipped) and a
     traced one (masked only), in one piece and in online-softmax chunks, equals the plain masked form; a query sees

@@ -254,8 +254,18 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 """The safetensors dtypes a weight may be stored in (cast to the model's dtype when read)."""
 
 
+TEXT_PREFIX = "language_model."
+"""Where a multimodal checkpoint (Llama 4's ``Llama4ForConditionalGeneration``) keeps its text model's tensors."""
+OTHER_MODALITIES = ("vision_model.", "multi_modal_projector.")
+"""The multimodal checkpoint's tensors a text model does not use: the vision encoder and its projector."""
+
+
 class Checkpoint:
-    """The tensors of a safetensors checkpoint (one file or sharded with an index), opened lazily."""
+    """The tensors of a safetensors checkpoint (one file or sharded with an index), opened lazily.
+
+    A multimodal checkpoint (tensors under ``language_model.``, beside ``vision_model.`` and
+    ``multi_modal_projector.``: Llama 4 as released) is read as its text model: each text tensor by its name
+    without the prefix, and the other modalities' tensors set aside in `other_modalities` (not read)."""
 
     def __init__(self, directory: str | Path):
         from safetensors import safe_open
@@ -274,7 +284,7 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MoeJaxError(f"{str(index)!r} is not a valid safetensors index: {e}") from None
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._handles, self.location = {}, {}
+        self._handles, self.location, self._stored = {}, {}, {}
         for name in files:
             try:
                 handle = safe_open(str(d / name), framework="numpy")
@@ -283,18 +293,29 @@ class Checkpoint:
             self._handles[name] = handle
             for key in handle.keys():
                 self.location[key] = name
+        self.other_modalities: list[str] = []
+        """A multimodal checkpoint's tensors of other modalities (names as stored), which are not read."""
+        if any(k.startswith(TEXT_PREFIX) for k in self.location) and not any(
+                k.startswith("model.") for k in self.location):
+            self.other_modalities = sorted(k for k in self.location if k.startswith(OTHER_MODALITIES))
+            text = {k: f for k, f in self.location.items() if not k.startswith(OTHER_MODALITIES)}
+            self.location = {k.removeprefix(TEXT_PREFIX): f for k, f in text.items()}
+            self._stored = {k.removeprefix(TEXT_PREFIX): k for k in text}
+
+    def _slice(self, name: str):
+        return self._handles[self.location[name]].get_slice(self._stored.get(name, name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor `name` as stored."""
-        return tuple(self._handles[self.location[name]].get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """Tensor `name`'s dtype as safetensors names it (``BF16``, ``F32``, ``I32`` ...)."""
-        return str(self._handles[self.location[name]].get_slice(name).get_dtype())
+        return str(self._slice(name).get_dtype())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The slice `index` of tensor `name` (only those bytes are read)."""
-        return np.asarray(self._handles[self.location[name]].get_slice(name)[index])
+        return np.asarray(self._slice(name)[index])
 
 
 def _hf_index(src: Source, ours: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[int, ...], tuple[slice, ...]]:

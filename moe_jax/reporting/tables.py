@@ -21,17 +21,27 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B"
 
 
+def _kv_per_token(cfg) -> str:
+    """KV cache bytes per token; with sliding or chunked layers (rings of R positions) also what a token past R
+    adds (the full layers' share)."""
+    ring = cfg.local_cache_len(1 << 62)
+    if not ring:
+        return _bytes(cfg.kv_bytes_per_token)
+    past = cfg.kv_bytes(ring + 1) - cfg.kv_bytes(ring)
+    return f"{_bytes(cfg.kv_bytes_per_token)} ({_bytes(past)} past {ring:,})"
+
+
 def print_models(out: Console, cfgs) -> None:
     """The model presets (`ModelConfig`s) with their parameter counts."""
     table = Table(title="Model presets (parameter counts computed from the configs)")
     for col in ("name", "layers", "d_model", "heads q/kv (hd)", "experts / top-k", "expert FFN",
-                "total", "active", "weights (bf16)"):
+                "total", "active", "weights as stored", "KV per token"):
         table.add_column(col, justify="left" if col == "name" else "right")
     for c in cfgs:
         table.add_row(c.name, str(c.num_layers), str(c.d_model),
                       f"{c.num_heads}/{c.num_kv_heads} ({c.head_dim})", f"{c.num_experts} / {c.top_k}",
                       str(c.expert_ffn), _billions(c.params_total), _billions(c.params_active),
-                      _gb(c.params_total * 2))
+                      f"{_gb(c.weight_bytes)} ({c.param_dtype})", _kv_per_token(c))
     out.print(table)
 
 
