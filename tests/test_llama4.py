@@ -183,6 +183,35 @@ def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
     assert rel_error(sm.forward(params, sm.put_tokens(jnp.asarray(tokens.numpy()))).logits, ref) < 1e-4
 
 
+@pytest.mark.parametrize("stored,ours", [
+    ({"language_model.model.norm.weight", "language_model.lm_head.weight", "vision_model.x"},
+     {"model.norm.weight", "lm_head.weight"}),
+    ({"model.language_model.norm.weight", "lm_head.weight", "model.vision_model.x", "model.multi_modal_projector.y"},
+     {"model.norm.weight", "lm_head.weight"}),                    # the layout later transformers versions write
+])
+def test_multimodal_tensor_names(tmp_path, stored, ours):
+    from safetensors.numpy import save_file
+
+    from moe_jax.checkpoints.weights import Checkpoint
+
+    save_file({name: np.ones(2, np.float32) for name in stored}, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    assert set(ckpt.location) == ours and len(ckpt.other_modalities) == len(stored) - len(ours)
+    assert all(ckpt.read(name, (slice(None),)).tolist() == [1.0, 1.0] for name in ours)
+
+
+def test_multimodal_name_collision_is_an_error(tmp_path):
+    from safetensors.numpy import save_file
+
+    from moe_jax.checkpoints.weights import Checkpoint
+    from moe_jax.errors import MoeJaxError
+
+    save_file({"language_model.lm_head.weight": np.ones(2, np.float32), "lm_head.weight": np.ones(2, np.float32)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(MoeJaxError, match="both would be the text model's 'lm_head.weight'"):
+        Checkpoint(tmp_path)
+
+
 def test_blockwise_chunks_equal_the_plain_form():
     """causal_attend with a static chunk (a window -C: blocks before a block's first query's chunk skipped) and a
     traced one (masked only), in one piece and in online-softmax chunks, equals the plain masked form; a query sees

@@ -70,6 +70,18 @@ def test_placement_counts_the_rings():
     assert p.kv_cache_bytes_per_device < 0.51 * 8 * 131072 * cfg.kv_bytes_per_token / 8
 
 
+def test_placement_table_explains_both_kinds_of_array():
+    from rich.console import Console
+
+    from moe_jax.reporting.tables import print_placement
+
+    out = Console(record=True, width=400)
+    print_placement(out, describe(get_model("gpt-oss-120b"), Strategy.parse("TP8"), batch=8, cache_len=4096), 4000, 96)
+    text = out.export_text()
+    assert "2 x 18 x 8 x 1 x 4096 x 64 x 2 B [Lf, B, K, T, Dh] (full layers)" in text
+    assert "2 x 18 x 8 x 1 x 128 x 64 x 2 B [Ll, B, K, R, Dh]" in text
+
+
 @pytest.mark.parametrize("name,mesh,prompt,gen", [
     ("gpt-oss-tiny", "EP2-TP2-PP2", 13, 12),              # the prompt past the window, decode wrapping it 1.5 times
     ("gpt-oss-tiny", "DP8", 3, 14),                       # the ring filling during decode, then wrapping

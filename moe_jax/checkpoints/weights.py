@@ -254,8 +254,9 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 """The safetensors dtypes a weight may be stored in (cast to the model's dtype when read)."""
 
 
-TEXT_PREFIX = "language_model."
-"""Where a multimodal checkpoint (Llama 4's ``Llama4ForConditionalGeneration``) keeps its text model's tensors."""
+TEXT_PREFIXES = ("language_model.", "model.language_model.")
+"""Where a multimodal checkpoint (Llama 4's ``Llama4ForConditionalGeneration``) keeps its text model's tensors: the
+released layout, and the one later transformers versions write (its head then at ``lm_head.weight``)."""
 OTHER_MODALITIES = ("vision_model.", "multi_modal_projector.")
 """The multimodal checkpoint's tensors a text model does not use: the vision encoder and its projector."""
 
@@ -295,12 +296,29 @@ class Checkpoint:
                 self.location[key] = name
         self.other_modalities: list[str] = []
         """A multimodal checkpoint's tensors of other modalities (names as stored), which are not read."""
-        if any(k.startswith(TEXT_PREFIX) for k in self.location) and not any(
-                k.startswith("model.") for k in self.location):
-            self.other_modalities = sorted(k for k in self.location if k.startswith(OTHER_MODALITIES))
-            text = {k: f for k, f in self.location.items() if not k.startswith(OTHER_MODALITIES)}
-            self.location = {k.removeprefix(TEXT_PREFIX): f for k, f in text.items()}
-            self._stored = {k.removeprefix(TEXT_PREFIX): k for k in text}
+        if any(k.startswith(TEXT_PREFIXES) for k in self.location):
+            self._text_model(d)
+
+    def _text_model(self, directory: Path) -> None:
+        """Read a multimodal checkpoint as its text model: ``language_model.model.X`` (``model.language_model.X``)
+        as ``model.X``, ``language_model.lm_head.weight`` as ``lm_head.weight``; the other modalities' tensors set
+        aside. Two stored tensors that would take one name are an error, not a silent choice."""
+        other = ("model.vision_model.", "model.multi_modal_projector.", *OTHER_MODALITIES)
+        self.other_modalities = sorted(k for k in self.location if k.startswith(other))
+        location, stored = {}, {}
+        for key, file in self.location.items():
+            if key.startswith(other):
+                continue
+            name = key
+            if key.startswith("model.language_model."):
+                name = "model." + key.removeprefix("model.language_model.")
+            elif key.startswith("language_model."):
+                name = key.removeprefix("language_model.")
+            if name in location:
+                raise MoeJaxError(f"checkpoint {str(directory)!r} holds both {stored[name]!r} and {key!r}: both "
+                                  f"would be the text model's {name!r}")
+            location[name], stored[name] = file, key
+        self.location, self._stored = location, stored
 
     def _slice(self, name: str):
         return self._handles[self.location[name]].get_slice(self._stored.get(name, name))

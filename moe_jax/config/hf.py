@@ -282,7 +282,7 @@ def from_hf_dict(data: dict, name: str = "hf-model") -> ModelConfig:
     if family not in FAMILIES:
         raise ConfigError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     _unsupported(data, "hidden_act", ("silu",), "experts are SwiGLU")
-    check_size(family, "num_hidden_layers", data.get("num_hidden_layers"))   # before per-layer lists are built
+    check_size(name, "num_hidden_layers", data.get("num_hidden_layers"))     # before per-layer lists are built
     if family not in ("glm4_moe", "gpt_oss"):
         _unsupported(data, "attention_bias", (False, None), "projections have no bias")
     _unsupported(data, "tie_word_embeddings", (False, True, None), "")

@@ -38,11 +38,6 @@ NAMES = ("k", "v")
 LOCAL_NAMES = {"k": "local_k", "v": "local_v"}
 """The sliding (chunked) layers' ring arrays, by the name of the full layers' array they mirror."""
 
-
-def base_name(name: str) -> str:
-    """"k" or "v": the array a cache array mirrors ("local_k" → "k")."""
-    return name.removeprefix("local_")
-
 KEYS = (0, 2, 1, 3)
 """Per-layer order of keys, as a permutation of [B, S, K·r, Dh]: [B, K·r, T, Dh], head_dim (contracted
 against the queries) minor."""

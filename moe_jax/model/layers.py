@@ -298,8 +298,8 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, cache=None, *, decode: bool = False, window=0):
         """x [B, S, D], positions [S] (consecutive, start = positions[0]).
         window: this layer's sliding window in keys (0: full attention; −C: chunks of C, `first_visible`); a Python
-        int (prefill skips the key blocks outside it, decode reads only the cache's last |W| + S − 1 positions) or a
-        traced int32 (masks only).
+        int (prefill skips the key blocks outside it; decode reads only its ring of R slots, or in a full-length
+        cache the last |W| + S − 1 positions) or a traced int32 (masks only).
 
         cache: None, or this layer's `moe_jax.model.kv_cache.LayerCache` (K·r heads, r: the layout's
         `kv_copies`); this call writes its keys and values at positions, in place. decode=False attends to

@@ -128,7 +128,8 @@ def run_pipeline(blocks, x, positions, cache, decode: bool, pipeline: Pipeline, 
     """The layer stack of a `Transformer` built for `pipeline`, pipelined over the layout's stage axis.
 
     Same contract as `moe_jax.model.stack.run_layers`: x [B, S, D], cache None or
-    {"k": [L, B, K, T, Dh], "v": [L, B, K, Dh, T]} → (x, cache, dropped [L, G]). Each stage updates its share of
+    {"k": [L, B, K, T, Dh], "v": [L, B, K, Dh, T]} (and the rings "local_k", "local_v" where every stage's share of
+    the window pattern is the same) → (x, cache, dropped [L, G]). Each stage updates its share of
     the cache in place, and counts its own layers' drops ([L/pp, G], its microbatches summed), which the
     stage axis lays end to end in layer order. Must run under `use_layout` with
     the mesh of `pipeline.stages` stages: the layout says which mesh axis the stages are and

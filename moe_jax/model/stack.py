@@ -5,7 +5,8 @@ Both the transformer (unpipelined) and the pipeline (each stage's share of the l
 With ``cfg.moe_interleave`` I > 1 (Llama 4 Maverick: MoE on every 2nd layer) a block is a group of I layers,
 I − 1 dense layers (`moe_jax.model.dense_layers.DenseBlock`, stacked inside the block) then the MoE layer, so the
 scan and the pipeline's stages split whole groups; the KV cache keeps one entry per layer on its leading axis
-(group-major: layer g·I + j is sub-layer j of group g), each sub-layer viewing its own entry.
+(group-major: layer g·I + j is sub-layer j of group g), each sub-layer viewing its own entry (a sliding or
+chunked layer's in the ring arrays, which count only such layers: `moe_jax.model.kv_cache`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class Block(nnx.Module):
     def __call__(self, x, positions, cache=None, *, decode: bool = False, window=0):
         """window: the layer's sliding window (`moe_jax.model.layers.Attention`); 0 for full attention.
 
-        A group of I > 1 layers takes the cache's view at its first layer (each sub-layer j views layer + j) and
-        its layers' windows: a tuple of I ints, or a traced int32 [I]."""
+        A group of I > 1 layers takes the cache's view at its first layer (each sub-layer steps the view one entry
+        on, in the arrays its window keeps it in: `LayerCache.advanced`) and its layers' windows: a tuple of I ints,
+        or a traced int32 [I]."""
         if self.group_layers > 1:
             x, cache = self._dense_layers(x, positions, cache, decode, window)
             window = window[-1]

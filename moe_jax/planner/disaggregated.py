@@ -17,9 +17,10 @@
    among equals). With a request rate R: ``x = ⌈R / r_P⌉``, ``y = ⌈R / r_D⌉``. Every pair of compiled
    finalists is sized; the pair serving the most requests/s (with a rate: needing the fewest devices) wins,
    pairs meeting the SLOs (TTFT with the KV transfer) first.
-5. **KV transfer** (`kv_transfer`): a request's cache, ``prompt tokens × kv_bytes_per_token`` bytes, moves from
+5. **KV transfer** (`kv_transfer`): a request's cache, ``prompt tokens × kv_bytes_per_token`` bytes (a sliding or
+   chunked layer's ring only: `ModelConfig.kv_bytes`), moves from
    the prefill replica's shards to the decode replica's. The shards of one sequence's cache on a strategy are
-   its cache bytes (cache_len × kv_bytes_per_token) over what one device holds of one sequence (the compiled
+   its cache bytes (`ModelConfig.kv_bytes` at cache_len) over what one device holds of one sequence (the compiled
    placement's; tp and pp split it, KV heads copied over tp count once); each device sends (receives) its shard
    at once over its own link, so the larger of a sending and a receiving device's share crosses one link, a
    point-to-point send/recv on the tier (`moe_jax.perf.collectives.collective_seconds`, collective-permute:
@@ -206,7 +207,7 @@ class KvTransfer:
     prompt_len: int
     kv_bytes_per_token: int
     bytes_per_request: int
-    """prompt_len × kv_bytes_per_token."""
+    """prompt_len × kv_bytes_per_token, less the positions before a sliding or chunked layer's ring."""
     prefill_shards: float
     """Devices of the prefill replica one sequence's cache is split over (distinct parts)."""
     decode_shards: float
@@ -486,7 +487,9 @@ def deployment(spec: SearchSpec, p: PhaseCandidate, d: PhaseCandidate, *, rate: 
     kv = kv_transfer(spec.hw, spec.workload.prompt_len, p.analysis["model"]["kv_bytes_per_token"],
                      cache_shards(p.analysis), cache_shards(d.analysis), devices=pools.devices,
                      sequences_per_prefill_device=p.analysis["placement"]["sequences_per_device"],
-                     nbytes=spec.cfg.kv_bytes(spec.workload.prompt_len))     # a ring layer sends its last R only
+                     # a ring layer sends its last R positions (all of them where a pool keeps full length)
+                     nbytes=max(spec.cfg.kv_bytes(spec.workload.prompt_len, x.analysis["strategy"]["pp"])
+                                for x in (p, d)))
     return Deployment(p, d, pools, kv, spec.slo_ttft, spec.slo_tpot)
 
 

@@ -40,11 +40,12 @@ def kv_text(d: dict) -> str:
     k = d["kv_transfer"]
     overhead = f", {k['call_overhead_s'] * 1e6:g} us per call" if k["call_overhead_s"] else ""
     full = k["prompt_len"] * k["kv_bytes_per_token"]
-    rings = "" if k["bytes_per_request"] == full else (
-        f" ({_bytes(full)} less the positions past the sliding/chunked layers' rings, which keep only their last "
-        "window)")
-    return (f"KV transfer per request: {k['prompt_len']:,} prompt tokens x {k['kv_bytes_per_token']:,} B = "
-            f"{_bytes(k['bytes_per_request'])}{rings}, from {k['prefill_shards']:g} prefill shards to "
+    size = f"{k['prompt_len']:,} prompt tokens x {k['kv_bytes_per_token']:,} B = {_bytes(k['bytes_per_request'])}"
+    if k["bytes_per_request"] != full:
+        size = (f"{_bytes(k['bytes_per_request'])} ({k['prompt_len']:,} prompt tokens x {k['kv_bytes_per_token']:,} B "
+                f"= {_bytes(full)}, less the positions before the sliding/chunked layers' rings: they keep only "
+                "their last window)")
+    return (f"KV transfer per request: {size}, from {k['prefill_shards']:g} prefill shards to "
             f"{k['decode_shards']:g} decode shards, at most {_bytes(k['bytes_per_link'])} on one link; "
             f"{k['tier']} tier ({k['link']}, "
             f"{k['bandwidth'] / 1e9:,.4g} GB/s x {k['efficiency']:.0%} efficiency, {k['latency_s'] * 1e6:g} us "

@@ -97,7 +97,8 @@ def print_placement(out: Console, p, prompt_len: int, gen_len: int) -> None:
         ("weights", _mb(f["weight_bytes_per_device"]),
          f"sum of the shards below (whole model / devices would be {_mb(p.weight_bytes_total / s.num_devices)}: "
          "replicated attention, norms and router make it more)"),
-        ("KV cache", _mb(f["kv_cache_bytes_per_device"]), _cache_how(cfg, f["kv_cache_shape_per_device"])),
+        ("KV cache", _mb(f["kv_cache_bytes_per_device"]),
+         _cache_how(cfg, f["kv_cache_shape_per_device"], f.get("ring_len", 0), s.pp)),
     ]
     for phase in ("prefill", "decode"):
         sched = f.get(f"pipeline_{phase}")
@@ -126,14 +127,22 @@ def _stage_layers(cfg, pp: int) -> str:
     return f"{cfg.moe_layers} MoE layers / pp={pp} + the {cfg.first_dense_layers} dense first layer(s) on every stage"
 
 
-def _cache_how(cfg, shape: list[int]) -> str:
-    """The KV cache arrays one device holds, from the keys' (or MLA latent's) local shape."""
+def _cache_how(cfg, shape: list[int], ring: int = 0, pp: int = 1) -> str:
+    """The KV cache arrays one device holds, from the keys' (or MLA latent's) local shape: the full layers' (or,
+    when every layer keeps a ring, the rings'), and with `ring` R > 0 the sliding/chunked layers' rings."""
     dims = " x ".join(map(str, shape))
     dense = f" + the {cfg.first_dense_layers} dense layers' own arrays" if cfg.first_dense_layers else ""
     if cfg.attention == "mla":
         return (f"latent {dims} [L, B, 1, T, R] + RoPE key of {cfg.qk_rope_head_dim} per position and layer, "
                 f"x {cfg.kv_dtype_bytes} B{dense}")
-    return f"2 x {dims} x {cfg.kv_dtype_bytes} B [L, B, K, T, Dh]{dense}"
+    if not ring:
+        return f"2 x {dims} x {cfg.kv_dtype_bytes} B [L, B, K, T, Dh]{dense}"
+    local = sum(1 for w in cfg.layer_windows if w)
+    if local == cfg.stack_layers:
+        return f"2 x {dims} x {cfg.kv_dtype_bytes} B [L, B, K, R, Dh] (every layer a ring of its last {ring:,})"
+    rings = " x ".join(map(str, [local // pp, *shape[1:3], ring, shape[4]]))
+    return (f"2 x {dims} x {cfg.kv_dtype_bytes} B [Lf, B, K, T, Dh] (full layers) + 2 x {rings} x "
+            f"{cfg.kv_dtype_bytes} B [Ll, B, K, R, Dh] (sliding/chunked layers' rings of their last {ring:,})")
 
 
 def print_architecture(out: Console, cfg) -> None:
