@@ -75,6 +75,22 @@ def test_kv_transfer_takes_bytes_over_bandwidth_plus_latency():
     assert net.batch_seconds == pytest.approx(5e-6 + 3 * 8192 / 10e9, rel=1e-12)
 
 
+def test_kv_transfer_sends_only_the_rings_of_sliding_layers():
+    """gpt-oss-120b, a 4,096-token prompt: its 18 sliding layers send their last 128 positions, not 4,096; the
+    sentence gives both figures."""
+    from moe_jax.config import get_model
+    from moe_jax.reporting.disaggregated import kv_text
+
+    cfg = get_model("gpt-oss-120b")
+    per_layer = cfg.kv_bytes_per_token // cfg.num_layers
+    nbytes = cfg.kv_bytes(4096)
+    assert nbytes == per_layer * (18 * 4096 + 18 * 128) < 4096 * cfg.kv_bytes_per_token
+    kv = kv_transfer(_hw(), 4096, cfg.kv_bytes_per_token, 1, 1, devices=2, nbytes=nbytes)
+    assert kv.bytes_per_request == nbytes
+    text = kv_text({"kv_transfer": kv.to_dict()})
+    assert "4,096 prompt tokens x 73,728 B" in text and "rings" in text
+
+
 def test_each_phase_is_ranked_on_its_own_figure_and_the_shortlist_skips_dp_copies():
     def cand(phase, name, ttft, tpot):
         n = Strategy.parse(name).num_devices
