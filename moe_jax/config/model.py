@@ -459,6 +459,11 @@ class ModelConfig:
         by_type = {"sliding_attention": self.sliding_window, "chunked_attention": -self.attention_chunk}
         return tuple(by_type.get(t, 0) for t in types[self.first_dense_layers:])
 
+    @property
+    def local_layers(self) -> int:
+        """Ll: the layer stack's sliding-window and chunked layers (those with a window, `layer_windows`)."""
+        return sum(1 for w in self.layer_windows if w)
+
     def local_cache_len(self, max_len: int, stages: int = 1) -> int:
         """R: the positions each sliding (chunked) layer's cache holds as a ring (`moe_jax.model.kv_cache`), the
         longest window or chunk capped at `max_len`; 0 when every layer keeps all `max_len` positions.
@@ -484,8 +489,7 @@ class ModelConfig:
         if not ring:
             return cache_len * self.kv_bytes_per_token
         per_layer = self.kv_bytes_per_token // self.num_layers
-        local = sum(1 for w in self.layer_windows if w)
-        return per_layer * ((self.num_layers - local) * cache_len + local * ring)
+        return per_layer * ((self.num_layers - self.local_layers) * cache_len + self.local_layers * ring)
 
     def capacity(self, group_tokens: int) -> int:
         """C: slots per expert for a group of `group_tokens` tokens (capacity dispatch)."""

@@ -146,11 +146,6 @@ class LayerCache(NamedTuple):
         """T (R for a ring layer): the positions the layer of `window` holds."""
         return self._array("k", window)[1].shape[-2]
 
-    @property
-    def length(self) -> int:
-        """T: the positions a full layer holds."""
-        return self.k.shape[-2]
-
     def advanced(self, window=0) -> LayerCache:
         """The view of the next layer after one of `window`: one further on that layer's arrays."""
         if self.ring(window):
@@ -195,18 +190,16 @@ class LayerCache(NamedTuple):
             field, a, layer = self._array(name, window)
             order = orders(self.attention)[name]
             lead = self._lead(layer)
-            S, ring = new.shape[1], self.ring(window)
-            at = start
-            if ring and S > 1:                       # the ring's slots, rolled into place, merged with what it held
-                R = a.shape[-3:][order[1:].index(1)]
+            S, R, at = new.shape[1], self.length_for(window), start
+            if self.ring(window) and S > 1:          # the ring's slots, rolled into place, merged with what it held
                 n = min(S, R)
                 first = (start + S - n) % R
                 new = jnp.roll(jnp.pad(new[:, S - n:], ((0, 0), (0, R - n), (0, 0), (0, 0))), first, axis=1)
                 written = jnp.roll(jnp.arange(R) < n, first)
-                old = jnp.transpose(self.stored(name, window), [order.index(i) for i in range(4)])
-                new, at = jnp.where(written[None, :, None, None], new, old.astype(new.dtype)), 0
-            elif ring:
-                at = start % a.shape[-3:][order[1:].index(1)]
+                old = self.read(name, window).astype(new.dtype)
+                new, at = jnp.where(written[None, :, None, None], new, old), 0
+            elif self.ring(window):
+                at = start % R
             new = constrain(jnp.transpose(stored_as(new, a.dtype), order), axes(self.attention, field)[1:],
                             what="KV cache")
             new = new.reshape(1, new.shape[0], *([1] * (len(lead) - 2)), *new.shape[1:])

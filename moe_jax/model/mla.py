@@ -153,7 +153,7 @@ class MLAttention(nnx.Module):
             cache = cache.write(latent, k_rot, positions[0])                                 # the new positions only
             if decode:                                                                       # [B, T, 1, R], [.., Dr]
                 latents, rope_keys = cache.read("k").astype(q.dtype), cache.read("v").astype(q.dtype)
-                key_pos = jnp.arange(cache.length)
+                key_pos = jnp.arange(cache.length_for())
         w_kv = self.wkv_b_hkr[...]
         w_k, w_v = w_kv[:, :Dn], w_kv[:, Dn:]                                                # [H, Dn, R], [H, Dv, R]
         c, kr = latents[:, :, 0], rope_keys[:, :, 0]                                         # [B, T, R], [B, T, Dr]

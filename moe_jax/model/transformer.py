@@ -86,7 +86,7 @@ def cache_shape(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, kv_co
                   for name, width in (("k", cfg.kv_lora_rank), ("v", cfg.qk_rope_head_dim))}
     else:
         ring = cfg.local_cache_len(max_len, stages)
-        local = sum(1 for w in cfg.layer_windows if w) if ring else 0
+        local = cfg.local_layers if ring else 0
         heads = cfg.num_kv_heads * kv_copies
         shapes = {}
         if cfg.stack_layers > local:

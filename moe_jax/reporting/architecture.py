@@ -9,6 +9,7 @@ and shared experts, dense layers, routing, biases, RoPE, dtypes), with the numbe
 from __future__ import annotations
 
 from moe_jax.config import ModelConfig
+from moe_jax.config.model import MAX_SIZE
 from moe_jax.names import DTYPES, FP8
 from moe_jax.units import human_bytes
 
@@ -55,9 +56,8 @@ def _kv_cache(cfg: ModelConfig) -> str:
                 f"would be {expanded:,} B per layer ({expanded / per_layer:.0f}x)")
     text = (f"{human_bytes(cfg.kv_bytes_per_token)} per token ({cfg.kv_bytes_per_token:,} B: {per_layer:,} B per layer "
             f"= k and v, {cfg.num_kv_heads} heads x {cfg.head_dim}, {dtype})")
-    local = sum(1 for w in cfg.layer_windows if w)
-    if local:
-        ring = max(abs(w) for w in cfg.layer_windows)
+    local, ring = cfg.local_layers, cfg.local_cache_len(MAX_SIZE)      # the ring at any context past it
+    if ring:
         text += (f"; the {local} sliding-window/chunked layers keep a ring of their last {ring:,} positions, so past "
                  f"{ring:,} a sequence holds {human_bytes(per_layer * (cfg.num_layers - local))} more per token "
                  "(a pipeline whose stages' layer patterns differ keeps every layer at full length)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from moe_jax.config.model import MAX_SIZE
 from moe_jax.reporting.markdown import compiled_by
 from moe_jax.reporting.rows import RANKED_COLUMNS, comparison_rows, dispatch_cells, ranked_cells
 from moe_jax.units import gb as _gb
@@ -24,7 +25,7 @@ def _billions(n: int) -> str:
 def _kv_per_token(cfg) -> str:
     """KV cache bytes per token; with sliding or chunked layers (rings of R positions) also what a token past R
     adds (the full layers' share)."""
-    ring = cfg.local_cache_len(1 << 62)
+    ring = cfg.local_cache_len(MAX_SIZE)                   # the ring at any context past it
     if not ring:
         return _bytes(cfg.kv_bytes_per_token)
     past = cfg.kv_bytes(ring + 1) - cfg.kv_bytes(ring)
@@ -137,7 +138,7 @@ def _cache_how(cfg, shape: list[int], ring: int = 0, pp: int = 1) -> str:
                 f"x {cfg.kv_dtype_bytes} B{dense}")
     if not ring:
         return f"2 x {dims} x {cfg.kv_dtype_bytes} B [L, B, K, T, Dh]{dense}"
-    local = sum(1 for w in cfg.layer_windows if w)
+    local = cfg.local_layers
     if local == cfg.stack_layers:
         return f"2 x {dims} x {cfg.kv_dtype_bytes} B [L, B, K, R, Dh] (every layer a ring of its last {ring:,})"
     rings = " x ".join(map(str, [local // pp, *shape[1:3], ring, shape[4]]))
