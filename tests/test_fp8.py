@@ -272,10 +272,12 @@ def test_analyze_fp8_reports_half_the_weight_bytes(tmp_path):
     assert fp8["memory"]["kv_cache"] == bf16["memory"]["kv_cache"]
     assert kv8["memory"]["kv_cache"] * 2 == bf16["memory"]["kv_cache"]
     assert kv8["memory"]["weights"] == bf16["memory"]["weights"]
-    # the matmuls multiply the FP8 values as stored and scale their outputs (`weight_einsum`): XLA:CPU's decode
-    # moves 0.58x of bf16's HBM bytes (measured; 0.81x when the weights were dequantized where read; XLA:GPU's
-    # program for h200 0.53x, see docs/hardware.md "FP8")
-    assert fp8["phases"]["decode"]["hbm_bytes"] < 0.65 * bf16["phases"]["decode"]["hbm_bytes"]
+    # the matmuls multiply the FP8 values as stored and scale their outputs (`weight_einsum`): XLA:GPU's program
+    # for h200 moves 0.53x of bf16's HBM bytes (docs/hardware.md "FP8", tests/test_program_layout.py). XLA:CPU's
+    # decode moves 0.88x: it re-lays out each layer's expert weights into a copy written at the compute width,
+    # so FP8 halves only the read (0.58x was counted when the walk took every fused convert-then-slice of a
+    # stacked weight as reading all layers)
+    assert fp8["phases"]["decode"]["hbm_bytes"] < 0.92 * bf16["phases"]["decode"]["hbm_bytes"]
 
 
 @pytest.mark.parametrize("spec", ["EP2-TP2-PP2", "EP4-TP2"])

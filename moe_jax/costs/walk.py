@@ -308,6 +308,12 @@ def _read_bytes(comp, name: str, module: Module, depth: int = 0, updated: bool =
             inner = _read_bytes(comp, u.name, module, depth + 1, updated=True)
             if inner is not None and u.opcode == "scatter":
                 inner += min(u.bytes, _update_bytes(u, comp))   # the rows it combines into
+        elif u.opcode == "convert" and not updated:
+            # an elementwise convert ahead of a slice (XLA:GPU's in-place product of an unrolled layer's weight:
+            # the whole stacked operand converted, then the layer sliced) is computed only where it is read
+            further = _read_bytes(comp, u.name, module, depth + 1)
+            source = comp.by_name.get(name)
+            inner = None if further is None or source is None else further * source.bytes // max(u.bytes, 1)
         elif u.opcode in ("bitcast", "reshape") or _relayout_only(u, module):
             # XLA:TPU nests a tiling change of a stacked weight ([L, ...] f8 from T(32,128) to T(8,128)) one
             # fusion deeper, ahead of the layer's dynamic-slice: the fusion re-tiles the windows it reads, the
@@ -486,6 +492,18 @@ def _applications(instr: Instruction, comp) -> int:
     return max((_first_elements(src.shape) if src else 0) - _first_elements(instr.shape), 0)
 
 
+def _sliced_elements(instr: Instruction, comp) -> int | None:
+    """Elements of a fused elementwise op that are computed, when every use slices it: a fusion's emitter
+    computes an element only where it is read (XLA:GPU's in-place product of an unrolled layer's weight
+    converts the whole stacked operand, then slices the layer). None: every element is computed."""
+    if instr.opcode not in _ELEMENTWISE or not instr.elements:
+        return None
+    users = comp.users(instr.name)
+    if not users or any(u.opcode not in _SLICING or u.operands[0] != instr.name for u in users):
+        return None
+    return min(sum(u.elements for u in users), instr.elements)
+
+
 def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None,
                  module: Module | None = None) -> tuple[int, int, int]:
     """(flops, matmul flops, transcendentals) of one instruction, not looking into called computations
@@ -652,6 +670,9 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
         total, by_scope = [0, 0, 0], defaultdict(int)
         for instr in comp.instructions:
             parts = _instr_flops(instr, comp, hints, module)
+            read = _sliced_elements(instr, comp)
+            if read is not None:                # computed only where its slices read it
+                parts = tuple(p * read // instr.elements for p in parts)
             by_scope[model_phase(instr.op_name)] += parts[0]
             if instr.opcode == "fusion":
                 for role, callee in module.calls(instr):
