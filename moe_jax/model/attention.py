@@ -90,6 +90,34 @@ def attend(q, k, v, mask, *, sinks=None):
     return out.reshape(B, S, H, v.shape[-1])
 
 
+def attend_with_new(q, k, v, mask, k_new, v_new, *, sinks=None):
+    """`attend` over the cache's keys and values k, v [B, T, K, Dh] (mask [S, T]) and, beside them, the query's own
+    new key and value k_new, v_new [B, S, K, Dh] (S = 1: one decode position, always visible to itself), as if
+    they were stored in one more slot: the same softmax, over T + 1 scores.
+
+    For a cache whose writes are deferred (`moe_jax.model.kv_cache.LayerCache.deferred`): the products read the
+    cache as it was, so XLA:GPU's gemm fusion reads each layer's slice in place. The softmax is written out
+    (max, exponentials, one denominator) so neither the scores nor the probabilities are joined or split."""
+    B, S, H, Dh = q.shape
+    if S != 1:
+        raise ValueError(f"attend_with_new takes one query position, not {S}")
+    K = k.shape[2]
+    qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
+    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
+    own = jnp.einsum("bskgd,bskd->bkgs", qg, k_new, preferred_element_type=F32)[..., None] * Dh ** -0.5
+    m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), own)            # [B, K, G, S, 1]
+    if sinks is not None:
+        sink = _sink_logits(sinks, K)[None, :, :, None, None]
+        m = jnp.maximum(m, sink)
+    p, p_own = jnp.exp(scores - m), jnp.exp(own - m)
+    total = jnp.sum(p, axis=-1, keepdims=True) + p_own + (0 if sinks is None else jnp.exp(sink - m))
+    out = (jnp.einsum("bkgst,btkd->bskgd", (p / total).astype(v.dtype), v, preferred_element_type=F32)
+           + jnp.einsum("bkgs,bskd->bskgd", (p_own / total)[..., 0].astype(v.dtype), v_new,
+                        preferred_element_type=F32))
+    return out.astype(v.dtype).reshape(B, S, H, v.shape[-1])
+
+
 def attend_stored(q, k, v, mask, *, sinks=None):
     """`attend` over keys and values in the KV cache's stored order (`moe_jax.model.kv_cache.orders`), each
     product written as a multiply and an f32 sum over the stored array's minor dimension.

@@ -39,6 +39,12 @@ class Kernels:
     attend_stored`) rather than batched matmuls, which XLA:GPU feeds with a copy of each layer's keys and values.
     Off on every platform: on one H200 (bench/RESULTS.md, "Decode kernels") the reductions ran at 0.2-0.4 TB/s
     and the copy and gemm were faster at every batch (qwen3-30b-a3b at batch 64: 74 against 107 ms a step)."""
+    unrolled_decode_layers: bool = False
+    """A decode step runs its layers one after another in the program rather than as a loop
+    (`moe_jax.model.stack.run_layers`): each layer's weights and cache entries are then slices at indices known
+    when the program is built, which XLA:GPU's gemm fusions read where they are stored instead of copying
+    them out of the stacked arrays first (and GQA's cache writes wait for the last layer). The GPU's, for
+    more rows than `max_in_place_rows`; its decode programs take longer to compile."""
     max_in_place_rows: int = 4
     """Most activation rows per weight matrix that `in_place_weight_einsum` multiplies in place
     (`moe_jax.model.layers.in_place_rows`); more rows take the gemm (and its copy of the layer's slice).
@@ -53,7 +59,7 @@ class Kernels:
         native = platform != Backend.CPU
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
-                   narrow_manual_all_reduce=native)
+                   narrow_manual_all_reduce=native, unrolled_decode_layers=gpu)
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:

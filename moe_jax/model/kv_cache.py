@@ -126,6 +126,13 @@ class LayerCache(NamedTuple):
     """The ring layers' values [Ll, B, K·r, Dh, R]."""
     local_layer: jax.Array | int = 0
     """int32 scalar: this layer's index on the ring arrays' leading axis (a ring layer's)."""
+    deferred: tuple | None = None
+    """None: `write` updates the arrays. A tuple: `write` leaves them as they were and adds its updates here,
+    ((field, index, values), ...), for `write_deferred` to make after the last layer has read the cache (one
+    decode position per call): each layer then reads the cache it was given, not one the step just updated.
+    Why: XLA:GPU's gemm fusion reads a layer's slice in place only when it is sliced from a parameter
+    (`moe_jax.model.stack.run_layers` unrolled); the new position's keys and values join the attention apart
+    (`moe_jax.model.attention.attend_with_new`)."""
 
     def ring(self, window=0) -> bool:
         """Whether the layer of `window` keeps its keys and values in the ring arrays."""
@@ -178,14 +185,22 @@ class LayerCache(NamedTuple):
         slots = jnp.arange(T, dtype=jnp.int32)
         return last - (last - slots) % T if self.ring(window) else slots
 
+    @property
+    def dtype(self):
+        """The dtype the cache stores keys and values in."""
+        return (self.k if self.k is not None else self.local_k).dtype
+
     def write(self, k, v, start, window=0) -> LayerCache:
         """The cache with this layer's keys and values k, v [B, S, K·r, Dh] stored at positions [start, start + S).
 
         Only the new positions are written (in place in a donated or scan-carried buffer); under `keep`
         False, the positions are rewritten with what they held. A ring layer writes position t in slot t mod R,
-        of a call longer than R its last R positions (the whole ring, rewritten once).
+        of a call longer than R its last R positions (the whole ring, rewritten once). A `deferred` view
+        records the update instead (one position, S = 1).
         """
-        out = {}
+        if self.deferred is not None and k.shape[1] != 1:
+            raise ValueError(f"a deferred KV cache write takes one position per call (decode), not {k.shape[1]}")
+        out, pending = {}, []
         for name, new in zip(NAMES, (k, v), strict=True):
             field, a, layer = self._array(name, window)
             order = orders(self.attention)[name]
@@ -204,7 +219,24 @@ class LayerCache(NamedTuple):
                             what="KV cache")
             new = new.reshape(1, new.shape[0], *([1] * (len(lead) - 2)), *new.shape[1:])
             index = (*lead, *(at if i == 1 else 0 for i in order[1:]))
+            if self.deferred is not None:
+                pending.append((field, index, new))
+                continue
             if self.keep is not None:
                 new = jnp.where(self.keep, new, jax.lax.dynamic_slice(a, index, new.shape))
             out[field] = jax.lax.dynamic_update_slice(a, new, index)
+        if self.deferred is not None:
+            return self._replace(deferred=(*self.deferred, *pending))
         return self._replace(**out)
+
+
+def write_deferred(cache: dict, pending, keep=None) -> dict:
+    """`cache` ({field: stacked array}) with the updates deferred views recorded (`LayerCache.deferred`) made,
+    each in place; under `keep` False, left as they were (a pipeline tick in the bubble)."""
+    cache = dict(cache)
+    for field, index, new in pending:
+        a = cache[field]
+        if keep is not None:
+            new = jnp.where(keep, new, jax.lax.dynamic_slice(a, index, new.shape))
+        cache[field] = jax.lax.dynamic_update_slice(a, new, index)
+    return cache

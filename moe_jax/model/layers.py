@@ -15,8 +15,9 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import ShardingError
-from moe_jax.model.attention import attend, attend_stored, causal_attend, first_visible, window_mask
+from moe_jax.model.attention import attend, attend_stored, attend_with_new, causal_attend, first_visible, window_mask
 from moe_jax.model.execution import Kernels
+from moe_jax.model.kv_cache import stored_as
 from moe_jax.model.quant import Fp8Weight, fp8_source
 from moe_jax.names import FP8
 from moe_jax.parallel.rules import batch_shards, constrain, kv_copies_in_force
@@ -335,7 +336,8 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "cache_heads", "head_dim"))
 
         keys, values, key_pos = k, v, positions
-        stored = decode and cache is not None and S == 1 and self.kernels.in_place_decode_attention
+        deferred = decode and cache is not None and cache.deferred is not None    # the cache as it was, + k, v
+        stored = decode and cache is not None and S == 1 and self.kernels.in_place_decode_attention and not deferred
         if cache is not None:
             cache = cache.write(k, v, positions[0], window)                    # in place: the new positions only
             if decode:                      # [B, T, K·r, Dh] views of the cache, or as stored (positions on `t_axes`)
@@ -343,7 +345,8 @@ class Attention(nnx.Module):
                 keys, values = view("k", window).astype(q.dtype), view("v", window).astype(q.dtype)
                 t_axes = (2, 3) if stored else (1, 1)
                 T = cache.length_for(window)
-                key_pos = cache.positions(positions[-1], window)               # a ring's slots hold its last R
+                # a ring's slots hold its last R (deferred: as they were before this position's write)
+                key_pos = cache.positions(positions[-1] - 1 if deferred else positions[-1], window)
                 span = abs(window) + S - 1 if isinstance(window, int) and window else 0
                 if cache.ring(window):
                     if S > 1:
@@ -357,7 +360,12 @@ class Attention(nnx.Module):
         sinks = self.sinks_h[...] if cfg.attention_sinks else None
         if decode:                                      # the cache, masked by position (a ring's unwritten slots too)
             mask = window_mask(positions[:, None], key_pos[None, :], window) & (key_pos >= 0)[None, :]
-            out = (attend_stored if stored else attend)(q, keys, values, mask, sinks=sinks)   # [B, S, H, Dh]
+            if deferred:                                # the slots before this position; its own key apart
+                as_stored = [stored_as(a, cache.dtype).astype(q.dtype) for a in (k, v)]
+                out = attend_with_new(q, keys, values, mask & (key_pos < positions[0])[None, :], *as_stored,
+                                      sinks=sinks)
+            else:
+                out = (attend_stored if stored else attend)(q, keys, values, mask, sinks=sinks)   # [B, S, H, Dh]
         elif sinks is None and isinstance(window, int) and not window:        # this call's own keys: causal
             out = causal_attend(q, keys, values)                               # blockwise, no S x S
         else:

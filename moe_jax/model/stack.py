@@ -19,10 +19,10 @@ from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.dense_layers import dense_cache_axes, make_dense_blocks
 from moe_jax.model.execution import Kernels
-from moe_jax.model.kv_cache import LayerCache, axes
-from moe_jax.model.layers import Attention, Norm
+from moe_jax.model.kv_cache import LayerCache, axes, write_deferred
+from moe_jax.model.layers import Attention, Norm, in_place_rows
 from moe_jax.model.moe import MoE
-from moe_jax.parallel.rules import constrain
+from moe_jax.parallel.rules import batch_shards, constrain
 
 
 class Block(nnx.Module):
@@ -107,14 +107,16 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     num_layers = num_blocks * size
     ring = cache is not None and "local_k" in cache       # sliding/chunked layers keep rings (`kv_cache`)
 
-    def one(x, kv, params, index, local_index, window):
+    def one(x, kv, params, index, local_index, window, defer: bool = False):
+        """One block; returns (x, kv, dropped, the cache updates it deferred: `LayerCache.deferred`)."""
         view = None if kv is None else LayerCache(kv.get("k"), kv.get("v"), index, microbatch, keep, attention,
-                                                  kv.get("local_k"), kv.get("local_v"), local_index)
+                                                  kv.get("local_k"), kv.get("local_v"), local_index,
+                                                  () if defer else None)
         extra = {} if isinstance(window, int) and not window else {"window": window}   # as before windows existed
         x, view, dropped = nnx.merge(graphdef, params)(x, positions, view, decode=decode, **extra)
         if view is None:
-            return x, None, dropped
-        return x, {name: getattr(view, name) for name in kv}, dropped
+            return x, None, dropped, ()
+        return x, {name: getattr(view, name) for name in kv}, dropped, view.deferred or ()
 
     kv = None if cache is None else dict(cache)
     static = windows is None or isinstance(windows, tuple)
@@ -140,8 +142,15 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     def layer(carry, per_layer):
         x, kv = carry
         params, index, local_index, *window = per_layer
-        x, kv, dropped = one(x, kv, params, index, local_index, window[0] if window else windows[0])
+        x, kv, dropped, _ = one(x, kv, params, index, local_index, window[0] if window else windows[0])
         return (x, kv), dropped
+
+    # not in a pipeline stage: its layers run inside the ticks' loop, where the weights and the cache are the
+    # loop's values, not parameters (nothing to gain), and the microbatch's index is traced
+    if decode and microbatch is None and unrolled(blocks.attn.kernels, x):
+        # GQA's attention reads the cache as it was and writes after the last layer (`attend_with_new`)
+        defer = kv is not None and attention != "mla" and x.shape[1] == 1
+        return _unrolled(one, stacked, x, kv, num_blocks, size, windows, static, entries, defer, keep)
 
     if not static or p == 1:                    # one window for all layers (or traced ones): one block per step
         full, local = entries(windows[:1]) if static else (size, 0)
@@ -159,14 +168,55 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
         params, g = per_group
         drops = []
         for j in range(p):                      # unrolled: each block of the group with its own static window(s)
-            x, kv, dropped = one(x, kv, jax.tree.map(lambda a, j=j: a[j], params), g * full + before[j][0],
-                                 g * local + before[j][1], windows[j])
+            x, kv, dropped, _ = one(x, kv, jax.tree.map(lambda a, j=j: a[j], params), g * full + before[j][0],
+                                    g * local + before[j][1], windows[j])
             drops.append(dropped)
         return (x, kv), jnp.stack(drops)
 
     grouped = jax.tree.map(lambda a: a.reshape(num_blocks // p, p, *a.shape[1:]), stacked)
     (x, kv), dropped = jax.lax.scan(group, (x, kv), (grouped, jnp.arange(num_blocks // p, dtype=jnp.int32)))
     return x, kv, dropped.reshape(num_blocks, *dropped.shape[2:])
+
+
+def unrolled(kernels: Kernels, x) -> bool:
+    """Whether a decode step over activations x [B, S, D] runs its layers unrolled: the target's form
+    (`Kernels.unrolled_decode_layers`) for more rows per device than its in-place products take
+    (`moe_jax.model.layers.in_place_rows`). With fewer, the products read the scanned weights in place
+    already; unrolled, XLA:GPU re-lays out the KV cache (qwen3-30b-a3b at batch 1: 1.6x the bytes the step
+    needs, against 1.07x scanned)."""
+    B, S = x.shape[:2]
+    return kernels.unrolled_decode_layers and not in_place_rows(B // batch_shards(B) * S, kernels)
+
+
+def _unrolled(one, stacked, x, kv, num_blocks: int, size: int, windows, static: bool, entries, defer: bool, keep):
+    """`run_layers`' blocks one after another in the program, each reading its parameters and cache entries at
+    indices fixed when the program is built (`unrolled`).
+
+    Why: in a scan, XLA:GPU copies each layer's slice of a stacked weight (and of the KV cache) out before
+    its gemm, every step; a slice at a constant index is read in place by the gemm fusion, but only a slice of
+    a parameter. So with `defer` (GQA, one position) the layers read the cache as the step was given it and
+    their writes are made after the last layer (`LayerCache.deferred`; the attention adds the position's own
+    key and value apart, `moe_jax.model.attention.attend_with_new`); MLA writes as it goes.
+    qwen3-30b-a3b on one H200 at batch 64 (deviceless compile): a step moves 2.29e11 bytes scanned, 0.99e11
+    unrolled, 0.85e11 unrolled with deferred writes, for 0.75e11 needed. Still copied: the attention projections
+    (XLA's dot merger concatenates q, k and v's weights) and the output projection.
+    The program grows with the layers: that compile takes 38 s instead of 10."""
+    drops, pending = [], []
+    for b in range(num_blocks):
+        params = jax.tree.map(lambda a, b=b: a[b], stacked)
+        if static:
+            index, local_index = entries(windows[:b])      # the cache entries the blocks before this one take
+            window = windows[b]
+        else:                                              # traced windows: no rings, `size` entries a block
+            index, local_index, window = b * size, 0, windows[b]
+        x, kv, dropped, done = one(x, kv, params, index, local_index, window, defer)
+        drops.append(dropped)
+        pending += done
+    if pending:
+        # after every layer has read the cache (x depends on them all), so XLA writes it in place
+        x, kv = jax.lax.optimization_barrier((x, kv))
+        kv = write_deferred(kv, pending, keep)
+    return x, kv, jnp.stack(drops)
 
 
 def run_dense_layers(blocks, x, positions, cache: dict | None, decode: bool, cfg: ModelConfig):

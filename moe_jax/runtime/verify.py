@@ -57,10 +57,12 @@ class Verification:
 
 
 def verify_sharding(cfg: ModelConfig, strategy: Strategy, *, batch: int = 8, prompt_len: int = 16,
-                    gen_len: int = 4, seed: int = 0, tolerance: float = 1e-4) -> Verification:
+                    gen_len: int = 4, seed: int = 0, tolerance: float = 1e-4, kernels=None) -> Verification:
     """Run `cfg` sharded by `strategy` on jax's devices and compare with one device.
 
     Use `exact_config(cfg)` for a tight comparison: f32 (bf16 differs by rounding order alone) and no drops.
+    kernels: the sharded programs' forms (`moe_jax.model.execution.Kernels`); None for those of jax's devices.
+    Another target's forms run here where they compile (e.g. a GPU's unrolled decode layers on CPU devices).
     """
     import jax
     import jax.numpy as jnp
@@ -83,11 +85,11 @@ def verify_sharding(cfg: ModelConfig, strategy: Strategy, *, batch: int = 8, pro
     tokens = jax.random.randint(jax.random.key(seed + 1), (batch, total), 0, cfg.vocab_size)
     ref_logits = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, tokens))
 
-    sharded = ShardedModel(cfg, strategy)
+    sharded = ShardedModel(cfg, strategy, kernels=kernels)
     params = sharded.shard_params(state)
     forward = np.asarray(sharded.forward(params, sharded.put_tokens(tokens)).logits)
     prompt = sharded.put_tokens(tokens[:, :prompt_len])
-    full = ShardedModel(cfg, strategy, sharded.mesh, full_logits=True)
+    full = ShardedModel(cfg, strategy, sharded.mesh, full_logits=True, kernels=kernels)
     prefill_full = np.asarray(full.prefill(params, prompt, sharded.init_cache(batch, total)).logits)
     out = sharded.prefill(params, prompt, sharded.init_cache(batch, total))     # serving: last position
     prefill_err = max(float(np.max(np.abs(prefill_full - ref_logits[:, :prompt_len]))),
