@@ -157,11 +157,12 @@ def test_gpu_decode_multiplies_the_experts_in_place_only_for_few_rows(model, bat
     assert (reductions > 0 and gemms == 0) if in_place else (gemms > 0 and reductions == 0), (gemms, reductions)
 
 
-@pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "deepseek-v3-tiny", "llama4-maverick-tiny"])
+@pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "deepseek-v3-tiny", "llama4-maverick-tiny", "glm-4.5-tiny"])
 def test_unrolled_decode_layers_equal_the_scan(model):
     """The GPU's decode program runs its layers unrolled (`Kernels.unrolled_decode_layers`), each at a cache
     entry fixed when the program is built: on CPU it decodes the scan's logits, for full and ring (sliding,
-    chunked) layers, MLA's latent cache after a dense first layer, and Maverick's blocks of two layers."""
+    chunked) layers, MLA's latent cache after a dense first layer, Maverick's blocks of two layers, and GLM-4.5's
+    GQA dense first layers (their own stack, its writes deferred apart from the MoE layers')."""
     cfg = exact_config(get_model(model))
     state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
     prompt = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)

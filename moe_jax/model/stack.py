@@ -1,4 +1,5 @@
-"""The layer stack: one decoder block, and L of them (parameters stacked on a leading axis) run by `lax.scan`.
+"""The layer stack: one decoder block, and L of them (parameters stacked on a leading axis) run by `lax.scan`, or
+unrolled in a GPU's decode step (`unrolled`).
 
 Both the transformer (unpipelined) and the pipeline (each stage's share of the layers) run it.
 
@@ -78,7 +79,8 @@ def period(windows: tuple[int, ...]) -> int:
 
 
 def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=None, keep=None, windows=None):
-    """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan`.
+    """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan` (a GPU's decode step, outside a
+    pipeline: one after another, `unrolled`).
 
     Blocks of I layers (`Block.group_layers`, ``cfg.moe_interleave``): the L layers below are the blocks' layers,
     L / I blocks scanned, and `windows`, static or traced, has one entry per layer; dropped has one row per block
