@@ -8,6 +8,7 @@ killed in `finally`, whatever happens.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -196,7 +197,10 @@ def test_a_peer_lost_mid_run_ends_the_survivor_within_the_timeout(tmp_path, vict
     assert survivor.returncode == CLUSTER_EXIT_STATUS, err[-3000:]
     assert f"moe-jax: error: process {1 - victim} of 2" in err and "Traceback" not in err
     if signal_name == "STOP":
-        assert f"no progress for {timeout} s during decode step 2" in err and "a peer process died" in err
+        # the step the survivor is stuck in: 2, or 1 when the victim dispatched step 1 asynchronously and stopped
+        # at step 2 while the survivor was still compiling or running step 1 (seen under load)
+        assert re.search(rf"no progress for {timeout} s during decode step [12]\b", err), err[-3000:]
+        assert "a peer process died" in err
     elif victim == 0:                    # the collective fails, or jax's client aborts first (the supervisor says so)
         assert "a peer process probably died" in err or "coordinator (process 0) is gone" in err, err[-3000:]
         assert "Check failure" not in err
