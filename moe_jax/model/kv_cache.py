@@ -219,24 +219,21 @@ class LayerCache(NamedTuple):
                             what="KV cache")
             new = new.reshape(1, new.shape[0], *([1] * (len(lead) - 2)), *new.shape[1:])
             index = (*lead, *(at if i == 1 else 0 for i in order[1:]))
+            if self.keep is not None:
+                new = jnp.where(self.keep, new, jax.lax.dynamic_slice(a, index, new.shape))
             if self.deferred is not None:
                 pending.append((field, index, new))
                 continue
-            if self.keep is not None:
-                new = jnp.where(self.keep, new, jax.lax.dynamic_slice(a, index, new.shape))
             out[field] = jax.lax.dynamic_update_slice(a, new, index)
         if self.deferred is not None:
             return self._replace(deferred=(*self.deferred, *pending))
         return self._replace(**out)
 
 
-def write_deferred(cache: dict, pending, keep=None) -> dict:
+def write_deferred(cache: dict, pending) -> dict:
     """`cache` ({field: stacked array}) with the updates deferred views recorded (`LayerCache.deferred`) made,
-    each in place; under `keep` False, left as they were (a pipeline tick in the bubble)."""
+    each in place (under the views' `keep`, what `LayerCache.write` recorded is already what the slots held)."""
     cache = dict(cache)
     for field, index, new in pending:
-        a = cache[field]
-        if keep is not None:
-            new = jnp.where(keep, new, jax.lax.dynamic_slice(a, index, new.shape))
-        cache[field] = jax.lax.dynamic_update_slice(a, new, index)
+        cache[field] = jax.lax.dynamic_update_slice(cache[field], new, index)
     return cache

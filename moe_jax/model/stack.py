@@ -152,7 +152,7 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     if decode and microbatch is None and unrolled(blocks.attn.kernels, x):
         # GQA's attention reads the cache as it was and writes after the last layer (`attend_with_new`)
         defer = kv is not None and attention != "mla" and x.shape[1] == 1
-        return _unrolled(one, stacked, x, kv, num_blocks, size, windows, static, entries, defer, keep)
+        return _unrolled(one, stacked, x, kv, num_blocks, size, windows, static, entries, defer)
 
     if not static or p == 1:                    # one window for all layers (or traced ones): one block per step
         full, local = entries(windows[:1]) if static else (size, 0)
@@ -190,7 +190,7 @@ def unrolled(kernels: Kernels, x) -> bool:
     return kernels.unrolled_decode_layers and not in_place_rows(B // batch_shards(B) * S, kernels)
 
 
-def _unrolled(one, stacked, x, kv, num_blocks: int, size: int, windows, static: bool, entries, defer: bool, keep):
+def _unrolled(one, stacked, x, kv, num_blocks: int, size: int, windows, static: bool, entries, defer: bool):
     """`run_layers`' blocks one after another in the program, each reading its parameters and cache entries at
     indices fixed when the program is built (`unrolled`).
 
@@ -217,7 +217,7 @@ def _unrolled(one, stacked, x, kv, num_blocks: int, size: int, windows, static: 
     if pending:
         # after every layer has read the cache (x depends on them all), so XLA writes it in place
         x, kv = jax.lax.optimization_barrier((x, kv))
-        kv = write_deferred(kv, pending, keep)
+        kv = write_deferred(kv, pending)
     return x, kv, jnp.stack(drops)
 
 
