@@ -73,6 +73,16 @@ def _sink_logits(sinks, K: int):
     return sinks.astype(F32).reshape(K, -1)
 
 
+def _grouped_scores(q, k, mask):
+    """(q grouped by KV head [B, S, K, H/K, Dh], f32 scores [B, K, H/K, S, T] scaled by Dh^-1/2, masked positions
+    at the f32 minimum) for q [B, S, H, Dh], k [B, T, K, Dh], mask [S, T]."""
+    B, S, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, S, K, H // K, Dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
+    return qg, jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
+
+
 def attend(q, k, v, mask, *, sinks=None):
     """Grouped-query attention. q [B, S, H, Dh], k/v [B, T, K, Dh], mask [S, T] (True = may attend).
     sinks: None, or [H] logits that join each query head's softmax denominator (gpt-oss) and carry no value.
@@ -82,9 +92,7 @@ def attend(q, k, v, mask, *, sinks=None):
     keys, so the result does not depend on r."""
     B, S, H, Dh = q.shape
     K = k.shape[2]
-    qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
-    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
+    qg, scores = _grouped_scores(q, k, mask)
     probs = _softmax(scores, None if sinks is None else _sink_logits(sinks, K)[None, :, :, None, None])
     out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v)
     return out.reshape(B, S, H, v.shape[-1])
@@ -102,9 +110,7 @@ def attend_with_new(q, k, v, mask, k_new, v_new, *, sinks=None):
     if S != 1:
         raise ValueError(f"attend_with_new takes one query position, not {S}")
     K = k.shape[2]
-    qg = q.reshape(B, S, K, H // K, Dh)                                      # [B, S, K, H/K, Dh]
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=F32) * Dh ** -0.5
-    scores = jnp.where(mask[None, None, None], scores, jnp.finfo(F32).min)
+    qg, scores = _grouped_scores(q, k, mask)
     own = jnp.einsum("bskgd,bskd->bkgs", qg, k_new, preferred_element_type=F32)[..., None] * Dh ** -0.5
     m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), own)            # [B, K, G, S, 1]
     if sinks is not None:
