@@ -38,6 +38,9 @@ class OpCost:
     """The dtype its matmul multiplies in, as `moe_jax.names.DTYPES` names it (``bfloat16``, ``float8_e4m3fn``):
     both operands' when they agree, else the wider one's (an FP8 weight multiplied by bf16 activations runs at
     the bf16 rate); empty for an op without a matmul."""
+    kernel: str = ""
+    """The Pallas kernel the op calls (`moe_jax.model.flash.NAME`: prefill's fused attention), timed at the
+    hardware's `fused_attention_efficiency`; empty for XLA's own ops."""
 
 
 @dataclass

@@ -65,7 +65,7 @@ from moe_jax.costs.types import (
     WalkResult,
     WalkTotals,
 )
-from moe_jax.model import scopes
+from moe_jax.model import flash, scopes
 from moe_jax.model.moe import receive_rows
 from moe_jax.names import DTYPES, Backend, Dispatch
 from moe_jax.parallel.mesh import Strategy
@@ -170,7 +170,8 @@ def dot_dtype(instr: Instruction, comp, module: Module | None = None) -> str:
                     if found:
                         return found
         return ""
-    if instr.opcode not in ("dot", "convolution", "ragged-dot") and not _is_grouped_kernel(instr):
+    if instr.opcode not in ("dot", "convolution", "ragged-dot") and not _is_grouped_kernel(instr) \
+            and _flash_cost(instr, comp) is None:
         return ""
     types = []
     for name in instr.operands[:2]:
@@ -442,6 +443,19 @@ def _gemm_call_flops(instr: Instruction, comp) -> int:
     return 2 * math.prod(arrays(instr.shape)[0][1]) * contracting
 
 
+def _flash_cost(instr: Instruction, comp) -> dict | None:
+    """`moe_jax.model.flash.kernel_cost` of a call to prefill's fused attention kernel (a Triton custom call whose
+    name carries its tiles and window), from its q, k, v operands; None for any other instruction."""
+    if instr.opcode != "custom-call" or flash.NAME not in instr.op_name:
+        return None
+    params = flash.parse_kernel_name(instr.op_name)
+    shapes = [arrays(comp.by_name[n].shape) for n in instr.operands[:3] if n in comp.by_name]
+    if params is None or len(shapes) != 3 or not all(shapes):
+        return None
+    (dtype, (B, S, H, Dh)), (_, (_, K, _, _)), (_, (_, _, Dv, _)) = (s[0] for s in shapes)   # k, v as cached
+    return flash.kernel_cost(B, S, H, K, Dh, Dv, dtype_bytes(dtype), params["bq"], params["bk"], params["window"])
+
+
 def _first_elements(shape: str) -> int:
     """Elements of the first array of a (possibly tuple) shape."""
     found = arrays(shape)
@@ -529,6 +543,9 @@ def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None,
     if op == "custom-call" and re.search(r'custom_call_target="__cublas\$', instr.attrs):
         f = _gemm_call_flops(instr, comp)
         return f, f, 0
+    kernel = _flash_cost(instr, comp)
+    if kernel is not None:
+        return kernel["flops"], kernel["flops"], kernel["transcendentals"]
     if op in _ELEMENTWISE:
         return instr.elements, 0, 0
     if op in ("reduce", "reduce-window", "scatter"):
@@ -726,7 +743,8 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
             base = op[:-len("-start")] if op.endswith("-start") else op
             is_collective = base in _COLLECTIVE_KINDS
             ops.append(OpCost(instr.name, op, scope, flops, matmul, trans, moved, n, is_collective,
-                              dot_dtype(instr, comp, module) if matmul else ""))
+                              dot_dtype(instr, comp, module) if matmul else "",
+                              flash.NAME if _flash_cost(instr, comp) is not None else ""))
             if is_collective:
                 groups = parse_replica_groups(instr.opcode + " " + instr.attrs)
                 c = Collective(base, instr.name, instr.shape, tuple(tuple(g) for g in groups), instr.op_name)

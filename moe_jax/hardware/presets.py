@@ -112,6 +112,9 @@ class Hardware:
     decode_step_overhead_s: float = 0.0
     """The host's cost of one greedy decode step beyond its kernels: dispatching the step and the next token's
     argmax, and waiting on the token; 0 where not measured (TPUs)."""
+    fused_attention_efficiency: float = 0.0
+    """The fraction of the matmul peak that prefill's fused attention kernel (`moe_jax.model.flash`, its QKᵀ and PV
+    FLOPs, exponentials included) reaches; 0: `flops_efficiency`."""
 
     @property
     def achievable_flops(self) -> float:
@@ -206,6 +209,12 @@ over 8 cases (qwen3-30b-a3b, mixtral-8x7b, seed-30b, batch 1-8); the reduction k
 products (1 to 5 rows per weight matrix) ran at 5.0-6.5 TFLOP/s, 0.09 of the FP32 peak. Host and compiler
 costs: taken for the other NVIDIA presets too (their own not measured)."""
 
+_GPU_KERNELS = {"fused_attention_efficiency": 0.4}
+"""Not measured on moe-jax's kernel yet; taken from a published one: Triton's fused attention forward on an H100 SXM5
+at head dim 128 and 2k positions, without a causal mask, ran at 563 TFLOP/s, 0.57 of the 989 peak (FlashAttention-3,
+Shah et al. 2024, figure 5). moe-jax's Pallas kernel has none of that kernel's Hopper tuning and computes its diagonal
+blocks whole, so 0.4 is taken: the `bench/gpu_validate.py` prefill cases measure it when an H200 is lent."""
+
 # NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
 # which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
 _PRESETS = {h.name: h for h in [
@@ -217,16 +226,17 @@ _PRESETS = {h.name: h for h in [
                          "(the seed names no GPU; same "
                          "80 GiB-class Hopper part as the nearest shipped description); the op floor and "
                          "decode-step overhead of XLA:GPU as measured on an H200", compile_target="h100",
-             op_floor_s=_GPU_OVERHEADS["op_floor_s"], decode_step_overhead_s=_GPU_OVERHEADS["decode_step_overhead_s"]),
+             op_floor_s=_GPU_OVERHEADS["op_floor_s"], decode_step_overhead_s=_GPU_OVERHEADS["decode_step_overhead_s"],
+             **_GPU_KERNELS),
     Hardware("a100-80g", 85_100_068_864, 312 * TB, 2.039 * TB, 8, _nvlink3(), _ib(25 * GB, "HDR IB"),
              source="NVIDIA A100 datasheet (80 GB; 79.3 GiB usable as the CUDA driver reports it, 108 SMs, sm_80); "
                     "jax-ml/scaling-book gpus.md; FP32 (non-tensor) 19.5 TFLOP/s", compile_target="a100", sm_count=108,
-             compute_capability="8.0", peak_vector_flops=19.5 * TB, **_GPU_OVERHEADS),
+             compute_capability="8.0", peak_vector_flops=19.5 * TB, **_GPU_OVERHEADS, **_GPU_KERNELS),
     Hardware("h100", 84_942_979_072, 989 * TB, 3.35 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H100 SXM datasheet (80 GB; 79.1 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "jax-ml/scaling-book gpus.md; FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity); "
                     "FP32 (non-tensor) 67 TFLOP/s", compile_target="h100", sm_count=132, compute_capability="9.0",
-             peak_flops_fp8=1979 * TB, peak_vector_flops=67 * TB, **_GPU_OVERHEADS),
+             peak_flops_fp8=1979 * TB, peak_vector_flops=67 * TB, **_GPU_OVERHEADS, **_GPU_KERNELS),
     Hardware("h200", 151_397_597_184, 989 * TB, 4.8 * TB, 8, _nvlink4(), _ib(),
              source="NVIDIA H200 SXM datasheet (141 GB; 141 GiB usable as the CUDA driver reports it, 132 SMs, sm_90); "
                     "scaling-book; MLCommons H200 "
@@ -234,12 +244,13 @@ _PRESETS = {h.name: h for h in [
                     "copy 4.3 TB/s); FP8 1979 TFLOP/s dense (datasheet 3958 with sparsity); FP32 (non-tensor) 67 "
                     "TFLOP/s; op floor and decode-step overhead measured on one H200 (bench/RESULTS-gpu.md)",
              compile_target="h200", sm_count=132, compute_capability="9.0", peak_flops_fp8=1979 * TB,
-             peak_vector_flops=67 * TB, **_GPU_OVERHEADS),
+             peak_vector_flops=67 * TB, **_GPU_OVERHEADS, **_GPU_KERNELS),
     Hardware("b200", 191_514_411_008, 2250 * TB, 8 * TB, 8, _nvlink5(), _ib(),
              source="NVIDIA B200 datasheet (180 GB; 178.4 GiB usable as the CUDA driver reports it, 148 SMs, sm_100); "
                     "jax-ml/scaling-book gpus.md; FP8 4.5 PFLOP/s dense (datasheet 9 with sparsity); FP32 (non-tensor) "
                     "80 TFLOP/s (HGX B200 at 1,000 W)", compile_target="b200", sm_count=148,
-             compute_capability="10.0", peak_flops_fp8=4500 * TB, peak_vector_flops=80 * TB, **_GPU_OVERHEADS),
+             compute_capability="10.0", peak_flops_fp8=4500 * TB, peak_vector_flops=80 * TB, **_GPU_OVERHEADS,
+             **_GPU_KERNELS),
     Hardware("mi300x", 192 * GB, 1307 * TB, 5.3 * TB, 8, _infinity_fabric(), _ib(),
              source="secondary sources (AMD MI300X figures); FP8 2615 TFLOP/s dense (AMD MI300X data sheet, 5230 "
                     "with sparsity); FP32 vector 163.4 TFLOP/s", compile_target="mi300", vendor="amd",
@@ -273,6 +284,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "op_floor_s": (0.0, 1.0),
     "vector_efficiency": (0.0, 1.0),
     "decode_step_overhead_s": (0.0, 10.0),
+    "fused_attention_efficiency": (0.0, 1.0),
     "hbm_bandwidth": (1e8, 1e16),
     "bandwidth": (1e6, 1e15),
     "latency_s": (0.0, 1.0),
@@ -338,7 +350,7 @@ def _from_toml(path: Path) -> Hardware:
         if key in table:
             number(table[key], key, key)
     for key in ("peak_flops_fp8", "peak_vector_flops", "op_floor_s", "decode_step_overhead_s",
-                "vector_efficiency"):                                 # 0: none / not measured
+                "vector_efficiency", "fused_attention_efficiency"):                  # 0: none / not measured
         if key in table:
             number(table[key], key, key, low_open=False)
     if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \

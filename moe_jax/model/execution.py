@@ -45,6 +45,12 @@ class Kernels:
     when the program is built, which XLA:GPU's gemm fusions read where they are stored instead of copying
     them out of the stacked arrays first (and GQA's cache writes wait for the last layer). The GPU's, for
     more rows than `max_in_place_rows`; its decode programs take longer to compile."""
+    fused_prefill_attention: bool = False
+    """Prefill's causal attention runs as one fused kernel (`moe_jax.model.flash`: a Pallas Triton flash attention)
+    instead of XLA's blockwise form, whose f32 scores go through HBM between its ops. The GPU's, for the shapes
+    the kernel takes (`moe_jax.model.flash.supported`)."""
+    interpret_kernels: bool = False
+    """Pallas kernels run in Pallas' interpret mode: the GPU's kernels on CPU, for tests against the plain forms."""
     max_in_place_rows: int = 4
     """Most activation rows per weight matrix that `in_place_weight_einsum` multiplies in place
     (`moe_jax.model.layers.in_place_rows`); more rows take the gemm (and its copy of the layer's slice).
@@ -59,7 +65,8 @@ class Kernels:
         native = platform != Backend.CPU
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
-                   narrow_manual_all_reduce=native, unrolled_decode_layers=gpu)
+                   narrow_manual_all_reduce=native, unrolled_decode_layers=gpu,
+                   fused_prefill_attention=gpu)
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:

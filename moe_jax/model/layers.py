@@ -15,9 +15,10 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.errors import ShardingError
+from moe_jax.model import flash
 from moe_jax.model.attention import attend, attend_stored, attend_with_new, causal_attend, first_visible, window_mask
 from moe_jax.model.execution import Kernels
-from moe_jax.model.kv_cache import stored_as
+from moe_jax.model.kv_cache import KEYS, VALUES, stored_as
 from moe_jax.model.quant import Fp8Weight, fp8_source
 from moe_jax.names import FP8
 from moe_jax.parallel.rules import batch_shards, constrain, kv_copies_in_force
@@ -366,6 +367,9 @@ class Attention(nnx.Module):
                                       sinks=sinks)
             else:
                 out = (attend_stored if stored else attend)(q, keys, values, mask, sinks=sinks)   # [B, S, H, Dh]
+        elif self.kernels.fused_prefill_attention and flash.supported(S, q.shape[-1], values.shape[-1]):
+            out = flash.fused_attend(q, jnp.transpose(keys, KEYS), jnp.transpose(values, VALUES), window=window,
+                                     sinks=sinks, interpret=self.kernels.interpret_kernels)   # as cached; causal
         elif sinks is None and isinstance(window, int) and not window:        # this call's own keys: causal
             out = causal_attend(q, keys, values)                               # blockwise, no S x S
         else:

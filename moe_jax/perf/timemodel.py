@@ -61,6 +61,23 @@ def memory_kind(op: OpCost) -> str:
     return "copy"
 
 
+def kernel_efficiency(hw: Hardware) -> float:
+    """The fraction of the matmul peak prefill's fused attention kernel reaches on `hw`: its
+    `Hardware.fused_attention_efficiency`, else its `flops_efficiency`."""
+    return hw.fused_attention_efficiency or hw.flops_efficiency
+
+
+def kernel_seconds(op: OpCost, hw: Hardware) -> tuple[float, str]:
+    """Seconds of one call of a Pallas kernel (`OpCost.kernel`): its FLOPs at `kernel_efficiency` of the matmul
+    peak, or its bytes at the achievable bandwidth where those take longer; never under the least time of an op.
+    A calibration measures XLA's gemms, not this kernel: its curves are not used here."""
+    compute = op.flops / (hw.matmul_peak(op.matmul_dtype or "bfloat16") * kernel_efficiency(hw))
+    memory = op.bytes / hw.achievable_hbm
+    seconds, bound = (compute, "compute") if compute >= memory else (memory, "memory")
+    least = hw.calibration.op_overhead_s if hw.calibration is not None else hw.op_floor_s
+    return (least, "overhead") if seconds < least else (seconds, bound)
+
+
 def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float, str]:
     """Seconds of one execution of a compiled op and what bounds it ('compute', 'memory' or 'overhead').
 
@@ -70,6 +87,8 @@ def op_seconds(op: OpCost, hw: Hardware, dtype: str = "bfloat16") -> tuple[float
     program's f32 matmuls stand for the compute dtype, so no other dtype is taken from the op), other FLOPs at
     the achievable peak, transcendentals on their measured curve, bytes on the measured curve of the op's kind
     (`memory_kind`), and never less than the measured cost of one tiny op."""
+    if op.kernel:
+        return kernel_seconds(op, hw)
     cal = hw.calibration
     if cal is None:
         seconds, bound = op_time(op.flops, op.bytes, hw, op.matmul_flops, op.matmul_dtype)
@@ -316,6 +335,13 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
         assumptions.append(f"each decode step costs the host {hw.decode_step_overhead_s * 1e3:.2g} ms beyond its "
                            "kernels (dispatch, the next token's argmax, the wait), as measured in moe-jax's own "
                            "greedy loop; a server that overlaps steps hides some of it")
+    if any(op.kernel for phase in report.phases.values() for op in phase.ops):
+        assumptions.append(f"prefill's fused attention kernel (a Pallas Triton custom call XLA cannot see into) "
+                           f"runs at {kernel_efficiency(hw):.0%} of the matmul peak"
+                           + (" (taken from a published kernel's figure, not measured on this one: see "
+                              "moe_jax/hardware/presets.py)" if hw.fused_attention_efficiency else
+                              " (this hardware gives no figure for it: its large-matmul efficiency, optimistic)")
+                           + "; its FLOPs and bytes are counted from its shapes, tiles and window")
     if hw.assumptions:
         assumptions.append(hw.assumptions)
     if report.backend == Backend.CPU:
@@ -329,5 +355,6 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
         decode_mfu=useful_dec / (n * hw.peak_flops * tpot), assumptions=assumptions)
 
 
-__all__ = ["op_time", "memory_kind", "op_seconds", "link_for", "collective_time", "phase_timing", "phase_time",
+__all__ = ["op_time", "memory_kind", "kernel_efficiency", "kernel_seconds", "op_seconds",
+           "link_for", "collective_time", "phase_timing", "phase_time",
            "simulate_phase", "predict", "program_trace", "PhaseTime", "Prediction", "CollectiveCost"]
