@@ -169,3 +169,19 @@ def test_the_kernel_is_timed_at_its_own_efficiency():
     assert op_seconds(gemm, hw)[0] == pytest.approx(flops / (hw.peak_flops * hw.flops_efficiency))
     plain = dataclasses.replace(hw, fused_attention_efficiency=0.0)
     assert op_seconds(kernel, plain)[0] == pytest.approx(flops / (hw.peak_flops * hw.flops_efficiency))
+
+
+def test_the_kernel_bench_runs_on_cpu():
+    """bench/flash_kernel.py --dry-run: the GPU lease's kernel check, in interpret mode, prints its table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import clean_env
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "bench/flash_kernel.py", "--dry-run", "--no-append"], cwd=root,
+                          capture_output=True, text=True, timeout=600, env=clean_env(JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| qwen3") or line.startswith("| gpt-oss")]
+    assert len(rows) >= 3 and all(float(r.split("|")[6]) < 2e-2 for r in rows), done.stdout
