@@ -158,8 +158,8 @@ def test_gpu_decode_multiplies_the_experts_in_place_only_for_few_rows(model, bat
 
 
 @pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "deepseek-v3-tiny", "llama4-maverick-tiny", "glm-4.5-tiny"])
-def test_unrolled_decode_layers_equal_the_scan(model):
-    """The GPU's decode program runs its layers unrolled (`Kernels.unrolled_decode_layers`), each at a cache
+def test_unrolled_layers_equal_the_scan(model):
+    """The GPU's decode program runs its layers unrolled (`Kernels.unrolled_layers`), each at a cache
     entry fixed when the program is built: on CPU it decodes the scan's logits, for full and ring (sliding,
     chunked) layers, MLA's latent cache after a dense first layer, Maverick's blocks of two layers, and GLM-4.5's
     GQA dense first layers (their own stack, its writes deferred apart from the MoE layers')."""
@@ -167,7 +167,7 @@ def test_unrolled_decode_layers_equal_the_scan(model):
     state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
     prompt = jax.random.randint(jax.random.key(3), (2, 11), 0, cfg.vocab_size)
     scan = Kernels.for_platform("cpu")
-    unrolled = dataclasses.replace(scan, unrolled_decode_layers=True)
+    unrolled = dataclasses.replace(scan, unrolled_layers=True)
     want = _greedy(cfg, state, Execution(scan), prompt, steps=6)
     got = _greedy(cfg, state, Execution(unrolled), prompt, steps=6)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -175,13 +175,13 @@ def test_unrolled_decode_layers_equal_the_scan(model):
 
 @pytest.mark.parametrize(("name", "mesh"), [("gpt-oss-tiny", "EP2-TP2-DP2"), ("llama4-maverick-tiny", "EP4-DP2"),
                                             ("tiny", "TP8"), ("deepseek-v3-tiny", "EP2-TP4")])
-def test_unrolled_decode_layers_sharded_equal_one_device(name, mesh):
+def test_unrolled_layers_sharded_equal_one_device(name, mesh):
     """Unrolled, the cache written after the last layer, sharded: teacher-forced decode equals the unsharded full
     forward (rings, Maverick's blocks, `tp` above the KV heads so the cache holds copies of each head, MLA)."""
     from moe_jax.runtime.verify import verify_sharding
 
     assert len(jax.devices()) == 8
-    unrolled = dataclasses.replace(Kernels.for_platform("cpu"), unrolled_decode_layers=True)
+    unrolled = dataclasses.replace(Kernels.for_platform("cpu"), unrolled_layers=True)
     cfg = exact_config(get_model(name))
     v = verify_sharding(cfg, Strategy.parse(mesh), batch=8, prompt_len=9, gen_len=6, kernels=unrolled)
     assert v.passed, v
@@ -222,3 +222,20 @@ def test_gpu_decode_reads_the_experts_weights_where_they_are_stored():
                           phases=("decode",))
     copies = _weight_slice_copies(report.phases["decode"].hlo_text)
     assert not [c for c in copies if "w_gate_up" in c or "w_down" in c], copies
+
+
+def test_which_programs_run_their_layers_unrolled():
+    """On a GPU: a decode step with more rows per device than the in-place products take, and a prefill of at most
+    `max_unrolled_prefill_rows` rows (the weight copies it saves cost the same at any batch; the unrolled program's
+    temporaries grow with it). Never on CPU."""
+    from moe_jax.model.stack import unrolled
+
+    gpu, cpu = Kernels.for_platform("gpu"), Kernels.for_platform("cpu")
+    rows = gpu.max_unrolled_prefill_rows
+
+    def x(B, S):
+        return jnp.zeros((B, S, 4))
+
+    assert unrolled(gpu, x(64, 1)) and not unrolled(gpu, x(1, 1)) and not unrolled(cpu, x(64, 1))
+    assert unrolled(gpu, x(1, 2048), prefill=True) and unrolled(gpu, x(rows // 2048, 2048), prefill=True)
+    assert not unrolled(gpu, x(64, 2048), prefill=True) and not unrolled(cpu, x(1, 2048), prefill=True)

@@ -39,12 +39,19 @@ class Kernels:
     attend_stored`) rather than batched matmuls, which XLA:GPU feeds with a copy of each layer's keys and values.
     Off on every platform: on one H200 (bench/RESULTS.md, "Decode kernels") the reductions ran at 0.2-0.4 TB/s
     and the copy and gemm were faster at every batch (qwen3-30b-a3b at batch 64: 74 against 107 ms a step)."""
-    unrolled_decode_layers: bool = False
-    """A decode step runs its layers one after another in the program rather than as a loop
+    unrolled_layers: bool = False
+    """Prefill and decode run their layers one after another in the program rather than as a loop
     (`moe_jax.model.stack.run_layers`): each layer's weights and cache entries are then slices at indices known
     when the program is built, which XLA:GPU's gemm fusions read where they are stored instead of copying
-    them out of the stacked arrays first (and GQA's cache writes wait for the last layer). The GPU's, for
-    more rows than `max_in_place_rows`; its decode programs take longer to compile."""
+    them out of the stacked arrays first (and a decode step's GQA cache writes wait for the last layer). The
+    GPU's, for more rows than `max_in_place_rows`; its programs take longer to compile. qwen3-30b-a3b on one
+    H200 (deviceless compile): the batch-1 prefill copied 27 ms of expert weights scanned (TTFT 66.5 ms, 38.8
+    unrolled). Prefill unrolls only up to `max_unrolled_prefill_rows` rows per device."""
+    max_unrolled_prefill_rows: int = 8192
+    """Most rows (tokens) per device a prefill runs its layers unrolled for (`unrolled_layers`). The copies it
+    saves cost the same at any batch while the compute grows with it, and the unrolled program keeps more
+    temporaries live: qwen3-30b-a3b at batch 64 x 2048 on one H200 gained 1% (2053 → 2034 ms) and took 27.0
+    instead of 13.4 GB of activations; at batch 1 it gained 42% and took less memory."""
     fused_prefill_attention: bool = False
     """Prefill's causal attention runs as one fused kernel (`moe_jax.model.flash`: a Pallas Triton flash attention)
     instead of XLA's blockwise form, whose f32 scores go through HBM between its ops. The GPU's, for the shapes
@@ -65,7 +72,7 @@ class Kernels:
         native = platform != Backend.CPU
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
-                   narrow_manual_all_reduce=native, unrolled_decode_layers=gpu,
+                   narrow_manual_all_reduce=native, unrolled_layers=gpu,
                    fused_prefill_attention=gpu)
 
     @classmethod

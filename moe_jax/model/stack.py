@@ -79,8 +79,8 @@ def period(windows: tuple[int, ...]) -> int:
 
 
 def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=None, keep=None, windows=None):
-    """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan` (a GPU's decode step, outside a
-    pipeline: one after another, `unrolled`).
+    """Run stacked blocks (leading layer axis) over x [B, S, D] with `lax.scan` (on a GPU, outside a pipeline:
+    one after another, `unrolled`).
 
     Blocks of I layers (`Block.group_layers`, ``cfg.moe_interleave``): the L layers below are the blocks' layers,
     L / I blocks scanned, and `windows`, static or traced, has one entry per layer; dropped has one row per block
@@ -149,9 +149,9 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
 
     # not in a pipeline stage: its layers run inside the ticks' loop, where the weights and the cache are the
     # loop's values, not parameters (nothing to gain), and the microbatch's index is traced
-    if decode and microbatch is None and unrolled(blocks.attn.kernels, x):
-        # GQA's attention reads the cache as it was and writes after the last layer (`attend_with_new`)
-        defer = kv is not None and attention != "mla" and x.shape[1] == 1
+    if microbatch is None and unrolled(blocks.attn.kernels, x, prefill=not decode):
+        # a decode step: GQA reads the cache as it was and writes after the last layer (`attend_with_new`)
+        defer = decode and kv is not None and attention != "mla" and x.shape[1] == 1
         return _unrolled(one, stacked, x, kv, num_blocks, size, windows, static, entries, defer)
 
     if not static or p == 1:                    # one window for all layers (or traced ones): one block per step
@@ -180,14 +180,17 @@ def run_layers(blocks: Block, x, positions, cache, decode: bool, *, microbatch=N
     return x, kv, dropped.reshape(num_blocks, *dropped.shape[2:])
 
 
-def unrolled(kernels: Kernels, x) -> bool:
-    """Whether a decode step over activations x [B, S, D] runs its layers unrolled: the target's form
-    (`Kernels.unrolled_decode_layers`) for more rows per device than its in-place products take
-    (`moe_jax.model.layers.in_place_rows`). With fewer, the products read the scanned weights in place
-    already; unrolled, XLA:GPU re-lays out the KV cache (qwen3-30b-a3b at batch 1: 1.6x the bytes the step
-    needs, against 1.07x scanned)."""
+def unrolled(kernels: Kernels, x, prefill: bool = False) -> bool:
+    """Whether a program over activations x [B, S, D] (prefill, or a decode step) runs its layers unrolled: the
+    target's form (`Kernels.unrolled_layers`) for more rows per device than its in-place products take
+    (`moe_jax.model.layers.in_place_rows`). With fewer (a decode step at a small batch), the products read the
+    scanned weights in place already; unrolled, XLA:GPU re-lays out the KV cache (qwen3-30b-a3b at batch 1:
+    1.6x the bytes the step needs, against 1.07x scanned). A prefill unrolls up to
+    `Kernels.max_unrolled_prefill_rows` rows per device."""
     B, S = x.shape[:2]
-    return kernels.unrolled_decode_layers and not in_place_rows(B // batch_shards(B) * S, kernels)
+    rows = B // batch_shards(B) * S
+    return kernels.unrolled_layers and not in_place_rows(rows, kernels) and (
+        not prefill or rows <= kernels.max_unrolled_prefill_rows)
 
 
 def _unrolled(one, stacked, x, kv, num_blocks: int, size: int, windows, static: bool, entries, defer: bool):
