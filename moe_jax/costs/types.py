@@ -39,8 +39,9 @@ class OpCost:
     both operands' when they agree, else the wider one's (an FP8 weight multiplied by bf16 activations runs at
     the bf16 rate); empty for an op without a matmul."""
     kernel: str = ""
-    """The Pallas kernel the op calls (`moe_jax.model.flash.NAME`: prefill's fused attention), timed at the
-    hardware's `fused_attention_efficiency`; empty for XLA's own ops."""
+    """The Pallas kernel the op calls (`moe_jax.model.flash.NAME`: prefill's fused attention, timed at the
+    hardware's `fused_attention_efficiency`; `moe_jax.model.moe.grouped_kernel.NAME`: dropless experts' grouped
+    matmul, at its `grouped_matmul_efficiency`); empty for XLA's own ops."""
 
 
 @dataclass

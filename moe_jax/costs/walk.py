@@ -66,7 +66,7 @@ from moe_jax.costs.types import (
     WalkTotals,
 )
 from moe_jax.model import flash, scopes
-from moe_jax.model.moe import receive_rows
+from moe_jax.model.moe import grouped_kernel, receive_rows
 from moe_jax.names import DTYPES, Backend, Dispatch
 from moe_jax.parallel.mesh import Strategy
 
@@ -456,6 +456,27 @@ def _flash_cost(instr: Instruction, comp) -> dict | None:
     return flash.kernel_cost(B, S, H, K, Dh, Dv, dtype_bytes(dtype), params["bq"], params["bk"], params["window"])
 
 
+def _tiled_cost(instr: Instruction, comp) -> dict | None:
+    """`moe_jax.model.moe.grouped_kernel.kernel_cost` of a call to dropless experts' grouped matmul kernel (a
+    Triton custom call named for its tiles), from its operands (tiles, rows [P, K], weights [E, N, K]); None for any
+    other instruction."""
+    if instr.opcode != "custom-call" or grouped_kernel.NAME not in instr.op_name:
+        return None
+    shapes = [arrays(comp.by_name[n].shape) for n in instr.operands[:3] if n in comp.by_name]
+    if len(shapes) != 3 or not all(shapes):
+        return None
+    (dtype, (P, K)), (w_dtype, (E, N, _)) = shapes[1][0], shapes[2][0]
+    return grouped_kernel.kernel_cost(P, N, K, E, dtype_bytes(dtype), dtype_bytes(w_dtype))
+
+
+def kernel_of(instr: Instruction, comp) -> str:
+    """The name prefix of the Pallas kernel an instruction calls (`moe_jax.model.flash.NAME`,
+    `moe_jax.model.moe.grouped_kernel.NAME`), or "" for XLA's own ops."""
+    if _flash_cost(instr, comp) is not None:
+        return flash.NAME
+    return grouped_kernel.NAME if _tiled_cost(instr, comp) is not None else ""
+
+
 def _first_elements(shape: str) -> int:
     """Elements of the first array of a (possibly tuple) shape."""
     found = arrays(shape)
@@ -533,6 +554,10 @@ def _instr_flops(instr: Instruction, comp, hints: RaggedHints | None = None,
         f = _dot_flops(instr, comp)
         if hints is not None and scopes.within(instr.op_name, scopes.GROUPED_MATMUL):
             f = int(f / hints.groups * hints.row_fraction)
+        return f, f, 0
+    tiled = _tiled_cost(instr, comp)
+    if tiled is not None:    # the kernel skips tiles past the last filled row: with hints, their fraction
+        f = int(tiled["flops"] * (hints.row_fraction if hints else 1.0))
         return f, f, 0
     if _is_grouped_kernel(instr):
         f = int(_grouped_matmul_flops(instr, comp) * (hints.row_fraction if hints else 1.0))
@@ -744,7 +769,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
             is_collective = base in _COLLECTIVE_KINDS
             ops.append(OpCost(instr.name, op, scope, flops, matmul, trans, moved, n, is_collective,
                               dot_dtype(instr, comp, module) if matmul else "",
-                              flash.NAME if _flash_cost(instr, comp) is not None else ""))
+                              kernel_of(instr, comp)))
             if is_collective:
                 groups = parse_replica_groups(instr.opcode + " " + instr.attrs)
                 c = Collective(base, instr.name, instr.shape, tuple(tuple(g) for g in groups), instr.op_name)

@@ -115,6 +115,9 @@ class Hardware:
     fused_attention_efficiency: float = 0.0
     """The fraction of the matmul peak that prefill's fused attention kernel (`moe_jax.model.flash`, its QKᵀ and PV
     FLOPs, exponentials included) reaches; 0: `flops_efficiency`."""
+    grouped_matmul_efficiency: float = 0.0
+    """The fraction of the matmul peak that dropless experts' grouped matmul kernel (`moe_jax.model.moe.
+    grouped_kernel`) reaches; 0: `flops_efficiency`."""
 
     @property
     def achievable_flops(self) -> float:
@@ -209,11 +212,13 @@ over 8 cases (qwen3-30b-a3b, mixtral-8x7b, seed-30b, batch 1-8); the reduction k
 products (1 to 5 rows per weight matrix) ran at 5.0-6.5 TFLOP/s, 0.09 of the FP32 peak. Host and compiler
 costs: taken for the other NVIDIA presets too (their own not measured)."""
 
-_GPU_KERNELS = {"fused_attention_efficiency": 0.4}
-"""Not measured on moe-jax's kernel yet; taken from a published one: Triton's fused attention forward on an H100 SXM5
-at head dim 128 and 2k positions, without a causal mask, ran at 563 TFLOP/s, 0.57 of the 989 peak (FlashAttention-3,
-Shah et al. 2024, figure 5). moe-jax's Pallas kernel has none of that kernel's Hopper tuning and computes its diagonal
-blocks whole, so 0.4 is taken: the `bench/gpu_validate.py` prefill cases measure it when an H200 is lent."""
+_GPU_KERNELS = {"fused_attention_efficiency": 0.4, "grouped_matmul_efficiency": 0.4}
+"""Not measured on moe-jax's kernels yet. The attention kernel's is taken from a published one: Triton's fused
+attention forward on an H100 SXM5 at head dim 128 and 2k positions, without a causal mask, ran at 563 TFLOP/s, 0.57
+of the 989 peak (FlashAttention-3, Shah et al. 2024, figure 5). moe-jax's Pallas kernel has none of that kernel's
+Hopper tuning and computes its diagonal blocks whole, so 0.4 is taken: the `bench/gpu_validate.py` prefill cases
+measure it when an H200 is lent. The grouped matmul's is taken as the same 0.4 (the same Triton toolchain without
+Hopper tuning; half of the 0.8 XLA's own gemms reached on one H200): `bench/flash_kernel.py` measures it."""
 
 # NVIDIA memory: the bytes the CUDA driver reports (XLA's device specs, the shipped target descriptions),
 # which is what a program can allocate; datasheets round it to "80 GB" or "141 GB".
@@ -285,6 +290,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "vector_efficiency": (0.0, 1.0),
     "decode_step_overhead_s": (0.0, 10.0),
     "fused_attention_efficiency": (0.0, 1.0),
+    "grouped_matmul_efficiency": (0.0, 1.0),
     "hbm_bandwidth": (1e8, 1e16),
     "bandwidth": (1e6, 1e15),
     "latency_s": (0.0, 1.0),
@@ -350,7 +356,7 @@ def _from_toml(path: Path) -> Hardware:
         if key in table:
             number(table[key], key, key)
     for key in ("peak_flops_fp8", "peak_vector_flops", "op_floor_s", "decode_step_overhead_s",
-                "vector_efficiency", "fused_attention_efficiency"):                  # 0: none / not measured
+                "vector_efficiency", "fused_attention_efficiency", "grouped_matmul_efficiency"):   # 0: none
         if key in table:
             number(table[key], key, key, low_open=False)
     if not isinstance(table["devices_per_node"], int) or isinstance(table["devices_per_node"], bool) \

@@ -56,6 +56,10 @@ class Kernels:
     """Prefill's causal attention runs as one fused kernel (`moe_jax.model.flash`: a Pallas Triton flash attention)
     instead of XLA's blockwise form, whose f32 scores go through HBM between its ops. The GPU's, for the shapes
     the kernel takes (`moe_jax.model.flash.supported`)."""
+    fused_grouped_matmul: bool = False
+    """Dropless experts multiply their rows with a Pallas Triton grouped matmul over row tiles of one expert each
+    (`moe_jax.model.moe.grouped_kernel`) instead of `jax.lax.ragged_dot_general`, which XLA:GPU lowers as a dense
+    product with every expert. The GPU's, for the widths the kernel takes (`grouped_kernel.supported`)."""
     interpret_kernels: bool = False
     """Pallas kernels run in Pallas' interpret mode: the GPU's kernels on CPU, for tests against the plain forms."""
     max_in_place_rows: int = 4
@@ -73,7 +77,7 @@ class Kernels:
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
                    narrow_manual_all_reduce=native, unrolled_layers=gpu,
-                   fused_prefill_attention=gpu)
+                   fused_prefill_attention=gpu, fused_grouped_matmul=gpu)
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:

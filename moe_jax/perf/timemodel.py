@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 from moe_jax.costs.types import CollectiveCost, CostReport, OpCost, PhaseCost, WeightsRead
 from moe_jax.hardware.presets import Hardware, LinkTier
+from moe_jax.model import flash
+from moe_jax.model.moe import grouped_kernel
 from moe_jax.names import FP8, Backend
 from moe_jax.perf.collectives import collective_seconds, collective_time, group_span
 
@@ -61,17 +63,19 @@ def memory_kind(op: OpCost) -> str:
     return "copy"
 
 
-def kernel_efficiency(hw: Hardware) -> float:
-    """The fraction of the matmul peak prefill's fused attention kernel reaches on `hw`: its
-    `Hardware.fused_attention_efficiency`, else its `flops_efficiency`."""
-    return hw.fused_attention_efficiency or hw.flops_efficiency
+def kernel_efficiency(hw: Hardware, kernel: str = flash.NAME) -> float:
+    """The fraction of the matmul peak a Pallas kernel (`OpCost.kernel`) reaches on `hw`: its
+    `Hardware.fused_attention_efficiency` (prefill's fused attention) or `grouped_matmul_efficiency` (dropless
+    experts' grouped matmul), else its `flops_efficiency`."""
+    own = hw.grouped_matmul_efficiency if kernel == grouped_kernel.NAME else hw.fused_attention_efficiency
+    return own or hw.flops_efficiency
 
 
 def kernel_seconds(op: OpCost, hw: Hardware) -> tuple[float, str]:
     """Seconds of one call of a Pallas kernel (`OpCost.kernel`): its FLOPs at `kernel_efficiency` of the matmul
     peak, or its bytes at the achievable bandwidth where those take longer; never under the least time of an op.
     A calibration measures XLA's gemms, not this kernel: its curves are not used here."""
-    compute = op.flops / (hw.matmul_peak(op.matmul_dtype or "bfloat16") * kernel_efficiency(hw))
+    compute = op.flops / (hw.matmul_peak(op.matmul_dtype or "bfloat16") * kernel_efficiency(hw, op.kernel))
     memory = op.bytes / hw.achievable_hbm
     seconds, bound = (compute, "compute") if compute >= memory else (memory, "memory")
     least = hw.calibration.op_overhead_s if hw.calibration is not None else hw.op_floor_s
@@ -335,13 +339,22 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
         assumptions.append(f"each decode step costs the host {hw.decode_step_overhead_s * 1e3:.2g} ms beyond its "
                            "kernels (dispatch, the next token's argmax, the wait), as measured in moe-jax's own "
                            "greedy loop; a server that overlaps steps hides some of it")
-    if any(op.kernel for phase in report.phases.values() for op in phase.ops):
+    kernels = {op.kernel for phase in report.phases.values() for op in phase.ops if op.kernel}
+    if flash.NAME in kernels:
         assumptions.append(f"prefill's fused attention kernel (a Pallas Triton custom call XLA cannot see into) "
-                           f"runs at {kernel_efficiency(hw):.0%} of the matmul peak"
+                           f"runs at {kernel_efficiency(hw, flash.NAME):.0%} of the matmul peak"
                            + (" (taken from a published kernel's figure, not measured on this one: see "
                               "moe_jax/hardware/presets.py)" if hw.fused_attention_efficiency else
                               " (this hardware gives no figure for it: its large-matmul efficiency, optimistic)")
                            + "; its FLOPs and bytes are counted from its shapes, tiles and window")
+    if grouped_kernel.NAME in kernels:
+        assumptions.append(f"dropless experts' grouped matmul kernel (a Pallas Triton custom call) runs at "
+                           f"{kernel_efficiency(hw, grouped_kernel.NAME):.0%} of the matmul peak"
+                           + (" (assumed, not measured: see moe_jax/hardware/presets.py)"
+                              if hw.grouped_matmul_efficiency else
+                              " (this hardware gives no figure for it: its large-matmul efficiency, optimistic)")
+                           + "; its FLOPs count every row tile of its static bound (at most one tile of padding "
+                             "per expert more than it multiplies)")
     if hw.assumptions:
         assumptions.append(hw.assumptions)
     if report.backend == Backend.CPU:

@@ -25,6 +25,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32
+from moe_jax.model.moe import grouped_kernel
 from moe_jax.model.moe.activation import glu, row_experts
 from moe_jax.model.moe.exchange import receive_rows, send_back, send_to_experts
 from moe_jax.model.moe.gathered import gathered_moe, gathered_swiglu, gathers
@@ -63,35 +64,68 @@ def grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
 
 
 def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels, cfg: ModelConfig | None = None,
-                   biases=None):
+                   biases=None, *, rows=None, out_rows=None):
     """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
 
     Rows past sum(sizes) (padding) belong to no expert; callers mask them. cfg: the activation's
     (`moe_jax.model.moe.activation.glu`); biases: None or (gate/up [E, 2, F], down [E, D]), each row adding
     its expert's.
+
+    rows: None, or int32 [M]: the sorted rows are then x[rows] of a source x [T, D]. out_rows: None, or int32
+    [R]: the result is then those of the sorted rows' outputs [R, D], rows of no expert (and indices ≥ M) zero.
+    With the tiled kernel both gathers are folded into its padded layout's (one pass over the rows each way
+    instead of two).
     """
     E, _, F, D = w_gate_up_epfd.shape
-    native = kernels.grouped_matmul
+    M = x_md.shape[0] if rows is None else rows.shape[0]
+    tiled = kernels.fused_grouped_matmul and grouped_kernel.supported(2 * F, D) and grouped_kernel.supported(D, F)
     # FP8 weights read whole (`moe_jax.model.quant.fp8_source`): multiply the FP8 values as stored (the convert
-    # fuses into the kernel's operand) and scale each row's output by its expert's scale (exact: powers of two)
+    # fuses into the kernel's operand, or the tiled kernel converts each block it reads) and scale each row's
+    # output by its expert's scale (exact: powers of two)
     sources = (fp8_source(w_gate_up_epfd), fp8_source(w_down_edf))
     scales = None
     if None not in sources:
         dtype = w_gate_up_epfd.dtype
         (q_gate_up, s_gate_up), (q_down, s_down) = sources
-        w_gate_up_epfd, w_down_edf, scales = q_gate_up.astype(dtype), q_down.astype(dtype), (s_gate_up, s_down)
+        w_gate_up_epfd, w_down_edf, scales = q_gate_up, q_down, (s_gate_up, s_down)
+        if not tiled:
+            w_gate_up_epfd, w_down_edf = w_gate_up_epfd.astype(dtype), w_down_edf.astype(dtype)
     with jax.named_scope(scopes.EXPERTS):
-        ids = row_experts(sizes_e, x_md.shape[0]) if biases is not None or scales is not None else None
-        gate_up = grouped_matmul(x_md, w_gate_up_epfd.reshape(E, 2 * F, D), sizes_e, native, k_minor=True)
-        gate_up = gate_up.reshape(-1, 2, F)                                    # [M, 2, F]
+        if tiled:   # each expert's rows start on a tile of the kernel (`moe_jax.model.moe.grouped_kernel`)
+            bm = grouped_kernel.row_block(M, E)
+            dest, src, tiles = grouped_kernel.tile_layout(sizes_e, M, bm)
+            if rows is not None:      # padded row → source row (padding: past the source's last, a zero row)
+                src = jnp.where(src < M, rows[jnp.minimum(src, M - 1)], x_md.shape[0])
+            x_md = grouped_kernel.pad_rows(x_md, src)                          # [P, D]
+            ids = jnp.minimum(jnp.repeat(tiles, bm), E - 1)
+
+            def product(x, w):
+                with jax.named_scope(scopes.GROUPED_MATMUL):
+                    return grouped_kernel.tiled_matmul(x, w, tiles, bm=bm, interpret=kernels.interpret_kernels)
+        else:
+            if rows is not None:
+                x_md = x_md[rows]
+            ids = row_experts(sizes_e, M) if biases is not None or scales is not None else None
+
+            def product(x, w):
+                return grouped_matmul(x, w, sizes_e, kernels.grouped_matmul, k_minor=True)
+        gate_up = product(x_md, w_gate_up_epfd.reshape(E, 2 * F, D)).reshape(-1, 2, F)   # [M or P, 2, F]
         if scales is not None:
             gate_up = gate_up * scales[0][ids].astype(gate_up.dtype)          # [M, 2, 1]
         if biases is not None:
             gate_up = gate_up + biases[0][ids]
-        y = grouped_matmul(glu(gate_up[:, 0], gate_up[:, 1], cfg), w_down_edf, sizes_e, native, k_minor=True)
+        y = product(glu(gate_up[:, 0], gate_up[:, 1], cfg), w_down_edf)
         if scales is not None:
             y = y * scales[1][ids].astype(y.dtype)                            # [M, 1]
-        return y if biases is None else y + biases[1][ids]
+        if biases is not None:
+            y = y + biases[1][ids]
+        if tiled:
+            return grouped_kernel.unpad_rows(y, dest if out_rows is None else
+                                             jnp.where(out_rows < M, dest[jnp.minimum(out_rows, M - 1)], y.shape[0]))
+        if out_rows is None:
+            return y
+        y = jnp.where((jnp.arange(M) < jnp.sum(sizes_e))[:, None], y, 0)
+        return jnp.take(y, out_rows, axis=0, mode="fill", fill_value=0)
 
 
 def sort_assignments(experts_tk, num_experts: int):
@@ -134,13 +168,20 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
         experts = jnp.where(real[:, None], experts, E)
         order, sorted_ids, sizes = sort_assignments(experts, E)                # [T·k], [T·k], [E]
     with jax.named_scope(scopes.DISPATCH):
-        xs = x_td[order // k]                                                  # [T·k, D] by expert
-        if weights_input(cfg):   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
-            xs, weights = xs * weights.reshape(-1)[order].astype(xs.dtype)[:, None], jnp.ones_like(weights)
-    if ep == 1:
-        ys = grouped_swiglu(xs, sizes, w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
-        ys = jnp.where((sorted_ids < E)[:, None], ys, 0)
+        back = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))   # assignment → sorted row
+    if ep == 1:   # one pass each way: the sorted rows gathered from the tokens, the outputs back in token order
+        with jax.named_scope(scopes.DISPATCH):
+            rows, source = order // k, x_td
+            if weights_input(cfg):   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
+                source = (x_td[:, None, :] * weights[..., None].astype(x_td.dtype)).reshape(T * k, D)
+                rows, weights = order, jnp.ones_like(weights)
+        y_tkd = grouped_swiglu(source, sizes, w_gate_up_epfd, w_down_edf, kernels, cfg, biases, rows=rows,
+                               out_rows=back).reshape(T, k, D)
     else:
+        with jax.named_scope(scopes.DISPATCH):
+            xs = x_td[order // k]                                              # [T·k, D] by expert
+            if weights_input(cfg):
+                xs, weights = xs * weights.reshape(-1)[order].astype(xs.dtype)[:, None], jnp.ones_like(weights)
         buffer_rows, block_rows = receive_rows(cfg, T, ep)
         move = dict(ep_axis=ep_axis, ep=ep, E_loc=E_loc, block_rows=block_rows, ragged=kernels.ragged_all_to_all)
         recv, routes = send_to_experts(xs, sizes, buffer_rows=buffer_rows, **move)
@@ -152,8 +193,9 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
             yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
         ys = send_back(yr, routes, xs.shape[0], xs.dtype, **move)
         dropped = jnp.sum(sizes - routes.send, dtype=jnp.int32)[None]
+        with jax.named_scope(scopes.COMBINE):
+            y_tkd = ys[back].reshape(T, k, D)                                  # back to token order
     with jax.named_scope(scopes.COMBINE):
-        y_tkd = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, D)           # back to token order
         y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
     return _sum_tp(y, x_td.dtype, tp_axes, kernels), dropped
 
