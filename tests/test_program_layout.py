@@ -23,14 +23,16 @@ _PASS_THROUGH = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", 
 
 def weight_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
     """Instructions of the entry computation that read a whole weight parameter (of at least `min_bytes`:
-    not a norm's scale) and write as much or more: a copy, transpose or relayout of that weight."""
+    not a norm's scale) and write as much or more: a copy, transpose or relayout of that weight. A matmul
+    reading the weight in place is none (unrolled layers read the stacked parameter directly: the router's
+    logits of 2048 tokens are as large as two layers' router weights)."""
     module = Module.parse(hlo_text)
     entry = module.computations[module.entry]
     weights = {i.name: i for i in entry.instructions
                if i.opcode == "parameter" and i.op_name.startswith("params[") and i.bytes >= min_bytes}
     found = []
     for instr in entry.instructions:
-        if instr.opcode in _PASS_THROUGH:
+        if instr.opcode in _PASS_THROUGH or instr.opcode == "dot" or instr.name.startswith("gemm_fusion"):
             continue
         for name in instr.operands:
             if name in weights and instr.bytes >= 0.9 * weights[name].bytes:

@@ -29,7 +29,9 @@ def route(x, router, top_k: int, norm_topk: bool, cfg=None):
     config with scaling 1) routes as a plain top-k softmax.
     """
     router_de, bias_e = router if isinstance(router, tuple) else (router, None)
-    logits = jnp.einsum("...d,de->...e", x.astype(F32), router_de.astype(F32))
+    # bf16 products are exact in f32 and summed in f32: the logits of the f32 operands, without converting
+    # the stored weight first (XLA hoisted that convert out of an unrolled layer stack: a copy of the weight)
+    logits = jnp.einsum("...d,de->...e", x, router_de, preferred_element_type=F32)
     if cfg is not None and cfg.router_score == "sigmoid":
         return _sigmoid_route(logits, bias_e, top_k, norm_topk, cfg)
     if bias_e is not None:
