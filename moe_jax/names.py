@@ -14,7 +14,7 @@ class Dispatch(StrEnum):
     """How an MoE layer sends tokens to experts."""
 
     CAPACITY = "capacity"
-    """Fixed-capacity slots per expert and token group; overflow is dropped (one-hot dispatch and combine)."""
+    """Fixed-capacity slots per expert and token group; overflow is dropped (rows gathered into slots and back)."""
     DROPLESS = "dropless"
     """Sort by expert, exchange the rows (ragged all-to-all), grouped matmul: nothing dropped."""
     DENSE = "dense"

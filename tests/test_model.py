@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.config import get_model
+from moe_jax.model.execution import Kernels
 from moe_jax.model.moe import capacity_masks, capacity_moe, dense_moe, group_size, route
 from moe_jax.model.transformer import Transformer, init_cache
 
@@ -155,3 +156,32 @@ def test_group_size_is_bounded_and_tiles_shards():
     elements = (T // Sg) * Sg * cfg.num_experts * cfg.capacity(Sg)
     assert elements == T * cfg.num_experts * cfg.capacity(Sg)
     assert Sg <= cfg.moe_group_size
+
+
+@pytest.mark.parametrize(("factor", "model"),
+                         [(0.5, "tiny"), (1.0, "tiny"), (0.5, "llama4-tiny"), (0.5, "gpt-oss-tiny")])
+def test_gathered_capacity_dispatch_equals_the_one_hot_einsums(factor, model):
+    """Capacity dispatch gathers each slot's row and each assignment's output (`capacity_moe`): GShard's one-hot
+    dispatch and combine einsums over `capacity_masks` give the same result, drops included; Llama 4 scales the
+    rows sent, gpt-oss adds expert biases."""
+    from moe_jax.model.moe import swiglu_experts
+    from moe_jax.model.moe.route import weights_input
+
+    cfg = get_model(model).replace(dtype="float32", capacity_factor=factor, moe_group_size=16)
+    moe = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(5)).blocks))["moe"]
+    w = {k: v[0] for k, v in moe.items()}
+    biases = (w["b_gate_up_epf"], w["b_down_ed"]) if cfg.expert_bias else None
+    router = (w["router_de"], w["router_bias_e"]) if "router_bias_e" in w else w["router_de"]
+    x = jax.random.normal(jax.random.key(7), (4, 16, cfg.d_model))
+    y, dropped = jax.jit(lambda x: capacity_moe(x, router, w["w_gate_up_epfd"], w["w_down_edf"], cfg,
+                                                biases=biases))(x)
+    x_gsd = x.reshape(4, 16, cfg.d_model)
+    weights, experts = route(x_gsd, router, cfg.top_k, cfg.router_norm_topk, cfg)
+    dispatch, combine, dropped_ref = capacity_masks(weights, experts, cfg.num_experts, cfg.capacity(16))
+    if weights_input(cfg):
+        dispatch, combine = combine, dispatch
+    xe = jnp.einsum("gsd,gsec->egcd", x_gsd, dispatch)
+    ye = swiglu_experts(xe, w["w_gate_up_epfd"], w["w_down_edf"], Kernels.for_platform("cpu"), cfg, biases)
+    want = jnp.einsum("egcd,gsec->gsd", ye, combine).reshape(x.shape)
+    assert int(dropped.sum()) == int(dropped_ref.sum()) and (factor == 1.0 or int(dropped.sum()) > 0)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-5, rtol=1e-5)

@@ -2,10 +2,11 @@
 
 It mirrors what the sharded program does, per device: the pipeline's M + pp − 1 ticks,
 each running L/pp layers on one microbatch; per layer the attention projections and
-scores, the router, capacity dispatch and combine (repeated on every tp rank, as the
-compiled program does) or dropless sorting, the experts' share, and the collectives the
-layout implies (attention and expert all-reduce over tp, dispatch and combine all-to-all
-over ep, ragged for dropless, the stage hand-off over pp), then the output head on each
+scores, the router, capacity dispatch and combine (gathers of each slot's and each
+assignment's row, repeated on every tp rank, as the compiled program does) or dropless
+sorting, the experts' share, and the collectives the layout implies (attention and expert
+all-reduce over tp, dispatch and combine all-to-all over ep, ragged for dropless, the stage
+hand-off over pp), then the output head on each
 sequence's last position (the serving prefill returns [B, 1, V] logits). Dropless figures assume
 uniform routing (`moe_jax.costs.routing`): expected rows, with the worst-case buffer beside.
 Weights and KV cache per device are exact (the placement);
@@ -63,9 +64,13 @@ class CapacityGroups:
         """Expert slots of `groups` groups: E × G × C (each computed, filled or padded)."""
         return cfg.num_experts * groups * self.capacity
 
-    def dispatch_combine_flops(self, cfg: ModelConfig, groups: int) -> int:
-        """One layer's dispatch and combine einsums over `groups` groups: 2 × (2 · G · Sg · E · C · D)."""
-        return 2 * (2 * groups * self.group_tokens * cfg.num_experts * self.capacity * cfg.d_model)
+    def dispatch_combine_bytes(self, cfg: ModelConfig, groups: int, itemsize: int) -> int:
+        """One layer's dispatch and combine over `groups` groups, as `moe_jax.model.moe.capacity_moe` gathers them:
+        the slot placement (a cumulative count over a [G, k · Sg, E] int32 one-hot, written and read), each slot's
+        row gathered (read and written: E · G · C rows of D) and each assignment's output gathered and summed
+        (G · Sg · k rows read and written, G · Sg rows written)."""
+        G, Sg, E, C, D, k = groups, self.group_tokens, cfg.num_experts, self.capacity, cfg.d_model, cfg.top_k
+        return 2 * G * Sg * k * E * 4 + 2 * E * G * C * D * itemsize + (2 * k + 1) * G * Sg * D * itemsize
 
 
 def capacity_groups(cfg: ModelConfig, tokens: int, shards: int) -> CapacityGroups:
@@ -88,7 +93,7 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
     MLA's prefill: causal blocks too, QKᵀ over Dh and PV over Dv; decode: all T cache positions, a sliding
     layer's last W). A pipeline whose stages' layer patterns differ masks its sliding layers instead
     (`moe_jax.model.pipeline.run_pipeline`): its program computes more than this counts.
-    capacity: expert FLOPs spent on padded slots plus the dispatch and combine einsums, for
+    capacity: expert FLOPs spent on padded slots (dispatch and combine are gathers: no FLOPs), for
     the token groups capacity dispatch forms when each of `microbatches` pipeline microbatches
     is split `batch_shards` ways; none where, given the experts' split `ep`, capacity dispatch takes the
     gathered path (`moe_jax.model.moe.gathered.capacity_gathers`: every assignment computed once, no slots;
@@ -117,7 +122,7 @@ def analytic_flops(cfg: ModelConfig, workload: Workload, phase: str, batch_shard
         if ep is not None and capacity_gathers(cfg, max(mb_tokens // batch_shards, 1), groups.group_tokens, ep):
             return Analytic(useful, attention, 0)
         padded = max(0, groups.slots(cfg, G) - cfg.top_k * tokens) * 2 * cfg.expert_matmul_params * cfg.moe_layers
-        capacity = padded + groups.dispatch_combine_flops(cfg, G) * cfg.moe_layers
+        capacity = padded
     return Analytic(useful, attention, capacity)
 
 
@@ -279,8 +284,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
         ]
     else:
         layer_ops += [
-            ("dispatch_combine", groups.dispatch_combine_flops(cfg, G),
-             2 * (G * Sg * E * C * F32 + E * G * C * D * b)),
+            ("dispatch_combine", 0, groups.dispatch_combine_bytes(cfg, G, b)),
             ("experts", 2 * 3 * El * (G * s.ep) * C * D * Fl,
              3 * El * D * Fl * w + El * G * s.ep * C * (2 * D + 3 * Fl) * b),
         ]

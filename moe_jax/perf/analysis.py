@@ -235,7 +235,7 @@ def _recommendations(a: Analysis) -> list[str]:
     pre = a.cost.analytic.phases.get("prefill")
     if pre is not None and pre.capacity_overhead and pre.useful:
         recs.append(f"Capacity dispatch adds {pre.capacity_overhead / pre.useful:.0%} to the useful prefill "
-                    f"FLOPs (padded expert slots and one-hot dispatch/combine; capacity factor "
+                    f"FLOPs (padded expert slots; capacity factor "
                     f"{a.cfg.capacity_factor}).")
     routing = a.cost.analytic.dropless
     if routing:
