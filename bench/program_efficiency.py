@@ -31,8 +31,8 @@ CASES = [
            trt=trt) for b, trt in ((1, (42.5, 4.22)), (64, (1628, 20.0))) for d in ("capacity", "dropless")),
     dict(name="mixtral 1xH200 b8", model="mixtral-8x7b", hardware="h200", strategy="EP1", batch=8,
          dispatch="capacity", prompt_len=2048, gen_len=128, trt=(578, 23.9)),
-    dict(name="qwen3 8xH200 TP8 b64", model="qwen3-30b-a3b", hardware="h200", strategy="TP8", batch=64,
-         dispatch="capacity", prompt_len=2048, gen_len=256, trt=(814, 7.40)),
+    *(dict(name=f"qwen3 8xH200 TP8 b64 {d}", model="qwen3-30b-a3b", hardware="h200", strategy="TP8", batch=64,
+           dispatch=d, prompt_len=2048, gen_len=256, trt=(814, 7.40)) for d in ("capacity", "dropless")),
     *(dict(name=f"qwen3 4xv5p EP4 b4 {d}", hardware="tpu-v5p", strategy="EP4", batch=4, dispatch=d, **QWEN,
            trt=None) for d in ("capacity", "dropless")),
 ]
