@@ -331,7 +331,8 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     else:
         coll("all-to-all", ("ep",), E * G * C * D * b, runs, "dispatch")
         coll("all-to-all", ("ep",), E * G * C * D * b, runs, "combine")
-        coll("all-reduce", ("tp",), El * G * s.ep * C * D * b, runs, "experts")
+        # the experts' partial sums over tp, summed after the combine (`moe_jax.model.moe.capacity`): [G, Sg, D]
+        coll("all-reduce", ("tp",), G * Sg * D * b, runs, "combine")
     coll("collective-permute", ("pp",), tok * D * b, ticks, "pipeline")
     coll("all-reduce", ("pp",), local_seqs * D * b, 1, "pipeline")           # the last positions only
     vocab_axes = tuple(a for a in layout.rules["vocab"] if s.mesh_shape[a] > 1)
@@ -339,7 +340,7 @@ def estimate_phase(cfg: ModelConfig, strategy: Strategy, workload: Workload, pha
     if cfg.dispatch == Dispatch.DROPLESS:
         moe_act = 2 * buffer * (D + 3 * Fl) * b + 2 * rows * D * F32
     else:
-        moe_act = 2 * E * G * C * D * b + 2 * G * Sg * E * C * F32
+        moe_act = 2 * E * G * C * D * b + 2 * G * Sg * k * E * 4   # slot rows; the placement's int32 counts
     activations = max(moe_act, 4 * tok * D * F32) + (seqs * Hl * S * T * F32 if phase == "prefill" else 0)
     outputs = local_seqs * V_local * F32 + kv_bytes                        # logits [B, 1, V] + the cache
     memory = MemoryBreakdown(weights_bytes, kv_bytes, total_tok * 4, weights_bytes + kv_bytes + total_tok * 4,
