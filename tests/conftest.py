@@ -129,3 +129,30 @@ def assert_estimate_matches_compiled(cfg, strategy, work, report):
         assert e.matmul_flops == pytest.approx(c.matmul_flops, rel=0.01), phase
         assert c.memory.weights == p.weight_bytes_per_device and c.memory.kv_cache == p.kv_cache_bytes_per_device
     return p
+
+
+def prefill_logits(cfg, state, kernels, prompt):
+    """Logits of the model of `cfg` built for `kernels` (`Kernels`), with parameters `state`, prefilling `prompt`."""
+    import numpy as np
+    from flax import nnx
+
+    from moe_jax.model.execution import Execution
+    from moe_jax.model.transformer import Transformer, init_cache
+
+    graphdef = nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0), execution=Execution(kernels)))
+    run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))
+    out = run(state, prompt, init_cache(cfg, prompt.shape[0], prompt.shape[1] + 2))
+    return np.asarray(out.logits)
+
+
+def h200_qwen3_prefill(dispatch: str, batch: int = 8, prompt_len: int = 2048):
+    """The prefill of qwen3-30b-a3b cut to two layers, compiled deviceless for one H200 and walked (a `PhaseCost`)."""
+    require_compiler("gpu")
+    from moe_jax.costs.compile import Workload
+    from moe_jax.costs.walk import analyze_cost
+    from moe_jax.parallel.mesh import Strategy
+
+    cfg = get_model("qwen3-30b-a3b").replace(num_layers=2, dispatch=dispatch)
+    report = analyze_cost(cfg, Strategy.parse("EP1"), Workload(batch, prompt_len, 128), backend="gpu",
+                          gpu_target="h200", phases=("prefill",))
+    return report.phases["prefill"]

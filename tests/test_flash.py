@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import exact_config, require_compiler
+from conftest import exact_config, h200_qwen3_prefill, prefill_logits
 from flax import nnx
 
 from moe_jax.config import get_model
 from moe_jax.model import flash
 from moe_jax.model.attention import attend, window_mask
-from moe_jax.model.execution import Execution, Kernels
+from moe_jax.model.execution import Kernels
 from moe_jax.model.kv_cache import KEYS, VALUES
-from moe_jax.model.transformer import Transformer, init_cache
+from moe_jax.model.transformer import Transformer
 from moe_jax.parallel.mesh import Strategy
 
 
@@ -98,13 +98,6 @@ def test_cost_counts_the_key_blocks_each_query_block_visits():
     assert flash.kernel_cost(B, S, H, K, D, D, 2, bq, bk, None) == flash.kernel_cost(B, S, H, K, D, D, 2, bq, bk, 0)
 
 
-def _prefill_logits(cfg, state, kernels, prompt):
-    graphdef = nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0), execution=Execution(kernels)))
-    run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))
-    out = run(state, prompt, init_cache(cfg, prompt.shape[0], prompt.shape[1] + 2))
-    return np.asarray(out.logits)
-
-
 @pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "llama4-tiny", "glm-4.5-tiny"])
 def test_model_prefill_with_the_kernel_equals_the_blockwise_form(model):
     """The model built with the GPU's fused prefill attention, run on CPU in interpret mode, prefills the
@@ -115,8 +108,8 @@ def test_model_prefill_with_the_kernel_equals_the_blockwise_form(model):
     prompt = jax.random.randint(jax.random.key(3), (2, 32), 0, cfg.vocab_size)
     blockwise = Kernels.for_platform("cpu")
     fused = dataclasses.replace(blockwise, fused_prefill_attention=True, interpret_kernels=True)
-    np.testing.assert_allclose(_prefill_logits(cfg, state, fused, prompt),
-                               _prefill_logits(cfg, state, blockwise, prompt), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(prefill_logits(cfg, state, fused, prompt),
+                               prefill_logits(cfg, state, blockwise, prompt), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("name", "mesh"), [("gpt-oss-tiny", "EP2-TP2-DP2"), ("tiny", "TP8"), ("tiny", "DP4-PP2")])
@@ -134,16 +127,11 @@ def test_fused_prefill_sharded_equals_one_device(name, mesh):
 def test_h200_prefill_calls_the_kernel_and_the_walk_counts_it():
     """qwen3-30b-a3b's prefill on one H200, two layers: attention is the kernel (no f32 scores in HBM), the cache
     keeps its stored layout (no transposed copy of it), and the walk counts the kernel's FLOPs."""
-    require_compiler("gpu")
-    from moe_jax.costs.compile import Workload
     from moe_jax.costs.hlo import largest_results
-    from moe_jax.costs.walk import analyze_cost
 
-    cfg = get_model("qwen3-30b-a3b").replace(num_layers=2, dispatch="capacity")
+    cfg = get_model("qwen3-30b-a3b").replace(num_layers=2)
     B, S = 8, 2048
-    report = analyze_cost(cfg, Strategy.parse("EP1"), Workload(B, S, 128), backend="gpu", gpu_target="h200",
-                          phases=("prefill",))
-    phase = report.phases["prefill"]
+    phase = h200_qwen3_prefill("capacity", B, S)
     kernels = [op for op in phase.ops if op.kernel]
     assert len(kernels) == 1 and kernels[0].count == 2, kernels
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

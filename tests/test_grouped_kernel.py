@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import exact_config, require_compiler
+from conftest import exact_config, h200_qwen3_prefill, prefill_logits
 from flax import nnx
 
 from moe_jax.config import get_model
@@ -98,13 +98,6 @@ def test_kernel_name_round_trips():
     assert gk.parse_kernel_name("jit(f)/moe_jax_flash_prefill_bq128") is None
 
 
-def _prefill_logits(cfg, state, kernels, prompt):
-    graphdef = nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0), execution=Execution(kernels)))
-    run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))
-    out = run(state, prompt, init_cache(cfg, prompt.shape[0], prompt.shape[1] + 2))
-    return np.asarray(out.logits)
-
-
 @pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "llama4-tiny"])
 def test_dropless_prefill_with_the_kernel_equals_the_looped_experts(model):
     """The model with the GPU's grouped matmul kernel, run on CPU in interpret mode, prefills the logits of the
@@ -117,8 +110,8 @@ def test_dropless_prefill_with_the_kernel_equals_the_looped_experts(model):
     jaxpr = str(jax.make_jaxpr(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))(
         state, prompt, init_cache(cfg, 2, 34)))
     assert gk.NAME in jaxpr                                   # the kernel is what runs, not the fallback
-    np.testing.assert_allclose(_prefill_logits(cfg, state, FUSED, prompt),
-                               _prefill_logits(cfg, state, Kernels.for_platform("cpu"), prompt), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(prefill_logits(cfg, state, FUSED, prompt),
+                               prefill_logits(cfg, state, Kernels.for_platform("cpu"), prompt), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("name", "mesh"), [("tiny", "EP2-TP2-DP2"), ("gpt-oss-tiny", "EP4-TP2")])
@@ -135,15 +128,9 @@ def test_h200_dropless_prefill_calls_the_kernel_and_the_walk_counts_it():
     """qwen3-30b-a3b's dropless prefill on one H200, two layers: the experts are two kernel calls a layer (no
     ragged-dot, which XLA:GPU lowers as a dense product with every expert), the walk counts the kernel's FLOPs
     over its static bound, and those stay within 1.15x the experts' useful FLOPs."""
-    require_compiler("gpu")
-    from moe_jax.costs.compile import Workload
-    from moe_jax.costs.walk import analyze_cost
-
-    cfg = get_model("qwen3-30b-a3b").replace(num_layers=2, dispatch="dropless")
+    cfg = get_model("qwen3-30b-a3b")
     B, S = 8, 2048
-    report = analyze_cost(cfg, Strategy.parse("EP1"), Workload(B, S, 128), backend="gpu", gpu_target="h200",
-                          phases=("prefill",))
-    phase = report.phases["prefill"]
+    phase = h200_qwen3_prefill("dropless", B, S)
     calls = [op for op in phase.ops if op.kernel == gk.NAME]
     assert len(calls) == 2 and all(op.count == 2 for op in calls), calls
     assert "ragged-dot" not in phase.hlo_text

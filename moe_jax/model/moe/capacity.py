@@ -6,7 +6,7 @@ placed before second choices, and overflow is dropped (the token then skips that
 expert). Dispatch turns ``[G, Sg, D]`` (groups split over ``dp × ep``) into
 ``[E, G, C, D]`` (experts split over ``ep``): the all-to-all. Combine is the reverse.
 
-Both are gathers (`capacity_slots`: each assignment's slot; each slot's token): GShard's one-hot dispatch
+Both are gathers (`capacity_placement`: each assignment's slot; each slot's token): GShard's one-hot dispatch
 and combine einsums (`capacity_masks`, kept as the reference) multiply every token by every slot of its group,
 2 · G · Sg · E · C · D FLOPs each way (qwen3-30b-a3b at batch 64 × 2048 on one H200: 470 ms of a 2.05 s
 prefill with their masks and transposes), where a gather moves each slot's row once.
@@ -18,7 +18,7 @@ over ep, each assignment is instead multiplied by its own expert's gathered weig
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,55 +49,61 @@ def capacity_masks(weights_gsk, experts_gsk, num_experts: int, capacity: int):
     weights/experts [G, Sg, k] → dispatch [G, Sg, E, C] (0/1), combine [G, Sg, E, C] (gate
     weights), dropped [G] (token-expert assignments that found no slot, per group; kept
     per group so that counting adds no collective to the program).
-    A token's j-th choice is placed after every token's (j-1)-th choice in the group (`capacity_slots`).
+    A token's j-th choice is placed after every token's (j-1)-th choice in the group (`capacity_placement`).
     """
     G, Sg, k = experts_gsk.shape
     E, C = num_experts, capacity
-    slot_gsk, dropped = capacity_slots(experts_gsk, E, C)
+    placed = capacity_placement(experts_gsk, E, C)
+    slot_gsk, dropped = placed.slot, placed.dropped
     onehot = jax.nn.one_hot(slot_gsk, E * C, dtype=F32)                       # [G, Sg, k, E·C]; dropped: none
     dispatch = onehot.sum(2).reshape(G, Sg, E, C)
     combine = jnp.einsum("gskn,gsk->gsn", onehot, weights_gsk).reshape(G, Sg, E, C)
     return dispatch, combine, dropped
 
 
-def capacity_slots(experts_gsk, num_experts: int, capacity: int):
-    """Each assignment's slot, as `capacity_masks` places them (a token's j-th choice after every token's (j-1)-th
-    choice in its group, overflow dropped): experts [G, Sg, k] → (slot [G, Sg, k] int32, the group's slot
-    e · C + c, E · C where dropped; dropped [G] assignments per group)."""
+class Placement(NamedTuple):
+    """Where capacity dispatch puts a group's token-expert assignments (`capacity_placement`)."""
+
+    slot: jax.Array
+    """[G, Sg, k] int32: each assignment's slot e · C + c in its group, E · C where dropped."""
+    token: jax.Array
+    """[G, E · C] int32: each slot's token, Sg for an empty slot."""
+    assignment: jax.Array
+    """[G, E · C] int32: each slot's assignment s · k + j, Sg · k for an empty slot."""
+    dropped: jax.Array
+    """[G] int32: assignments that found no slot, per group (kept per group so counting adds no collective)."""
+
+
+def capacity_placement(experts_gsk, num_experts: int, capacity: int) -> Placement:
+    """Each group's assignments in their experts' slots (experts [G, Sg, k]): slot c of expert e holds the
+    expert's c-th assignment in priority order, every token's first choice, then every token's second, ...;
+    past C they are dropped. A stable sort of the choices in priority order by expert, then gathers: no scatter
+    (XLA:CPU expands one into a loop of an update per assignment) and no [Sg, k, E] running count."""
     G, Sg, k = experts_gsk.shape
     E, C = num_experts, capacity
-    onehot = jax.nn.one_hot(experts_gsk, E, dtype=jnp.int32)                   # [G, Sg, k, E]
-    by_priority = onehot.transpose(0, 2, 1, 3).reshape(G, k * Sg, E)
-    position = jnp.cumsum(by_priority, axis=1) - 1                            # slot within expert
-    position = position.reshape(G, k, Sg, E).transpose(0, 2, 1, 3)
-    slot_gsk = jnp.sum(position * onehot, axis=-1)                            # [G, Sg, k]
-    kept = slot_gsk < C
-    dropped = constrain(jnp.sum(~kept, axis=(1, 2), dtype=jnp.int32), ("group",))  # [G]
-    return jnp.where(kept, experts_gsk * C + slot_gsk, E * C).astype(jnp.int32), dropped
+
+    def one_group(experts_sk):
+        by_priority = experts_sk.T.reshape(-1)                                 # [k · Sg]: choice j of token s
+        order = jnp.argsort(by_priority, stable=True)                          # by expert, priority kept
+        counts = jnp.sum(jax.nn.one_hot(by_priority, E, dtype=jnp.int32), axis=0)   # [E]
+        first = jnp.cumsum(counts) - counts
+        rank = jnp.argsort(order) - first[by_priority]                         # within its expert
+        slot = jnp.where(rank < C, by_priority * C + rank, E * C).reshape(k, Sg).T
+        c = jnp.arange(C, dtype=jnp.int32)
+        filled = (c[None, :] < counts[:, None]).reshape(-1)                    # [E · C]
+        p = order[jnp.minimum(first[:, None] + c[None, :], k * Sg - 1).reshape(-1)]   # j · Sg + s
+        token = jnp.where(filled, p % Sg, Sg)
+        assignment = jnp.where(filled, (p % Sg) * k + p // Sg, Sg * k)
+        return slot.astype(jnp.int32), token.astype(jnp.int32), assignment.astype(jnp.int32)
+
+    slot, token, assignment = jax.vmap(one_group)(experts_gsk)
+    dropped = constrain(jnp.sum(slot == E * C, axis=(1, 2), dtype=jnp.int32), ("group",))
+    return Placement(slot, token, assignment, dropped)
 
 
 def _take(x_nd, index):
     """Rows of x [N, D] at index (any shape; N or more: a zero row)."""
     return jnp.take(x_nd, index, axis=0, mode="fill", fill_value=0)
-
-
-def _slot_owners(experts_sk, *, num_experts: int, capacity: int):
-    """Which assignment fills each slot of one group, as `capacity_slots` places them: experts [Sg, k] →
-    (token [E · C]: the filling assignment's token, Sg for an empty slot; assignment [E · C]: its index s · k + j,
-    Sg · k for an empty slot). Slot c of expert e holds the expert's c-th assignment in priority order (every
-    token's first choice, then every token's second, ...): a stable sort of the choices in that order by expert,
-    then gathers; no scatter (XLA:CPU expands one into a loop of an update per assignment)."""
-    Sg, k = experts_sk.shape
-    E, C = num_experts, capacity
-    by_priority = experts_sk.T.reshape(-1)                                     # [k · Sg]: choice j of token s
-    order = jnp.argsort(by_priority, stable=True)                              # by expert, priority kept
-    counts = jnp.sum(jax.nn.one_hot(by_priority, E, dtype=jnp.int32), axis=0)  # [E]
-    first = jnp.cumsum(counts) - counts
-    c = jnp.arange(C, dtype=jnp.int32)
-    filled = (c[None, :] < counts[:, None]).reshape(-1)                        # [E · C]
-    p = order[jnp.minimum(first[:, None] + c[None, :], k * Sg - 1).reshape(-1)]   # j · Sg + s
-    token = jnp.where(filled, p % Sg, Sg).astype(jnp.int32)
-    return token, jnp.where(filled, (p % Sg) * k + p // Sg, Sg * k).astype(jnp.int32)
 
 
 def swiglu_experts(x_egcd, w_gate_up_epfd, w_down_edf, kernels: Kernels, cfg: ModelConfig | None = None,
@@ -141,11 +147,8 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     E, k = cfg.num_experts, cfg.top_k
     with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x, router_de, k, cfg.router_norm_topk, cfg)
-        slot_gsk, dropped = capacity_slots(experts, E, C)
+        slot_gsk, token_of, assignment, dropped = capacity_placement(experts, E, C)
         kept = slot_gsk < E * C
-        # each slot's token (Sg: an empty slot, a zero row), and for Llama 4 the weight its row is scaled by
-        token_of, assignment = jax.vmap(functools.partial(_slot_owners, num_experts=E, capacity=C))(
-            experts)                                                           # [G, E·C] each
         scaled = weights_input(cfg)   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
         if scaled:
             scale = jnp.take_along_axis(jnp.pad(weights.reshape(G, Sg * k), ((0, 0), (0, 1))), assignment, axis=1)
