@@ -66,7 +66,8 @@ class CapacityGroups:
 
     def dispatch_combine_bytes(self, cfg: ModelConfig, groups: int, itemsize: int) -> int:
         """One layer's dispatch and combine over `groups` groups, as `moe_jax.model.moe.capacity_moe` gathers them:
-        the slot placement (a cumulative count over a [G, k · Sg, E] int32 one-hot, written and read), each slot's
+        the slot placement (its per-expert counts from a [G, k · Sg, E] int32 one-hot, bounded as written and read;
+        its sorts of the k · Sg choices are not counted), each slot's
         row gathered (read and written: E · G · C rows of D) and each assignment's output gathered and summed
         (G · Sg · k rows read and written, G · Sg rows written)."""
         G, Sg, E, C, D, k = groups, self.group_tokens, cfg.num_experts, self.capacity, cfg.d_model, cfg.top_k

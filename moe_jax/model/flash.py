@@ -215,7 +215,7 @@ def fused_attend(q, k, v, *, window=0, sinks=None, interpret: bool = False):
     `attention.attend` groups them."""
     from jax.sharding import PartitionSpec as P
 
-    from moe_jax.parallel.rules import current_layout
+    from moe_jax.parallel.rules import current_layout, mesh_in_force
 
     call = functools.partial(flash_attend, interpret=interpret)
     layout = current_layout()
@@ -230,8 +230,7 @@ def fused_attend(q, k, v, *, window=0, sinks=None, interpret: bool = False):
     manual = {a for entry in (q_spec[0], q_spec[2]) if entry for a in ((entry,) if isinstance(entry, str) else entry)}
     if not manual:
         return call(q, k, v, window=window, sinks=sinks)
-    abstract = jax.sharding.get_abstract_mesh()
-    mesh = abstract if not abstract.empty and abstract.manual_axes else layout.mesh
+    mesh = mesh_in_force(layout)
     args, specs = [q, k, v], [q_spec, k_spec, v_spec]
     if sinks is not None:
         args.append(sinks)

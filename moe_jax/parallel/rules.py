@@ -96,6 +96,10 @@ class Layout:
         """Number of pipeline stages."""
         return self.size(self.stage_axes)
 
+    def split_axes(self, name: str) -> tuple[str, ...]:
+        """The mesh axes (those of size > 1) the rules split logical axis `name` over."""
+        return tuple(a for a in self.rules.get(name, ()) if self.axis_sizes.get(a, 1) > 1)
+
     def without_axes(self, axes) -> Layout:
         """This layout with `axes` removed from every rule: for code inside shard_map, manual over `axes`."""
         rules = {name: tuple(a for a in mapped if a not in axes) for name, mapped in self.rules.items()}
@@ -233,11 +237,17 @@ def constrain(x, names, what: str = "activation"):
     from jax.sharding import NamedSharding
 
     spec = layout.spec(names, x.shape, what=what, strict=False)
-    # Inside shard_map (manual over pipeline stages) the constraint must name the abstract
-    # mesh in force there, whose manual axes the layout's rules have already dropped.
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh_in_force(layout), spec))
+
+
+def mesh_in_force(layout: Layout):
+    """The mesh a sharding or a nested `jax.shard_map` must name while tracing under `layout`: inside shard_map
+    (manual over pipeline stages, say) the abstract mesh in force there, whose manual axes the layout's rules have
+    already dropped; elsewhere the layout's own mesh."""
+    import jax
+
     abstract = jax.sharding.get_abstract_mesh()
-    mesh = abstract if not abstract.empty and abstract.manual_axes else layout.mesh
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return abstract if not abstract.empty and abstract.manual_axes else layout.mesh
 
 
 def activation_shards(name: str, dim: int) -> int:
@@ -257,5 +267,5 @@ def kv_copies_in_force() -> int:
     return 1 if layout is None else layout.kv_copies
 
 
-__all__ = ["LOGICAL_AXIS_RULES", "Layout", "axis_rules", "use_layout", "current_layout", "constrain",
+__all__ = ["LOGICAL_AXIS_RULES", "Layout", "axis_rules", "use_layout", "current_layout", "constrain", "mesh_in_force",
            "activation_shards", "batch_shards", "kv_copies_in_force", "MESH_AXES"]

@@ -1,4 +1,5 @@
-"""The routed experts' gated activation and biases: one definition every dispatch (capacity, dropless, dense) uses.
+"""The routed experts' gated activation, biases and width split: one definition every dispatch (capacity, dropless,
+dense) uses.
 
 ``swiglu``: silu(gate) · up (Mixtral, Qwen3, DeepSeek-V3, ...). ``swiglu_clamped`` (gpt-oss): the gate clamped
 above at ``swiglu_limit``, up clamped to [−limit, limit], then gate · sigmoid(alpha · gate) · (up + 1), as
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
+from moe_jax.model import scopes
+from moe_jax.model.execution import Kernels
 
 
 def glu(gate, up, cfg: ModelConfig | None):
@@ -29,3 +32,21 @@ def row_experts(sizes_e, rows: int):
     sum(sizes) (padding, masked by the callers) get the last expert."""
     ids = jnp.searchsorted(jnp.cumsum(sizes_e), jnp.arange(rows, dtype=sizes_e.dtype), side="right")
     return jnp.minimum(ids, sizes_e.shape[0] - 1).astype(jnp.int32)
+
+
+def width_biases(biases, tp_axes: tuple):
+    """The experts' biases (gate/up, down) as one rank of the width axes `tp_axes` adds them inside `jax.shard_map`:
+    each rank's down projection is a partial sum over its slice of F, so only rank 0 adds the down bias."""
+    if biases is None or not tp_axes:
+        return biases
+    return biases[0], jnp.where(jax.lax.axis_index(tp_axes) == 0, biases[1], 0)
+
+
+def sum_over_width(y, dtype, tp_axes: tuple, kernels: Kernels):
+    """y in `dtype`, summed over the width axes `tp_axes` inside `jax.shard_map`: each rank multiplied a slice of F,
+    so its down projections are partial sums (summed in the activations' dtype where the target compiles a 16-bit
+    all-reduce inside shard_map, `Kernels.narrow_manual_all_reduce`, else in f32)."""
+    if tp_axes:
+        with jax.named_scope(scopes.COMBINE):
+            y = jax.lax.psum(y.astype(dtype if kernels.narrow_manual_all_reduce else jnp.float32), tp_axes)
+    return y.astype(dtype)

@@ -27,10 +27,10 @@ from moe_jax.config import ModelConfig
 from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32, in_place_rows, weight_einsum
-from moe_jax.model.moe.activation import glu
+from moe_jax.model.moe.activation import glu, sum_over_width, width_biases
 from moe_jax.model.moe.gathered import capacity_gathers, gathered_moe
 from moe_jax.model.moe.route import route, weights_input
-from moe_jax.parallel.rules import activation_shards, batch_shards, constrain
+from moe_jax.parallel.rules import activation_shards, batch_shards, constrain, current_layout, mesh_in_force, use_layout
 
 
 def group_size(num_tokens: int, shards: int, max_group: int) -> int:
@@ -164,7 +164,8 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
         xe = constrain(xe, ("expert", "expert_group", "capacity", "embed"))
     gate = kept.astype(x.dtype) if scaled else jnp.where(kept, weights, 0).astype(x.dtype)
     args = (xe, w_gate_up_epfd, w_down_edf, slot_gsk, gate, biases)
-    tp_axes = _width_axes()
+    layout = current_layout()
+    tp_axes = layout.split_axes("mlp") if layout is not None and layout.mesh is not None else ()
     if not tp_axes:
         y = _experts_and_combine(*args, kernels=kernels, cfg=cfg)
     else:
@@ -190,16 +191,6 @@ def _experts_and_combine(xe, w_gate_up_epfd, w_down_edf, slot_gsk, gate_gsk, bia
         return jnp.einsum("gskd,gsk->gsd", y_gskd, gate_gsk.astype(ye.dtype))
 
 
-def _width_axes() -> tuple:
-    """The mesh axes (of size > 1) the layout in force splits the experts' width F over: tp's."""
-    from moe_jax.parallel.rules import current_layout
-
-    layout = current_layout()
-    if layout is None or layout.mesh is None:
-        return ()
-    return tuple(a for a in layout.rules["mlp"] if layout.axis_sizes.get(a, 1) > 1)
-
-
 def _experts_and_combine_over_tp(xe, w_gate_up_epfd, w_down_edf, slot_gsk, gate_gsk, biases, *, kernels: Kernels,
                                  cfg: ModelConfig, tp_axes: tuple):
     """`_experts_and_combine` in `jax.shard_map`, manual over the width axes `tp_axes` (the other axes stay
@@ -209,11 +200,7 @@ def _experts_and_combine_over_tp(xe, w_gate_up_epfd, w_down_edf, slot_gsk, gate_
     the all-reduce cost more than the experts."""
     from jax.sharding import PartitionSpec as P
 
-    from moe_jax.parallel.rules import current_layout, use_layout
-
     layout = current_layout()
-    abstract = jax.sharding.get_abstract_mesh()
-    mesh = abstract if not abstract.empty and abstract.manual_axes else layout.mesh
 
     def over_tp(names, shape):   # the spec of a parameter, over the manual (tp) axes only
         spec = layout.spec(names, shape, what="expert weights")
@@ -229,12 +216,10 @@ def _experts_and_combine_over_tp(xe, w_gate_up_epfd, w_down_edf, slot_gsk, gate_
     inner = layout.without_axes(tp_axes)
 
     def body(xe, w_gate_up, w_down, slot, gate, biases=None):
-        if biases is not None:   # the down projection is a partial sum over tp: its bias added by one rank
-            biases = (biases[0], jnp.where(jax.lax.axis_index(tp_axes) == 0, biases[1], 0))
         with use_layout(inner):
-            y = _experts_and_combine(xe, w_gate_up, w_down, slot, gate, biases, kernels=kernels, cfg=cfg)
-        with jax.named_scope(scopes.COMBINE):
-            return jax.lax.psum(y if kernels.narrow_manual_all_reduce else y.astype(F32), tp_axes)
+            y = _experts_and_combine(xe, w_gate_up, w_down, slot, gate, width_biases(biases, tp_axes),
+                                     kernels=kernels, cfg=cfg)
+        return sum_over_width(y, y.dtype, tp_axes, kernels)
 
-    return jax.shard_map(body, mesh=mesh, axis_names=set(tp_axes), check_vma=False, in_specs=tuple(specs),
-                         out_specs=P())(*args)
+    return jax.shard_map(body, mesh=mesh_in_force(layout), axis_names=set(tp_axes), check_vma=False,
+                         in_specs=tuple(specs), out_specs=P())(*args)

@@ -26,12 +26,12 @@ from moe_jax.model import scopes
 from moe_jax.model.execution import Kernels
 from moe_jax.model.layers import F32
 from moe_jax.model.moe import grouped_kernel
-from moe_jax.model.moe.activation import glu, row_experts
+from moe_jax.model.moe.activation import glu, row_experts, sum_over_width, width_biases
 from moe_jax.model.moe.exchange import receive_rows, send_back, send_to_experts
 from moe_jax.model.moe.gathered import gathered_moe, gathered_swiglu, gathers
 from moe_jax.model.moe.route import route, weights_input
 from moe_jax.model.quant import fp8_source
-from moe_jax.parallel.rules import current_layout
+from moe_jax.parallel.rules import current_layout, mesh_in_force
 
 
 def grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
@@ -158,12 +158,11 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
     with jax.named_scope(scopes.ROUTE):
         weights, experts = route(x_td, router_de, k, cfg.router_norm_topk, cfg)   # [T, k]
     dropped = jnp.zeros((1,), jnp.int32)
-    if biases is not None and tp_axes:   # the down projection is a partial sum over tp: its bias added by one rank
-        biases = (biases[0], jnp.where(jax.lax.axis_index(tp_axes) == 0, biases[1], 0))
+    biases = width_biases(biases, tp_axes)
     in_place = kernels.in_place_weight_einsum
     if ep == 1 and gathers(T * k, E_loc, in_place):   # decode: each assignment reads only its own expert
         y = gathered_moe(x_td, weights, experts, w_gate_up_epfd, w_down_edf, cfg, biases, real, in_place=in_place)
-        return _sum_tp(y, x_td.dtype, tp_axes, kernels), dropped
+        return sum_over_width(y, x_td.dtype, tp_axes, kernels), dropped
     with jax.named_scope(scopes.ROUTE):
         experts = jnp.where(real[:, None], experts, E)
         order, sorted_ids, sizes = sort_assignments(experts, E)                # [T·k], [T·k], [E]
@@ -197,17 +196,7 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
             y_tkd = ys[back].reshape(T, k, D)                                  # back to token order
     with jax.named_scope(scopes.COMBINE):
         y = jnp.einsum("tkd,tk->td", y_tkd.astype(F32), jnp.where(real[:, None], weights, 0))
-    return _sum_tp(y, x_td.dtype, tp_axes, kernels), dropped
-
-
-def _sum_tp(y, dtype, tp_axes: tuple, kernels: Kernels):
-    """y [T, D] in `dtype`, summed over the tp axes: each tp rank multiplied a slice of F, so the down
-    projections are partial sums (summed in the activations' dtype where the target compiles that inside
-    shard_map, else in f32)."""
-    if tp_axes:
-        with jax.named_scope(scopes.COMBINE):
-            y = jax.lax.psum(y.astype(dtype) if kernels.narrow_manual_all_reduce else y, tp_axes)
-    return y.astype(dtype)
+    return sum_over_width(y, x_td.dtype, tp_axes, kernels), dropped
 
 
 def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig, kernels: Kernels | None = None, *,
@@ -230,10 +219,7 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     layout = current_layout()
     kw = dict(cfg=cfg, kernels=kernels, real_tokens=T)
 
-    def present(name):
-        return tuple(a for a in layout.rules[name] if layout.axis_sizes.get(a, 1) > 1)
-
-    token_axes, ep_axes, tp_axes = (present("batch"), present("expert"), present("mlp")) \
+    token_axes, ep_axes, tp_axes = tuple(map(layout.split_axes, ("batch", "expert", "mlp"))) \
         if layout is not None and layout.mesh is not None else ((), (), ())
     manual = set(token_axes) | set(ep_axes) | set(tp_axes)
     if not manual:       # nothing to split here (one device, or only pipeline stages, already manual)
@@ -245,9 +231,7 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     shards = layout.size(token_axes)
     padded = -(-T // shards) * shards
     x = jnp.pad(x, ((0, padded - T), (0, 0)))
-    abstract = jax.sharding.get_abstract_mesh()
-    inside_manual = not abstract.empty and bool(abstract.manual_axes)
-    mesh = abstract if inside_manual else layout.mesh
+    mesh = mesh_in_force(layout)
     (ep_axis,) = ep_axes or (None,)
     gate_up_spec = layout.spec(("expert", "gate_up", "mlp", "embed"), w_gate_up_epfd.shape, what="expert weights")
     down_spec = layout.spec(("expert", "embed", "mlp"), w_down_edf.shape, what="expert weights")
