@@ -84,6 +84,65 @@ def test_kernel_converts_fp8_and_bf16_weights_as_it_reads_them():
         np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=0.1, rtol=0.02)
 
 
+def test_kernel_reads_one_layer_of_stacked_weights():
+    """Given stacked weights [L, E, N, K] and a layer, the kernel multiplies by that layer's experts, read in place:
+    what it gives for the layer's slice."""
+    rng = np.random.default_rng(2)
+    M, L, E, N, K, sizes = 40, 3, 4, 32, 48, [12, 0, 20, 5]
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((L, E, N, K)), jnp.float32)
+    bm = gk.row_block(M, E)
+    dest, src, tiles = gk.tile_layout(jnp.array(sizes, jnp.int32), M, bm)
+    xp = gk.pad_rows(x, src)
+    for layer in range(L):
+        got = gk.tiled_matmul(xp, w, tiles, bm=bm, interpret=True, layer=layer)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(gk.tiled_matmul(xp, w[layer], tiles, bm=bm,
+                                                                                   interpret=True)))
+        np.testing.assert_allclose(np.asarray(gk.unpad_rows(got, dest)), _plain(x, w[layer], sizes), atol=1e-4,
+                                   rtol=1e-4)
+    for bad in (dict(layer=L), dict(layer=-1), dict()):          # out of range, or stacked weights without a layer
+        with pytest.raises(ValueError, match="not shapes the kernel takes"):
+            gk.tiled_matmul(xp, w, tiles, bm=bm, interpret=True, **bad)
+
+
+def _pallas_weight_ranks(jaxpr) -> list[int]:
+    """The rank of the weights operand of every pallas_call in a jaxpr, those in nested jaxprs (jit, shard_map,
+    scan) included."""
+    ranks = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            ranks.append(eqn.invars[2].aval.ndim)
+        for v in eqn.params.values():
+            for j in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    ranks += _pallas_weight_ranks(inner)
+    return ranks
+
+
+@pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny"])
+def test_unrolled_dropless_decode_reads_the_stacked_experts(model):
+    """Layers unrolled (a GPU's decode step), the kernel takes each layer's experts as the stacked parameters and
+    the layer's index (`moe_jax.model.provenance.layer_source`): every call's weights are rank 4, and greedy
+    decoding gives the logits of the CPU's forms."""
+    from test_decode_copies import _greedy
+
+    cfg = exact_config(get_model(model)).replace(dispatch="dropless")
+    unrolled = dataclasses.replace(FUSED, unrolled_layers=True)
+    state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
+    prompt = jax.random.randint(jax.random.key(4), (4, 12), 0, cfg.vocab_size)
+    graphdef = nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0), execution=Execution(unrolled)))
+    prefill = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).prefill(t, c))
+    cache = prefill(state, prompt, init_cache(cfg, 4, 16)).cache
+    jaxpr = jax.make_jaxpr(lambda s, t, c: nnx.merge(graphdef, s).decode(t, jnp.int32(12), c))(
+        state, prompt[:, :1], cache)
+    ranks = _pallas_weight_ranks(jaxpr.jaxpr)
+    assert ranks and set(ranks) == {4}, ranks
+    want = _greedy(cfg, state, Execution(Kernels.for_platform("cpu")), prompt, steps=3)
+    np.testing.assert_allclose(_greedy(cfg, state, Execution(unrolled), prompt, steps=3), want, atol=1e-4,
+                               rtol=1e-4)
+
+
 def test_shapes_the_kernel_takes():
     assert gk.supported(1536, 2048) and gk.supported(2048, 768) and gk.supported(5760, 2880)
     assert not gk.supported(40, 64) and not gk.supported(64, 24)
@@ -114,13 +173,17 @@ def test_dropless_prefill_with_the_kernel_equals_the_looped_experts(model):
                                prefill_logits(cfg, state, Kernels.for_platform("cpu"), prompt), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("name", "mesh"), [("tiny", "EP2-TP2-DP2"), ("gpt-oss-tiny", "EP4-TP2")])
-def test_dropless_with_the_kernel_sharded_equals_one_device(name, mesh):
-    """Inside the dropless shard_map: each shard's kernel multiplies the rows its experts received."""
+@pytest.mark.parametrize(("name", "mesh", "unrolled"), [
+    ("tiny", "EP2-TP2-DP2", False), ("gpt-oss-tiny", "EP4-TP2", False), ("tiny", "EP1-TP2-DP4", True)])
+def test_dropless_with_the_kernel_sharded_equals_one_device(name, mesh, unrolled):
+    """Inside the dropless shard_map: each shard's kernel multiplies the rows its experts received; with the layers
+    unrolled, the stacked experts enter the shard_map whole along the layer axis and each shard's kernel reads its
+    slice of the layer in place."""
     from moe_jax.runtime.verify import verify_sharding
 
     cfg = exact_config(get_model(name)).replace(dispatch="dropless")
-    v = verify_sharding(cfg, Strategy.parse(mesh), batch=8, prompt_len=16, gen_len=4, kernels=FUSED)
+    kernels = dataclasses.replace(FUSED, unrolled_layers=unrolled)
+    v = verify_sharding(cfg, Strategy.parse(mesh), batch=8, prompt_len=16, gen_len=4, kernels=kernels)
     assert v.passed, v
 
 

@@ -458,14 +458,14 @@ def _flash_cost(instr: Instruction, comp) -> dict | None:
 
 def _tiled_cost(instr: Instruction, comp) -> dict | None:
     """`moe_jax.model.moe.grouped_kernel.kernel_cost` of a call to dropless experts' grouped matmul kernel (a
-    Triton custom call named for its tiles), from its operands (tiles, rows [P, K], weights [E, N, K]); None for any
-    other instruction."""
+    Triton custom call named for its tiles), from its operands (tiles, rows [P, K], weights [E, N, K], or stacked
+    [L, E, N, K] of which it reads one layer); None for any other instruction."""
     if instr.opcode != "custom-call" or grouped_kernel.NAME not in instr.op_name:
         return None
     shapes = [arrays(comp.by_name[n].shape) for n in instr.operands[:3] if n in comp.by_name]
     if len(shapes) != 3 or not all(shapes):
         return None
-    (dtype, (P, K)), (w_dtype, (E, N, _)) = shapes[1][0], shapes[2][0]
+    (dtype, (P, K)), (w_dtype, (*_, E, N, _)) = shapes[1][0], shapes[2][0]
     return grouped_kernel.kernel_cost(P, N, K, E, dtype_bytes(dtype), dtype_bytes(w_dtype))
 
 
@@ -749,7 +749,9 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
             wraps = op == "async-start" and any(role == "calls" for role, _ in module.calls(instr))
             if op not in _NO_TRAFFIC and not op.endswith("-done") and not wraps:
                 moved = _operand_bytes(instr, comp, module) + _result_bytes(instr, comp, module)
-                if hints is not None and hints.looped and _in_grouped_matmul(instr, module):
+                if (tiled := _tiled_cost(instr, comp)) is not None:   # its weights: one layer's of stacked ones
+                    moved = tiled["bytes"]
+                elif hints is not None and hints.looped and _in_grouped_matmul(instr, module):
                     moved = _looped_group_bytes(instr, comp, module, moved, hints)
                 elif hints is not None and _is_grouped_kernel(instr):
                     moved = _grouped_matmul_bytes(instr, comp, moved, hints)

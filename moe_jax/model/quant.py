@@ -40,12 +40,11 @@ ahead of the layer loop, and lets ``Layout.AUTO`` keep T(32,128).
 
 from __future__ import annotations
 
-import weakref
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax.model.provenance import Provenance
 from moe_jax.names import FP8
 
 E4M3_MAX = 448.0
@@ -103,7 +102,7 @@ class Fp8Weight(nnx.Module):
         w = dequantize(q, scale, self.compute_dtype)
         if key is not Ellipsis:
             return w[key]
-        _remember(w, q, scale)
+        _SOURCES.note(w, q, scale)
         return w
 
     @property
@@ -117,20 +116,8 @@ class Fp8Weight(nnx.Module):
         return jnp.dtype(FP8)
 
 
-_SOURCES: dict[int, tuple[weakref.ref, object, object]] = {}
-"""id of a whole-weight read's result → (a weak reference to it, its FP8 values, its scales); an entry leaves
-when the result is collected (a traced value lives as long as the trace that made it)."""
-
-
-def _remember(w, q, scale) -> None:
-    """Record that `w` is q and scale dequantized, for `fp8_source`."""
-    key = id(w)
-
-    def forget(ref, key=key):
-        if _SOURCES.get(key, (None,))[0] is ref:          # not an entry made since for a new object at this id
-            del _SOURCES[key]
-
-    _SOURCES[key] = (weakref.ref(w, forget), q, scale)
+_SOURCES = Provenance()
+"""Each whole-weight read's result → (its FP8 values, its scales)."""
 
 
 def fp8_source(w):
@@ -142,7 +129,4 @@ def fp8_source(w):
     array for whatever comes next (a repeat of KV heads, a slice, a grouped matmul, a ``shard_map``); only the
     matmul that would gain from the FP8 values (`moe_jax.model.layers.weight_einsum`) asks for them, and the
     dequantized array it then leaves unused is dropped from the program."""
-    entry = _SOURCES.get(id(w))
-    if entry is None or entry[0]() is not w:
-        return None
-    return entry[1], entry[2]
+    return _SOURCES.of(w)

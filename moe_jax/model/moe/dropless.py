@@ -30,6 +30,7 @@ from moe_jax.model.moe.activation import glu, row_experts, sum_over_width, width
 from moe_jax.model.moe.exchange import receive_rows, send_back, send_to_experts
 from moe_jax.model.moe.gathered import gathered_moe, gathered_swiglu, gathers
 from moe_jax.model.moe.route import route, weights_input
+from moe_jax.model.provenance import layer_source
 from moe_jax.model.quant import fp8_source
 from moe_jax.parallel.rules import current_layout, mesh_in_force
 
@@ -64,7 +65,7 @@ def grouped_matmul(x_mk, w, sizes_e, native: bool, k_minor: bool = False):
 
 
 def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels, cfg: ModelConfig | None = None,
-                   biases=None, *, rows=None, out_rows=None):
+                   biases=None, *, rows=None, out_rows=None, layer: int | None = None):
     """SwiGLU of expert e on its rows: x [M, D] sorted by expert, sizes [E] rows per expert → [M, D].
 
     Rows past sum(sizes) (padding) belong to no expert; callers mask them. cfg: the activation's
@@ -75,10 +76,14 @@ def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels, 
     [R]: the result is then those of the sorted rows' outputs [R, D], rows of no expert (and indices ≥ M) zero.
     With the tiled kernel both gathers are folded into its padded layout's (one pass over the rows each way
     instead of two).
+    layer: None, or the index of the layer whose experts to use in stacked weights [L, E, 2, F, D] and [L, E, D, F]
+    (`moe_jax.model.provenance.layer_source`): the tiled kernel reads them in place, other forms slice them.
     """
-    E, _, F, D = w_gate_up_epfd.shape
+    E, _, F, D = w_gate_up_epfd.shape[-4:]
     M = x_md.shape[0] if rows is None else rows.shape[0]
     tiled = kernels.fused_grouped_matmul and grouped_kernel.supported(2 * F, D) and grouped_kernel.supported(D, F)
+    if layer is not None and not tiled:
+        w_gate_up_epfd, w_down_edf, layer = w_gate_up_epfd[layer], w_down_edf[layer], None
     # FP8 weights read whole (`moe_jax.model.quant.fp8_source`): multiply the FP8 values as stored (the convert
     # fuses into the kernel's operand, or the tiled kernel converts each block it reads) and scale each row's
     # output by its expert's scale (exact: powers of two)
@@ -101,7 +106,8 @@ def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels, 
 
             def product(x, w):
                 with jax.named_scope(scopes.GROUPED_MATMUL):
-                    return grouped_kernel.tiled_matmul(x, w, tiles, bm=bm, interpret=kernels.interpret_kernels)
+                    return grouped_kernel.tiled_matmul(x, w, tiles, bm=bm, interpret=kernels.interpret_kernels,
+                                                       layer=layer)
         else:
             if rows is not None:
                 x_md = x_md[rows]
@@ -109,7 +115,8 @@ def grouped_swiglu(x_md, sizes_e, w_gate_up_epfd, w_down_edf, kernels: Kernels, 
 
             def product(x, w):
                 return grouped_matmul(x, w, sizes_e, kernels.grouped_matmul, k_minor=True)
-        gate_up = product(x_md, w_gate_up_epfd.reshape(E, 2 * F, D)).reshape(-1, 2, F)   # [M or P, 2, F]
+        gate_up = product(x_md, w_gate_up_epfd.reshape(*w_gate_up_epfd.shape[:-4], E, 2 * F, D))   # [M or P, 2F]
+        gate_up = gate_up.reshape(-1, 2, F)
         if scales is not None:
             gate_up = gate_up * scales[0][ids].astype(gate_up.dtype)          # [M, 2, 1]
         if biases is not None:
@@ -142,15 +149,21 @@ def sort_assignments(experts_tk, num_experts: int):
 
 
 def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *, cfg: ModelConfig, kernels: Kernels,
-                    real_tokens: int, token_axes: tuple, ep_axis: str | None, ep: int, tp_axes: tuple):
+                    real_tokens: int, token_axes: tuple, ep_axis: str | None, ep: int, tp_axes: tuple,
+                    layer: int | None = None):
     """One shard's dropless MoE (inside shard_map, or the whole problem without a mesh).
 
     x [T, D] this shard's tokens (rows at global index >= real_tokens are padding);
-    expert weights (and biases, if any) are this shard's E/ep experts (width F/tp). Returns (y [T, D], rows dropped [1]:
-    0 unless ``cfg.dropless_buffer`` bounds the receive buffer).
+    expert weights (and biases, if any) are this shard's E/ep experts (width F/tp): with `layer`, the stacked
+    weights of every layer (`grouped_swiglu`). Returns (y [T, D], rows dropped [1]: 0 unless
+    ``cfg.dropless_buffer`` bounds the receive buffer).
     """
     T, D = x_td.shape
-    E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_up_epfd.shape[0]
+    E, k, E_loc = cfg.num_experts, cfg.top_k, w_gate_up_epfd.shape[0 if layer is None else 1]
+    stored = (w_gate_up_epfd, w_down_edf)                                    # as `grouped_swiglu` takes them
+
+    def one_layer():   # the gathered forms read the layer's slice
+        return stored if layer is None else (w_gate_up_epfd[layer], w_down_edf[layer])
     first = 0
     if token_axes:
         first = jax.lax.axis_index(token_axes) * T
@@ -161,7 +174,7 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
     biases = width_biases(biases, tp_axes)
     in_place = kernels.in_place_weight_einsum
     if ep == 1 and gathers(T * k, E_loc, in_place):   # decode: each assignment reads only its own expert
-        y = gathered_moe(x_td, weights, experts, w_gate_up_epfd, w_down_edf, cfg, biases, real, in_place=in_place)
+        y = gathered_moe(x_td, weights, experts, *one_layer(), cfg, biases, real, in_place=in_place)
         return sum_over_width(y, x_td.dtype, tp_axes, kernels), dropped
     with jax.named_scope(scopes.ROUTE):
         experts = jnp.where(real[:, None], experts, E)
@@ -174,8 +187,8 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
             if weights_input(cfg):   # Llama 4: the weights scale the rows sent; the outputs come back unweighted
                 source = (x_td[:, None, :] * weights[..., None].astype(x_td.dtype)).reshape(T * k, D)
                 rows, weights = order, jnp.ones_like(weights)
-        y_tkd = grouped_swiglu(source, sizes, w_gate_up_epfd, w_down_edf, kernels, cfg, biases, rows=rows,
-                               out_rows=back).reshape(T, k, D)
+        y_tkd = grouped_swiglu(source, sizes, *stored, kernels, cfg, biases, rows=rows, out_rows=back,
+                               layer=layer).reshape(T, k, D)
     else:
         with jax.named_scope(scopes.DISPATCH):
             xs = x_td[order // k]                                              # [T·k, D] by expert
@@ -186,10 +199,10 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
         recv, routes = send_to_experts(xs, sizes, buffer_rows=buffer_rows, **move)
         if gathers(buffer_rows, E_loc, in_place):   # few buffer rows for the local experts: each its own expert
             # (rows past those received compute with the last expert; send_back never reads them)
-            yr = gathered_swiglu(recv, row_experts(routes.mine.sum(0), buffer_rows), w_gate_up_epfd, w_down_edf,
-                                 cfg, biases, in_place=in_place)
+            yr = gathered_swiglu(recv, row_experts(routes.mine.sum(0), buffer_rows), *one_layer(), cfg, biases,
+                                 in_place=in_place)
         else:
-            yr = grouped_swiglu(recv, routes.mine.sum(0), w_gate_up_epfd, w_down_edf, kernels, cfg, biases)
+            yr = grouped_swiglu(recv, routes.mine.sum(0), *stored, kernels, cfg, biases, layer=layer)
         ys = send_back(yr, routes, xs.shape[0], xs.dtype, **move)
         dropped = jnp.sum(sizes - routes.send, dtype=jnp.int32)[None]
         with jax.named_scope(scopes.COMBINE):
@@ -211,13 +224,19 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     biases: None, or the experts' (gate/up [E, 2, F], down [E, D]) biases (``cfg.expert_bias``), split as the weights.
     XLA:CPU has neither a ragged all-to-all nor a grouped matmul: its program moves the same rows in
     fixed blocks and loops over the local experts.
+    An unrolled layer's weights (`moe_jax.model.provenance.layer_source`) go to the tiled kernel as the stacked
+    parameters and the layer's index, read in place.
     """
     kernels = kernels or Kernels.of_process()
     B, S, D = x_bsd.shape
     T = B * S
     x = x_bsd.reshape(T, D)
     layout = current_layout()
-    kw = dict(cfg=cfg, kernels=kernels, real_tokens=T)
+    layer = None
+    sources = (layer_source(w_gate_up_epfd), layer_source(w_down_edf))
+    if kernels.fused_grouped_matmul and None not in sources and sources[0][1] == sources[1][1]:
+        (w_gate_up_epfd, layer), (w_down_edf, _) = sources
+    kw = dict(cfg=cfg, kernels=kernels, real_tokens=T, layer=layer)
 
     token_axes, ep_axes, tp_axes = tuple(map(layout.split_axes, ("batch", "expert", "mlp"))) \
         if layout is not None and layout.mesh is not None else ((), (), ())
@@ -233,8 +252,12 @@ def dropless_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     x = jnp.pad(x, ((0, padded - T), (0, 0)))
     mesh = mesh_in_force(layout)
     (ep_axis,) = ep_axes or (None,)
-    gate_up_spec = layout.spec(("expert", "gate_up", "mlp", "embed"), w_gate_up_epfd.shape, what="expert weights")
-    down_spec = layout.spec(("expert", "embed", "mlp"), w_down_edf.shape, what="expert weights")
+    per_layer = slice(None if layer is None else 1, None)                    # a stacked weight's layer axis: whole
+    gate_up_spec = layout.spec(("expert", "gate_up", "mlp", "embed"), w_gate_up_epfd.shape[per_layer],
+                               what="expert weights")
+    down_spec = layout.spec(("expert", "embed", "mlp"), w_down_edf.shape[per_layer], what="expert weights")
+    if layer is not None:
+        gate_up_spec, down_spec = P(None, *gate_up_spec), P(None, *down_spec)
     body = functools.partial(_dropless_shard, token_axes=token_axes, ep_axis=ep_axis,
                              ep=layout.size(ep_axes), tp_axes=tp_axes, **kw)
     tok = P(token_axes or None, None)

@@ -108,8 +108,9 @@ def kernel_cost(P: int, N: int, K: int, E: int, itemsize: int, weight_itemsize: 
     return {"flops": 2 * P * N * K, "bytes": itemsize * (P * K + P * N) + weight_itemsize * E * N * K}
 
 
-def _kernel(tile_ref, x_ref, w_ref, o_ref, *, bn: int, bk: int, groups: int):
-    """One program: column block (program 0) of row tile (program 1)."""
+def _kernel(tile_ref, x_ref, w_ref, o_ref, *, bn: int, bk: int, groups: int, layer: int | None):
+    """One program: column block (program 0) of row tile (program 1). layer: None (w [E, N, K]), or the index of
+    the layer to read in stacked weights [L, E, N, K]."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -121,7 +122,8 @@ def _kernel(tile_ref, x_ref, w_ref, o_ref, *, bn: int, bk: int, groups: int):
     def _():
         def step(i, acc):
             x = x_ref[:, pl.ds(i * bk, bk)]                                  # [Bm, Bk]
-            w = w_ref[e, pl.ds(n0, bn), pl.ds(i * bk, bk)].astype(x.dtype)   # [Bn, Bk] (FP8 converted here)
+            at = (e, pl.ds(n0, bn), pl.ds(i * bk, bk))
+            w = w_ref[at if layer is None else (layer, *at)].astype(x.dtype)   # [Bn, Bk] (FP8 converted here)
             return acc + plgpu.dot(x, w, trans_b=True)
 
         acc = jax.lax.fori_loop(0, K // bk, step, jnp.zeros(o_ref.shape, F32))
@@ -132,25 +134,31 @@ def _kernel(tile_ref, x_ref, w_ref, o_ref, *, bn: int, bk: int, groups: int):
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def tiled_matmul(xp, w_enk, tiles, *, bm: int, interpret: bool = False):
+def tiled_matmul(xp, w_enk, tiles, *, bm: int, interpret: bool = False, layer: int | None = None):
     """Rows of tile t times w[tiles[t]]ᵀ: xp [P, K] laid out by `tile_layout`, w [E, N, K] (FP8 weights are
     converted to the rows' dtype as each block is read), tiles [P / Bm] → [P, N] in the rows' dtype (f32
-    accumulation); tiles of expert E (none) give zeros."""
+    accumulation); tiles of expert E (none) give zeros.
+
+    layer: None, or an index into stacked weights w [L, E, N, K], read in place (an unrolled layer's experts:
+    `moe_jax.model.provenance.layer_source`; as an operand, the slice would be a copy)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     P, K = xp.shape
-    E, N, _ = w_enk.shape
+    E, N, _ = w_enk.shape[-3:]
     bn, bk = _block(N, N_BLOCKS), _block(K, K_BLOCKS)
-    if bn is None or bk is None or P % bm or w_enk.shape[2] != K or tiles.shape != (P // bm,):
-        raise ValueError(f"tiled_matmul: rows {xp.shape}, weights {w_enk.shape}, tiles {tiles.shape} at Bm {bm} are "
-                         "not shapes the kernel takes (see moe_jax.model.moe.grouped_kernel.supported)")
-    kernel = functools.partial(_kernel, bn=bn, bk=bk, groups=E)
+    stacked = layer is not None and w_enk.ndim == 4 and 0 <= layer < w_enk.shape[0]
+    if bn is None or bk is None or P % bm or w_enk.shape[-1] != K or tiles.shape != (P // bm,) or \
+            w_enk.ndim != 3 + stacked:
+        raise ValueError(f"tiled_matmul: rows {xp.shape}, weights {w_enk.shape} (layer {layer}), tiles "
+                         f"{tiles.shape} at Bm {bm} are not shapes the kernel takes (see "
+                         "moe_jax.model.moe.grouped_kernel.supported)")
+    kernel = functools.partial(_kernel, bn=bn, bk=bk, groups=E, layer=layer)
     return pl.pallas_call(
         kernel, grid=(N // bn, P // bm),
         in_specs=[pl.BlockSpec((1,), lambda j, i: (i,)),
                   pl.BlockSpec((bm, K), lambda j, i: (i, 0)),
-                  pl.BlockSpec((E, N, K), lambda j, i: (0, 0, 0))],
+                  pl.BlockSpec(w_enk.shape, lambda j, i: (0,) * w_enk.ndim)],
         out_specs=pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
         out_shape=jax.ShapeDtypeStruct((P, N), xp.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
