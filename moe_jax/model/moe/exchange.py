@@ -131,7 +131,7 @@ def ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_o
     q = jnp.arange(block_rows)
 
     def chunk_of(starts):   # [peer, chunk] start rows in a block → [peer, row]: the chunk holding each row
-        return jax.vmap(lambda p: jnp.searchsorted(p, q, side="right") - 1)(starts)
+        return jax.vmap(lambda p: jnp.searchsorted(p, q, side="right", method="compare_all") - 1)(starts)
 
     chunk = chunk_of(packed_at)                                                # [dst, row]
     in_block = q[None, :] < sizes.sum(1, keepdims=True)

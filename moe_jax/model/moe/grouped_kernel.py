@@ -68,7 +68,11 @@ def tile_layout(sizes_e, rows: int, bm: int):
     """Where `rows` rows sorted by expert (sizes [E] rows each; rows past their sum belong to none) go once each
     expert's rows start on a tile of Bm → (dest [M] int32: each row's padded row, P for rows of no expert;
     src [P] int32: each padded row's row, M for padding; tiles [P / Bm] int32: each tile's expert, E for tiles
-    past the last expert's)."""
+    past the last expert's).
+
+    Each row's (and tile's) expert is found by comparing it with every expert's end (``method="compare_all"``,
+    one fusion): jax's default binary search is a while loop, whose ~10 iterations of a few ops each cost the
+    GPU's per-op floor (qwen3-30b-a3b, decode at batch 64: three such loops a layer, 40% of the step's ops)."""
     E = sizes_e.shape[0]
     P = padded_rows(rows, E, bm)
     sizes = sizes_e.astype(jnp.int32)
@@ -76,12 +80,12 @@ def tile_layout(sizes_e, rows: int, bm: int):
     start = jnp.cumsum(sizes) - sizes                                        # its first row, sorted
     tile_start = jnp.cumsum(tiles_e) - tiles_e                               # its first tile, padded
     r = jnp.arange(rows, dtype=jnp.int32)
-    e = jnp.searchsorted(jnp.cumsum(sizes), r, side="right").astype(jnp.int32)   # each row's expert (E: none)
+    e = jnp.searchsorted(jnp.cumsum(sizes), r, side="right", method="compare_all").astype(jnp.int32)   # E: none
     e_c = jnp.minimum(e, E - 1)
     dest = jnp.where(e < E, tile_start[e_c] * bm + r - start[e_c], P).astype(jnp.int32)
     src = jnp.full((P,), rows, jnp.int32).at[dest].set(r, mode="drop")
-    t = jnp.arange(P // bm, dtype=jnp.int32)
-    tiles = jnp.searchsorted(jnp.cumsum(tiles_e), t, side="right").astype(jnp.int32)   # E past the last
+    t = jnp.arange(P // bm, dtype=jnp.int32)                                # a tile past the last: E
+    tiles = jnp.searchsorted(jnp.cumsum(tiles_e), t, side="right", method="compare_all").astype(jnp.int32)
     return dest, src, tiles
 
 
