@@ -70,6 +70,12 @@ class Kernels:
     70 ms a step at batch 8); qwen3-30b-a3b's 5 slots per expert and 8 rows of attention projections lost
     (at batch 64, 74 against 59 ms)."""
 
+    separate_projections: bool = False
+    """XLA:GPU's dot merger is off (`compiler_options`): it joins the q, k and v projections, which share their
+    input, into one gemm over their weights concatenated, so each unrolled layer's three weight slices are copied
+    out of the stacked parameters every step (qwen3-30b-a3b, decode at batch 64 on one H200: 37 MB a layer
+    copied, two ops); apart, each projection's gemm reads its slice in place. The GPU's."""
+
     @classmethod
     def for_platform(cls, platform: str) -> Kernels:
         """The kernels of a jax platform name (``cpu``, ``gpu``, ``tpu``): XLA:CPU has none of them."""
@@ -77,7 +83,12 @@ class Kernels:
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
                    narrow_manual_all_reduce=native, unrolled_layers=gpu,
-                   fused_prefill_attention=gpu, fused_grouped_matmul=gpu)
+                   fused_prefill_attention=gpu, fused_grouped_matmul=gpu, separate_projections=gpu)
+
+    def compiler_options(self) -> dict | None:
+        """XLA options the programs are compiled with (`moe_jax.programs.sharded.ShardedModel` jits with them, so
+        a deviceless compile and a run on the devices build the same program); None for XLA's defaults."""
+        return {"xla_gpu_dot_merger_threshold_mb": 0} if self.separate_projections else None
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:

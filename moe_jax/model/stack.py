@@ -204,8 +204,9 @@ def _unrolled(one, stacked, x, kv, num_blocks: int, size: int, windows, static: 
     their writes are made after the last layer (`LayerCache.deferred`; the attention adds the position's own
     key and value apart, `moe_jax.model.attention.attend_with_new`); MLA writes as it goes.
     qwen3-30b-a3b on one H200 at batch 64 (deviceless compile): a step moves 2.29e11 bytes scanned, 0.99e11
-    unrolled, 0.85e11 unrolled with deferred writes, for 0.75e11 needed. Still copied: the attention projections
-    (XLA's dot merger concatenates q, k and v's weights) and the output projection.
+    unrolled, 0.85e11 unrolled with deferred writes, for 0.75e11 needed. Still copied: the output
+    projection's slice, for the cuBLAS call XLA picks for it (q, k and v read theirs in place with XLA's dot
+    merger off: `moe_jax.model.execution.Kernels.separate_projections`).
     The program grows with the layers: that compile takes 38 s instead of 10.
     Each layer's slice is noted (`layer_of`): a Pallas kernel, which XLA would hand a copy of the slice, reads
     the stacked parameter at the layer's index instead (`layer_source`)."""

@@ -69,8 +69,9 @@ class ShardedModel:
         self.param_shardings = self.layout.param_shardings(self.abstract_params)
         self.forward = jax.jit(self._forward)
         # the cache is donated to both: each writes its new positions into it in place (`moe_jax.model.kv_cache`)
-        self.prefill = jax.jit(self._prefill, donate_argnums=(2,))
-        self.decode = jax.jit(self._decode, donate_argnums=(3,))
+        options = self.kernels.compiler_options()
+        self.prefill = jax.jit(self._prefill, donate_argnums=(2,), compiler_options=options)
+        self.decode = jax.jit(self._decode, donate_argnums=(3,), compiler_options=options)
 
     # --- placement ----------------------------------------------------------------
 
