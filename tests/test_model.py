@@ -145,6 +145,27 @@ def test_router_normalisation():
     np.testing.assert_allclose(raw, ref_w, rtol=1e-6)
 
 
+@pytest.mark.parametrize("model", ["tiny", "gpt-oss-tiny", "deepseek-v3-tiny", "llama4-maverick-tiny"])
+def test_native_top_k_routes_as_the_argmax_rounds(model):
+    """`jax.lax.top_k` (the GPU's router, `Kernels.native_top_k`) chooses the experts and weights the argmax rounds
+    choose, ties included (lowest index first), for every scoring: softmax, top-k softmax, grouped sigmoid with its
+    bias, sigmoid of the input rows."""
+    from moe_jax.model.moe.route import _top_k
+
+    cfg = get_model(model)
+    D, E = 16, cfg.num_experts
+    x = jax.random.normal(jax.random.key(0), (3, 7, D))
+    w = jax.random.normal(jax.random.key(1), (D, E))
+    router = (w, jax.random.normal(jax.random.key(2), (E,))) if cfg.router_score == "sigmoid" or cfg.router_bias \
+        else w
+    want, got = (route(x, router, cfg.top_k, cfg.router_norm_topk, cfg, native_top_k=n) for n in (False, True))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    tied = jnp.array([[0.5, 0.1, 0.5, 0.5, 0.2], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    for k in (1, 3, 5):
+        np.testing.assert_array_equal(_top_k(tied, k, native=True)[1], _top_k(tied, k)[1])
+
+
 def test_group_size_is_bounded_and_tiles_shards():
     assert group_size(8 * 2048, 8, 256) == 256
     assert group_size(64, 8, 256) == 8

@@ -114,6 +114,22 @@ def test_gpu_decode_projections_read_their_slices_in_place():
     assert copied and all("wo_dhk" in c for c in copied), copied
 
 
+def test_gpu_router_takes_its_top_k_in_one_op_where_the_tokens_are_whole():
+    """On H200s the router takes its top k with lax.top_k (one sort fusion, not k argmax rounds) where the batch is
+    not split (TP8: every tp rank routes the same tokens), and no all-gather appears; with the batch split over ep
+    it keeps the argmax rounds, which XLA's partitioner keeps local (lax.top_k would gather every token)."""
+    require_compiler("gpu")
+    from moe_jax.costs.walk import analyze_cost
+
+    cfg = get_model("qwen3-30b-a3b").replace(num_layers=2)
+    for mesh, native in (("TP8", True), ("EP8", False)):
+        report = analyze_cost(cfg, Strategy.parse(mesh), Workload(64, 2048, 128), backend="gpu", gpu_target="h200",
+                              phases=("decode",))
+        text = report.phases["decode"].hlo_text
+        assert ("route/top_k" in text) == native, mesh
+        assert "all-gather" not in text, mesh
+
+
 def test_weight_copies_finds_a_relayout():
     """The check above sees a weight transposed ahead of its use."""
     text = """HloModule m

@@ -76,6 +76,11 @@ class Kernels:
     out of the stacked parameters every step (qwen3-30b-a3b, decode at batch 64 on one H200: 37 MB a layer
     copied, two ops); apart, each projection's gemm reads its slice in place. The GPU's."""
 
+    native_top_k: bool = False
+    """The router takes its top k with `jax.lax.top_k` (XLA:GPU: one TopK kernel) where the tokens are not split
+    (`moe_jax.model.moe.route.route`), instead of k rounds of argmax (qwen3-30b-a3b: 17 small ops a layer, 10 with
+    it; each costs the GPU's per-op floor in a decode step). The GPU's."""
+
     @classmethod
     def for_platform(cls, platform: str) -> Kernels:
         """The kernels of a jax platform name (``cpu``, ``gpu``, ``tpu``): XLA:CPU has none of them."""
@@ -83,7 +88,8 @@ class Kernels:
         gpu = platform == Backend.GPU
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
                    narrow_manual_all_reduce=native, unrolled_layers=gpu,
-                   fused_prefill_attention=gpu, fused_grouped_matmul=gpu, separate_projections=gpu)
+                   fused_prefill_attention=gpu, fused_grouped_matmul=gpu, separate_projections=gpu,
+                   native_top_k=gpu)
 
     def compiler_options(self) -> dict | None:
         """XLA options the programs are compiled with (`moe_jax.programs.sharded.ShardedModel` jits with them, so

@@ -134,11 +134,13 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     G = B * S // Sg
     C = cfg.capacity(Sg)
     in_place = kernels.in_place_weight_einsum
+    native_top_k = kernels.native_top_k and batch_shards(B) == 1      # lax.top_k would gather a split batch
     if capacity_gathers(cfg, B * S // batch_shards(B), Sg, activation_shards("expert", cfg.num_experts), in_place):
         # Decode: C ≥ Sg, so nothing can be dropped: each assignment reads only its own expert (`gathered`)
         x = constrain(x_bsd, ("batch", "length", "embed"))
         with jax.named_scope(scopes.ROUTE):
-            weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk, cfg)   # [B, S, k]
+            weights, experts = route(x, router_de, cfg.top_k, cfg.router_norm_topk, cfg,          # [B, S, k]
+                                     native_top_k=native_top_k)
         y = gathered_moe(x.reshape(B * S, D), weights.reshape(B * S, -1), experts.reshape(B * S, -1),
                          w_gate_up_epfd, w_down_edf, cfg, biases, in_place=in_place)
         y = constrain(y.astype(x_bsd.dtype).reshape(B, S, D), ("batch", "length", "embed"))
@@ -146,7 +148,7 @@ def capacity_moe(x_bsd, router_de, w_gate_up_epfd, w_down_edf, cfg: ModelConfig,
     x = constrain(x_bsd.reshape(G, Sg, D), ("group", "group_tokens", "embed"))
     E, k = cfg.num_experts, cfg.top_k
     with jax.named_scope(scopes.ROUTE):
-        weights, experts = route(x, router_de, k, cfg.router_norm_topk, cfg)
+        weights, experts = route(x, router_de, k, cfg.router_norm_topk, cfg, native_top_k=native_top_k)
         slot_gsk, token_of, assignment, dropped = capacity_placement(experts, E, C)
         kept = slot_gsk < E * C
         scaled = weights_input(cfg)   # Llama 4: the weights scale the rows sent; the outputs come back unweighted

@@ -171,7 +171,9 @@ def _dropless_shard(x_td, router_de, w_gate_up_epfd, w_down_edf, biases=None, *,
         first = jax.lax.axis_index(token_axes) * T
     real = (first + jnp.arange(T)) < real_tokens                               # [T]
     with jax.named_scope(scopes.ROUTE):
-        weights, experts = route(x_td, router_de, k, cfg.router_norm_topk, cfg)   # [T, k]
+        # this shard's own tokens (manual over the token axes, or no mesh): lax.top_k keeps them local
+        weights, experts = route(x_td, router_de, k, cfg.router_norm_topk, cfg,   # [T, k]
+                                 native_top_k=kernels.native_top_k)
     dropped = jnp.zeros((1,), jnp.int32)
     biases = width_biases(biases, tp_axes)
     in_place = kernels.in_place_weight_einsum
