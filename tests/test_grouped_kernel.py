@@ -103,6 +103,8 @@ def test_kernel_reads_one_layer_of_stacked_weights():
     for bad in (dict(layer=L), dict(layer=-1), dict()):          # out of range, or stacked weights without a layer
         with pytest.raises(ValueError, match="not shapes the kernel takes"):
             gk.tiled_matmul(xp, w, tiles, bm=bm, interpret=True, **bad)
+    with pytest.raises(ValueError, match="not shapes the kernel takes"):   # a layer of weights that are not stacked
+        gk.tiled_matmul(xp, w[0], tiles, bm=bm, interpret=True, layer=0)
 
 
 def _pallas_weight_ranks(jaxpr) -> list[int]:

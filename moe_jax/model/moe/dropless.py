@@ -144,7 +144,7 @@ def sort_assignments(experts_tk, num_experts: int):
     flat = experts_tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     sorted_ids = flat[order]
-    # each bound compared with every id (one fusion, no loop: `moe_jax.model.moe.grouped_kernel.tile_layout`)
+    # each bound compared with every id (one fusion, no loop: `moe_jax.model.moe.activation.group_of`)
     bounds = jnp.searchsorted(sorted_ids, jnp.arange(num_experts + 1, dtype=flat.dtype), side="left",
                               method="compare_all")
     return order, sorted_ids, jnp.diff(bounds).astype(jnp.int32)

@@ -30,6 +30,8 @@ import re
 import jax
 import jax.numpy as jnp
 
+from moe_jax.model.moe.activation import group_of
+
 F32 = jnp.float32
 
 NAME = "moe_jax_grouped_matmul"
@@ -68,11 +70,7 @@ def tile_layout(sizes_e, rows: int, bm: int):
     """Where `rows` rows sorted by expert (sizes [E] rows each; rows past their sum belong to none) go once each
     expert's rows start on a tile of Bm → (dest [M] int32: each row's padded row, P for rows of no expert;
     src [P] int32: each padded row's row, M for padding; tiles [P / Bm] int32: each tile's expert, E for tiles
-    past the last expert's).
-
-    Each row's (and tile's) expert is found by comparing it with every expert's end (``method="compare_all"``,
-    one fusion): jax's default binary search is a while loop, whose ~10 iterations of a few ops each cost the
-    GPU's per-op floor (qwen3-30b-a3b, decode at batch 64: three such loops a layer, 40% of the step's ops)."""
+    past the last expert's); each row's and each tile's expert by `moe_jax.model.moe.activation.group_of`."""
     E = sizes_e.shape[0]
     P = padded_rows(rows, E, bm)
     sizes = sizes_e.astype(jnp.int32)
@@ -80,12 +78,11 @@ def tile_layout(sizes_e, rows: int, bm: int):
     start = jnp.cumsum(sizes) - sizes                                        # its first row, sorted
     tile_start = jnp.cumsum(tiles_e) - tiles_e                               # its first tile, padded
     r = jnp.arange(rows, dtype=jnp.int32)
-    e = jnp.searchsorted(jnp.cumsum(sizes), r, side="right", method="compare_all").astype(jnp.int32)   # E: none
+    e = group_of(sizes, rows)                                                # each row's expert (E: none)
     e_c = jnp.minimum(e, E - 1)
     dest = jnp.where(e < E, tile_start[e_c] * bm + r - start[e_c], P).astype(jnp.int32)
     src = jnp.full((P,), rows, jnp.int32).at[dest].set(r, mode="drop")
-    t = jnp.arange(P // bm, dtype=jnp.int32)                                # a tile past the last: E
-    tiles = jnp.searchsorted(jnp.cumsum(tiles_e), t, side="right", method="compare_all").astype(jnp.int32)
+    tiles = group_of(tiles_e, P // bm)                                       # E past the last
     return dest, src, tiles
 
 
@@ -151,9 +148,8 @@ def tiled_matmul(xp, w_enk, tiles, *, bm: int, interpret: bool = False, layer: i
     P, K = xp.shape
     E, N, _ = w_enk.shape[-3:]
     bn, bk = _block(N, N_BLOCKS), _block(K, K_BLOCKS)
-    stacked = layer is not None and w_enk.ndim == 4 and 0 <= layer < w_enk.shape[0]
-    if bn is None or bk is None or P % bm or w_enk.shape[-1] != K or tiles.shape != (P // bm,) or \
-            w_enk.ndim != 3 + stacked:
+    layer_ok = w_enk.ndim == 3 if layer is None else w_enk.ndim == 4 and 0 <= layer < w_enk.shape[0]
+    if bn is None or bk is None or P % bm or w_enk.shape[-1] != K or tiles.shape != (P // bm,) or not layer_ok:
         raise ValueError(f"tiled_matmul: rows {xp.shape}, weights {w_enk.shape} (layer {layer}), tiles "
                          f"{tiles.shape} at Bm {bm} are not shapes the kernel takes (see "
                          "moe_jax.model.moe.grouped_kernel.supported)")

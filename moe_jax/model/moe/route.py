@@ -62,9 +62,8 @@ def weights_input(cfg) -> bool:
     return cfg is not None and cfg.router_score == "sigmoid_input"
 
 
-def _sigmoid_route(logits, bias_e, top_k: int, norm_topk: bool, cfg, top=None):
+def _sigmoid_route(logits, bias_e, top_k: int, norm_topk: bool, cfg, top):
     """DeepSeek-V3's routing (see the module docstring); logits [..., E] f32; top: the top-k (`_top_k`'s form)."""
-    top = top or _top_k
     if bias_e is None:
         raise ValueError("sigmoid routing needs the router's score-correction bias: pass (router_de, bias_e)")
     scores = jax.nn.sigmoid(logits)
