@@ -63,7 +63,8 @@ hw = get_hardware(p["hardware"])
 r = run(cfg, Strategy(), Workload(p["batch"], p["prompt_len"], p["gen_len"]), hardware=hw, backend="real",
         repeats=p["repeats"], max_steps=p["steps"], predict=True)
 terms = {ph: {k: r.predicted[f"{ph}_time"][k] for k in
-              ("compute_s", "memory_s", "overhead_s", "comm_s", "call_s", "scheduled_s", "floor_s", "total_s")}
+              ("compute_s", "memory_s", "overhead_s", "comm_s", "call_s", "fresh_s", "scheduled_s", "floor_s",
+                  "total_s")}
          for ph in ("prefill", "decode")}
 by_category = {}
 if p["profile"]:          # each op measured (jax.profiler) beside its prediction, summed by kind of op
@@ -143,7 +144,8 @@ def measure_processes(hardware: Path, mesh: str, batch: int, prompt_len: int, ge
         return {"error": " | ".join(err.strip().splitlines()[-1] for code, _, err in done if code and err.strip())}
     data = json.loads(out.read_text())
     terms = {ph: {k: data["predicted"][f"{ph}_time"][k] for k in
-                  ("compute_s", "memory_s", "overhead_s", "comm_s", "call_s", "scheduled_s", "floor_s", "total_s")}
+                  ("compute_s", "memory_s", "overhead_s", "comm_s", "call_s", "fresh_s", "scheduled_s", "floor_s",
+                  "total_s")}
              for ph in ("prefill", "decode")}
     return {"ttft": data["measured"]["ttft_s"], "tpot": data["measured"]["tpot_s"],
             "ttft_pred": data["predicted"]["ttft_s"], "tpot_pred": data["predicted"]["tpot_s"], "terms": terms}
@@ -162,7 +164,8 @@ def measure(model: str, batch: int, prompt_len: int, hardware: Path, *, gen_len:
 def largest_term(terms: dict) -> str:
     """The term that makes most of a prediction (where to look when it is off)."""
     parts = {"compute": terms["compute_s"], "memory": terms["memory_s"], "per-op overhead": terms["overhead_s"],
-             "program call": terms["call_s"], "communication": terms["comm_s"]}
+             "program call": terms["call_s"], "communication": terms["comm_s"],
+             "fresh buffers": terms.get("fresh_s", 0.0)}
     name = max(parts, key=parts.get)
     total = sum(parts.values()) or 1.0
     return f"{name} {parts[name] / total:.0%}"

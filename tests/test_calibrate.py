@@ -80,7 +80,8 @@ def _calibration(**kw):
                   memory=Curve(((1e4, 2e-6), (1e8, 1e-3))), read_reduce=Curve(((1e4, 3e-6), (1e8, 6e-4))),
                   op_overhead_s=2e-6, collectives=fits, meta={"date": "2026-01-01T00:00:00+00:00", "jax_version": "x"},
                   call_s=3e-5, call_per_argument_s=1e-6, kinds={"convert": Curve(((1e4, 1e-5), (1e8, 1e-2)))},
-                  transcendental=Curve(((1e3, 1e-6), (1e6, 1e-3))))
+                  transcendental=Curve(((1e3, 1e-6), (1e6, 1e-3))),
+                  fresh_buffer=Curve(((6.4e4, 1e-6), (1.6e7, 1e-5), (6.4e7, 2.4e-2))))
     fields.update(kw)
     return Calibration(**fields)
 
@@ -105,6 +106,8 @@ def test_matmul_and_memory_lookups():
     assert cal.call_seconds(100) == pytest.approx(3e-5 + 100 * 1e-6)
     assert cal.kind_seconds("convert", 1e8) == pytest.approx(1e-2)           # its own, slower curve
     assert cal.kind_seconds("transpose", 1e8) == pytest.approx(cal.memory_seconds(1e8))   # not measured: a copy
+    assert cal.fresh_seconds(6.4e7) == pytest.approx(2.4e-2) and cal.fresh_seconds(1.28e8) == pytest.approx(4.8e-2)
+    assert cal.fresh_seconds(0) == 0.0 and _calibration(fresh_buffer=None).fresh_seconds(1e9) == 0.0
     assert hash(cal) == hash(_calibration())
 
 
@@ -136,6 +139,7 @@ def _mutate(path, value):
     (("op_overhead_s",), 0, "op_overhead_s=0 must be a finite number > 0"),
     (("call_per_argument_s",), -1e-6, "call_per_argument_s=-1e-06 must be a finite number >= 0"),
     (("kinds", "gather"), [[1, 1]], "kinds.gather: unknown op kind"),
+    (("fresh_buffer", 1, 1), -1.0, "fresh_buffer[1] seconds=-1.0 must be a finite number > 0"),
     (("matmul", "bf16"), [[1, 1]], "matmul.bf16: unknown dtype"),
     (("collective", 0, "kind"), "all_to_all", "kind='all_to_all' (did you mean 'all-to-all'?)"),
     (("collective", 0, "tier"), "rack", "tier='rack'; valid: node, network"),
@@ -211,6 +215,49 @@ def test_time_per_iteration_takes_off_the_cost_of_a_loop_iteration(monkeypatch):
     assert per == pytest.approx(1e-3 - 4e-4)
 
 
+def test_a_sample_timed_as_one_call_is_taken_without_its_fresh_buffers(monkeypatch):
+    """An op longer than the sample budget is timed as one call of a one-iteration loop: what that call pays for
+    the buffers it allocates (page faults on XLA:CPU) is the fresh-buffer term's, not the op's."""
+    import jax.numpy as jnp
+
+    from moe_jax.runtime import calibrate as cal
+
+    monkeypatch.setattr(cal, "time_compiled", lambda fn, args, plan, reps=None: cal.Sample(1.0, 1.0, 1))
+    monkeypatch.setattr(cal, "fresh_bytes", lambda compiled: (64 << 20, 16 << 20))
+    fresh = Curve(((16 << 20, 1e-3), (64 << 20, 0.1)))
+    plan = replace(cal.make_plan("cpu", quick=True), target_s=0.5, fresh_buffer=fresh)
+    per, samples, ks = cal.time_per_iteration(lambda c: c + 1.0, jnp.float32(0), (), plan)
+    assert ks == (1, 1) and per == pytest.approx(1.0 - 0.1 - 1e-3)
+    assert cal.time_per_iteration(lambda c: c + 1.0, jnp.float32(0), (), replace(plan, fresh_buffer=None))[0] == 1.0
+
+
+def test_the_conversion_is_timed_inside_the_loop():
+    """XLA:CPU converts a bf16 array a loop reads to f32 whole, ahead of the loop: a conversion sample over a
+    bf16 pool timed slices of that f32 copy and no conversion (402 MB "converted" at 2.3 GB/s). The pool holds
+    the bits as uint16, so the loop carries no f32 copy of it and each iteration converts its pick."""
+    import jax
+    import jax.numpy as jnp
+
+    from moe_jax.runtime import calibrate as cal
+
+    pool = jnp.full((64, 4096), 0x3F80, jnp.uint16)                # bf16 1.0
+    carry = (jnp.int32(0), jnp.zeros((4096,), jnp.float32))
+    looped = jax.jit(lambda c, p: jax.lax.fori_loop(0, 3, lambda i, x: cal._convert_step(x, p), c))
+    compiled = looped.lower(carry, pool).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < pool.size * 4 // 4      # no f32 copy of the pool
+    assert float(looped(carry, pool)[1][0]) == 3.0                                # 1.0 converted, three times
+
+
+def test_fresh_buffers_are_measured_by_size_with_their_page_faults():
+    from moe_jax.runtime import calibrate as cal
+
+    plan = replace(cal.make_plan("cpu", quick=True), min_reps=2)
+    curve, raw = cal.measure_fresh_buffers(plan)
+    sizes = [b for b in plan.memory_bytes if b >= 64 << 10]
+    assert [p[0] for p in curve.points] == sizes and len(raw) == len(sizes)
+    assert all("new_output_s=" in r and "donated_output_s=" in r and "page_faults=" in r for r in raw)
+
+
 def test_calibrate_end_to_end_on_emulated_cpu_devices(tmp_path):
     path = tmp_path / "hw.toml"
     done = _cli("calibrate", "--quick", "--devices", "4", "--output", str(path))
@@ -224,6 +271,7 @@ def test_calibrate_end_to_end_on_emulated_cpu_devices(tmp_path):
     assert cal.call_s + 100 * cal.call_per_argument_s > 0 and cal.meta["samples_program_call"]
     assert set(cal.kinds) == {"convert", "transpose"} and all(len(c.points) >= 2 for c in cal.kinds.values())
     assert cal.transcendental is not None and len(cal.transcendental.points) >= 2
+    assert cal.fresh_buffer is not None and cal.meta["samples_fresh_buffer"]
     for kind in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
         for g in (2, 4):
             fit = cal.collective(kind, "node", g)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from moe_jax.costs.types import CollectiveCost, OpCost, PhaseCost
+from moe_jax.costs.types import CollectiveCost, MemoryBreakdown, OpCost, PhaseCost
 from moe_jax.errors import MoeJaxError
 from moe_jax.hardware.presets import LinkTier, get_hardware, hardware_names
 from moe_jax.perf.collectives import collective_seconds, group_span, one_tier
@@ -224,6 +224,31 @@ def test_reports_keep_normal_file_permissions(tmp_path):
     mine.chmod(0o640)
     write_atomic(mine, "new")
     assert mine.stat().st_mode & 0o777 == 0o640 and mine.read_text() == "new"
+
+
+def test_a_call_pays_for_the_buffers_it_allocates():
+    """A compiled phase's temporaries and its outputs not aliased to an argument are allocated anew each call: on
+    the calibration's fresh-buffer curve (XLA:CPU page-faults each 4 KiB page of a large one), in every bound;
+    nothing without that curve or without the compiled memory analysis."""
+    from moe_jax.hardware.calibration import Calibration, Curve
+
+    fresh = Curve(((1 << 20, 1e-5), (64 << 20, 2.5e-2)))
+    cal = Calibration(matmul={"bfloat16": Curve(((1e3, 1e-6), (1e9, 1e-2)))},
+                      memory=Curve(((1e3, 2e-7), (1e9, 1e-2))), read_reduce=Curve(((1e3, 2e-7), (1e9, 1e-2))),
+                      op_overhead_s=5e-7, fresh_buffer=fresh)
+    hw = dataclasses.replace(H200, calibration=cal, decode_step_overhead_s=0.0)
+    memory = MemoryBreakdown(weights=1 << 30, kv_cache=1 << 20, tokens=0, arguments=(1 << 30) + (1 << 20),
+                             outputs=(1 << 20) + (1 << 20), aliased=1 << 20, temporaries=128 << 20,
+                             generated_code=0, source="cpu memory_analysis()")
+    cost = PhaseCost("prefill", "real", True, memory=memory, ops=[OpCost("add", "fusion", "other", 0, 0, 0, 1e9, 1)])
+    t = phase_time(cost, hw)
+    assert t.fresh_s == pytest.approx(5e-2 + 1e-5)              # 128 MiB of temporaries + the 1 MiB new output
+    assert t.total_s == pytest.approx(t.memory_s + t.fresh_s) and t.no_overlap_s == pytest.approx(t.total_s)
+    assert t.full_overlap_s == pytest.approx(t.total_s)
+    assert phase_time(dataclasses.replace(cost, memory=dataclasses.replace(memory, source="analytic")), hw).fresh_s == 0
+    assert phase_time(cost, dataclasses.replace(hw, calibration=dataclasses.replace(cal, fresh_buffer=None))
+                      ).fresh_s == 0
+    assert phase_time(cost, H200).fresh_s == 0                   # a datasheet preset: no such term
 
 
 def test_calibrated_hardware_times_ops_on_its_curves():

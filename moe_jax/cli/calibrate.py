@@ -113,6 +113,10 @@ def print_calibration(console, hw) -> None:
         t.add_row(name, f"{s0 / 1024:.0f} KiB in {t0 * 1e6:.1f} µs", f"{s1 / t1 / 1e9:.1f} GB/s",
                   f"{curve.peak_throughput / 1e9:.1f} GB/s")
     t.add_row("op overhead", "", "", f"{cal.op_overhead_s * 1e6:.2f} µs")
+    if cal.fresh_buffer is not None:
+        (s0, t0), (s1, t1) = cal.fresh_buffer.points[0], cal.fresh_buffer.points[-1]
+        t.add_row("fresh buffer (per call)", f"{s0 / 1024:.0f} KiB in {t0 * 1e6:.1f} µs",
+                  f"{s1 / 2**20:.0f} MiB in {t1 * 1e3:.2f} ms", f"{t1 / s1 * 1e9:.3f} ns/B at the largest")
     console.print(t)
     if cal.collectives:
         c = Table(title="collectives: seconds = latency + bytes per device / bandwidth")

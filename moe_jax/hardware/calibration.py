@@ -6,6 +6,7 @@ A `Calibration` holds what the microbenchmarks of `moe_jax.runtime.calibrate` me
 - `Curve`: the time of one kind of op against its size (FLOPs for a matmul, bytes moved for a memory op),
   interpolated between the measured sizes; per dtype for matmuls, and for a stream copy and a read-reduce;
 - ``op_overhead_s``: the fixed cost of one tiny op (dispatch / launch);
+- ``fresh_buffer``: what a program call pays for each buffer it allocates anew, against its bytes;
 - `CollectiveFit`: each collective kind over a group size of devices on one link tier, fitted to
   ``latency_s + bytes_per_device / bandwidth``, with the raw samples it was fitted to;
 - ``meta``: when, where and with what it was measured.
@@ -262,6 +263,14 @@ class Calibration:
     transcendental: Curve | None = None
     """Time of an op evaluating n transcendental functions (exp: softmax, SiLU), against n; None: not
     measured (they are then timed as elementwise FLOPs)."""
+    fresh_buffer: Curve | None = None
+    """What a program call pays for one buffer it allocates anew (its temporaries, an output not aliased to an
+    argument), against the buffer's bytes: on XLA:CPU a buffer above malloc's mmap threshold page-faults on
+    every call; None: not measured (counted as free)."""
+
+    def fresh_seconds(self, nbytes: float) -> float:
+        """Seconds one call pays for a fresh buffer of `nbytes` (0 for none, or when not measured)."""
+        return self.fresh_buffer.seconds(nbytes) if self.fresh_buffer is not None and nbytes > 0 else 0.0
 
     def kind_seconds(self, kind: str, nbytes: float) -> float:
         """Seconds of a memory op of `kind` moving `nbytes`: its own curve where measured, else the copy's."""
@@ -285,7 +294,7 @@ class Calibration:
         # frozen, but with dict fields: hash what identifies the measurements (meta only describes them)
         return hash((tuple(sorted(self.matmul.items())), self.memory, self.read_reduce, self.op_overhead_s,
                      self.collectives, self.call_s, self.call_per_argument_s, tuple(sorted(self.kinds.items())),
-                     self.transcendental))
+                     self.transcendental, self.fresh_buffer))
 
     def matmul_curve(self, dtype: str) -> Curve:
         """The curve of `dtype`, else that of the nearest dtype measured: the same element width first (float16
@@ -325,7 +334,7 @@ class Calibration:
         if not isinstance(table, dict):
             raise MoeJaxError(f"{where} must be a table, not {type(table).__name__}")
         _check_keys(table, where, ("matmul", "memory", "read_reduce", "op_overhead_s", "collective", "meta", "call_s",
-                                   "call_per_argument_s", "kinds", "transcendental"), required=4)
+                                   "call_per_argument_s", "kinds", "transcendental", "fresh_buffer"), required=4)
         curves = _curves_by(table["matmul"], where, "matmul", tuple(DTYPES), "dtype", required=True)
         memory = Curve(_points(table["memory"], f"{where} memory"))
         read_reduce = Curve(_points(table["read_reduce"], f"{where} read_reduce"))
@@ -357,8 +366,10 @@ class Calibration:
         kind_curves = _curves_by(table.get("kinds", {}), where, "kinds", OP_KINDS, "op kind", required=False)
         transcendental = (Curve(_points(table["transcendental"], f"{where} transcendental"))
                           if "transcendental" in table else None)
+        fresh = (Curve(_points(table["fresh_buffer"], f"{where} fresh_buffer"))
+                 if "fresh_buffer" in table else None)
         return cls(curves, memory, read_reduce, overhead, tuple(fits), dict(meta), call, per_arg, kind_curves,
-                   transcendental)
+                   transcendental, fresh)
 
     def to_toml_table(self) -> dict:
         """The ``[calibration]`` table: curves as arrays of [size, seconds], the fits as ``[[calibration.collective]]``
@@ -370,6 +381,7 @@ class Calibration:
                 "read_reduce": self.read_reduce.to_toml(),
                 "kinds": {k: c.to_toml() for k, c in self.kinds.items()},
                 **({"transcendental": self.transcendental.to_toml()} if self.transcendental else {}),
+                **({"fresh_buffer": self.fresh_buffer.to_toml()} if self.fresh_buffer else {}),
                 "matmul": {d: c.to_toml() for d, c in self.matmul.items()},
                 "meta": dict(self.meta),
                 "collective": [c.to_toml_table() for c in self.collectives]}

@@ -80,7 +80,8 @@ class Analysis:
                     "compute": t.compute_s, "memory": t.memory_s, "comm": t.comm_s, "total": t.total_s,
                     "no_overlap": t.no_overlap_s, "full_overlap": t.full_overlap_s, "floor": t.floor_s,
                     "floor_detail": t.floor_detail, "comm_breakdown": t.comm_breakdown, "overhead": t.overhead_s,
-                    "scheduled": t.scheduled_s, "exposed_comm": t.exposed_comm_s, "call": t.call_s},
+                    "scheduled": t.scheduled_s, "exposed_comm": t.exposed_comm_s, "call": t.call_s,
+                    "fresh_buffers": t.fresh_s},
             }
         return {
             "schema": "moe-jax.analyze/1",

@@ -145,19 +145,23 @@ class PhaseTime:
     call_s: float = 0.0
     """The host's cost of calling the program and waiting for it: a decode step's `Hardware.decode_step_overhead_s`,
     or the calibration's fixed cost plus one per argument array where larger; in every bound."""
+    fresh_s: float = 0.0
+    """What the call pays for the buffers it allocates anew (its temporaries, outputs not aliased to an argument),
+    on the calibration's measured curve (`Calibration.fresh_buffer`: page faults on XLA:CPU); 0 uncalibrated.
+    In every bound."""
 
     @property
     def no_overlap_s(self) -> float:
-        return self.compute_s + self.memory_s + self.overhead_s + self.comm_s + self.call_s
+        return self.compute_s + self.memory_s + self.overhead_s + self.comm_s + self.call_s + self.fresh_s
 
     @property
     def full_overlap_s(self) -> float:
-        return max(self.compute_s + self.memory_s + self.overhead_s, self.comm_s) + self.call_s
+        return max(self.compute_s + self.memory_s + self.overhead_s, self.comm_s) + self.call_s + self.fresh_s
 
     @property
     def raw_s(self) -> float:
         """The model's prediction before the floor: the scheduled critical path, else the no-overlap bound."""
-        return self.no_overlap_s if self.scheduled_s is None else self.scheduled_s + self.call_s
+        return self.no_overlap_s if self.scheduled_s is None else self.scheduled_s + self.call_s + self.fresh_s
 
     @property
     def total_s(self) -> float:
@@ -212,7 +216,17 @@ def phase_time(cost: PhaseCost, hw: Hardware, floor_s: float = 0.0, floor_detail
     if hw.calibration is not None and cost.hlo_text:
         call = max(call, hw.calibration.call_seconds(program_arguments(cost.hlo_text)))
     return PhaseTime(cost.phase, parts["compute"], parts["memory"], comm, breakdown, floor_s, floor_detail,
-                     parts["overhead"], scheduled, exposed, call)
+                     parts["overhead"], scheduled, exposed, call, fresh_seconds(cost, hw))
+
+
+def fresh_seconds(cost: PhaseCost, hw: Hardware) -> float:
+    """What one call of the compiled phase pays for the buffers it allocates anew, on `hw`'s calibrated curve:
+    its temporaries (one allocation: XLA packs them) and its outputs not aliased to an argument, from the
+    compiled memory analysis. 0 without a calibration that measured it, or without a compiled memory analysis."""
+    cal, m = hw.calibration, cost.memory
+    if cal is None or cal.fresh_buffer is None or m is None or not m.source.endswith("memory_analysis()"):
+        return 0.0
+    return cal.fresh_seconds(m.temporaries) + cal.fresh_seconds(max(m.outputs - m.aliased, 0))
 
 
 def program_arguments(hlo_text: str) -> int:
@@ -369,5 +383,5 @@ def predict(report: CostReport, hw: Hardware, batch: int, gen_len: int, dtype: s
 
 
 __all__ = ["op_time", "memory_kind", "kernel_efficiency", "kernel_seconds", "op_seconds",
-           "link_for", "collective_time", "phase_timing", "phase_time",
+           "link_for", "collective_time", "phase_timing", "phase_time", "fresh_seconds",
            "simulate_phase", "predict", "program_trace", "PhaseTime", "Prediction", "CollectiveCost"]

@@ -50,6 +50,8 @@ def _terms(t) -> str:
                  "not hidden behind compute)")
     if t.call_s:
         text += f"; + the host's call of the program {_ms(t.call_s)} (calibrated)"
+    if t.fresh_s:
+        text += f"; + its fresh buffers' first touch {_ms(t.fresh_s)} (calibrated)"
     return text + f"; floor {_ms(t.floor_s)}"
 
 

@@ -21,6 +21,12 @@ sees, dispatch included). What is measured, and how:
 - transcendental: ``exp`` over n elements (softmax, SiLU), time against n, inputs read cold.
 - program call: the host's cost of calling one compiled program and waiting for it, fitted to
   a + b·(argument arrays) (a model's programs take every weight as an argument).
+- fresh buffers: what a call pays for a buffer it allocates (its temporaries, an output not aliased to an
+  argument), against the buffer's bytes: ``x + 1`` returning a new array, less the same op writing into its
+  donated argument. On XLA:CPU a buffer above malloc's mmap threshold is mapped anew on every call and each
+  4 KiB page faults on its first touch (about 1.5 us a page on a VM: a 1.8 GB temporary costs 0.7 s a call);
+  a GPU's buffers come from a pool and cost about nothing. Measured first, so that the one-iteration samples
+  of the larger sizes below are taken without it.
 - collectives: all-reduce (psum), all-gather, reduce-scatter (psum_scatter), all-to-all and
   collective-permute (ppermute to the next device) through ``jax.shard_map`` over the first g devices
   (g = 2, 4, 8, ... and the device count), over message sizes; each (kind, g) is fitted to
@@ -83,6 +89,8 @@ class Plan:
     """A sweep stops at the first size whose one repetition takes longer than this."""
     max_iterations: int = 1000
     """The most iterations of one in-program loop (`time_per_iteration`)."""
+    fresh_buffer: Curve | None = None
+    """The measured cost of a fresh buffer (`measure_fresh_buffers`), taken off a sample timed as one call."""
     loop_s: float = 0.0
     """What one iteration of an in-program loop costs by itself (`measure_loop_iteration`), taken off every
     `time_per_iteration`: XLA:GPU runs a loop from the host, launching each iteration's kernels after reading
@@ -179,9 +187,10 @@ def time_per_iteration(step, carry, args: Sequence, plan: Plan) -> tuple[float, 
     def looped(k):
         return jax.jit(lambda c, *a: jax.lax.fori_loop(0, k, lambda i, x: step(x, *a), c)).lower(carry, *args).compile()
 
-    one = time_compiled(looped(1), (carry, *args), plan, reps=plan.min_reps)
-    if one.median_s > plan.target_s:             # a long op: the host's dispatch is lost in it
-        return _positive(one.median_s), [one], (1, 1)
+    single = looped(1)
+    one = time_compiled(single, (carry, *args), plan, reps=plan.min_reps)
+    if one.median_s > plan.target_s:             # a long op: the host's dispatch is lost in it, not its buffers'
+        return _positive(one.median_s - fresh_seconds(plan.fresh_buffer, single)), [one], (1, 1)
     k2 = int(min(plan.max_iterations, max(4, plan.target_s / max(one.median_s, 1e-7))))
     k1 = max(1, k2 // 4)
     s1 = time_compiled(looped(k1), (carry, *args), plan, reps=plan.min_reps)
@@ -257,6 +266,37 @@ def _pick(pool, i):
     return jax.lax.dynamic_index_in_dim(pool, i % pool.shape[0], keepdims=False)
 
 
+def _copy_step(carry, pool):
+    """Iteration of the stream copy: the pick + 1 (f32)."""
+    i, y = carry
+    return i + 1, (_pick(pool, i) + y[:1]) + 1              # y[:1]: the next copy depends on this one
+
+
+def _reduce_step(carry, pool):
+    """Iteration of the read-reduce: the sum of the pick."""
+    import jax.numpy as jnp
+
+    i, s = carry
+    return i + 1, s * 0.5 + jnp.sum(_pick(pool, i))
+
+
+def _convert_step(carry, pool):
+    """Iteration of the conversion: the pick (bf16 values held as their uint16 bits) converted to f32."""
+    import jax
+    import jax.numpy as jnp
+
+    # the pool holds bf16 values as their uint16 bits: XLA:CPU converts a bf16 array a loop reads to f32 as a
+    # whole ahead of the loop (once a call), and the loop would slice its f32 copy, converting nothing
+    i, y = carry
+    return i + 1, jax.lax.bitcast_convert_type(_pick(pool, i), jnp.bfloat16).astype(jnp.float32) + y[:1]
+
+
+def _transpose_step(carry, pool):
+    """Iteration of the transpose: the pick (2-D f32) transposed."""
+    i, y = carry
+    return i + 1, _pick(pool, i).T + y[:1, :1]
+
+
 def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve, Curve, dict[str, Curve], list[str]]:
     """Curves of time against bytes for memory ops inside a program, and a line per sample: the stream copy
     (``y = x + 1``, f32: bytes read + written), the read-reduce (a sum: bytes read), and the kinds that run at
@@ -267,31 +307,16 @@ def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve,
 
     import jax.numpy as jnp
 
-    def copy_step(carry, pool):
-        i, y = carry
-        return i + 1, (_pick(pool, i) + y[:1]) + 1              # y[:1]: the next copy depends on this one
-
-    def reduce_step(carry, pool):
-        i, s = carry
-        return i + 1, s * 0.5 + jnp.sum(_pick(pool, i))
-
-    def convert_step(carry, pool):
-        i, y = carry
-        return i + 1, _pick(pool, i).astype(jnp.float32) + y[:1]
-
-    def transpose_step(carry, pool):
-        i, y = carry
-        return i + 1, _pick(pool, i).T + y[:1, :1]
-
     def square(elems):
         side = max(int(_math.isqrt(elems)), 1)
         return (side, side)
 
-    # name, step, element shape from the element count, pool dtype, bytes moved per element, init of the carry
-    kinds = (("copy", copy_step, lambda n: (n,), jnp.float32, 8, lambda sh: jnp.zeros(sh, jnp.float32)),
-             ("read_reduce", reduce_step, lambda n: (n,), jnp.float32, 4, lambda sh: jnp.float32(0)),
-             ("convert", convert_step, lambda n: (n,), jnp.bfloat16, 6, lambda sh: jnp.zeros(sh, jnp.float32)),
-             ("transpose", transpose_step, square, jnp.float32, 8,
+    # name, step, element shape from the element count, pool dtype (uint16: bf16 bits), bytes moved per element,
+    # init of the carry
+    kinds = (("copy", _copy_step, lambda n: (n,), jnp.float32, 8, lambda sh: jnp.zeros(sh, jnp.float32)),
+             ("read_reduce", _reduce_step, lambda n: (n,), jnp.float32, 4, lambda sh: jnp.float32(0)),
+             ("convert", _convert_step, lambda n: (n,), jnp.uint16, 6, lambda sh: jnp.zeros(sh, jnp.float32)),
+             ("transpose", _transpose_step, square, jnp.float32, 8,
               lambda sh: jnp.zeros(sh[::-1], jnp.float32)))
     steps = _Steps(progress, "memory", len(kinds) * len(plan.memory_bytes))
     found: dict[str, list] = {name: [] for name, *_ in kinds}
@@ -300,11 +325,13 @@ def measure_memory(plan: Plan, progress: Progress | None = None) -> tuple[Curve,
         for nbytes in plan.memory_bytes:
             shape = shape_of(max(nbytes // 4, 1))
             elems = _math.prod(shape)
-            pool = jnp.ones((_pool_arrays(elems), *shape), dtype)
+            one = 0x3F80 if dtype == jnp.uint16 else 1          # bf16 1.0's bits: no denormals in the sums
+            pool = jnp.full((_pool_arrays(elems), *shape), one, dtype)
             per, timed, (k1, k2) = time_per_iteration(step, (jnp.int32(0), init_of(shape)), (pool,), plan)
             size = float(per_elem * elems)
             found[name].append((size, per))
-            raw.append(f"{name} shape={list(shape)} dtype={jnp.dtype(dtype).name} pool_arrays={pool.shape[0]} "
+            held = "bfloat16" if dtype == jnp.uint16 else jnp.dtype(dtype).name
+            raw.append(f"{name} shape={list(shape)} dtype={held} pool_arrays={pool.shape[0]} "
                        f"bytes_moved={size:.6g} per_op_s={per:.6g} "
                        + " ".join(f"loop_{k}_s={t.median_s:.6g}" for k, t in zip((k1, k2), timed, strict=False)))
             steps.step(f"{name} {size / 2**20:.2f} MiB: {size / per / 1e9:.1f} GB/s")
@@ -360,6 +387,74 @@ def measure_program_call(plan: Plan, progress: Progress | None = None) -> tuple[
         steps.step(f"{n} arguments: {s.median_s * 1e6:.1f} us")
     slope, intercept = np.polyfit(np.array(counts, float), np.array(timed), 1)
     return max(float(intercept), 0.0), max(float(slope), 0.0), raw
+
+
+def fresh_bytes(compiled) -> tuple[int, int]:
+    """(temporaries, outputs not aliased to an argument) in bytes of a compiled program: the buffers each call
+    allocates anew (XLA's memory analysis; (0, 0) where the backend gives none)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:                      # a backend without memory analysis: no buffer is known to be fresh
+        return 0, 0
+    if m is None:
+        return 0, 0
+    return int(m.temp_size_in_bytes), max(int(m.output_size_in_bytes) - int(m.alias_size_in_bytes), 0)
+
+
+def fresh_seconds(curve: Curve | None, compiled) -> float:
+    """Seconds one call of `compiled` pays for its fresh buffers on the measured `curve` (0 without one)."""
+    if curve is None:
+        return 0.0
+    return sum(curve.seconds(b) for b in fresh_bytes(compiled) if b > 0)
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not count them)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+def measure_fresh_buffers(plan: Plan, progress: Progress | None = None) -> tuple[Curve, list[str]]:
+    """The curve of what a program call pays for one buffer it allocates, against the buffer's bytes (see the
+    module docstring): per size, the median call of ``x + 1`` into a new array less the median of the same
+    program writing into its donated argument, each call blocked until ready; the page faults of a fresh call
+    are recorded beside it. Sizes: the plan's memory sizes from 64 KiB up."""
+    import jax
+    import jax.numpy as jnp
+
+    sizes = [b for b in plan.memory_bytes if b >= 64 << 10] or [max(plan.memory_bytes)]
+    steps = _Steps(progress, "fresh buffers", len(sizes))
+    reps = max(plan.min_reps, 7)
+    found, raw = [], []
+    for nbytes in sizes:
+        x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
+        fresh = jax.jit(lambda a: a + 1).lower(x).compile()
+        donated = jax.jit(lambda a: a + 1, donate_argnums=0).lower(x).compile()
+        jax.block_until_ready(fresh(x))
+        new, faults = [], []
+        for _ in range(reps):
+            f0, t = _minor_faults(), time.perf_counter()
+            jax.block_until_ready(fresh(x))
+            new.append(time.perf_counter() - t)
+            faults.append(_minor_faults() - f0)
+        y = jax.block_until_ready(donated(jnp.ones_like(x)))
+        reused = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            y = jax.block_until_ready(donated(y))
+            reused.append(time.perf_counter() - t)
+        del x, y
+        extra = statistics.median(new) - statistics.median(reused)
+        found.append((float(nbytes), _positive(extra)))
+        raw.append(f"fresh buffer bytes={nbytes} new_output_s={statistics.median(new):.6g} "
+                   f"donated_output_s={statistics.median(reused):.6g} extra_s={extra:.6g} "
+                   f"page_faults={statistics.median(faults):g} reps={reps}")
+        steps.step(f"{nbytes / 2**20:.2f} MiB: {extra * 1e3:.3f} ms")
+    return Curve.fit(found), raw
 
 
 def measure_op_overhead(plan: Plan, progress: Progress | None = None) -> tuple[float, list[str]]:
@@ -543,8 +638,9 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
     device_memory = _device_memory(devices[0]) if backend != "cpu" else None
     plan = make_plan(backend, quick=quick, max_bytes=max_bytes, device_memory=device_memory)
     matmul, raw = {}, {"samples_matmul": [], "samples_memory": [], "samples_op_overhead": []}
+    fresh, raw["samples_fresh_buffer"] = measure_fresh_buffers(plan, progress)
     loop_s, raw["samples_loop_iteration"] = measure_loop_iteration(plan, progress)
-    plan = replace(plan, loop_s=loop_s)
+    plan = replace(plan, loop_s=loop_s, fresh_buffer=fresh)
     for d in dtypes:
         matmul[d], lines = measure_matmul(d, plan, progress)
         raw["samples_matmul"] += lines
@@ -585,8 +681,9 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
         "dtypes": list(dtypes),
         "method": "matmuls and memory ops timed inside one program (the slope of a loop of k1 and k2 "
                   "iterations: no host dispatch), less the cost of a loop iteration itself "
-                  f"({loop_s * 1e6:.2f} us: a loop of one scalar add, less one op); op overhead: slope of a chain "
-                  "of dependent 16x16 matmuls "
+                  f"({loop_s * 1e6:.2f} us: a loop of one scalar add, less one op; a sample timed as one call, "
+                  "less its fresh buffers' cost); fresh buffers: a new output less a donated one, by size; op "
+                  "overhead: slope of a chain of dependent 16x16 matmuls "
                   f"({plan.chain[0]} and {plan.chain[1]} long); program call: a + b x arguments fitted to calls "
                   "with 1 to 512 argument arrays; medians of repetitions after a warm-up, block_until_ready",
         "notes": notes,
@@ -595,7 +692,7 @@ def calibrate(*, dtypes: Sequence[str] = DEFAULT_DTYPES, quick: bool = False, ma
     if device_memory:
         meta["device_memory_bytes"] = device_memory
     return Calibration(matmul, copy, reduce, overhead, tuple(fits), meta, call_s, per_argument_s, kinds,
-                       transcendental)
+                       transcendental, fresh)
 
 
 def _version(package: str) -> str:
