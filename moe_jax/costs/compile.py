@@ -32,13 +32,14 @@ from pathlib import Path
 from moe_jax.config import ModelConfig
 from moe_jax.costs.backends import BACKENDS
 from moe_jax.errors import MoeJaxError
+from moe_jax.model.execution import LOOP_INVARIANT_HOIST
 from moe_jax.names import Backend, Phase
 from moe_jax.parallel.devices import MAX_CPU_DEVICES
 from moe_jax.parallel.mesh import Strategy, kv_copies, validate
 
 PHASES = tuple(Phase)
 
-CPU_ANALYSIS_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion",
+CPU_ANALYSIS_OPTIONS = {"xla_disable_hlo_passes": LOOP_INVARIANT_HOIST,
                         "xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 """XLA options for the cpu backend's analysis compile.
 
@@ -61,7 +62,8 @@ converting the whole stacked operand, and ``while-loop-invariant-code-motion`` t
 loop-invariant convert out of the loop: an f32 copy of every layer's weights (twice the bf16
 bytes, 123 GB for qwen3-30b-a3b on one device) among the temporaries. Without the hoist the
 convert fuses into the slice and one layer at a time is upcast. Results are bit-identical (a
-convert is exact wherever it runs); measured in bench/fit_cases.py."""
+convert is exact wherever it runs); measured in bench/fit_cases.py. A run on CPU devices compiles
+without the hoist too (`moe_jax.model.execution.Kernels.loop_converts_stay_in_loops`)."""
 
 
 @contextmanager

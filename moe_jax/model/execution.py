@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from moe_jax.names import Backend
 
+LOOP_INVARIANT_HOIST = "while-loop-invariant-code-motion"
+"""The XLA pass `Kernels.loop_converts_stay_in_loops` turns off."""
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -81,6 +84,15 @@ class Kernels:
     (`moe_jax.model.moe.route.route`), instead of k rounds of argmax (qwen3-30b-a3b: 17 small ops a layer, 10 with
     it; each costs the GPU's per-op floor in a decode step). The GPU's."""
 
+    loop_converts_stay_in_loops: bool = False
+    """XLA's while-loop-invariant code motion is off (`compiler_options`): XLA:CPU computes bf16 in f32, and its
+    float normalization upcasts the dynamic-slice that picks one layer of the stacked [L, ...] weights (and KV
+    cache) by converting the whole stacked operand, which the hoist then moves ahead of the layer loop: an f32
+    copy of every layer's weights among the temporaries, written every call (moe-0.5b decode at batch 4: 1.8 GB,
+    its pages faulted anew each step; 202 MB without the hoist, each layer converted as its slice is read).
+    The analysis compile always ran without it (`moe_jax.costs.compile.CPU_ANALYSIS_OPTIONS`); the runs now
+    build that same program. The CPU's."""
+
     @classmethod
     def for_platform(cls, platform: str) -> Kernels:
         """The kernels of a jax platform name (``cpu``, ``gpu``, ``tpu``): XLA:CPU has none of them."""
@@ -89,12 +101,17 @@ class Kernels:
         return cls(ragged_all_to_all=native, grouped_matmul=native, in_place_weight_einsum=gpu,
                    narrow_manual_all_reduce=native, unrolled_layers=gpu,
                    fused_prefill_attention=gpu, fused_grouped_matmul=gpu, separate_projections=gpu,
-                   native_top_k=gpu)
+                   native_top_k=gpu, loop_converts_stay_in_loops=platform == Backend.CPU)
 
     def compiler_options(self) -> dict | None:
         """XLA options the programs are compiled with (`moe_jax.programs.sharded.ShardedModel` jits with them, so
         a deviceless compile and a run on the devices build the same program); None for XLA's defaults."""
-        return {"xla_gpu_dot_merger_threshold_mb": 0} if self.separate_projections else None
+        options = {}
+        if self.separate_projections:
+            options["xla_gpu_dot_merger_threshold_mb"] = 0
+        if self.loop_converts_stay_in_loops:
+            options["xla_disable_hlo_passes"] = LOOP_INVARIANT_HOIST
+        return options or None
 
     @classmethod
     def of_mesh(cls, mesh) -> Kernels:
