@@ -265,6 +265,8 @@ def test_calibrated_hardware_times_ops_on_its_curves():
     assert memory_kind(OpCost("wrapped_convert", "fusion", "other", 0, 0, 0, 1, 1)) == "convert"
     assert memory_kind(OpCost("transpose_copy_fusion", "fusion", "other", 0, 0, 0, 1, 1)) == "transpose"
     assert memory_kind(copy) == "copy"
+    fused = OpCost("copy_bitcast_fusion", "fusion", "experts", 0, 0, 0, 1, 1, kind="transpose")
+    assert memory_kind(fused) == "transpose"                                   # what it fuses, not its name
     slow = dataclasses.replace(hw, calibration=dataclasses.replace(cal, kinds={"convert": Curve(((1e3, 1e-6),
                                                                                                   (1e9, 5e-2)))}))
     assert op_seconds(OpCost("wrapped_convert", "fusion", "other", 0, 0, 0, 1e9, 1), slow)[0] == pytest.approx(5e-2)

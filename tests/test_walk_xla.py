@@ -558,3 +558,44 @@ def test_newer_xla_tuple_element_operands_and_wrapped_async_copies():
     assert by["input_reduce_fusion"].bytes == layer + 4 + 8 * 4              # reads the slice, writes 8 f32
     assert "fusion-start.1" not in by
     assert w.hbm_bytes == 3 * layer + 8 + 8 * 4
+
+
+def test_an_op_is_timed_as_what_it_fuses_not_what_it_is_named():
+    """XLA names a fusion for a few of its ops: XLA:CPU's `copy_bitcast_fusion` converts a layer's bf16 weights and
+    transposes them (timed at the copy's rate, it was 5x under); a fusion that converts a scalar is a copy."""
+    hlo = """HloModule m, is_scheduled=true
+
+%fused_a (p0: bf16[16,64,32]) -> f32[16,32,64] {
+  %p0 = bf16[16,64,32]{2,1,0} parameter(0)
+  %c = f32[16,64,32]{2,1,0} convert(%p0)
+  %t = f32[16,32,64]{1,2,0} transpose(%c), dimensions={0,2,1}
+  ROOT %k = f32[16,32,64]{2,1,0} copy(%t)
+}
+
+%fused_b (p0: bf16[4096]) -> f32[4096] {
+  %p0 = bf16[4096]{0} parameter(0)
+  ROOT %c = f32[4096]{0} convert(%p0)
+}
+
+%fused_c (p0: f32[4096], p1: s32[]) -> f32[4096] {
+  %p0 = f32[4096]{0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %s = f32[] convert(%p1)
+  %b = f32[4096]{0} broadcast(%s), dimensions={}
+  ROOT %a = f32[4096]{0} add(%p0, %b)
+}
+
+ENTRY %main (w: bf16[16,64,32], v: bf16[4096], x: f32[4096], i: s32[]) -> (f32[16,32,64], f32[4096], f32[4096]) {
+  %w = bf16[16,64,32]{2,1,0} parameter(0)
+  %v = bf16[4096]{0} parameter(1)
+  %x = f32[4096]{0} parameter(2)
+  %i = s32[] parameter(3)
+  %copy_bitcast_fusion = f32[16,32,64]{2,1,0} fusion(%w), kind=kLoop, calls=%fused_a
+  %add_fusion = f32[4096]{0} fusion(%v), kind=kLoop, calls=%fused_b
+  %convert_add_fusion = f32[4096]{0} fusion(%x, %i), kind=kLoop, calls=%fused_c
+  ROOT %r = (f32[16,32,64]{2,1,0}, f32[4096]{0}, f32[4096]{0}) tuple(%copy_bitcast_fusion, %add_fusion,
+    %convert_add_fusion)
+}
+"""
+    kinds = {o.name: o.kind for o in walk(hlo, {"dp": 1}).ops}
+    assert kinds == {"copy_bitcast_fusion": "transpose", "add_fusion": "convert", "convert_add_fusion": "copy"}

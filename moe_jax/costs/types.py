@@ -42,6 +42,10 @@ class OpCost:
     """The Pallas kernel the op calls (`moe_jax.model.flash.NAME`: prefill's fused attention, timed at the
     hardware's `fused_attention_efficiency`; `moe_jax.model.moe.grouped_kernel.NAME`: dropless experts' grouped
     matmul, at its `grouped_matmul_efficiency`); empty for XLA's own ops."""
+    kind: str = ""
+    """What its bytes move as, read from the ops it fuses (`moe_jax.costs.walk.memory_op_kind`): ``transpose``,
+    ``convert`` or ``copy``; empty where no program was read (then `moe_jax.perf.timemodel.memory_kind` reads the
+    name)."""
 
 
 @dataclass

@@ -158,6 +158,36 @@ def _dot_flops(instr: Instruction, comp) -> int:
 _DTYPE_BY_HLO = {d.hlo: d.name for d in DTYPES.values()}
 
 
+def memory_op_kind(instr: Instruction, comp, module: Module | None = None) -> str:
+    """What an op's bytes move as (`OpCost.kind`): ``transpose`` when it (or an op it fuses) transposes at least
+    half of its result's elements, else ``convert`` when it converts that many to another element type, else
+    ``copy``. XLA names a fusion for a few of its ops: XLA:CPU's ``copy_bitcast_fusion`` that upcasts a layer's
+    expert weights and transposes them for the dot ran at the transpose's rate, 5x slower than a copy's."""
+    least = _first_elements(instr.shape) // 2
+    found = set()
+
+    def visit(i: Instruction, where) -> None:
+        if i.opcode in ("transpose", "convert") and _first_elements(i.shape) >= least:
+            source = where.by_name.get(i.operands[0]) if i.operands else None
+            if i.opcode == "transpose" or source is None or _first_type(source.shape) != _first_type(i.shape):
+                found.add(i.opcode)
+        if i.opcode == "fusion" and module is not None:
+            for role, callee in module.calls(i):
+                if role == "calls":
+                    inner = module.computations[callee]
+                    for sub in inner.instructions:
+                        visit(sub, inner)
+
+    visit(instr, comp)
+    return "transpose" if "transpose" in found else "convert" if "convert" in found else "copy"
+
+
+def _first_type(shape: str) -> str:
+    """The element type of a (possibly tuple) shape's first array, "" for none."""
+    found = arrays(shape)
+    return found[0][0] if found else ""
+
+
 def dot_dtype(instr: Instruction, comp, module: Module | None = None) -> str:
     """The dtype a dot, convolution or grouped matmul multiplies in (`OpCost.matmul_dtype`): its operands' element
     type when both agree, else the wider one's; for a fusion, that of the first such op inside; "" for none."""
@@ -771,7 +801,7 @@ def _walk(module: Module, mesh_shape: dict[str, int], skip_conversions: bool,
             is_collective = base in _COLLECTIVE_KINDS
             ops.append(OpCost(instr.name, op, scope, flops, matmul, trans, moved, n, is_collective,
                               dot_dtype(instr, comp, module) if matmul else "",
-                              kernel_of(instr, comp)))
+                              kernel_of(instr, comp), memory_op_kind(instr, comp, module)))
             if is_collective:
                 groups = parse_replica_groups(instr.opcode + " " + instr.attrs)
                 c = Collective(base, instr.name, instr.shape, tuple(tuple(g) for g in groups), instr.op_name)

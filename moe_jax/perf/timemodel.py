@@ -52,10 +52,13 @@ def op_time(flops: float, nbytes: float, hw: Hardware, matmul_flops: float = 0.0
 
 def memory_kind(op: OpCost) -> str:
     """Which measured memory curve an op's bytes run at: ``convert`` for a dtype conversion, ``transpose`` for a
-    transpose, else ``copy``. Read from the instruction's name, which XLA builds from the ops it fused
-    (``wrapped_convert``, ``dynamic-update-slice_convert_fusion``, ``transpose_copy_fusion``)."""
+    transpose, else ``copy``. The walk reads it from the ops a fusion holds (`OpCost.kind`); without a program
+    (an estimate), from the op's name, which XLA builds from some of the ops it fused (``wrapped_convert``,
+    ``transpose_copy_fusion``)."""
     if op.matmul_flops:
         return "copy"
+    if op.kind:
+        return op.kind
     if "convert" in op.name:
         return "convert"
     if "transpose" in op.name or op.opcode == "transpose":
